@@ -1,0 +1,13 @@
+"""Errors a user sees as one line on stderr, with the exit code of DESIGN.md §8."""
+
+
+class DiffeditError(Exception):
+    """Bad input or a failed job: one-line message, exit code 1."""
+
+    exit_code = 1
+
+
+class UsageError(DiffeditError):
+    """Options that do not fit together: exit code 2."""
+
+    exit_code = 2
