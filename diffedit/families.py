@@ -1,0 +1,327 @@
+"""Family adapters: everything that differs between SD1/SD2/SDXL/SD3/Flux lives here.
+
+An adapter turns prompts into conditioning (once per job), runs one batched network forward,
+encodes/decodes images, and builds the schedule. Engines only ever see latents shaped
+[B, C, h, w], the `Schedule` and the `(x0, eps)` pairs of DESIGN.md §3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+from diffedit.errors import DiffeditError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Noise levels from most noisy (index 0) to the end of sampling (index N).
+
+    `times[i]` is the network's time input at level i (N entries); `a[i]`, `s[i]` are the
+    coefficients of `x_i = a_i * x0 + s_i * eps` (N + 1 entries, Python floats so the loop
+    never syncs with the device).
+    """
+
+    times: torch.Tensor
+    a: tuple[float, ...]
+    s: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
+@dataclass
+class Cond:
+    """Conditioning tensors of a batch of prompts; every tensor has the batch first."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        keys = conds[0].tensors.keys()
+        return Cond({k: torch.cat([c.tensors[k] for c in conds]) for k in keys})
+
+    def repeat(self, n: int) -> Cond:
+        return Cond({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
+
+
+class Family:
+    """Base adapter over a diffusers pipeline."""
+
+    name: str
+    prediction: str  # "epsilon", "v_prediction" or "flow"
+
+    def __init__(self, pipe, max_sequence_length: int | None = None):
+        self.pipe = pipe
+        self.max_sequence_length = max_sequence_length
+        self.vae_scale = pipe.vae_scale_factor
+        self.latent_channels = pipe.vae.config.latent_channels
+
+    # -- geometry ------------------------------------------------------------------------
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.pipe.unet if hasattr(self.pipe, "unet") else self.pipe.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+    @property
+    def multiple(self) -> int:
+        """Image sides must be multiples of this many pixels."""
+        return self.vae_scale
+
+    def default_size(self) -> tuple[int, int]:
+        side = self.network.config.sample_size * self.vae_scale
+        return side, side
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        return (batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+
+    # -- conditioning ----------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str], negatives: list[str] | None, height: int, width: int,
+                       embedded_guidance: float = 3.5):
+        """(cond, uncond) for a batch of prompts; uncond is None when `negatives` is None.
+
+        `embedded_guidance` is the guidance value of guidance-distilled models (Flux); others ignore it.
+        """
+        raise NotImplementedError
+
+    # -- network -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_x0_eps(self, out: torch.Tensor, x: torch.Tensor, a: float, s: float):
+        """Turn the network output at `x = a*x0 + s*eps` into `(x0_hat, eps_hat)` (DESIGN §3)."""
+        if self.prediction == "epsilon":
+            return (x - s * out) / a, out
+        if self.prediction == "v_prediction":
+            return a * x - s * out, s * x + a * out
+        return x - s * out, x + a * out  # flow velocity v = eps - x0, a = 1 - t, s = t
+
+    # -- images ------------------------------------------------------------------------------
+    @property
+    def _vae_shift(self) -> float:
+        return self.pipe.vae.config.get("shift_factor") or 0.0
+
+    def _vae_dtype(self) -> torch.dtype:
+        vae = self.pipe.vae
+        return torch.float32 if vae.config.get("force_upcast") and vae.dtype == torch.float16 else vae.dtype
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], [B, 3, H, W] -> normalised latents (posterior mode), float32."""
+        vae = self.pipe.vae
+        dtype = self._vae_dtype()
+        with torch.inference_mode(), _vae_in(vae, dtype):
+            latent = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode()
+        return ((latent.float() - self._vae_shift) * vae.config.scaling_factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> pixels in [-1, 1], float32."""
+        vae = self.pipe.vae
+        dtype = self._vae_dtype()
+        z = latents / vae.config.scaling_factor + self._vae_shift
+        with torch.inference_mode(), _vae_in(vae, dtype):
+            pixels = vae.decode(z.to(vae.device, dtype)).sample
+        return pixels.float().clamp(-1, 1)
+
+    # -- schedule ----------------------------------------------------------------------------
+    def schedule(self, steps: int, height: int, width: int) -> Schedule:
+        raise NotImplementedError
+
+
+class _vae_in:
+    """Run the VAE in a given dtype for one call (SD/SDXL VAEs overflow in fp16)."""
+
+    def __init__(self, vae, dtype):
+        self.vae, self.dtype, self.before = vae, dtype, vae.dtype
+
+    def __enter__(self):
+        if self.dtype != self.before:
+            self.vae.to(self.dtype)
+
+    def __exit__(self, *exc):
+        if self.dtype != self.before:
+            self.vae.to(self.before)
+
+
+def _negative_arg(negatives: list[str] | None) -> list[str] | None:
+    """diffusers' own default for "no negative prompt" (SDXL encodes it as zeros, others as "")."""
+    return None if negatives is None or not any(negatives) else negatives
+
+
+class UNetFamily(Family):
+    """SD1.x / SD2.x (eps or v) on `StableDiffusionPipeline`."""
+
+    def __init__(self, pipe, name: str, max_sequence_length: int | None = None):
+        super().__init__(pipe, max_sequence_length)
+        self.name = name
+        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def encode_prompts(self, prompts, negatives, height, width, embedded_guidance=3.5):
+        cond, uncond = self.pipe.encode_prompt(
+            prompts, self.device, 1, negatives is not None, negative_prompt=_negative_arg(negatives)
+        )
+        return Cond({"text": cond}), None if negatives is None else Cond({"text": uncond})
+
+    def forward(self, x, t, cond):
+        return self.network(x, t, encoder_hidden_states=cond.tensors["text"], return_dict=False)[0]
+
+    def schedule(self, steps, height, width):
+        sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        times = sched.timesteps.to(self.device)
+        # Each level goes to the next listed timestep, and the last to diffusers' final alpha.
+        abar = [float(sched.alphas_cumprod[int(t)]) for t in sched.timesteps]
+        abar.append(float(sched.final_alpha_cumprod))
+        return Schedule(times, tuple(np.sqrt(abar)), tuple(np.sqrt(1.0 - np.array(abar))))
+
+
+class SDXLFamily(UNetFamily):
+    def __init__(self, pipe, max_sequence_length=None):
+        super().__init__(pipe, "sdxl", max_sequence_length)
+
+    def encode_prompts(self, prompts, negatives, height, width, embedded_guidance=3.5):
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=negatives is not None, negative_prompt=_negative_arg(negatives),
+        )
+        # (original size, crop top-left, target size), as the SDXL pipeline builds them by default
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.dtype, device=self.device)
+        time_ids = time_ids.repeat(len(prompts), 1)
+        make = lambda text, pool: Cond({"text": text, "pooled": pool.to(cond.dtype), "time_ids": time_ids})
+        return make(cond, pooled), None if negatives is None else make(uncond, uncond_pooled)
+
+    def forward(self, x, t, cond):
+        c = cond.tensors
+        added = {"text_embeds": c["pooled"], "time_ids": c["time_ids"]}
+        return self.network(x, t, encoder_hidden_states=c["text"], added_cond_kwargs=added, return_dict=False)[0]
+
+
+class FlowFamily(Family):
+    prediction = "flow"
+
+    def _sigmas_and_mu(self, steps: int, height: int, width: int):
+        return None, None
+
+    def schedule(self, steps, height, width):
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        sigmas, mu = self._sigmas_and_mu(steps, height, width)
+        kwargs = {"mu": mu} if mu is not None else {}
+        if sigmas is not None:
+            sched.set_timesteps(sigmas=sigmas, device=self.device, **kwargs)
+        else:
+            sched.set_timesteps(steps, device=self.device, **kwargs)
+        sig = [float(v) for v in sched.sigmas]
+        return Schedule(sched.timesteps.to(self.device), tuple(1.0 - v for v in sig), tuple(sig))
+
+    def _shift_mu(self, seq_len: int) -> float:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = self.pipe.scheduler.config
+        return calculate_shift(
+            seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5), c.get("max_shift", 1.15),
+        )
+
+
+class SD3Family(FlowFamily):
+    name = "sd3"
+
+    @property
+    def multiple(self) -> int:
+        return self.vae_scale * self.network.config.patch_size
+
+    def encode_prompts(self, prompts, negatives, height, width, embedded_guidance=3.5):
+        kwargs = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompts, None, None, device=self.device, do_classifier_free_guidance=negatives is not None,
+            negative_prompt=_negative_arg(negatives), **kwargs,
+        )
+        make = lambda text, pool: Cond({"text": text, "pooled": pool})
+        return make(cond, pooled), None if negatives is None else make(uncond, uncond_pooled)
+
+    def forward(self, x, t, cond):
+        c = cond.tensors
+        return self.network(
+            hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=c["text"],
+            pooled_projections=c["pooled"], return_dict=False,
+        )[0]
+
+    def _sigmas_and_mu(self, steps, height, width):
+        if not self.pipe.scheduler.config.get("use_dynamic_shifting"):
+            return None, None
+        patch = self.network.config.patch_size
+        seq_len = (height // self.vae_scale // patch) * (width // self.vae_scale // patch)
+        return None, self._shift_mu(seq_len)
+
+
+class FluxFamily(FlowFamily):
+    """Flux: packed 2x2 latents and, for guidance-distilled models, guidance as an input."""
+
+    name = "flux"
+
+    def __init__(self, pipe, max_sequence_length=None):
+        super().__init__(pipe, max_sequence_length)
+        self.guidance_embedded = bool(self.network.config.guidance_embeds)
+
+    @property
+    def multiple(self) -> int:
+        return self.vae_scale * 2
+
+    def default_size(self):
+        side = 128 * self.vae_scale  # as FluxPipeline's default_sample_size
+        return side, side
+
+    def encode_prompts(self, prompts, negatives, height, width, embedded_guidance=3.5):
+        kwargs = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
+
+        def encode(texts):
+            text, pooled, text_ids = self.pipe.encode_prompt(texts, None, device=self.device, **kwargs)
+            n = len(texts)
+            # The distilled guidance value is an input of the network, so it travels with the text.
+            guidance = torch.full((n,), float(embedded_guidance), device=self.device)
+            return Cond({"text": text, "pooled": pooled, "text_ids": text_ids.expand(n, -1, -1),
+                         "guidance": guidance})
+
+        return encode(prompts), None if negatives is None else encode(negatives)
+
+    def forward(self, x, t, cond):
+        b, ch, h, w = x.shape
+        packed = x.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, ch * 4)
+        img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        c = cond.tensors
+        out = self.network(
+            hidden_states=packed, timestep=t.expand(b).to(x.dtype) / 1000,
+            guidance=c["guidance"] if self.guidance_embedded else None,
+            pooled_projections=c["pooled"], encoder_hidden_states=c["text"],
+            txt_ids=c["text_ids"][0], img_ids=img_ids, return_dict=False,
+        )[0]
+        return out.view(b, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
+
+    def latent_shape(self, batch, height, width):
+        return (batch, self.network.config.in_channels // 4, 2 * (height // (self.vae_scale * 2)),
+                2 * (width // (self.vae_scale * 2)))
+
+    def _sigmas_and_mu(self, steps, height, width):
+        _, _, h, w = self.latent_shape(1, height, width)
+        return np.linspace(1.0, 1 / steps, steps), self._shift_mu((h // 2) * (w // 2))
+
+
+def adapter_for(pipe, family: str, max_sequence_length: int | None = None) -> Family:
+    if family in ("sd1", "sd2"):
+        return UNetFamily(pipe, family, max_sequence_length)
+    classes = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}
+    if family not in classes:
+        raise DiffeditError(f"unsupported model family {family!r}")
+    return classes[family](pipe, max_sequence_length)

@@ -1,0 +1,115 @@
+"""The one step and the one loop every engine shares (DESIGN.md §3).
+
+`x = a*x0 + s*eps` for every family; a step to level j re-mixes the denoiser's `(x0_hat, eps_hat)`
+with the coefficients of j, optionally with fresh noise of churn `eta`. The integrator state stays
+float32 whatever precision the network runs in; the coefficients are Python floats, so the loop
+never waits on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from diffedit.families import Cond, Family, Schedule
+from diffedit.guidance.cfg import CFG, Guidance, Prediction
+
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, x, x0_hat)
+
+
+class Denoiser:
+    """A model, its per-branch conditioning and a guidance: latents -> guided `(x0_hat, eps_hat)`.
+
+    All branches run in one batched forward; the conditioning is concatenated once per job.
+    `calls` counts network forwards (NFE of batched calls).
+    """
+
+    def __init__(self, model: Family, conds: dict[str, Cond], guidance: Guidance):
+        self.model, self.guidance = model, guidance
+        self.branches = guidance.branches
+        self.cond = Cond.cat([conds[b] for b in self.branches])
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, a: float, s: float, step: int) -> Prediction:
+        n = len(self.branches)
+        x_in = x.repeat(n, 1, 1, 1) if n > 1 else x
+        out = self.model.forward(x_in.to(self.model.dtype), t, self.cond).float()
+        self.calls += 1
+        x0, eps = self.model.to_x0_eps(out, x_in, a, s)
+        preds = dict(zip(self.branches, zip(x0.chunk(n), eps.chunk(n))))
+        return self.guidance.combine(preds, step)
+
+
+def prompt_denoiser(
+    model: Family, prompts: list[str], guidance: Guidance, height: int, width: int,
+    negative_prompt: str = "", embedded_guidance: float = 3.5,
+) -> Denoiser:
+    """Encode the prompts (and the negative prompt if the guidance needs it) once for a job."""
+    negatives = [negative_prompt] * len(prompts) if "uncond" in guidance.branches else None
+    cond, uncond = model.encode_prompts(prompts, negatives, height, width, embedded_guidance)
+    return Denoiser(model, {"cond": cond, "uncond": uncond}, guidance)
+
+
+def churn(a_from: float, s_from: float, a_to: float, s_to: float, eta: float) -> float:
+    """Std of the fresh noise a stochastic step adds (DDIM's sigma for VP, its analogue for flows)."""
+    if eta == 0.0 or s_to == 0.0:
+        return 0.0
+    ratio = (a_from * s_to) / (a_to * s_from)
+    return eta * s_to * math.sqrt(max(0.0, 1.0 - ratio * ratio))
+
+
+def step(x0: torch.Tensor, eps: torch.Tensor, a_to: float, s_to: float,
+         c: float = 0.0, z: torch.Tensor | None = None) -> torch.Tensor:
+    """Move to the level (a_to, s_to); with churn c, part of eps is replaced by fresh noise z."""
+    if c == 0.0:
+        return a_to * x0 + s_to * eps
+    return a_to * x0 + math.sqrt(max(s_to * s_to - c * c, 0.0)) * eps + c * z
+
+
+@torch.inference_mode()
+def sample(
+    denoise: Denoiser, x: torch.Tensor, schedule: Schedule, *, start: int = 0, eta: float = 0.0,
+    noise: Callable[[int], torch.Tensor] | None = None, callback: Callback | None = None,
+) -> torch.Tensor:
+    """Denoise `x` from level `start` to the end of the schedule; `noise(i)` gives z at step i."""
+    a, s = schedule.a, schedule.s
+    for i in range(start, len(schedule)):
+        x0, eps = denoise(x, schedule.times[i], a[i], s[i], i)
+        c = churn(a[i], s[i], a[i + 1], s[i + 1], eta)
+        x = step(x0, eps, a[i + 1], s[i + 1], c, noise(i) if c else None)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+@torch.inference_mode()
+def invert(
+    denoise: Denoiser, x: torch.Tensor, schedule: Schedule, *, end: int = 0,
+    callback: Callback | None = None,
+) -> list[torch.Tensor]:
+    """Deterministic inversion from the clean end (level N) up to level `end`.
+
+    Each step evaluates the network at the destination's time on the current latents and converts
+    with the current level's coefficients, as diffusers' DDIMInverseScheduler does. Returns the
+    trajectory `[x_N, x_{N-1}, ..., x_end]`.
+    """
+    a, s = schedule.a, schedule.s
+    trajectory = [x]
+    for i in reversed(range(end, len(schedule))):
+        x0, eps = denoise(x, schedule.times[i], a[i + 1], s[i + 1], i)
+        x = step(x0, eps, a[i], s[i])
+        trajectory.append(x)
+        if callback is not None:
+            callback(i, x, x0)
+    return trajectory
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU in float32 from one generator per item, as diffusers does."""
+    items = [torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds]
+    return torch.stack(items).to(device)
+
+
+__all__ = ["CFG", "Denoiser", "churn", "initial_noise", "invert", "prompt_denoiser", "sample", "step"]

@@ -1,0 +1,44 @@
+"""Guidance as a small object: the branches it needs, and how it combines their predictions.
+
+Every branch runs in one batched forward (see `diffedit.sampling.Denoiser`). `combine` returns the
+`x0_hat` used to denoise and the `eps_hat` used to renoise (DESIGN.md §4); plain CFG uses the same
+guided prediction for both, so both are the CFG combination of the branch predictions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Prediction = tuple[torch.Tensor, torch.Tensor]  # (x0_hat, eps_hat)
+
+
+class Guidance:
+    name = "none"
+    branches: tuple[str, ...] = ("cond",)
+
+    def combine(self, preds: dict[str, Prediction], step: int) -> Prediction:
+        return preds["cond"]
+
+    def describe(self) -> dict:
+        """Parameters for records and PNG metadata."""
+        return {"name": self.name}
+
+
+class CFG(Guidance):
+    """Classifier-free guidance `u + w (c - u)`; a scale of 1 needs only the conditional branch."""
+
+    name = "cfg"
+
+    def __init__(self, scale: float):
+        self.scale = float(scale)
+        self.branches = ("cond",) if self.scale == 1.0 else ("uncond", "cond")
+
+    def combine(self, preds, step):
+        if self.scale == 1.0:
+            return preds["cond"]
+        (x0_u, eps_u), (x0_c, eps_c) = preds["uncond"], preds["cond"]
+        w = self.scale
+        return x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u)
+
+    def describe(self):
+        return {"name": self.name, "scale": self.scale}
