@@ -1,0 +1,75 @@
+"""Safe output files: nothing is overwritten without consent, nothing half-written is left."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from diffedit.errors import DiffeditError
+
+
+def check_writable(path: str | Path, overwrite: bool) -> None:
+    """Fail early if `path` cannot be written: it exists (without overwrite) or its folder is missing."""
+    path = Path(path)
+    if path.is_dir():
+        raise DiffeditError(f"{path}: is a folder, not a file")
+    if path.exists() and not overwrite:
+        raise DiffeditError(f"{path}: already exists; pass --overwrite to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise DiffeditError(f"{path}: folder {parent} does not exist")
+
+
+@contextmanager
+def atomic_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path`; rename it onto `path` on success, remove it on error.
+
+    The temporary name keeps the suffix of `path`, so writers that infer the format from it work.
+    """
+    path = Path(path)
+    check_writable(path, overwrite)
+    tmp = _reserve_temp(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise DiffeditError(f"{path}: nothing was written")
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _reserve_temp(path: Path) -> Path:
+    # O_EXCL makes the name ours; mode 0o666 lets the umask decide the final permissions,
+    # as for any ordinary file (mkstemp would leave 0o600).
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise DiffeditError(f"{path}: cannot write in {path.parent} ({e.strerror or e})") from e
+    raise DiffeditError(f"{path}: cannot create a temporary file in {path.parent}")
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    # A hard link fails if `path` appeared since the check, so a file created meanwhile by
+    # another process is not silently replaced; where links are unsupported, fall back to replace.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise DiffeditError(f"{path}: already exists; pass --overwrite to replace it") from None
+    except OSError:
+        if path.exists():
+            raise DiffeditError(f"{path}: already exists; pass --overwrite to replace it") from None
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()

@@ -1,0 +1,274 @@
+"""Image input and output: any reasonable file in, 8-bit RGB out; safe writes with parameters attached."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from diffedit.errors import DiffeditError, UsageError
+from diffedit.files import atomic_output
+
+MIN_SIDE = 8
+PARAMS_KEY = "diffedit"
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "TIFF": {"compression": "tiff_deflate"}}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+def load_image(
+    source: str | Path, *, alpha: str = "composite", max_pixels: int = 64_000_000
+) -> Image.Image:
+    """Read an image file (or stdin for "-") as 8-bit RGB, upright, first frame only.
+
+    alpha: "composite" puts transparent images on white, "refuse" rejects them.
+    Images of more than `max_pixels` pixels are refused before decoding.
+    """
+    if alpha not in ("composite", "refuse"):
+        raise UsageError(f"unknown alpha policy {alpha!r}; use composite or refuse")
+    name, fp = _open_source(source)
+    try:
+        # Opening reads only the header; our own check below gives the clearer message.
+        with _pillow_pixel_limit(None):
+            img = Image.open(fp)
+    except UnidentifiedImageError:
+        raise DiffeditError(f"{name}: not an image file (unknown or unsupported format)") from None
+    except OSError as e:
+        raise DiffeditError(f"{name}: cannot read ({e.strerror or _one_line(e)})") from None
+    with img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise DiffeditError(
+                f"{name}: image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}; "
+                "refusing to decode it (possible decompression bomb)"
+            )
+        try:
+            # Decode now, so truncated or corrupt data fails here and not later; some decoders
+            # check sizes again, against Pillow's limit, which we set to ours.
+            with _pillow_pixel_limit(max_pixels):
+                img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            msg = f"refused as a possible decompression bomb ({_one_line(e)})"
+            raise DiffeditError(f"{name}: {msg}") from None
+        except Exception as e:  # noqa: BLE001 - decoders raise many types on corrupt data
+            kind = img.format or "image"
+            raise DiffeditError(f"{name}: corrupt or truncated {kind} file ({_one_line(e)})") from None
+        img = _upright(img)
+        if min(img.size) < MIN_SIDE:
+            raise DiffeditError(
+                f"{name}: image is {img.width}x{img.height} pixels; at least {MIN_SIDE}x{MIN_SIDE} needed"
+            )
+        return _to_rgb(img, alpha, name)
+
+
+@contextmanager
+def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
+    """Set Pillow's global bomb limit for a moment, with its warning made an error."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open_source(source: str | Path) -> tuple[str, io.BytesIO | Path]:
+    if str(source) == "-":
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise DiffeditError("<stdin>: no data on standard input")
+        return "<stdin>", io.BytesIO(data)
+    path = Path(source)
+    if not path.exists():
+        raise DiffeditError(f"{path}: no such file")
+    if path.is_dir():
+        raise DiffeditError(f"{path}: is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise DiffeditError(f"{path}: empty file")
+    return str(path), path
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block should not cost the user the image
+        return img
+
+
+def _to_rgb(img: Image.Image, alpha: str, name: str) -> Image.Image:
+    mode = img.mode
+    if mode.startswith("I"):
+        # 16-bit (and 32-bit int) data: scale the 0..65535 range onto 0..255 instead of clipping.
+        a = np.asarray(img).astype(np.float64)
+        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if mode == "1":
+        img = img.convert("L")
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] == 255:  # alpha channel present but fully opaque
+            return rgba.convert("RGB")
+        if alpha == "refuse":
+            raise DiffeditError(
+                f"{name}: has an alpha channel with transparent pixels; "
+                "flatten it first or let it be composited on white"
+            )
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError:
+        raise DiffeditError(f"{name}: unsupported pixel mode {mode}") from None
+
+
+def fit_to_multiple(
+    img: Image.Image, multiple: int, policy: str = "resize", *, max_side: int | None = None
+) -> Image.Image:
+    """Make both sides multiples of `multiple`.
+
+    Policies: "resize" to the nearest multiple, "crop" (centred) down, "pad" (edge pixels) up.
+
+    With `max_side`, a longer side above it is first scaled down to it, keeping the aspect ratio.
+    """
+    if policy not in ("resize", "crop", "pad"):
+        raise UsageError(f"unknown fit policy {policy!r}; use resize, crop or pad")
+    if multiple < 1:
+        raise UsageError(f"multiple must be at least 1, not {multiple}")
+    w, h = img.size
+    if max_side is not None and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+        img = img.resize((w, h), Image.Resampling.LANCZOS)
+    if w % multiple == 0 and h % multiple == 0:
+        return img
+    if policy == "resize":
+        size = tuple(_nearest_multiple(s, multiple, max_side) for s in (w, h))
+        return img.resize(size, Image.Resampling.LANCZOS)
+    if policy == "crop":
+        cw, ch = w // multiple * multiple, h // multiple * multiple
+        if cw == 0 or ch == 0:
+            raise DiffeditError(
+                f"image is {w}x{h} pixels; too small to crop to a multiple of {multiple} (use pad or resize)"
+            )
+        left, top = (w - cw) // 2, (h - ch) // 2
+        return img.crop((left, top, left + cw, top + ch))
+    a = np.asarray(img)
+    pad = [(0, -h % multiple), (0, -w % multiple)] + [(0, 0)] * (a.ndim - 2)
+    return Image.fromarray(np.pad(a, pad, mode="edge"))
+
+
+def _nearest_multiple(side: int, multiple: int, limit: int | None) -> int:
+    n = max(multiple, (side + multiple // 2) // multiple * multiple)
+    if limit is not None and n > limit:
+        n = max(multiple, limit // multiple * multiple)
+    return n
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> float32 tensor [1, 3, H, W] in [-1, 1]."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(a / 127.5 - 1.0).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """Tensor [1, 3, H, W] or [3, H, W] in [-1, 1] -> RGB image (clamped, rounded)."""
+    t = tensor.detach().to("cpu", torch.float32)
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise ValueError(f"expected a [1, 3, H, W] or [3, H, W] tensor, got {list(tensor.shape)}")
+    if torch.isnan(t).any():
+        raise DiffeditError("the image tensor contains NaN values (numerical overflow?)")
+    a = ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(a)
+
+
+def save_image(
+    img: Image.Image, dest: str | Path, *, params: dict | None = None, overwrite: bool = False
+) -> None:
+    """Write `img` to `dest` (format from the suffix; "-" writes PNG to stdout) without clobbering.
+
+    PNG outputs carry `params` as JSON in an iTXt chunk named "diffedit" (see `read_params`).
+    """
+    if str(dest) == "-":
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **_png_options(params))
+        sys.stdout.buffer.write(buf.getvalue())
+        sys.stdout.buffer.flush()
+        return
+    path = Path(dest)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DiffeditError(
+            f"{path}: unsupported output format {path.suffix or '(no suffix)'}; use .png, .jpg, .webp or .tif"
+        )
+    options = _png_options(params) if fmt == "PNG" else _SAVE_OPTIONS.get(fmt, {})
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    try:
+        with atomic_output(path, overwrite) as tmp:
+            img.save(tmp, format=fmt, **options)
+    except OSError as e:
+        raise DiffeditError(f"{path}: cannot write ({_one_line(e)})") from None
+
+
+def _png_options(params: dict | None) -> dict:
+    if params is None:
+        return {}
+    info = PngImagePlugin.PngInfo()
+    # iTXt is UTF-8, so prompts in any language survive; default=str covers Paths and the like.
+    info.add_itxt(PARAMS_KEY, json.dumps(params, ensure_ascii=False, default=str))
+    return {"pnginfo": info}
+
+
+def read_params(path: str | Path) -> dict | None:
+    """The parameters stored in a PNG by `save_image`, or None if it has none."""
+    name, fp = _open_source(path)
+    try:
+        with Image.open(fp) as img:
+            text = getattr(img, "text", None) or img.info
+            raw = text.get(PARAMS_KEY)
+    except UnidentifiedImageError:
+        raise DiffeditError(f"{name}: not an image file (unknown or unsupported format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DiffeditError(f"{name}: cannot read ({_one_line(e)})") from None
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise DiffeditError(f"{name}: the {PARAMS_KEY!r} text chunk is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise DiffeditError(f"{name}: the {PARAMS_KEY!r} text chunk is not a JSON object")
+    return value
+
+
+def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two 8-bit images of the same size (inf if identical)."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"psnr needs images of the same shape, got {x.shape} and {y.shape}")
+    mse = float(np.mean((x - y) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+__all__ = [
+    "FORMATS", "fit_to_multiple", "load_image", "psnr", "read_params",
+    "save_image", "to_pil", "to_tensor",
+]
