@@ -1,0 +1,68 @@
+"""Options and helpers shared by the command modules: model loading, progress, result printing."""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+stderr = Console(stderr=True)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, diffusers folder or .safetensors file (default: the shipped toy model).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (the integrator stays fp32).")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.ckpt/.bin) weights, which can run code.")]
+ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers folder or hub id with the configs of a single-file checkpoint.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+StepsOpt = Annotated[int, typer.Option("--steps", "-n", min=1, max=1000, help="Number of sampling steps.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
+
+
+def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None):
+    from diffedit.models import load_model
+
+    with stderr.status("loading model", spinner="dots") if stderr.is_terminal else _nothing():
+        return load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+@contextmanager
+def progress(total: int, label: str, quiet: bool):
+    """A Rich progress bar on stderr; yields the callback the sampling loops call after each step."""
+    if quiet:
+        yield None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda i, x, x0: bar.advance(task)
+
+
+def emit(result: dict, as_json: bool, to_stderr: bool = False) -> None:
+    """Print a result: JSON for scripts, one readable line otherwise (stderr when stdout holds data)."""
+    if as_json:
+        text = json.dumps({k: _jsonable(v) for k, v in result.items()})
+    else:
+        text = "  ".join(f"{k}={_fmt(v)}" for k, v in result.items())
+    typer.echo(text, err=to_stderr)
+
+
+def _jsonable(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.4g}"
+    return str(v)

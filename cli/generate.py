@@ -1,0 +1,49 @@
+"""`diffedit generate`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from diffedit.cli.common import (
+    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
+    StepsOpt, emit, load, progress,
+)
+from diffedit.cli.main import app
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")],
+    seed: SeedOpt = None,
+    steps: StepsOpt = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g", help="CFG scale (embedded guidance for Flux).")] = 7.5,
+    negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
+    width: Annotated[int | None, typer.Option("--width", "-W", min=8)] = None,
+    height: Annotated[int | None, typer.Option("--height", "-H", min=8)] = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Draw an image from a prompt (DDIM / Euler with classifier-free guidance).
+
+    Example: diffedit generate "a red circle on a white background" --seed 1 -o circle.png
+    """
+    from diffedit.files import check_writable
+    from diffedit.images import save_image
+    from diffedit.jobs import generate_image, image_params
+
+    if output != "-":
+        check_writable(output, overwrite)
+    m = load(model, device, dtype, allow_pickle, model_config)
+    with progress(steps, "generate", quiet) as callback:
+        image, result = generate_image(
+            m, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt, width=width, height=height, callback=callback,
+        )
+    params = image_params("generate", m, prompt=prompt, negative_prompt=negative_prompt, seed=result["seed"],
+                          steps=steps, guidance_scale=guidance_scale, size=[image.height, image.width])
+    save_image(image, output, params=params, overwrite=overwrite)
+    emit({"output": output, **result}, json, to_stderr=output == "-")

@@ -1,0 +1,90 @@
+"""`diffedit invert` and `diffedit reconstruct`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffedit.cli.common import (
+    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, StepsOpt,
+    emit, load, progress,
+)
+from diffedit.cli.main import app
+
+FitOpt = Annotated[str, typer.Option("--fit", help="Bring the image to the model's size multiple: resize, crop or pad.")]
+AlphaOpt = Annotated[str, typer.Option("--alpha", help="Transparent images: composite (on white) or refuse.")]
+
+
+@app.command()
+def invert(
+    image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Record file (default: IMAGE.inv.safetensors).")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Source prompt describing the image.")] = "",
+    engine: Annotated[str, typer.Option("--engine", "-e", help="Inversion engine.")] = "ddim",
+    steps: StepsOpt = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g", help="CFG scale of the inversion (1 = no guidance).")] = 1.0,
+    negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for engines that draw noise.")] = 0,
+    fit: FitOpt = "resize",
+    alpha: AlphaOpt = "composite",
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Invert IMAGE to its noise and save a record; reports the round-trip error.
+
+    Example: diffedit invert photo.png -p "a photo of a cat" -o photo.inv.safetensors
+    """
+    from diffedit.errors import UsageError
+    from diffedit.files import check_writable
+    from diffedit.jobs import ImageInput, invert_image
+    from diffedit.records import save_record
+
+    if output is None:
+        if image == "-":
+            raise UsageError("reading the image from stdin needs --output for the record")
+        output = Path(image).with_suffix(".inv.safetensors")
+    check_writable(output, overwrite)
+    m = load(model, device, dtype, allow_pickle, model_config)
+    with progress(steps * (2 if check else 1), f"invert ({engine})", quiet) as callback:
+        record, result = invert_image(
+            m, image, engine=engine, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt, seed=seed, image=ImageInput(fit=fit, alpha=alpha),
+            check=check, callback=callback,
+        )
+    save_record(output, record, overwrite)
+    emit({"output": str(output), **result}, json)
+
+
+@app.command()
+def reconstruct(
+    record: Annotated[Path, typer.Argument(help="Record made by `diffedit invert`.")],
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Image file or - for stdout (default: RECORD.rec.png).")] = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Regenerate the image of a record and report its error against the inverted input.
+
+    Example: diffedit reconstruct photo.inv.safetensors -o back.png
+    """
+    from diffedit.files import check_writable
+    from diffedit.images import save_image
+    from diffedit.jobs import image_params, reconstruct_record
+    from diffedit.records import load_record
+
+    rec = load_record(record)
+    output = output or str(record.with_name(record.name.split(".")[0] + ".rec.png"))
+    if output != "-":
+        check_writable(output, overwrite)
+    m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config)
+    rec.check_model(m, record)
+    with progress(rec.meta["steps"], "reconstruct", quiet) as callback:
+        image, result = reconstruct_record(m, rec, callback=callback)
+    params = image_params("reconstruct", m, record=str(record), engine=rec.meta["engine"],
+                          prompt=rec.meta["source_prompt"], steps=rec.meta["steps"])
+    save_image(image, output, params=params, overwrite=overwrite)
+    emit({"output": output, **result}, json, to_stderr=output == "-")

@@ -1,0 +1,70 @@
+"""The engine interface: every inversion/editing engine is one class in `inversion/`.
+
+An engine turns a clean latent into the tensors of a record (`invert`) and turns those tensors
+back into a clean latent under the target branch (`edit`); reconstruction is an edit whose target
+is the source. Engines register themselves by name, so adding one adds only its file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+
+import torch
+
+from diffedit.errors import UsageError
+from diffedit.families import Family, Schedule
+from diffedit.sampling import Callback, Denoiser
+
+ENGINES: dict[str, type[Engine]] = {}
+
+
+@dataclass
+class Run:
+    """Everything an engine needs for one image: model, schedule, source and target branches."""
+
+    model: Family
+    schedule: Schedule
+    source: Denoiser  # source prompt with the inversion guidance
+    target: Denoiser  # target prompt with the editing guidance (the source, to reconstruct)
+    params: dict = field(default_factory=dict)
+    seed: int = 0
+    callback: Callback | None = None
+
+    @property
+    def nfe(self) -> int:
+        calls = self.source.calls
+        return calls if self.target is self.source else calls + self.target.calls
+
+
+class Engine:
+    name: str = ""
+    exact: bool = False  # invert -> reconstruct returns the latent to float precision
+    defaults: dict = {}  # engine parameters and their defaults
+
+    def invert(self, run: Run, z0: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def edit(self, run: Run, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def register(cls: type[Engine]) -> type[Engine]:
+    ENGINES[cls.name] = cls
+    return cls
+
+
+def engine_names() -> list[str]:
+    """Names of all engines; importing every module of `inversion/` registers them."""
+    import diffedit.inversion as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+    return sorted(ENGINES)
+
+
+def get_engine(name: str) -> Engine:
+    if name not in engine_names():
+        raise UsageError(f"unknown engine {name!r}; available: {', '.join(engine_names())}")
+    return ENGINES[name]()

@@ -1,0 +1,166 @@
+"""What each command does, without the command line: invert, reconstruct, edit, generate.
+
+Each job returns its output (record or image) and a result dict with the stable field names of
+DESIGN.md §8 (`engine`, `steps`, `nfe`, `seconds`, `psnr`, `latent_max_abs`, ...). The CLI and
+`batch` only parse options, call these, and write what they return.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from diffedit import __version__
+from diffedit.engines import Run, get_engine
+from diffedit.errors import UsageError
+from diffedit.families import Family
+from diffedit.guidance.cfg import CFG, Guidance
+from diffedit.images import fit_to_multiple, load_image, psnr, to_pil, to_tensor
+from diffedit.records import Record, model_meta
+from diffedit.sampling import Callback, Denoiser, initial_noise, prompt_denoiser, sample
+
+
+@dataclass
+class ImageInput:
+    """How an input image is read and brought to a size the model accepts."""
+
+    fit: str = "resize"  # resize | crop | pad
+    alpha: str = "composite"  # composite | refuse
+    max_side: int | None = None
+
+
+def read_image(model: Family, source: str, how: ImageInput) -> Image.Image:
+    img = load_image(source, alpha=how.alpha)
+    return fit_to_multiple(img, model.multiple, how.fit, max_side=how.max_side)
+
+
+def branch_denoiser(
+    model: Family, prompt: str, guidance_scale: float, height: int, width: int,
+    negative_prompt: str = "", guidance: Guidance | None = None,
+) -> Denoiser:
+    """One prompt's denoiser. Guidance-distilled models (Flux) take the scale as an input instead of CFG."""
+    if getattr(model, "guidance_embedded", False):
+        return prompt_denoiser(model, [prompt], CFG(1.0), height, width, embedded_guidance=guidance_scale)
+    return prompt_denoiser(model, [prompt], guidance or CFG(guidance_scale), height, width, negative_prompt)
+
+
+def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> float:
+    return psnr(to_pil(model.decode(latent)), reference)
+
+
+def invert_image(
+    model: Family, source: str, *, engine: str = "ddim", prompt: str = "", steps: int = 50,
+    guidance_scale: float = 1.0, negative_prompt: str = "", seed: int = 0, params: dict | None = None,
+    image: ImageInput = ImageInput(), check: bool = True, callback: Callback | None = None,
+) -> tuple[Record, dict]:
+    """Invert an image into a record; with `check`, reconstruct it and measure the error."""
+    started = time.perf_counter()
+    eng = get_engine(engine)
+    params = {**eng.defaults, **(params or {})}
+    img = read_image(model, source, image)
+    width, height = img.size
+    z0 = model.encode_image(to_tensor(img))
+    schedule = model.schedule(steps, height, width)
+    src = branch_denoiser(model, prompt, guidance_scale, height, width, negative_prompt)
+    run = Run(model, schedule, src, src, params, seed, callback)
+    tensors = {**eng.invert(run, z0), "latent": z0}
+    meta = {
+        "model": model_meta(model),
+        "engine": {"name": engine, **params},
+        "source_prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "guidance_scale": guidance_scale,
+        "steps": steps,
+        "seed": seed,
+        "size": [height, width],
+        "image": str(source),
+    }
+    result = {"engine": engine, "steps": steps, "seed": seed, "size": [height, width]}
+    if check:
+        z_rec = eng.edit(run, tensors)
+        result.update(
+            psnr=_psnr_vs(model, z_rec, img),
+            latent_max_abs=float((z_rec - z0).abs().max()),
+            vae_psnr=_psnr_vs(model, z0, img),  # the ceiling any inversion can reach
+        )
+    result.update(nfe=run.nfe, seconds=time.perf_counter() - started)
+    return Record(tensors, meta), result
+
+
+def _run_from_record(model: Family, record: Record, target_prompt: str | None,
+                     target_scale: float | None, callback: Callback | None) -> tuple[object, Run]:
+    meta = record.meta
+    eng = get_engine(meta["engine"]["name"])
+    params = {k: v for k, v in meta["engine"].items() if k != "name"}
+    height, width = meta["size"]
+    schedule = model.schedule(meta["steps"], height, width)
+    src = branch_denoiser(model, meta["source_prompt"], meta["guidance_scale"], height, width,
+                          meta.get("negative_prompt", ""))
+    same = target_prompt is None and target_scale is None
+    tgt = src if same else branch_denoiser(
+        model, meta["source_prompt"] if target_prompt is None else target_prompt,
+        meta["guidance_scale"] if target_scale is None else target_scale, height, width,
+        meta.get("negative_prompt", ""),
+    )
+    return eng, Run(model, schedule, src, tgt, params, meta.get("seed", 0), callback)
+
+
+def reconstruct_record(model: Family, record: Record, *, reference: Image.Image | None = None,
+                       callback: Callback | None = None) -> tuple[Image.Image, dict]:
+    """Regenerate the record's image with its own prompt and guidance; report the error."""
+    started = time.perf_counter()
+    eng, run = _run_from_record(model, record, None, None, callback)
+    z_rec = eng.edit(run, record.tensors)
+    out = to_pil(model.decode(z_rec))
+    z0 = record.tensors["latent"].to(z_rec.device)
+    meta = record.meta
+    result = {
+        "engine": meta["engine"]["name"], "steps": meta["steps"], "nfe": run.nfe,
+        "latent_max_abs": float((z_rec - z0).abs().max()),
+        # without the original at hand, compare with the decoded input latent
+        "psnr": psnr(out, reference if reference is not None else to_pil(model.decode(z0))),
+    }
+    result["seconds"] = time.perf_counter() - started
+    return out, result
+
+
+def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_scale: float,
+                callback: Callback | None = None) -> tuple[Image.Image, dict]:
+    """Regenerate the record's image under a new prompt with the record's engine."""
+    started = time.perf_counter()
+    eng, run = _run_from_record(model, record, target_prompt, guidance_scale, callback)
+    out = to_pil(model.decode(eng.edit(run, record.tensors)))
+    result = {"engine": record.meta["engine"]["name"], "steps": record.meta["steps"], "nfe": run.nfe,
+              "seconds": time.perf_counter() - started}
+    return out, result
+
+
+def generate_image(
+    model: Family, prompt: str, *, seed: int | None = None, steps: int = 50, guidance_scale: float = 7.5,
+    negative_prompt: str = "", width: int | None = None, height: int | None = None,
+    callback: Callback | None = None,
+) -> tuple[Image.Image, dict]:
+    started = time.perf_counter()
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    default_h, default_w = model.default_size()
+    height, width = height or default_h, width or default_w
+    for side, name in ((height, "height"), (width, "width")):
+        if side % model.multiple:
+            raise UsageError(f"--{name} {side} is not a multiple of {model.multiple} for this model")
+    den = branch_denoiser(model, prompt, guidance_scale, height, width, negative_prompt)
+    x = initial_noise(model.latent_shape(1, height, width), [seed], model.device)
+    z0 = sample(den, x, model.schedule(steps, height, width), callback=callback)
+    out = to_pil(model.decode(z0))
+    result = {"seed": seed, "steps": steps, "nfe": den.calls, "seconds": time.perf_counter() - started}
+    return out, result
+
+
+def image_params(command: str, model: Family, **fields) -> dict:
+    """What a PNG output carries so the result can be reproduced."""
+    return {"command": command, "diffedit": __version__,
+            "model": {"source": model.source, "fingerprint": model.fingerprint, "family": model.name},
+            **fields}
