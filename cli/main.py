@@ -22,20 +22,21 @@ def _register() -> None:
     from diffedit.cli import generate, invert, models, toy  # noqa: F401
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run the app on `argv` and return the exit code (errors as one line on stderr)."""
     _register()
     try:
-        app(standalone_mode=False)
+        app(args=argv)  # standalone: usage errors print themselves and exit with code 2
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except DiffeditError as err:
         typer.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+        return err.exit_code
+    except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
-        sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
+        return 130
+    return 0
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny in-code pipelines of every family, saved folders, a CLI runner."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffedit.families import adapter_for
+from diffedit.testing import FAMILIES, save_tiny_pipeline, tiny_pipeline
+
+# Short text sequences keep the T5 encoders of tiny SD3/Flux fast; diffusers gets the same value.
+SEQ = {"sd3": 16, "flux": 16}
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny(family) -> (diffusers pipeline, our adapter), built once per session."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            pipe = tiny_pipeline(family)
+            pipe.set_progress_bar_config(disable=True)
+            cache[family] = (pipe, adapter_for(pipe, family, SEQ.get(family)))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """tiny_folder(family, seed=0) -> path of a saved tiny pipeline folder."""
+    root = tmp_path_factory.mktemp("models")
+    cache = {}
+
+    def get(family: str, seed: int = 0) -> Path:
+        key = (family, seed)
+        if key not in cache:
+            cache[key] = save_tiny_pipeline(family, root / f"tiny-{family}-{seed}", seed)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: cli(*args) -> (exit code, stdout, stderr)."""
+    from diffedit.cli.main import run
+
+    def call(*args):
+        code = run([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def run_subprocess(args: list, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """The real `diffedit` entry point in a child process (for pipes and exit codes)."""
+    cmd = [sys.executable, "-c", "from diffedit.cli.main import main; main()", *map(str, args)]
+    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=300)

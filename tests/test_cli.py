@@ -1,0 +1,218 @@
+"""The command line end to end: invert -> reconstruct, JSON, pipes, overwrite, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_subprocess
+from diffedit.images import load_image, psnr, read_params
+
+
+def scene(path, size=(40, 32), mode="RGB"):
+    a = np.full((size[1], size[0], 3), 230, np.uint8)
+    a[4:16, 6:20] = (220, 30, 30)
+    img = Image.fromarray(a)
+    img.convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def sd1(tiny_folder):
+    return tiny_folder("sd1")
+
+
+def test_invert_reconstruct_round_trip(cli, tmp_path, sd1):
+    image = scene(tmp_path / "in.png")
+    record = tmp_path / "in.inv.safetensors"
+    code, out, err = cli("invert", image, "-m", sd1, "--steps", 8, "-p", "a red square", "--json", "-q")
+    assert code == 0, err
+    result = json.loads(out)
+    for key in ("output", "engine", "steps", "nfe", "seconds", "psnr", "latent_max_abs"):
+        assert key in result
+    assert result["output"] == str(record) and record.exists()
+    assert result["nfe"] == 16 and result["engine"] == "ddim"
+
+    code, out, err = cli("reconstruct", record, "-o", tmp_path / "back.png", "--json", "-q")
+    assert code == 0, err
+    rec = json.loads(out)
+    # reconstruct repeats the round trip invert measured
+    assert rec["latent_max_abs"] == pytest.approx(result["latent_max_abs"], rel=1e-5)
+    back = load_image(tmp_path / "back.png")
+    assert back.size == (40, 32)
+    params = read_params(tmp_path / "back.png")
+    assert params["command"] == "reconstruct" and params["prompt"] == "a red square"
+
+
+@pytest.mark.parametrize("fam", ["sd2", "sdxl", "sd3", "flux"])
+def test_invert_reports_error_on_every_family(cli, tmp_path, tiny_folder, fam):
+    image = scene(tmp_path / "in.png", size=(32, 32))
+    code, out, err = cli("invert", image, "-m", tiny_folder(fam), "--steps", 4, "--json", "-q")
+    assert code == 0, err
+    result = json.loads(out)
+    assert np.isfinite(result["latent_max_abs"]) and result["latent_max_abs"] > 0
+    assert result["nfe"] == 8
+
+
+def test_generate_json_and_png_params(cli, tmp_path, sd1):
+    code, out, err = cli("generate", "a red cat", "-m", sd1, "-o", tmp_path / "g.png", "--seed", 5,
+                         "--steps", 3, "-W", 32, "-H", 24, "--json", "-q")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["seed"] == 5 and result["nfe"] == 3
+    assert Image.open(tmp_path / "g.png").size == (32, 24)
+    assert read_params(tmp_path / "g.png")["seed"] == 5
+    # same seed, same image
+    code, *_ = cli("generate", "a red cat", "-m", sd1, "-o", tmp_path / "g2.png", "--seed", 5, "--steps", 3,
+                   "-W", 32, "-H", 24, "-q")
+    assert code == 0
+    assert psnr(load_image(tmp_path / "g.png"), load_image(tmp_path / "g2.png")) == float("inf")
+
+
+def test_no_overwrite_keeps_first_output(cli, tmp_path, sd1):
+    image = scene(tmp_path / "in.png")
+    assert cli("invert", image, "-m", sd1, "--steps", 2, "-q")[0] == 0
+    record = tmp_path / "in.inv.safetensors"
+    before = record.read_bytes()
+    code, out, err = cli("invert", image, "-m", sd1, "--steps", 3, "-q")
+    assert code == 1 and "already exists" in err and "--overwrite" in err
+    assert record.read_bytes() == before
+    assert cli("invert", image, "-m", sd1, "--steps", 3, "-q", "--overwrite")[0] == 0
+    assert record.read_bytes() != before
+
+
+def test_pipes_stdin_and_stdout(tmp_path, sd1):
+    """The real entry point: image on stdin, record to a file, image on stdout, result on stderr."""
+    buf = io.BytesIO()
+    Image.open(scene(tmp_path / "in.png")).save(buf, format="PNG")
+    record = tmp_path / "piped.inv.safetensors"
+    done = run_subprocess(["invert", "-", "-m", sd1, "--steps", 3, "-o", record, "--json", "-q"], stdin=buf.getvalue())
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["output"] == str(record)
+    done = run_subprocess(["reconstruct", record, "-o", "-", "-q"])
+    assert done.returncode == 0, done.stderr.decode()
+    assert Image.open(io.BytesIO(done.stdout)).size == (40, 32)
+    assert b"psnr=" in done.stderr  # results go to stderr when stdout carries the image
+
+
+def test_usage_error_exit_code_2(tmp_path):
+    done = run_subprocess(["invert"])
+    assert done.returncode == 2
+
+
+# -- bad inputs: one line naming the file, exit code 1, no output left ------------------------------
+
+
+def truncated_png(path):
+    scene(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def text_as_png(path):
+    path.write_text("this is not an image\n")
+
+
+def one_pixel(path):
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
+
+
+def bomb(path):
+    # A valid PNG header claiming 100000 x 100000 pixels: refused before anything is decoded.
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("make,name,message", [
+    (truncated_png, "cut.png", "truncated"),
+    (text_as_png, "notes.png", "not an image"),
+    (one_pixel, "dot.png", "1x1"),
+    (bomb, "bomb.png", "decompression bomb"),
+])
+def test_bad_images(cli, tmp_path, sd1, make, name, message):
+    make(tmp_path / name)
+    out = tmp_path / "out.inv.safetensors"
+    code, stdout, err = cli("invert", tmp_path / name, "-m", sd1, "--steps", 2, "-o", out, "-q")
+    assert code == 1
+    assert err.count("\n") == 1 and name in err and message in err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temp files either
+
+
+def cmyk_jpeg(path):
+    Image.new("CMYK", (40, 32), (0, 255, 255, 0)).save(path)  # pure red in CMYK
+
+
+def sixteen_bit_png(path):
+    Image.fromarray(np.full((32, 40), 40000, np.uint16)).save(path)
+
+
+def rgba_png(path):
+    Image.new("RGBA", (40, 32), (255, 0, 0, 128)).save(path)
+
+
+def exif_rotated_jpeg(path):
+    img = Image.new("RGB", (40, 32), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    img.save(path, exif=exif)
+
+
+@pytest.mark.parametrize("make,name,size", [
+    (cmyk_jpeg, "cmyk.jpg", (40, 32)),
+    (sixteen_bit_png, "deep.png", (40, 32)),
+    (rgba_png, "alpha.png", (40, 32)),
+    (exif_rotated_jpeg, "turned.jpg", (32, 40)),
+])
+def test_odd_but_valid_images_are_converted(cli, tmp_path, sd1, make, name, size):
+    make(tmp_path / name)
+    out = tmp_path / "out.inv.safetensors"
+    code, stdout, err = cli("invert", tmp_path / name, "-m", sd1, "--steps", 2, "-o", out, "-q", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["size"] == [size[1], size[0]]
+
+
+def test_alpha_refused_on_request(cli, tmp_path, sd1):
+    rgba_png(tmp_path / "alpha.png")
+    code, _, err = cli("invert", tmp_path / "alpha.png", "-m", sd1, "--alpha", "refuse", "-q")
+    assert code == 1 and "alpha.png" in err and "alpha" in err
+
+
+def test_missing_model(cli, tmp_path):
+    scene(tmp_path / "in.png")
+    code, _, err = cli("invert", tmp_path / "in.png", "-m", tmp_path / "nowhere", "-q")
+    assert code == 1 and "nowhere" in err and err.count("\n") == 1
+    assert not (tmp_path / "in.inv.safetensors").exists()
+
+
+def test_pickled_checkpoint_refused(cli, tmp_path):
+    scene(tmp_path / "in.png")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04not really a pickle")
+    code, _, err = cli("invert", tmp_path / "in.png", "-m", tmp_path / "model.ckpt", "-q")
+    assert code == 1 and "model.ckpt" in err and "--allow-pickle" in err and err.count("\n") == 1
+    assert not (tmp_path / "in.inv.safetensors").exists()
+
+
+def test_record_from_another_model(cli, tmp_path, tiny_folder):
+    image = scene(tmp_path / "in.png")
+    assert cli("invert", image, "-m", tiny_folder("sd1"), "--steps", 2, "-q")[0] == 0
+    record = tmp_path / "in.inv.safetensors"
+    code, _, err = cli("reconstruct", record, "-m", tiny_folder("sd1", seed=1), "-o", tmp_path / "x.png", "-q")
+    assert code == 1 and "in.inv.safetensors" in err and "fingerprint" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_not_a_record(cli, tmp_path):
+    (tmp_path / "fake.safetensors").write_bytes(b"garbage")
+    code, _, err = cli("reconstruct", tmp_path / "fake.safetensors", "-o", tmp_path / "x.png", "-q")
+    assert code == 1 and "fake.safetensors" in err and err.count("\n") == 1
