@@ -7,6 +7,7 @@ encodes/decodes images, and builds the schedule. Engines only ever see latents s
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,19 @@ class Family:
         self.max_sequence_length = max_sequence_length
         self.vae_scale = pipe.vae_scale_factor
         self.latent_channels = pipe.vae.config.latent_channels
+        # Where the model came from and a hash of it; `load_model` sets both for files and hub ids.
+        self.source = "<memory>"
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:  # a model built in memory: hash its weights once
+            self._fingerprint = weights_fingerprint(self.network)
+        return self._fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: str) -> None:
+        self._fingerprint = value
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -138,6 +152,15 @@ class Family:
     # -- schedule ----------------------------------------------------------------------------
     def schedule(self, steps: int, height: int, width: int) -> Schedule:
         raise NotImplementedError
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a module's parameter values, for models built in memory (tests)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class _vae_in:
