@@ -19,7 +19,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each command module adds its verbs to `app`; imported here so `--help` lists them all.
-    from diffedit.cli import generate, invert, models, toy  # noqa: F401
+    from diffedit.cli import bench, edit, generate, invert, models, toy  # noqa: F401
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -117,11 +117,12 @@ class Family:
 
     def to_x0_eps(self, out: torch.Tensor, x: torch.Tensor, a: float, s: float):
         """Turn the network output at `x = a*x0 + s*eps` into `(x0_hat, eps_hat)` (DESIGN §3)."""
+        # fused `torch.add(..., alpha=)` forms: this runs every step on every branch
         if self.prediction == "epsilon":
-            return (x - s * out) / a, out
+            return torch.add(x, out, alpha=-s).div_(a), out
         if self.prediction == "v_prediction":
-            return a * x - s * out, s * x + a * out
-        return x - s * out, x + a * out  # flow velocity v = eps - x0, a = 1 - t, s = t
+            return torch.add(a * x, out, alpha=-s), torch.add(s * x, out, alpha=a)
+        return torch.add(x, out, alpha=-s), torch.add(x, out, alpha=a)  # flow: v = eps - x0, a = 1 - t
 
     # -- images ------------------------------------------------------------------------------
     @property

@@ -164,3 +164,21 @@ def image_params(command: str, model: Family, **fields) -> dict:
     return {"command": command, "diffedit": __version__,
             "model": {"source": model.source, "fingerprint": model.fingerprint, "family": model.name},
             **fields}
+
+
+def edit_image(
+    model: Family, source: str, *, source_prompt: str, target_prompt: str, engine: str = "ddim",
+    steps: int = 50, guidance_scale: float = 7.5, inversion_guidance_scale: float = 1.0,
+    negative_prompt: str = "", seed: int = 0, params: dict | None = None,
+    image: ImageInput = ImageInput(), callback: Callback | None = None,
+) -> tuple[Image.Image, dict, Record]:
+    """Invert an image with the source prompt, then regenerate it under the target prompt."""
+    started = time.perf_counter()
+    record, inverted = invert_image(
+        model, source, engine=engine, prompt=source_prompt, steps=steps,
+        guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed,
+        params=params, image=image, check=False, callback=callback,
+    )
+    out, edited = edit_record(model, record, target_prompt, guidance_scale=guidance_scale, callback=callback)
+    result = {**edited, "nfe": inverted["nfe"] + edited["nfe"], "seconds": time.perf_counter() - started}
+    return out, result, record

@@ -30,12 +30,13 @@ class Denoiser:
         self.model, self.guidance = model, guidance
         self.branches = guidance.branches
         self.cond = Cond.cat([conds[b] for b in self.branches])
+        self.dtype = model.dtype  # read once: diffusers' `.dtype` walks every module
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, a: float, s: float, step: int) -> Prediction:
         n = len(self.branches)
         x_in = x.repeat(n, 1, 1, 1) if n > 1 else x
-        out = self.model.forward(x_in.to(self.model.dtype), t, self.cond).float()
+        out = self.model.forward(x_in.to(self.dtype), t, self.cond).float()
         self.calls += 1
         x0, eps = self.model.to_x0_eps(out, x_in, a, s)
         preds = dict(zip(self.branches, zip(x0.chunk(n), eps.chunk(n))))
@@ -64,8 +65,8 @@ def step(x0: torch.Tensor, eps: torch.Tensor, a_to: float, s_to: float,
          c: float = 0.0, z: torch.Tensor | None = None) -> torch.Tensor:
     """Move to the level (a_to, s_to); with churn c, part of eps is replaced by fresh noise z."""
     if c == 0.0:
-        return a_to * x0 + s_to * eps
-    return a_to * x0 + math.sqrt(max(s_to * s_to - c * c, 0.0)) * eps + c * z
+        return torch.add(a_to * x0, eps, alpha=s_to)
+    return torch.add(a_to * x0, eps, alpha=math.sqrt(max(s_to * s_to - c * c, 0.0))).add_(z, alpha=c)
 
 
 @torch.inference_mode()

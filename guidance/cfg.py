@@ -37,8 +37,7 @@ class CFG(Guidance):
         if self.scale == 1.0:
             return preds["cond"]
         (x0_u, eps_u), (x0_c, eps_c) = preds["uncond"], preds["cond"]
-        w = self.scale
-        return x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u)
+        return torch.lerp(x0_u, x0_c, self.scale), torch.lerp(eps_u, eps_c, self.scale)  # u + w (c - u)
 
     def describe(self):
         return {"name": self.name, "scale": self.scale}
