@@ -82,13 +82,14 @@ class Family:
     def network(self) -> torch.nn.Module:
         return self.pipe.unet if hasattr(self.pipe, "unet") else self.pipe.transformer
 
+    # From the first parameter: diffusers' own `.dtype`/`.device` walk every module on each call.
     @property
     def device(self) -> torch.device:
-        return self.network.device
+        return next(self.network.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.network.dtype
+        return next(self.network.parameters()).dtype
 
     @property
     def multiple(self) -> int:

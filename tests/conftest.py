@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def cli(capsys):
     return call
 
 
-def run_subprocess(args: list, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    """The real `diffedit` entry point in a child process (for pipes and exit codes)."""
+def run_subprocess(args: list, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real `diffedit` entry point in a child process (for pipes, exit codes, environment)."""
     cmd = [sys.executable, "-c", "from diffedit.cli.main import main; main()", *map(str, args)]
-    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=300)
+    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=300, env={**os.environ, **(env or {})})
