@@ -21,8 +21,23 @@ ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
-StepsOpt = Annotated[int, typer.Option("--steps", "-n", min=1, max=1000, help="Number of sampling steps.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", "-n", min=1, max=1000, help="Number of steps (default: the engine's; generate: 50).")]
+# Engine parameters: each applies to some engines only, and a wrong pairing is a usage error.
+SkipOpt = Annotated[int | None, typer.Option("--skip", min=0, help="ddpm-ef: start the edit this many steps late (keeps more of the input).")]
+EtaOpt = Annotated[float | None, typer.Option("--eta", help="ddpm-ef: churn of the stochastic sampler, in (0, 1] (default 1).")]
+GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: weight of the backward term, in (0, 1] (default 0.94).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
+
+
+def engine_params(**params) -> dict:
+    """The engine options the user gave (None = not given)."""
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def default_steps(engine: str, steps: int | None) -> int:
+    from diffedit.engines import get_engine
+
+    return steps or get_engine(engine).default_steps
 
 
 def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None):

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, StepsOpt,
-    emit, load, progress,
+    ConfigOpt, DeviceOpt, DtypeOpt, EtaOpt, GammaOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
+    SkipOpt, StepsOpt, default_steps, emit, engine_params, load, progress,
 )
 from diffedit.cli.invert import AlphaOpt, FitOpt
 from diffedit.cli.main import app
@@ -23,9 +23,10 @@ def edit(
     output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")] = "edited.png",
     from_record: Annotated[Path | None, typer.Option("--from", help="Reuse a record from `diffedit invert` instead of inverting IMAGE.")] = None,
     engine: Annotated[str, typer.Option("--engine", "-e", help="Inversion/editing engine.")] = "ddim",
-    steps: StepsOpt = 50,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g", help="CFG scale of the edit.")] = 7.5,
-    inversion_guidance_scale: Annotated[float, typer.Option("--inversion-guidance-scale", help="CFG scale of the inversion.")] = 1.0,
+    steps: StepsOpt = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale of the edit (default: the engine's).")] = None,
+    inversion_guidance_scale: Annotated[float | None, typer.Option("--inversion-guidance-scale", help="CFG scale of the inversion (default: the engine's).")] = None,
+    skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     seed: Annotated[int, typer.Option("--seed", help="Seed for engines that draw noise.")] = 0,
     fit: FitOpt = "resize",
@@ -50,24 +51,26 @@ def edit(
         raise UsageError("give either IMAGE or --from RECORD")
     if output != "-":
         check_writable(output, overwrite)
+    params = engine_params(skip=skip, eta=eta, gamma=gamma)
     if from_record is not None:
         rec = load_record(from_record)
         m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config)
         rec.check_model(m, from_record)
         with progress(rec.meta["steps"], f"edit ({rec.meta['engine']['name']})", quiet) as callback:
-            out, result = edit_record(m, rec, target, guidance_scale=guidance_scale, callback=callback)
-        source, engine, steps = rec.meta["source_prompt"], rec.meta["engine"]["name"], rec.meta["steps"]
+            out, result = edit_record(m, rec, target, guidance_scale=guidance_scale, params=params,
+                                      callback=callback)
+        source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = load(model, device, dtype, allow_pickle, model_config)
-        with progress(2 * steps, f"edit ({engine})", quiet) as callback:
+        with progress(2 * default_steps(engine, steps), f"edit ({engine})", quiet) as callback:
             out, result, _ = edit_image(
                 m, image, source_prompt=source, target_prompt=target, engine=engine, steps=steps,
                 guidance_scale=guidance_scale, inversion_guidance_scale=inversion_guidance_scale,
-                negative_prompt=negative_prompt, seed=seed, image=ImageInput(fit=fit, alpha=alpha),
-                callback=callback,
+                negative_prompt=negative_prompt, seed=seed, params=params,
+                image=ImageInput(fit=fit, alpha=alpha), callback=callback,
             )
-    params = image_params("edit", m, image=str(image or from_record), source=source, target=target,
-                          engine=engine, steps=steps, guidance_scale=guidance_scale,
-                          inversion_guidance_scale=inversion_guidance_scale, seed=seed)
-    save_image(out, output, params=params, overwrite=overwrite)
+    meta = image_params("edit", m, image=str(image or from_record), source=source, target=target,
+                        engine=engine, steps=result["steps"], guidance_scale=guidance_scale,
+                        inversion_guidance_scale=inversion_guidance_scale, seed=seed, engine_params=params)
+    save_image(out, output, params=meta, overwrite=overwrite)
     emit({"output": output, **result}, json, to_stderr=output == "-")

@@ -38,6 +38,7 @@ def generate(
     if output != "-":
         check_writable(output, overwrite)
     m = load(model, device, dtype, allow_pickle, model_config)
+    steps = steps or 50
     with progress(steps, "generate", quiet) as callback:
         image, result = generate_image(
             m, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,

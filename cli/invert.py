@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, StepsOpt,
-    emit, load, progress,
+    ConfigOpt, DeviceOpt, DtypeOpt, EtaOpt, GammaOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
+    SkipOpt, StepsOpt, default_steps, emit, engine_params, load, progress,
 )
 from diffedit.cli.main import app
 
@@ -23,13 +23,14 @@ def invert(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Record file (default: IMAGE.inv.safetensors).")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Source prompt describing the image.")] = "",
     engine: Annotated[str, typer.Option("--engine", "-e", help="Inversion engine.")] = "ddim",
-    steps: StepsOpt = 50,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g", help="CFG scale of the inversion (1 = no guidance).")] = 1.0,
+    steps: StepsOpt = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale of the inversion (default: the engine's; 1 = no guidance).")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     seed: Annotated[int, typer.Option("--seed", help="Seed for engines that draw noise.")] = 0,
     fit: FitOpt = "resize",
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
+    skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -49,11 +50,11 @@ def invert(
         output = Path(image).with_suffix(".inv.safetensors")
     check_writable(output, overwrite)
     m = load(model, device, dtype, allow_pickle, model_config)
-    with progress(steps * (2 if check else 1), f"invert ({engine})", quiet) as callback:
+    with progress(default_steps(engine, steps) * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(
             m, image, engine=engine, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
             negative_prompt=negative_prompt, seed=seed, image=ImageInput(fit=fit, alpha=alpha),
-            check=check, callback=callback,
+            check=check, params=engine_params(skip=skip, eta=eta, gamma=gamma), callback=callback,
         )
     save_record(output, record, overwrite)
     emit({"output": str(output), **result}, json)

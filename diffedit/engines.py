@@ -42,6 +42,11 @@ class Engine:
     name: str = ""
     exact: bool = False  # invert -> reconstruct returns the latent to float precision
     defaults: dict = {}  # engine parameters and their defaults
+    default_steps: int = 50
+    default_guidance: tuple[float, float] = (1.0, 7.5)  # CFG of the inversion and of the edit
+
+    def check(self, params: dict, steps: int) -> None:
+        """Raise UsageError for parameters the engine cannot run with."""
 
     def invert(self, run: Run, z0: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -52,15 +52,29 @@ def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> flo
     return psnr(to_pil(model.decode(latent)), reference)
 
 
+def engine_setup(engine: str, params: dict | None, steps: int | None):
+    """The engine, its full parameters and step count, with the user's values checked."""
+    eng = get_engine(engine)
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    unknown = sorted(set(params) - set(eng.defaults))
+    if unknown:
+        raise UsageError(f"--{unknown[0].replace('_', '-')} does not apply to engine {engine}")
+    params = {**eng.defaults, **params}
+    steps = steps or eng.default_steps
+    eng.check(params, steps)
+    return eng, params, steps
+
+
 def invert_image(
-    model: Family, source: str, *, engine: str = "ddim", prompt: str = "", steps: int = 50,
-    guidance_scale: float = 1.0, negative_prompt: str = "", seed: int = 0, params: dict | None = None,
-    image: ImageInput = ImageInput(), check: bool = True, callback: Callback | None = None,
+    model: Family, source: str, *, engine: str = "ddim", prompt: str = "", steps: int | None = None,
+    guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
+    params: dict | None = None, image: ImageInput = ImageInput(), check: bool = True,
+    callback: Callback | None = None,
 ) -> tuple[Record, dict]:
     """Invert an image into a record; with `check`, reconstruct it and measure the error."""
     started = time.perf_counter()
-    eng = get_engine(engine)
-    params = {**eng.defaults, **(params or {})}
+    eng, params, steps = engine_setup(engine, params, steps)
+    guidance_scale = eng.default_guidance[0] if guidance_scale is None else guidance_scale
     img = read_image(model, source, image)
     width, height = img.size
     z0 = model.encode_image(to_tensor(img))
@@ -91,20 +105,20 @@ def invert_image(
     return Record(tensors, meta), result
 
 
-def _run_from_record(model: Family, record: Record, target_prompt: str | None,
-                     target_scale: float | None, callback: Callback | None) -> tuple[object, Run]:
+def _run_from_record(model: Family, record: Record, target_prompt: str | None, target_scale: float | None,
+                     params: dict | None, callback: Callback | None):
+    """The engine and run that regenerate a record (under a new target when one is given)."""
     meta = record.meta
-    eng = get_engine(meta["engine"]["name"])
-    params = {k: v for k, v in meta["engine"].items() if k != "name"}
+    recorded = {k: v for k, v in meta["engine"].items() if k != "name"}
+    eng, params, steps = engine_setup(meta["engine"]["name"], {**recorded, **(params or {})}, meta["steps"])
     height, width = meta["size"]
-    schedule = model.schedule(meta["steps"], height, width)
-    src = branch_denoiser(model, meta["source_prompt"], meta["guidance_scale"], height, width,
-                          meta.get("negative_prompt", ""))
+    schedule = model.schedule(steps, height, width)
+    negative = meta.get("negative_prompt", "")
+    src = branch_denoiser(model, meta["source_prompt"], meta["guidance_scale"], height, width, negative)
     same = target_prompt is None and target_scale is None
     tgt = src if same else branch_denoiser(
         model, meta["source_prompt"] if target_prompt is None else target_prompt,
-        meta["guidance_scale"] if target_scale is None else target_scale, height, width,
-        meta.get("negative_prompt", ""),
+        eng.default_guidance[1] if target_scale is None else target_scale, height, width, negative,
     )
     return eng, Run(model, schedule, src, tgt, params, meta.get("seed", 0), callback)
 
@@ -113,13 +127,12 @@ def reconstruct_record(model: Family, record: Record, *, reference: Image.Image 
                        callback: Callback | None = None) -> tuple[Image.Image, dict]:
     """Regenerate the record's image with its own prompt and guidance; report the error."""
     started = time.perf_counter()
-    eng, run = _run_from_record(model, record, None, None, callback)
+    eng, run = _run_from_record(model, record, None, None, None, callback)
     z_rec = eng.edit(run, record.tensors)
     out = to_pil(model.decode(z_rec))
     z0 = record.tensors["latent"].to(z_rec.device)
-    meta = record.meta
     result = {
-        "engine": meta["engine"]["name"], "steps": meta["steps"], "nfe": run.nfe,
+        "engine": eng.name, "steps": len(run.schedule), "nfe": run.nfe,
         "latent_max_abs": float((z_rec - z0).abs().max()),
         # without the original at hand, compare with the decoded input latent
         "psnr": psnr(out, reference if reference is not None else to_pil(model.decode(z0))),
@@ -128,13 +141,13 @@ def reconstruct_record(model: Family, record: Record, *, reference: Image.Image 
     return out, result
 
 
-def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_scale: float,
-                callback: Callback | None = None) -> tuple[Image.Image, dict]:
+def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_scale: float | None = None,
+                params: dict | None = None, callback: Callback | None = None) -> tuple[Image.Image, dict]:
     """Regenerate the record's image under a new prompt with the record's engine."""
     started = time.perf_counter()
-    eng, run = _run_from_record(model, record, target_prompt, guidance_scale, callback)
+    eng, run = _run_from_record(model, record, target_prompt, guidance_scale, params, callback)
     out = to_pil(model.decode(eng.edit(run, record.tensors)))
-    result = {"engine": record.meta["engine"]["name"], "steps": record.meta["steps"], "nfe": run.nfe,
+    result = {"engine": eng.name, "steps": len(run.schedule), "nfe": run.nfe,
               "seconds": time.perf_counter() - started}
     return out, result
 
@@ -168,9 +181,9 @@ def image_params(command: str, model: Family, **fields) -> dict:
 
 def edit_image(
     model: Family, source: str, *, source_prompt: str, target_prompt: str, engine: str = "ddim",
-    steps: int = 50, guidance_scale: float = 7.5, inversion_guidance_scale: float = 1.0,
-    negative_prompt: str = "", seed: int = 0, params: dict | None = None,
-    image: ImageInput = ImageInput(), callback: Callback | None = None,
+    steps: int | None = None, guidance_scale: float | None = None,
+    inversion_guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
+    params: dict | None = None, image: ImageInput = ImageInput(), callback: Callback | None = None,
 ) -> tuple[Image.Image, dict, Record]:
     """Invert an image with the source prompt, then regenerate it under the target prompt."""
     started = time.perf_counter()

@@ -51,7 +51,7 @@ def model_meta(model) -> dict:
 
 def save_record(path: str | Path, record: Record, overwrite: bool = False) -> None:
     meta = {"format": FORMAT, "version": __version__, **record.meta}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in record.tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in record.tensors.items()}  # dtypes kept
     data = save(tensors, metadata={META_KEY: json.dumps(meta, default=str)})
     with atomic_output(path, overwrite) as tmp:
         tmp.write_bytes(data)  # into the file atomic_output made, so it keeps normal permissions
