@@ -8,7 +8,7 @@ encodes/decodes images, and builds the schedule. Engines only ever see latents s
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,10 @@ class Schedule:
     times: torch.Tensor
     a: tuple[float, ...]
     s: tuple[float, ...]
+    t: tuple[float, ...] = field(init=False)  # `times` as Python floats, for guidance schedules
+
+    def __post_init__(self):
+        object.__setattr__(self, "t", tuple(float(v) for v in self.times.cpu()))
 
     def __len__(self) -> int:
         return len(self.times)

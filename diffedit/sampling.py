@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from diffedit.editing.attention import AttentionControl, Controller
 from diffedit.families import Cond, Family, Schedule
 from diffedit.guidance.cfg import CFG, Guidance, Prediction
 
@@ -26,21 +27,35 @@ class Denoiser:
     `calls` counts network forwards (NFE of batched calls).
     """
 
-    def __init__(self, model: Family, conds: dict[str, Cond], guidance: Guidance):
+    def __init__(self, model: Family, conds: dict[str, Cond], guidance: Guidance,
+                 controller: Controller | None = None):
         self.model, self.guidance = model, guidance
         self.branches = guidance.branches
-        self.cond = Cond.cat([conds[b] for b in self.branches])
+        # conditioning of branches that need no text of their own (PAG's perturbed) is the cond's
+        self.cond = Cond.cat([conds.get(b) or conds["cond"] for b in self.branches])
         self.dtype = model.dtype  # read once: diffusers' `.dtype` walks every module
+        controller = controller or guidance.controller(model.network)
+        self.control = None if controller is None else AttentionControl(model.network, controller)
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, a: float, s: float, step: int) -> Prediction:
+    def __call__(self, x: torch.Tensor, schedule: Schedule, i: int, *, level: int | None = None,
+                 inverse: bool = False) -> Prediction:
+        """Guided `(x0_hat, eps_hat)` of `x` at level `level` (default i), network at time `i`."""
+        level = i if level is None else level
         n = len(self.branches)
         x_in = x.repeat(n, 1, 1, 1) if n > 1 else x
-        out = self.model.forward(x_in.to(self.dtype), t, self.cond).float()
+        t = schedule.times[i]
+        if self.control is None:
+            out = self.model.forward(x_in.to(self.dtype), t, self.cond)
+        else:
+            self.control.controller.begin(i, self.branches)
+            with self.control:
+                out = self.model.forward(x_in.to(self.dtype), t, self.cond)
         self.calls += 1
-        x0, eps = self.model.to_x0_eps(out, x_in, a, s)
+        x0, eps = self.model.to_x0_eps(out.float(), x_in, schedule.a[level], schedule.s[level])
         preds = dict(zip(self.branches, zip(x0.chunk(n), eps.chunk(n))))
-        return self.guidance.combine(preds, step)
+        combine = self.guidance.combine_inverse if inverse else self.guidance.combine
+        return combine(preds, schedule.t[i])
 
 
 def prompt_denoiser(
@@ -77,7 +92,7 @@ def sample(
     """Denoise `x` from level `start` to the end of the schedule; `noise(i)` gives z at step i."""
     a, s = schedule.a, schedule.s
     for i in range(start, len(schedule)):
-        x0, eps = denoise(x, schedule.times[i], a[i], s[i], i)
+        x0, eps = denoise(x, schedule, i)
         c = churn(a[i], s[i], a[i + 1], s[i + 1], eta)
         x = step(x0, eps, a[i + 1], s[i + 1], c, noise(i) if c else None)
         if callback is not None:
@@ -99,7 +114,7 @@ def invert(
     a, s = schedule.a, schedule.s
     trajectory = [x]
     for i in reversed(range(end, len(schedule))):
-        x0, eps = denoise(x, schedule.times[i], a[i + 1], s[i + 1], i)
+        x0, eps = denoise(x, schedule, i, level=i + 1, inverse=True)
         x = step(x0, eps, a[i], s[i])
         trajectory.append(x)
         if callback is not None:

@@ -1,0 +1,22 @@
+"""Guidance modules: classifier-free guidance and what builds on it."""
+
+from __future__ import annotations
+
+from diffedit.errors import UsageError
+
+KINDS = ("cfg", "cfgpp", "pag", "cfgpp+pag")
+
+
+def make_guidance(kind: str, scale: float, *, pag_scale: float = 3.0, pag_layers: tuple[str, ...] = ("mid",),
+                  pag_adaptive_scale: float = 0.0):
+    """`kind` with guidance scale `scale` (CFG's w, or CFG++'s lambda in [0, 1])."""
+    from diffedit.guidance.cfg import CFG
+    from diffedit.guidance.cfgpp import CFGpp
+    from diffedit.guidance.pag import PAG
+
+    if kind not in KINDS:
+        raise UsageError(f"unknown guidance {kind!r}; use one of {', '.join(KINDS)}")
+    base = CFGpp(scale) if kind.startswith("cfgpp") else CFG(scale)
+    if kind.endswith("pag") and (pag_scale or pag_adaptive_scale):
+        return PAG(base, pag_scale, pag_layers, pag_adaptive_scale)
+    return base  # a PAG scale of 0 is the base guidance itself, without the extra branch

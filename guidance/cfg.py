@@ -13,11 +13,21 @@ Prediction = tuple[torch.Tensor, torch.Tensor]  # (x0_hat, eps_hat)
 
 
 class Guidance:
+    """Names the branches it needs and combines their `(x0_hat, eps_hat)` at network time `t`."""
+
     name = "none"
     branches: tuple[str, ...] = ("cond",)
 
-    def combine(self, preds: dict[str, Prediction], step: int) -> Prediction:
+    def combine(self, preds: dict[str, Prediction], t: float) -> Prediction:
         return preds["cond"]
+
+    def combine_inverse(self, preds: dict[str, Prediction], t: float) -> Prediction:
+        """The pair used by an inversion step (the clean estimate, then the renoising direction)."""
+        return self.combine(preds, t)
+
+    def controller(self, network):
+        """An attention controller the guidance needs on its branches (PAG), or None."""
+        return None
 
     def describe(self) -> dict:
         """Parameters for records and PNG metadata."""
@@ -33,7 +43,7 @@ class CFG(Guidance):
         self.scale = float(scale)
         self.branches = ("cond",) if self.scale == 1.0 else ("uncond", "cond")
 
-    def combine(self, preds, step):
+    def combine(self, preds, t):
         if self.scale == 1.0:
             return preds["cond"]
         (x0_u, eps_u), (x0_c, eps_c) = preds["uncond"], preds["cond"]

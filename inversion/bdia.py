@@ -41,12 +41,12 @@ class BDIA(Engine):
     def invert(self, run: Run, z0):
         sched, gamma, n = run.schedule, float(run.params["gamma"]), len(run.schedule)
         x_next = z0.double()  # level n: the clean latent
-        x0, eps = run.source(x_next, sched.times[n - 1], sched.a[n], sched.s[n], n - 1)
+        x0, eps = run.source(x_next, sched, n - 1, level=n)
         x = _ddim_to(x0, eps, sched, n - 1)  # level n-1, by one DDIM inversion step
         if run.callback:
             run.callback(n - 1, x, x0)
         for i in range(n - 1, 0, -1):  # from (x_i, x_{i+1}) to x_{i-1}
-            x0, eps = run.source(x, sched.times[i], sched.a[i], sched.s[i], i)
+            x0, eps = run.source(x, sched, i)
             x_prev = _ddim_to(x0, eps, sched, i - 1) + (x_next - _ddim_to(x0, eps, sched, i + 1)) / gamma
             x, x_next = x_prev, x
             if run.callback:
@@ -59,7 +59,7 @@ class BDIA(Engine):
         device = run.model.device
         x_prev, x = tensors["noise"].to(device, torch.float64), tensors["noise_next"].to(device, torch.float64)
         for i in range(1, len(sched)):  # level 0 -> 1 is the stored pair; BDIA from x_1 on
-            x0, eps = run.target(x, sched.times[i], sched.a[i], sched.s[i], i)
+            x0, eps = run.target(x, sched, i)
             x_next = _ddim_to(x0, eps, sched, i + 1) + gamma * (x_prev - _ddim_to(x0, eps, sched, i - 1))
             x_prev, x = x, x_next
             if run.callback:

@@ -45,7 +45,7 @@ class EditFriendlyDDPM(Engine):
         targets = xs[1:] + [z0]  # the last step lands on the clean latent itself
         zs = []
         for i in range(n):
-            x0, eps = run.source(xs[i], sched.times[i], a[i], s[i], i)
+            x0, eps = run.source(xs[i], sched, i)
             c = _noise_scale(run, i, eta)
             residual = targets[i] - step(x0, eps, a[i + 1], s[i + 1], c, torch.zeros_like(z0))
             # A step without churn (a flow's last step) cannot absorb noise: keep the residual itself.
@@ -62,7 +62,7 @@ class EditFriendlyDDPM(Engine):
         zs = tensors["zs"].to(run.model.device, torch.float64)
         x = xs[skip]
         for i in range(skip, len(sched)):
-            x0, eps = run.target(x, sched.times[i], a[i], s[i], i)
+            x0, eps = run.target(x, sched, i)
             c = _noise_scale(run, i, eta)
             x = step(x0, eps, a[i + 1], s[i + 1], c, zs[i]) if c > 0 else step(x0, eps, a[i + 1], s[i + 1]) + zs[i]
             if run.callback:

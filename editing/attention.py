@@ -1,0 +1,194 @@
+"""One attention-control mechanism for every edit that touches attention (DESIGN.md §5).
+
+Our processors replace diffusers' on every attention layer while a controller is active, and give
+the controller three hooks on each call, knowing the layer, the step and which rows of the batch
+belong to which branch (uncond / cond / perturbed / source / target ...):
+
+- `qkv(call, q, k, v)`: replace queries, keys or values (key/value injection, mutual self-attention);
+- `maps(call, probs)`: read or edit the attention maps (prompt-to-prompt, recording, joint-PAG);
+  maps are only materialised when some controller asks for them on that call;
+- `out(call, out, q, k, v)`: replace the attention output before the output projection (PAG).
+
+Processors are swapped by direct assignment on the modules (not `set_attn_processor`, which walks the
+whole network), so a Denoiser can install them around each forward and always restore the
+originals, even on error. UNet attention (SD1/SD2/SDXL) and SD3's joint attention are supported;
+other layers keep their own processors and are invisible to controllers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+
+@dataclass(frozen=True)
+class AttnCall:
+    layer: str  # module name, e.g. "mid_block.attentions.0.transformer_blocks.0.attn1"
+    cross: bool  # queries attend to text tokens only
+    image_tokens: int  # joint attention: the first `image_tokens` queries/keys are the image's
+    joint: bool
+    step: int
+    branches: tuple[str, ...]
+
+    def rows(self, batch: int, branch: str) -> slice:
+        """Rows of the batch that hold `branch` (branches are stacked in equal chunks)."""
+        per = batch // len(self.branches)
+        i = self.branches.index(branch)
+        return slice(i * per, (i + 1) * per)
+
+
+class Controller:
+    """Leaves attention unchanged; subclasses override the hooks they need."""
+
+    def __init__(self):
+        self.step, self.branches = 0, ("cond",)
+
+    def begin(self, step: int, branches: tuple[str, ...]) -> None:
+        self.step, self.branches = step, branches
+
+    def wants_maps(self, call: AttnCall) -> bool:
+        return False
+
+    def qkv(self, call: AttnCall, q, k, v):
+        return q, k, v
+
+    def maps(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor:
+        return probs
+
+    def out(self, call: AttnCall, out, q, k, v):
+        return out
+
+
+def attention_maps(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) as SDPA computes it, in float32 for stable maps."""
+    logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = logits + mask
+    return logits.softmax(dim=-1)
+
+
+def _attend(controller: Controller, call: AttnCall, q, k, v, mask=None):
+    q, k, v = controller.qkv(call, q, k, v)
+    if controller.wants_maps(call):
+        probs = controller.maps(call, attention_maps(q, k, mask))
+        out = (probs @ v.float()).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return controller.out(call, out, q, k, v)
+
+
+class _Processor:
+    def __init__(self, layer: str, module: Attention, controller: Controller):
+        self.layer, self.controller = layer, controller
+        self.cross = bool(module.is_cross_attention)
+
+    def call(self, image_tokens: int, joint: bool) -> AttnCall:
+        c = self.controller
+        return AttnCall(self.layer, self.cross, image_tokens, joint, c.step, c.branches)
+
+
+class UNetProcessor(_Processor):
+    """Same computation as diffusers' AttnProcessor2_0, with the controller's hooks."""
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        shape4 = hidden_states.shape if hidden_states.ndim == 4 else None
+        if shape4 is not None:
+            b, ch, h, w = shape4
+            hidden_states = hidden_states.view(b, ch, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(context), attn.to_v(context)
+        heads, dim = attn.heads, key.shape[-1] // attn.heads
+        split = lambda t: t.view(batch, -1, heads, dim).transpose(1, 2)
+        query, key, value = split(query), split(key), split(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = _attend(self.controller, self.call(query.shape[2], False), query, key, value, attention_mask)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if shape4 is not None:
+            out = out.transpose(-1, -2).reshape(shape4)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class JointProcessor(_Processor):
+    """Same computation as diffusers' JointAttnProcessor2_0 (SD3), with the controller's hooks."""
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        batch, image_tokens = hidden_states.shape[0], hidden_states.shape[1]
+        heads, dim = attn.heads, attn.to_k.out_features // attn.heads
+        split = lambda t: t.view(batch, -1, heads, dim).transpose(1, 2)
+        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            cq, ck = split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states))
+            cv = split(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            query, key, value = torch.cat([query, cq], 2), torch.cat([key, ck], 2), torch.cat([value, cv], 2)
+        out = _attend(self.controller, self.call(image_tokens, True), query, key, value)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * dim).to(query.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        image, text = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return attn.to_out[1](attn.to_out[0](image)), text
+
+
+def attention_layers(network: torch.nn.Module) -> dict[str, Attention]:
+    """Attention modules our processors can drive, by module name."""
+    return {name: m for name, m in network.named_modules() if isinstance(m, Attention)}
+
+
+class AttentionControl:
+    """Installs a controller on a network for the duration of a `with` block; restores on exit."""
+
+    def __init__(self, network: torch.nn.Module, controller: Controller):
+        self.controller = controller
+        self.modules = []
+        for name, module in attention_layers(network).items():
+            kind = JointProcessor if hasattr(module, "add_q_proj") and module.add_q_proj is not None else UNetProcessor
+            if kind is UNetProcessor and getattr(module, "added_kv_proj_dim", None):
+                continue  # attention with extra key/value projections is not ours to drive
+            self.modules.append((module, kind(name, module, controller)))
+        self._saved: list = []
+
+    def __enter__(self):
+        self._saved = [module.processor for module, _ in self.modules]
+        for module, processor in self.modules:
+            module.processor = processor
+        return self.controller
+
+    def __exit__(self, *exc):
+        for (module, _), original in zip(self.modules, self._saved):
+            module.processor = original
+        self._saved = []
