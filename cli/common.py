@@ -29,6 +29,19 @@ GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: weight of
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
 
 
+GuidanceOpt = Annotated[str, typer.Option("--guidance", help="cfg, cfgpp (scale = lambda in [0, 1]), pag or cfgpp+pag.")]
+PagScaleOpt = Annotated[float, typer.Option("--pag-scale", help="PAG scale s in u + w(c - u) + s(c - p).")]
+PagLayersOpt = Annotated[str, typer.Option("--pag-layers", help="Comma-separated regexes over self-attention layer names.")]
+PagAdaptiveOpt = Annotated[float, typer.Option("--pag-adaptive-scale", help="Lower the PAG scale by this much per unit of time.")]
+
+
+def guidance_spec(kind: str, pag_scale: float, pag_layers: str, pag_adaptive_scale: float):
+    from diffedit.guidance import GuidanceSpec
+
+    layers = tuple(p.strip() for p in pag_layers.split(",") if p.strip())
+    return GuidanceSpec(kind, pag_scale, layers, pag_adaptive_scale)
+
+
 def engine_params(**params) -> dict:
     """The engine options the user gave (None = not given)."""
     return {k: v for k, v in params.items() if v is not None}
@@ -54,8 +67,11 @@ def _nothing():
 
 @contextmanager
 def progress(total: int, label: str, quiet: bool):
-    """A Rich progress bar on stderr; yields the callback the sampling loops call after each step."""
-    if quiet:
+    """A Rich progress bar on stderr; yields the callback the sampling loops call after each step.
+
+    Only on a terminal: in pipes and logs a bar is noise (and Rich would leave blank lines).
+    """
+    if quiet or not stderr.is_terminal:
         yield None
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, EtaOpt, GammaOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
-    SkipOpt, StepsOpt, default_steps, emit, engine_params, load, progress,
+    ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
+    SkipOpt, StepsOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
 )
 from diffedit.cli.invert import AlphaOpt, FitOpt
 from diffedit.cli.main import app
@@ -31,6 +31,8 @@ def edit(
     seed: Annotated[int, typer.Option("--seed", help="Seed for engines that draw noise.")] = 0,
     fit: FitOpt = "resize",
     alpha: AlphaOpt = "composite",
+    guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
+    pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -52,6 +54,7 @@ def edit(
     if output != "-":
         check_writable(output, overwrite)
     params = engine_params(skip=skip, eta=eta, gamma=gamma)
+    spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     if from_record is not None:
         rec = load_record(from_record)
         m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config)
@@ -67,10 +70,11 @@ def edit(
                 m, image, source_prompt=source, target_prompt=target, engine=engine, steps=steps,
                 guidance_scale=guidance_scale, inversion_guidance_scale=inversion_guidance_scale,
                 negative_prompt=negative_prompt, seed=seed, params=params,
-                image=ImageInput(fit=fit, alpha=alpha), callback=callback,
+                image=ImageInput(fit=fit, alpha=alpha), guidance=spec, callback=callback,
             )
     meta = image_params("edit", m, image=str(image or from_record), source=source, target=target,
                         engine=engine, steps=result["steps"], guidance_scale=guidance_scale,
-                        inversion_guidance_scale=inversion_guidance_scale, seed=seed, engine_params=params)
+                        inversion_guidance_scale=inversion_guidance_scale, seed=seed, engine_params=params,
+                        guidance=spec.to_dict())
     save_image(out, output, params=meta, overwrite=overwrite)
     emit({"output": output, **result}, json, to_stderr=output == "-")

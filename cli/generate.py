@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
-    StepsOpt, emit, load, progress,
+    ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
+    StepsOpt, emit, guidance_spec, load, progress,
 )
 from diffedit.cli.main import app
 
@@ -23,6 +23,8 @@ def generate(
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     width: Annotated[int | None, typer.Option("--width", "-W", min=8)] = None,
     height: Annotated[int | None, typer.Option("--height", "-H", min=8)] = None,
+    guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
+    pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -37,14 +39,17 @@ def generate(
 
     if output != "-":
         check_writable(output, overwrite)
+    spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     m = load(model, device, dtype, allow_pickle, model_config)
     steps = steps or 50
     with progress(steps, "generate", quiet) as callback:
         image, result = generate_image(
             m, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
             negative_prompt=negative_prompt, width=width, height=height, callback=callback,
+            guidance=spec,
         )
     params = image_params("generate", m, prompt=prompt, negative_prompt=negative_prompt, seed=result["seed"],
-                          steps=steps, guidance_scale=guidance_scale, size=[image.height, image.width])
+                          steps=steps, guidance_scale=guidance_scale, guidance=spec.to_dict(),
+                          size=[image.height, image.width])
     save_image(image, output, params=params, overwrite=overwrite)
     emit({"output": output, **result}, json, to_stderr=output == "-")

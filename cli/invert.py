@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, EtaOpt, GammaOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
-    SkipOpt, StepsOpt, default_steps, emit, engine_params, load, progress,
+    ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
+    SkipOpt, StepsOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
 )
 from diffedit.cli.main import app
 
@@ -31,6 +31,8 @@ def invert(
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None,
+    guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
+    pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -49,12 +51,14 @@ def invert(
             raise UsageError("reading the image from stdin needs --output for the record")
         output = Path(image).with_suffix(".inv.safetensors")
     check_writable(output, overwrite)
+    spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     m = load(model, device, dtype, allow_pickle, model_config)
     with progress(default_steps(engine, steps) * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(
             m, image, engine=engine, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
             negative_prompt=negative_prompt, seed=seed, image=ImageInput(fit=fit, alpha=alpha),
-            check=check, params=engine_params(skip=skip, eta=eta, gamma=gamma), callback=callback,
+            check=check, params=engine_params(skip=skip, eta=eta, gamma=gamma), guidance=spec,
+            callback=callback,
         )
     save_record(output, record, overwrite)
     emit({"output": str(output), **result}, json)

@@ -18,7 +18,7 @@ from diffedit import __version__
 from diffedit.engines import Run, get_engine
 from diffedit.errors import UsageError
 from diffedit.families import Family
-from diffedit.guidance.cfg import CFG, Guidance
+from diffedit.guidance import GuidanceSpec
 from diffedit.images import fit_to_multiple, load_image, psnr, to_pil, to_tensor
 from diffedit.records import Record, model_meta
 from diffedit.sampling import Callback, Denoiser, initial_noise, prompt_denoiser, sample
@@ -40,12 +40,20 @@ def read_image(model: Family, source: str, how: ImageInput) -> Image.Image:
 
 def branch_denoiser(
     model: Family, prompt: str, guidance_scale: float, height: int, width: int,
-    negative_prompt: str = "", guidance: Guidance | None = None,
+    negative_prompt: str = "", guidance: GuidanceSpec | None = None,
 ) -> Denoiser:
-    """One prompt's denoiser. Guidance-distilled models (Flux) take the scale as an input instead of CFG."""
+    """One prompt's denoiser with `guidance` (plain CFG by default) at `guidance_scale`.
+
+    Guidance-distilled models (Flux) take the scale as a network input: their CFG branch is the
+    conditional one alone, and CFG++/PAG still apply on top of it.
+    """
+    guidance = guidance or GuidanceSpec()
     if getattr(model, "guidance_embedded", False):
-        return prompt_denoiser(model, [prompt], CFG(1.0), height, width, embedded_guidance=guidance_scale)
-    return prompt_denoiser(model, [prompt], guidance or CFG(guidance_scale), height, width, negative_prompt)
+        if guidance.kind.startswith("cfgpp"):
+            raise UsageError("CFG++ needs an unconditional branch; guidance-distilled Flux models have none")
+        return prompt_denoiser(model, [prompt], guidance.build(1.0), height, width, negative_prompt,
+                               embedded_guidance=guidance_scale)
+    return prompt_denoiser(model, [prompt], guidance.build(guidance_scale), height, width, negative_prompt)
 
 
 def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> float:
@@ -69,7 +77,7 @@ def invert_image(
     model: Family, source: str, *, engine: str = "ddim", prompt: str = "", steps: int | None = None,
     guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
     params: dict | None = None, image: ImageInput = ImageInput(), check: bool = True,
-    callback: Callback | None = None,
+    guidance: GuidanceSpec | None = None, callback: Callback | None = None,
 ) -> tuple[Record, dict]:
     """Invert an image into a record; with `check`, reconstruct it and measure the error."""
     started = time.perf_counter()
@@ -79,7 +87,8 @@ def invert_image(
     width, height = img.size
     z0 = model.encode_image(to_tensor(img))
     schedule = model.schedule(steps, height, width)
-    src = branch_denoiser(model, prompt, guidance_scale, height, width, negative_prompt)
+    guidance = guidance or GuidanceSpec()
+    src = branch_denoiser(model, prompt, guidance_scale, height, width, negative_prompt, guidance)
     run = Run(model, schedule, src, src, params, seed, callback)
     tensors = {**eng.invert(run, z0), "latent": z0}
     meta = {
@@ -88,6 +97,7 @@ def invert_image(
         "source_prompt": prompt,
         "negative_prompt": negative_prompt,
         "guidance_scale": guidance_scale,
+        "guidance": guidance.to_dict(),
         "steps": steps,
         "seed": seed,
         "size": [height, width],
@@ -114,11 +124,12 @@ def _run_from_record(model: Family, record: Record, target_prompt: str | None, t
     height, width = meta["size"]
     schedule = model.schedule(steps, height, width)
     negative = meta.get("negative_prompt", "")
-    src = branch_denoiser(model, meta["source_prompt"], meta["guidance_scale"], height, width, negative)
+    guidance = GuidanceSpec.from_dict(meta.get("guidance"))
+    src = branch_denoiser(model, meta["source_prompt"], meta["guidance_scale"], height, width, negative, guidance)
     same = target_prompt is None and target_scale is None
     tgt = src if same else branch_denoiser(
         model, meta["source_prompt"] if target_prompt is None else target_prompt,
-        eng.default_guidance[1] if target_scale is None else target_scale, height, width, negative,
+        eng.default_guidance[1] if target_scale is None else target_scale, height, width, negative, guidance,
     )
     return eng, Run(model, schedule, src, tgt, params, meta.get("seed", 0), callback)
 
@@ -155,7 +166,7 @@ def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_s
 def generate_image(
     model: Family, prompt: str, *, seed: int | None = None, steps: int = 50, guidance_scale: float = 7.5,
     negative_prompt: str = "", width: int | None = None, height: int | None = None,
-    callback: Callback | None = None,
+    guidance: GuidanceSpec | None = None, callback: Callback | None = None,
 ) -> tuple[Image.Image, dict]:
     started = time.perf_counter()
     seed = secrets.randbelow(2**31) if seed is None else seed
@@ -164,7 +175,7 @@ def generate_image(
     for side, name in ((height, "height"), (width, "width")):
         if side % model.multiple:
             raise UsageError(f"--{name} {side} is not a multiple of {model.multiple} for this model")
-    den = branch_denoiser(model, prompt, guidance_scale, height, width, negative_prompt)
+    den = branch_denoiser(model, prompt, guidance_scale, height, width, negative_prompt, guidance)
     x = initial_noise(model.latent_shape(1, height, width), [seed], model.device)
     z0 = sample(den, x, model.schedule(steps, height, width), callback=callback)
     out = to_pil(model.decode(z0))
@@ -183,14 +194,15 @@ def edit_image(
     model: Family, source: str, *, source_prompt: str, target_prompt: str, engine: str = "ddim",
     steps: int | None = None, guidance_scale: float | None = None,
     inversion_guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
-    params: dict | None = None, image: ImageInput = ImageInput(), callback: Callback | None = None,
+    params: dict | None = None, image: ImageInput = ImageInput(), guidance: GuidanceSpec | None = None,
+    callback: Callback | None = None,
 ) -> tuple[Image.Image, dict, Record]:
     """Invert an image with the source prompt, then regenerate it under the target prompt."""
     started = time.perf_counter()
     record, inverted = invert_image(
         model, source, engine=engine, prompt=source_prompt, steps=steps,
         guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed,
-        params=params, image=image, check=False, callback=callback,
+        params=params, image=image, check=False, guidance=guidance, callback=callback,
     )
     out, edited = edit_record(model, record, target_prompt, guidance_scale=guidance_scale, callback=callback)
     result = {**edited, "nfe": inverted["nfe"] + edited["nfe"], "seconds": time.perf_counter() - started}

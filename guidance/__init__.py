@@ -20,3 +20,32 @@ def make_guidance(kind: str, scale: float, *, pag_scale: float = 3.0, pag_layers
     if kind.endswith("pag") and (pag_scale or pag_adaptive_scale):
         return PAG(base, pag_scale, pag_layers, pag_adaptive_scale)
     return base  # a PAG scale of 0 is the base guidance itself, without the extra branch
+
+
+class GuidanceSpec:
+    """The user's choice of guidance, applied at whatever scale each branch of a job uses."""
+
+    def __init__(self, kind: str = "cfg", pag_scale: float = 3.0, pag_layers: tuple[str, ...] = ("mid",),
+                 pag_adaptive_scale: float = 0.0):
+        if kind not in KINDS:
+            raise UsageError(f"unknown guidance {kind!r}; use one of {', '.join(KINDS)}")
+        self.kind, self.pag_scale = kind, float(pag_scale)
+        self.pag_layers, self.pag_adaptive_scale = tuple(pag_layers), float(pag_adaptive_scale)
+
+    def build(self, scale: float):
+        return make_guidance(self.kind, scale, pag_scale=self.pag_scale, pag_layers=self.pag_layers,
+                             pag_adaptive_scale=self.pag_adaptive_scale)
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind}
+        if "pag" in self.kind:
+            out.update(pag_scale=self.pag_scale, pag_layers=list(self.pag_layers),
+                       pag_adaptive_scale=self.pag_adaptive_scale)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> GuidanceSpec:
+        data = dict(data or {})
+        if "pag_layers" in data:
+            data["pag_layers"] = tuple(data["pag_layers"])
+        return cls(**data)
