@@ -7,6 +7,7 @@ DESIGN.md §8 (`engine`, `steps`, `nfe`, `seconds`, `psnr`, `latent_max_abs`, ..
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ from diffedit.engines import Run, get_engine
 from diffedit.errors import UsageError
 from diffedit.families import Family
 from diffedit.guidance import GuidanceSpec
+from diffedit.guidance.fk import FKConfig, load_reward, steer
 from diffedit.images import fit_to_multiple, load_image, psnr, to_pil, to_tensor
 from diffedit.records import Record, model_meta
-from diffedit.sampling import Callback, Denoiser, initial_noise, prompt_denoiser, sample
+from diffedit.sampling import Callback, Denoiser, prompt_denoiser, sample
 
 
 @dataclass
@@ -42,6 +44,13 @@ def branch_denoiser(
     model: Family, prompt: str, guidance_scale: float, height: int, width: int,
     negative_prompt: str = "", guidance: GuidanceSpec | None = None,
 ) -> Denoiser:
+    return prompt_denoiser_for(model, [prompt], guidance_scale, height, width, negative_prompt, guidance)
+
+
+def prompt_denoiser_for(
+    model: Family, prompts: list[str], guidance_scale: float, height: int, width: int,
+    negative_prompt: str = "", guidance: GuidanceSpec | None = None,
+) -> Denoiser:
     """One prompt's denoiser with `guidance` (plain CFG by default) at `guidance_scale`.
 
     Guidance-distilled models (Flux) take the scale as a network input: their CFG branch is the
@@ -51,9 +60,9 @@ def branch_denoiser(
     if getattr(model, "guidance_embedded", False):
         if guidance.kind.startswith("cfgpp"):
             raise UsageError("CFG++ needs an unconditional branch; guidance-distilled Flux models have none")
-        return prompt_denoiser(model, [prompt], guidance.build(1.0), height, width, negative_prompt,
+        return prompt_denoiser(model, prompts, guidance.build(1.0), height, width, negative_prompt,
                                embedded_guidance=guidance_scale)
-    return prompt_denoiser(model, [prompt], guidance.build(guidance_scale), height, width, negative_prompt)
+    return prompt_denoiser(model, prompts, guidance.build(guidance_scale), height, width, negative_prompt)
 
 
 def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> float:
@@ -166,8 +175,10 @@ def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_s
 def generate_image(
     model: Family, prompt: str, *, seed: int | None = None, steps: int = 50, guidance_scale: float = 7.5,
     negative_prompt: str = "", width: int | None = None, height: int | None = None,
-    guidance: GuidanceSpec | None = None, callback: Callback | None = None,
+    guidance: GuidanceSpec | None = None, eta: float = 0.0, fk: FKConfig | None = None,
+    reward: str = "saturation", callback: Callback | None = None,
 ) -> tuple[Image.Image, dict]:
+    """Sample an image; `eta` > 0 samples stochastically, `fk` steers K particles with a reward."""
     started = time.perf_counter()
     seed = secrets.randbelow(2**31) if seed is None else seed
     default_h, default_w = model.default_size()
@@ -175,11 +186,28 @@ def generate_image(
     for side, name in ((height, "height"), (width, "width")):
         if side % model.multiple:
             raise UsageError(f"--{name} {side} is not a multiple of {model.multiple} for this model")
-    den = branch_denoiser(model, prompt, guidance_scale, height, width, negative_prompt, guidance)
-    x = initial_noise(model.latent_shape(1, height, width), [seed], model.device)
-    z0 = sample(den, x, model.schedule(steps, height, width), callback=callback)
+    if not 0 <= eta <= 1:
+        raise UsageError(f"--eta {eta} must be in [0, 1]")
+    shape = model.latent_shape(1, height, width)
+    schedule = model.schedule(steps, height, width)
+    result = {"seed": seed, "steps": steps}
+    if fk is not None and fk.particles > 1:
+        fk.check()
+        den = prompt_denoiser_for(model, [prompt] * fk.particles, guidance_scale, height, width,
+                                  negative_prompt, guidance)
+        latents, rewards, stats = steer(den, schedule, shape, seed, load_reward(reward), prompt, model.decode,
+                                        fk, model.device, callback)
+        best = int(torch.nan_to_num(rewards, nan=-math.inf).argmax())
+        z0 = latents[best : best + 1]
+        result.update(stats, reward=float(rewards[best]), rewards=[float(r) for r in rewards])
+    else:
+        den = prompt_denoiser_for(model, [prompt], guidance_scale, height, width, negative_prompt, guidance)
+        gen = torch.Generator("cpu").manual_seed(seed)  # one generator: initial noise, then each step's
+        x = torch.randn(shape, generator=gen).to(model.device)
+        noise = lambda i: torch.randn(shape, generator=gen).to(model.device)  # noqa: E731
+        z0 = sample(den, x, schedule, eta=eta, noise=noise, callback=callback)
     out = to_pil(model.decode(z0))
-    result = {"seed": seed, "steps": steps, "nfe": den.calls, "seconds": time.perf_counter() - started}
+    result.update(nfe=den.calls, seconds=time.perf_counter() - started)
     return out, result
 
 

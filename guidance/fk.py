@@ -1,0 +1,152 @@
+"""Feynman-Kac steering (Singhal et al., 2025): K particles, rewards on x0_hat, resampling.
+
+The particles run the stochastic sampler (churn `eta`, 1 by default) side by side in the batch,
+each with its own noise generator (particle k uses seed + k, so K = 1 is exactly the plain
+stochastic sampler with that seed). On resampling steps a reward is computed on each particle's
+decoded clean estimate, potentials turn rewards into weights, and when the effective sample size
+falls below `ess_threshold * K` particles are resampled (systematic) with a generator of their own.
+A reward that raises stops the job with its message; a particle whose reward is NaN gets weight 0,
+and if every particle does the job fails rather than return an unjudged image.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from diffedit.errors import DiffeditError, UsageError
+from diffedit.sampling import Denoiser, churn, step
+
+Reward = Callable[[torch.Tensor, str], torch.Tensor]  # (images [K,3,H,W] in [0,1], prompt) -> [K]
+POTENTIALS = ("diff", "max", "sum")
+
+
+@dataclass
+class FKConfig:
+    particles: int = 4
+    lam: float = 10.0
+    potential: str = "max"
+    every: int = 5  # resample every this many steps ...
+    start: float = 0.0  # ... within this fraction of the steps
+    stop: float = 0.8
+    ess_threshold: float = 0.5
+    eta: float = 1.0
+
+    def check(self) -> None:
+        if self.particles < 1:
+            raise UsageError(f"--fk-particles {self.particles} must be at least 1")
+        if self.potential not in POTENTIALS:
+            raise UsageError(f"--fk-potential {self.potential!r}: use one of {', '.join(POTENTIALS)}")
+        if self.every < 1 or not 0 <= self.start <= self.stop <= 1:
+            raise UsageError("--fk-every must be >= 1 and 0 <= start <= stop <= 1")
+        if not 0 < self.eta <= 1:
+            raise UsageError(f"--eta {self.eta} must be in (0, 1]: FK steering needs a stochastic sampler")
+
+
+def _potential(kind: str, lam: float, rewards: list[torch.Tensor]) -> torch.Tensor:
+    """log G_t for each particle from its reward history (latest last)."""
+    r = torch.stack(rewards)
+    if kind == "diff":
+        return lam * (r[-1] - (r[-2] if len(rewards) > 1 else torch.zeros_like(r[-1])))
+    if kind == "max":
+        return lam * r.max(0).values
+    return lam * r.sum(0)
+
+
+def _systematic(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    k = len(weights)
+    positions = (torch.rand(1, generator=gen) + torch.arange(k)) / k
+    return torch.searchsorted(torch.cumsum(weights, 0), positions).clamp(max=k - 1)
+
+
+def steer(
+    denoise: Denoiser, schedule, shape: tuple[int, ...], seed: int, reward: Reward, prompt: str,
+    decode: Callable[[torch.Tensor], torch.Tensor], config: FKConfig, device: torch.device,
+    callback=None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Run K particles; returns (all final latents [K,...], final rewards [K], stats)."""
+    config.check()
+    k, n = config.particles, len(schedule)
+    gens = [torch.Generator("cpu").manual_seed(seed + j) for j in range(k)]
+    x = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+    resample_gen = torch.Generator("cpu").manual_seed(seed + 1_000_003)  # never touches particle noise
+    a, s = schedule.a, schedule.s
+    first, last = int(config.start * n), int(config.stop * n)
+    history: list[torch.Tensor] = []
+    log_g_prev = torch.zeros(k)
+    resamples = 0
+    for i in range(n):
+        x0, eps = denoise(x, schedule, i)
+        c = churn(a[i], s[i], a[i + 1], s[i + 1], config.eta)
+        z = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device) if c else None
+        x = step(x0, eps, a[i + 1], s[i + 1], c, z)
+        if callback is not None:
+            callback(i, x, x0)
+        if k == 1 or not (first <= i < last and (i - first) % config.every == config.every - 1):
+            continue
+        history.append(_judge(reward, decode(x0), prompt))
+        log_g = _potential(config.potential, config.lam, history)
+        # incremental weight of this step: G_t over the potential already paid for
+        log_w = torch.nan_to_num(log_g - log_g_prev, nan=-math.inf)
+        if torch.isinf(log_w).all():
+            raise DiffeditError(f"FK steering: every particle's reward is NaN at step {i}")
+        w = torch.softmax(log_w, 0)
+        if 1.0 / float((w * w).sum()) < config.ess_threshold * k:
+            idx = _systematic(w, resample_gen)
+            x, history = x[idx.to(x.device)], [h[idx] for h in history]
+            log_g_prev = log_g[idx]
+            resamples += 1
+        else:
+            log_g_prev = log_g
+    final = _judge(reward, decode(x), prompt)
+    return x, final, {"particles": k, "resamples": resamples}
+
+
+def _judge(reward: Reward, images: torch.Tensor, prompt: str) -> torch.Tensor:
+    try:
+        values = reward(((images + 1) / 2).clamp(0, 1), prompt)
+    except Exception as err:  # a user's reward: report its own words
+        raise DiffeditError(f"FK reward failed: {type(err).__name__}: {err}") from None
+    values = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
+    if values.numel() != images.shape[0]:
+        raise DiffeditError(f"FK reward returned {values.numel()} values for {images.shape[0]} particles")
+    return values
+
+
+# -- rewards -------------------------------------------------------------------------------------------
+
+
+def saturation(images: torch.Tensor, prompt: str) -> torch.Tensor:
+    """Mean colourfulness (max - min channel), an image statistic usable with any model."""
+    return (images.max(1).values - images.min(1).values).mean((1, 2))
+
+
+def brightness(images: torch.Tensor, prompt: str) -> torch.Tensor:
+    return images.mean((1, 2, 3))
+
+
+BUILTIN_REWARDS: dict[str, Reward] = {"saturation": saturation, "brightness": brightness}
+
+
+def load_reward(spec: str) -> Reward:
+    """A built-in reward name, or `module:function` importable from the current environment."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if spec == "checker":
+        from diffedit.toy.rewards import checker_reward
+
+        return checker_reward
+    if ":" not in spec:
+        raise UsageError(f"--reward {spec!r}: use {', '.join([*BUILTIN_REWARDS, 'checker'])} or module:function")
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise UsageError(f"--reward {spec!r}: cannot import ({err})") from None
+    if not callable(fn):
+        raise UsageError(f"--reward {spec!r} is not callable")
+    return fn
