@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from diffedit.errors import UsageError
 from diffedit.families import Family, Schedule
+from diffedit.editing.attention import Controller
 from diffedit.sampling import Callback, Denoiser
 
 ENGINES: dict[str, type[Engine]] = {}
@@ -31,11 +33,27 @@ class Run:
     params: dict = field(default_factory=dict)
     seed: int = 0
     callback: Callback | None = None
+    prompts: tuple[str, str] = ("", "")  # source and target prompt
+    scales: tuple[float, float] = (1.0, 1.0)  # their guidance scales
+    # Builds a denoiser over several prompts at once (one row each) with the edit's guidance, an
+    # optional attention controller and optional per-row scales: engines that edit a source and a
+    # target side by side use it (see `denoiser_for`).
+    make_denoiser: Callable[..., Denoiser] | None = None
+    show_attention: bool = False  # engines with attention control leave maps in `extras`
+    extras: dict = field(default_factory=dict)
+    _made: list = field(default_factory=list)
+
+    def denoiser_for(self, prompts: list[str], controller: Controller | None = None,
+                     scales: list[float] | None = None) -> Denoiser:
+        """Denoiser over `prompts` (one row each); `scales` overrides the guidance scale per row."""
+        denoiser = self.make_denoiser(prompts, controller, scales)
+        self._made.append(denoiser)
+        return denoiser
 
     @property
     def nfe(self) -> int:
-        calls = self.source.calls
-        return calls if self.target is self.source else calls + self.target.calls
+        denoisers = [self.source] + ([self.target] if self.target is not self.source else []) + self._made
+        return sum(d.calls for d in denoisers)
 
 
 class Engine:

@@ -49,7 +49,7 @@ def branch_denoiser(
 
 def prompt_denoiser_for(
     model: Family, prompts: list[str], guidance_scale: float, height: int, width: int,
-    negative_prompt: str = "", guidance: GuidanceSpec | None = None,
+    negative_prompt: str = "", guidance: GuidanceSpec | None = None, controller=None,
 ) -> Denoiser:
     """One prompt's denoiser with `guidance` (plain CFG by default) at `guidance_scale`.
 
@@ -61,8 +61,9 @@ def prompt_denoiser_for(
         if guidance.kind.startswith("cfgpp"):
             raise UsageError("CFG++ needs an unconditional branch; guidance-distilled Flux models have none")
         return prompt_denoiser(model, prompts, guidance.build(1.0), height, width, negative_prompt,
-                               embedded_guidance=guidance_scale)
-    return prompt_denoiser(model, prompts, guidance.build(guidance_scale), height, width, negative_prompt)
+                               embedded_guidance=guidance_scale, controller=controller)
+    return prompt_denoiser(model, prompts, guidance.build(guidance_scale), height, width, negative_prompt,
+                           controller=controller)
 
 
 def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> float:
@@ -98,7 +99,10 @@ def invert_image(
     schedule = model.schedule(steps, height, width)
     guidance = guidance or GuidanceSpec()
     src = branch_denoiser(model, prompt, guidance_scale, height, width, negative_prompt, guidance)
-    run = Run(model, schedule, src, src, params, seed, callback)
+    pair = lambda prompts, controller, scales=None: prompt_denoiser_for(  # noqa: E731
+        model, prompts, scales or guidance_scale, height, width, negative_prompt, guidance, controller)
+    run = Run(model, schedule, src, src, params, seed, callback, (prompt, prompt),
+              (guidance_scale, guidance_scale), pair)
     tensors = {**eng.invert(run, z0), "latent": z0}
     meta = {
         "model": model_meta(model),
@@ -136,11 +140,13 @@ def _run_from_record(model: Family, record: Record, target_prompt: str | None, t
     guidance = GuidanceSpec.from_dict(meta.get("guidance"))
     src = branch_denoiser(model, meta["source_prompt"], meta["guidance_scale"], height, width, negative, guidance)
     same = target_prompt is None and target_scale is None
-    tgt = src if same else branch_denoiser(
-        model, meta["source_prompt"] if target_prompt is None else target_prompt,
-        eng.default_guidance[1] if target_scale is None else target_scale, height, width, negative, guidance,
-    )
-    return eng, Run(model, schedule, src, tgt, params, meta.get("seed", 0), callback)
+    target_prompt = meta["source_prompt"] if target_prompt is None else target_prompt
+    scale = meta["guidance_scale"] if same else eng.default_guidance[1] if target_scale is None else target_scale
+    tgt = src if same else branch_denoiser(model, target_prompt, scale, height, width, negative, guidance)
+    pair = lambda prompts, controller, scales=None: prompt_denoiser_for(  # noqa: E731
+        model, prompts, scales or scale, height, width, negative, guidance, controller)
+    return eng, Run(model, schedule, src, tgt, params, meta.get("seed", 0), callback,
+                    (meta["source_prompt"], target_prompt), (meta["guidance_scale"], scale), pair)
 
 
 def reconstruct_record(model: Family, record: Record, *, reference: Image.Image | None = None,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffedit.editing.attention import AttentionControl, Controller
+from diffedit.editing.attention import AttentionControl, Chain, Controller
 from diffedit.families import Cond, Family, Schedule
 from diffedit.guidance.cfg import CFG, Guidance, Prediction
 
@@ -34,7 +34,10 @@ class Denoiser:
         # conditioning of branches that need no text of their own (PAG's perturbed) is the cond's
         self.cond = Cond.cat([conds.get(b) or conds["cond"] for b in self.branches])
         self.dtype = model.dtype  # read once: diffusers' `.dtype` walks every module
-        controller = controller or guidance.controller(model.network)
+        own = guidance.controller(model.network)
+        if controller is not None and own is not None:
+            controller = Chain(controller, own)
+        controller = controller or own
         self.control = None if controller is None else AttentionControl(model.network, controller)
         self.calls = 0
 
@@ -60,12 +63,12 @@ class Denoiser:
 
 def prompt_denoiser(
     model: Family, prompts: list[str], guidance: Guidance, height: int, width: int,
-    negative_prompt: str = "", embedded_guidance: float = 3.5,
+    negative_prompt: str = "", embedded_guidance: float = 3.5, controller: Controller | None = None,
 ) -> Denoiser:
     """Encode the prompts (and the negative prompt if the guidance needs it) once for a job."""
     negatives = [negative_prompt] * len(prompts) if "uncond" in guidance.branches else None
     cond, uncond = model.encode_prompts(prompts, negatives, height, width, embedded_guidance)
-    return Denoiser(model, {"cond": cond, "uncond": uncond}, guidance)
+    return Denoiser(model, {"cond": cond, "uncond": uncond}, guidance, controller)
 
 
 def churn(a_from: float, s_from: float, a_to: float, s_to: float, eta: float) -> float:

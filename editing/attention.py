@@ -192,3 +192,35 @@ class AttentionControl:
         for (module, _), original in zip(self.modules, self._saved):
             module.processor = original
         self._saved = []
+
+
+class Chain(Controller):
+    """Several controllers on the same calls, applied in order (e.g. PAG with prompt-to-prompt)."""
+
+    def __init__(self, *controllers: Controller):
+        super().__init__()
+        self.controllers = controllers
+
+    def begin(self, step, branches):
+        super().begin(step, branches)
+        for c in self.controllers:
+            c.begin(step, branches)
+
+    def wants_maps(self, call):
+        return any(c.wants_maps(call) for c in self.controllers)
+
+    def qkv(self, call, q, k, v):
+        for c in self.controllers:
+            q, k, v = c.qkv(call, q, k, v)
+        return q, k, v
+
+    def maps(self, call, probs):
+        for c in self.controllers:
+            if c.wants_maps(call):
+                probs = c.maps(call, probs)
+        return probs
+
+    def out(self, call, out, q, k, v):
+        for c in self.controllers:
+            out = c.out(call, out, q, k, v)
+        return out

@@ -16,6 +16,10 @@ def make_guidance(kind: str, scale: float, *, pag_scale: float = 3.0, pag_layers
 
     if kind not in KINDS:
         raise UsageError(f"unknown guidance {kind!r}; use one of {', '.join(KINDS)}")
+    if isinstance(scale, (list, tuple)):  # per-prompt scales: plain CFG only
+        if kind != "cfg":
+            raise UsageError(f"--guidance {kind} cannot use a different scale per image (this engine needs that)")
+        return CFG(scale)
     base = CFGpp(scale) if kind.startswith("cfgpp") else CFG(scale)
     if kind.endswith("pag") and (pag_scale or pag_adaptive_scale):
         return PAG(base, pag_scale, pag_layers, pag_adaptive_scale)

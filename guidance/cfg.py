@@ -39,15 +39,21 @@ class CFG(Guidance):
 
     name = "cfg"
 
-    def __init__(self, scale: float):
-        self.scale = float(scale)
-        self.branches = ("cond",) if self.scale == 1.0 else ("uncond", "cond")
+    def __init__(self, scale: float | list[float]):
+        """`scale` may be a list: one scale per prompt of the batch (InfEdit's source and target)."""
+        per_row = isinstance(scale, (list, tuple))
+        self.scale = [float(v) for v in scale] if per_row else float(scale)
+        self._weight = torch.tensor(self.scale).view(-1, 1, 1, 1) if per_row else self.scale
+        self.branches = ("cond",) if set(self.scale if per_row else [self.scale]) == {1.0} else ("uncond", "cond")
 
     def combine(self, preds, t):
-        if self.scale == 1.0:
+        if self.branches == ("cond",):
             return preds["cond"]
         (x0_u, eps_u), (x0_c, eps_c) = preds["uncond"], preds["cond"]
-        return torch.lerp(x0_u, x0_c, self.scale), torch.lerp(eps_u, eps_c, self.scale)  # u + w (c - u)
+        w = self._weight
+        if isinstance(w, torch.Tensor) and (w.device != x0_u.device or w.dtype != x0_u.dtype):
+            w = self._weight = w.to(x0_u.device, x0_u.dtype)
+        return torch.lerp(x0_u, x0_c, w), torch.lerp(eps_u, eps_c, w)  # u + w (c - u)
 
     def describe(self):
         return {"name": self.name, "scale": self.scale}

@@ -1,0 +1,253 @@
+"""Prompt-to-prompt (Hertz et al., 2022) on our attention-control mechanism.
+
+A source and a target image run side by side in one batch; on the conditional rows the target's
+cross-attention maps are taken from the source for the first `cross` fraction of steps (word swap:
+position by position; refine: tokens aligned by the model's own tokenizer, new tokens keep their
+own maps), optionally re-weighted per word, and its self-attention maps are taken from the source
+for the first `self_` fraction of steps in layers of at most `self_max_tokens` queries. A local
+blend keeps the target equal to the source outside the region the blend words attend to.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from diffedit.editing.attention import AttnCall, Controller
+from diffedit.errors import UsageError
+
+
+@dataclass
+class P2PConfig:
+    cross: float = 0.4  # fraction of steps with cross-attention replacement (PnP Inversion's default)
+    self_: float = 0.6  # fraction of steps with self-attention replacement
+    mode: str = "auto"  # replace (word swap, equal token counts), refine, or auto
+    reweight: dict[str, float] = field(default_factory=dict)  # target word -> factor
+    blend: list[str] = field(default_factory=list)  # words whose attention marks the editable region
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+    self_max_tokens: int = 32 * 32
+
+    def check(self) -> None:
+        for name, v in (("--cross-replace", self.cross), ("--self-replace", self.self_),
+                        ("--blend-threshold", self.blend_threshold), ("--blend-start", self.blend_start)):
+            if not 0 <= v <= 1:
+                raise UsageError(f"{name} {v} must be in [0, 1]")
+        if self.mode not in ("auto", "replace", "refine"):
+            raise UsageError(f"--p2p-mode {self.mode!r}: use auto, replace or refine")
+
+
+def word_tokens(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without the start/end tokens."""
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def check_length(tokenizer, prompt: str, what: str) -> None:
+    n = len(word_tokens(tokenizer, prompt)) + 2
+    if n > tokenizer.model_max_length:
+        raise UsageError(f"{what} prompt has {n} tokens; the model takes at most {tokenizer.model_max_length}")
+
+
+def find_word(tokenizer, prompt_ids: list[int], word: str, what: str) -> list[int]:
+    """Positions (with the start token at 0) of `word`'s tokens in a prompt."""
+    ids = word_tokens(tokenizer, word)
+    for start in range(len(prompt_ids) - len(ids) + 1):
+        if ids and prompt_ids[start : start + len(ids)] == ids:
+            return [1 + start + j for j in range(len(ids))]
+    raise UsageError(f"word {word!r} is not in the {what} prompt")
+
+
+def align(tokenizer, source: str, target: str, mode: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each target token position: the source position whose map it takes, and whether it takes it."""
+    src, tgt = word_tokens(tokenizer, source), word_tokens(tokenizer, target)
+    if mode == "auto":
+        mode = "replace" if len(src) == len(tgt) else "refine"
+    mapper, alphas = torch.arange(length), torch.ones(length)
+    if mode == "replace":
+        if len(src) != len(tgt):
+            raise UsageError(f"word swap needs prompts of equal token counts ({len(src)} vs {len(tgt)}); use refine")
+        return mapper, alphas
+    alphas[1 : 1 + len(tgt)] = 0.0
+    for block in difflib.SequenceMatcher(a=src, b=tgt, autojunk=False).get_matching_blocks():
+        for j in range(block.size):
+            mapper[1 + block.b + j], alphas[1 + block.b + j] = 1 + block.a + j, 1.0
+    shift = len(tgt) - len(src)  # the end token and padding follow the prompt
+    tail = torch.arange(1 + len(tgt), length)
+    mapper[tail] = (tail - shift).clamp(0, length - 1)
+    return mapper, alphas
+
+
+class PromptToPrompt(Controller):
+    """Edits the target rows (items 1.. of each branch chunk) from the source row (item 0)."""
+
+    def __init__(self, config: P2PConfig, steps: int, grid: tuple[int, int], mapper, alphas,
+                 equalizer=None, blend=None, store: bool = False):
+        super().__init__()
+        self.config, self.steps, self.grid = config, steps, grid
+        self.mapper, self.alphas, self.equalizer = mapper, alphas, equalizer
+        self.blend, self.store = blend, store
+        self.stored: torch.Tensor | None = None  # summed cross-attention maps of the cond rows
+        self.stored_count = 0
+
+    def _cross_active(self, step: int) -> bool:
+        return step < round(self.config.cross * self.steps)
+
+    def _self_active(self, call: AttnCall) -> bool:
+        return call.step < round(self.config.self_ * self.steps) and call.image_tokens <= self.config.self_max_tokens
+
+    def wants_maps(self, call):
+        if "cond" not in call.branches or call.joint:
+            return False
+        if call.cross:
+            return self._cross_active(call.step) or self.blend is not None or self.store
+        return self._self_active(call)
+
+    def maps(self, call, probs):
+        chunk = probs[call.rows(probs.shape[0], "cond")]  # [items, heads, queries, keys], a view
+        source, target = chunk[:1], chunk[1:]
+        if call.cross:
+            if self.blend is not None or self.store:
+                self._record(call, chunk)
+            if self._cross_active(call.step):
+                mapper, alphas = self.mapper.to(probs.device), self.alphas.to(probs.dtype).to(probs.device)
+                edited = source[..., mapper] * alphas + target * (1 - alphas)
+                if self.equalizer is not None:
+                    edited = edited * self.equalizer.to(probs.device, probs.dtype)
+                target.copy_(edited)
+        elif self._self_active(call):
+            target.copy_(source.expand_as(target))
+        return probs
+
+    def _record(self, call: AttnCall, chunk: torch.Tensor) -> None:
+        """Accumulate the cond rows' cross maps at the latent grid, for local blend and previews."""
+        maps = grid_maps(chunk, self.grid)
+        if self.blend is not None:
+            self.blend.add(maps)
+        if self.store:
+            self.stored = maps if self.stored is None else self.stored + maps
+            self.stored_count += 1
+
+
+def grid_maps(chunk: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Cross maps [items, heads, queries, keys] -> head-averaged [items, keys, h, w] on the latent grid."""
+    maps = chunk.mean(1)
+    side = math.sqrt(grid[0] * grid[1] / maps.shape[1])
+    h, w = round(grid[0] / side), round(grid[1] / side)
+    maps = maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w)
+    return F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
+
+
+class LocalBlend:
+    """Mask of where the blend words attend; outside it the target stays the source."""
+
+    def __init__(self, positions: list[list[int]], grid: tuple[int, int], threshold: float):
+        self.positions, self.grid, self.threshold = positions, grid, threshold
+        self.sum: torch.Tensor | None = None
+
+    def add(self, maps: torch.Tensor) -> None:
+        self.sum = maps if self.sum is None else self.sum + maps
+
+    def mask(self) -> torch.Tensor:
+        """[1, 1, h, w] union over items of their words' normalised, dilated, thresholded maps."""
+        masks = []
+        for item, pos in enumerate(self.positions):
+            if not pos:
+                continue
+            m = self.sum[item, pos].sum(0, keepdim=True)[None]
+            m = F.max_pool2d(m, 3, stride=1, padding=1)
+            masks.append(m / m.max().clamp_min(1e-8) > self.threshold)
+        return torch.stack(masks).any(0).float()
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x = [source, targets...]: keep each target equal to the source outside the mask."""
+        if self.sum is None:
+            return x
+        mask = self.mask().to(x.device, x.dtype)
+        x = x.clone()
+        x[1:] = x[:1] + mask * (x[1:] - x[:1])
+        self.sum = None  # maps of the next step only
+        return x
+
+
+def blend_positions(tokenizer, source: str, target: str, words: list[str]) -> list[list[int]]:
+    """Token positions of the blend words in the source and in the target prompt."""
+    where: list[list[int]] = [[], []]
+    for word in words:
+        found = False
+        for item, prompt in enumerate((source, target)):
+            try:
+                where[item] += find_word(tokenizer, word_tokens(tokenizer, prompt), word, "")
+                found = True
+            except UsageError:
+                pass
+        if not found:
+            raise UsageError(f"blend word {word!r} is in neither the source nor the target prompt")
+    return where
+
+
+def build_p2p(tokenizer, source: str, target: str, config: P2PConfig, steps: int, grid: tuple[int, int],
+              store: bool = False) -> PromptToPrompt:
+    """Controller for one source and one target prompt, with checks on words and lengths."""
+    config.check()
+    check_length(tokenizer, source, "source")
+    check_length(tokenizer, target, "target")
+    length = tokenizer.model_max_length
+    mapper, alphas = align(tokenizer, source, target, config.mode, length)
+    tgt_ids = word_tokens(tokenizer, target)
+    equalizer = None
+    if config.reweight:
+        equalizer = torch.ones(length)
+        for word, factor in config.reweight.items():
+            equalizer[find_word(tokenizer, tgt_ids, word, "target")] = factor
+    blend = None
+    if config.blend:
+        blend = LocalBlend(blend_positions(tokenizer, source, target, config.blend), grid, config.blend_threshold)
+    return PromptToPrompt(config, steps, grid, mapper, alphas, equalizer, blend, store)
+
+
+P2P_DEFAULTS = {"cross_replace": 0.4, "self_replace": 0.6, "p2p_mode": "auto", "reweight": {}, "blend": [],
+                "blend_threshold": 0.3}
+
+
+def p2p_config(params: dict) -> P2PConfig:
+    return P2PConfig(cross=params["cross_replace"], self_=params["self_replace"], mode=params["p2p_mode"],
+                     reweight=dict(params["reweight"]), blend=list(params["blend"]),
+                     blend_threshold=params["blend_threshold"])
+
+
+@torch.inference_mode()
+def paired_edit(run, x_source: torch.Tensor, x_target: torch.Tensor, pinned: list[torch.Tensor] | None = None):
+    """Sample a source and a target image in one batch under prompt-to-prompt control.
+
+    With `pinned` (the source's inversion trajectory, noisiest first), the source row is put back on
+    it after every step: Direct Inversion's exact source branch, whose attention the target follows.
+    Returns the final [source, target] latents.
+    """
+    schedule, (source, target) = run.schedule, run.prompts
+    h, w = x_source.shape[-2:]
+    config = p2p_config(run.params)
+    controller = build_p2p(run.model.pipe.tokenizer, source, target, config, len(schedule), (h, w),
+                           store=run.show_attention)
+    denoise = run.denoiser_for([source, target], controller)
+    x = torch.cat([x_source, x_target])
+    blend_from = round(config.blend_start * len(schedule)) if controller.blend is not None else None
+    for i in range(len(schedule)):
+        x0, eps = denoise(x, schedule, i)
+        x = torch.add(schedule.a[i + 1] * x0, eps, alpha=schedule.s[i + 1])
+        if pinned is not None:
+            x[:1] = pinned[i + 1]
+        if blend_from is not None and i >= blend_from:
+            x = controller.blend.apply(x)
+        elif controller.blend is not None:
+            controller.blend.sum = None
+        if run.callback:
+            run.callback(i, x, x0)
+    if run.show_attention and controller.stored is not None:
+        run.extras["attention"] = (controller.stored / controller.stored_count)[1]  # the target's maps
+        run.extras["tokens"] = run.model.pipe.tokenizer.convert_ids_to_tokens(
+            run.model.pipe.tokenizer(target).input_ids)
+    return x

@@ -1,0 +1,75 @@
+"""Unified attention control (InfEdit, Xu et al., CVPR 2024) on our attention-control mechanism.
+
+Three images run in one batch: source, target and a "layout" image sampled with the source prompt.
+Per branch chunk the rows are [source, target, layout]:
+
+- self-attention, progress p < `self_`: the target attends with the source's queries and keys over
+  its own values (the source's layout drives the target), and the layout row is the source;
+  p >= `self_`: the target attends on its own and the layout row uses the target's queries over the
+  source's keys and values (mutual self-attention: non-rigid changes, source content);
+- cross-attention, p < `cross`: the target's maps of tokens aligned with the source come from the
+  layout row (prompt-to-prompt refine), new tokens keep their own maps;
+- optional local blend: outside where the blend words attend in the target, the target follows the
+  layout row.
+"""
+
+from __future__ import annotations
+
+from diffedit.editing.attention import AttnCall, Controller
+from diffedit.editing.p2p import LocalBlend, grid_maps
+
+SOURCE, TARGET, LAYOUT = 0, 1, 2
+
+
+class UnifiedAttentionControl(Controller):
+    def __init__(self, steps: int, self_: float, cross: float, mapper, alphas, blend: LocalBlend | None):
+        super().__init__()
+        self.steps, self.self_end, self.cross_end = steps, round(self_ * steps), round(cross * steps)
+        self.mapper, self.alphas, self.blend = mapper, alphas, blend
+
+    def _chunks(self, call: AttnCall, batch: int):
+        return [call.rows(batch, b) for b in call.branches]
+
+    def qkv(self, call, q, k, v):
+        if call.cross or call.joint:
+            return q, k, v
+        q, k, v = q.clone(), k.clone(), v.clone()
+        for rows in self._chunks(call, q.shape[0]):
+            r = range(rows.start, rows.stop)
+            src, tgt, lay = r[SOURCE], r[TARGET], r[LAYOUT]
+            if call.step < self.self_end:
+                q[tgt], k[tgt] = q[src], k[src]
+                q[lay], k[lay], v[lay] = q[src], k[src], v[src]
+            else:
+                q[lay], k[lay], v[lay] = q[tgt], k[src], v[src]
+        return q, k, v
+
+    def wants_maps(self, call):
+        return call.cross and not call.joint and "cond" in call.branches and (
+            call.step < self.cross_end or self.blend is not None)
+
+    def maps(self, call, probs):
+        chunk = probs[call.rows(probs.shape[0], "cond")]
+        if self.blend is not None:
+            self.blend.add(grid_maps(chunk[TARGET : TARGET + 1], self.blend.grid))
+        if call.step < self.cross_end:
+            mapper, alphas = self.mapper.to(probs.device), self.alphas.to(probs.device, probs.dtype)
+            layout, target = chunk[LAYOUT], chunk[TARGET]
+            target.copy_(layout[..., mapper] * alphas + target * (1 - alphas))
+        return probs
+
+
+def ddcm_step(x0_src_net, eps_src, x0_net, eps_net, z_src, z0, a, s, a_next, s_next, eta, xi):
+    """One DDCM update of a branch calibrated by the source's prediction error.
+
+    The source branch's own noise is solved in closed form (`eps_cons`), so its clean estimate is
+    exactly z0; another branch's clean estimate is z0 plus how its prediction differs from the
+    source's. Returns (next latent, clean estimate).
+    """
+    eps_cons = (z_src - a * z0) / s
+    x0 = z0 + (x0_net - x0_src_net)
+    direction = eps_net - eps_src + eps_cons
+    sigma = (eta**0.5) * s_next
+    keep = max(s_next * s_next - sigma * sigma, 0.0) ** 0.5
+    return a_next * x0 + keep * direction + sigma * xi, x0
+

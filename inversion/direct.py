@@ -1,0 +1,37 @@
+"""Direct Inversion (Ju et al., ICLR 2024, "PnP Inversion") with prompt-to-prompt editing.
+
+DDIM-invert the source (conditional only by default), keeping the whole trajectory. The edit runs
+source and target side by side in one batched forward under prompt-to-prompt control; after every
+step the source row is put back on the inverted trajectory (the paper adds the difference between
+the trajectory and the step's result, which is the same thing), so the attention the target borrows
+is that of an exact reconstruction. The paper computes those differences in a separate pass; here
+the source row of the edit batch is that pass, so it costs nothing extra.
+
+An edit whose target prompt is the source prompt returns the source branch itself: the inverted
+latent, exactly, with no network call.
+"""
+
+import torch
+
+from diffedit.editing.p2p import P2P_DEFAULTS, paired_edit
+from diffedit.engines import Engine, Run, register
+from diffedit.sampling import invert
+
+
+@register
+class DirectInversion(Engine):
+    name = "direct"
+    exact = True
+    defaults = dict(P2P_DEFAULTS)
+    default_steps = 50
+    default_guidance = (1.0, 7.5)
+
+    def invert(self, run: Run, z0):
+        return {"trajectory": torch.cat(invert(run.source, z0, run.schedule, callback=run.callback)[::-1])}
+
+    def edit(self, run: Run, tensors):
+        trajectory = tensors["trajectory"].to(run.model.device)
+        if run.prompts[0] == run.prompts[1]:
+            return trajectory[-1:].clone()
+        x = paired_edit(run, trajectory[:1], trajectory[:1], pinned=list(trajectory.unbind(0)))
+        return x[1:]
