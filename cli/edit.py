@@ -27,6 +27,13 @@ def edit(
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale of the edit (default: the engine's).")] = None,
     inversion_guidance_scale: Annotated[float | None, typer.Option("--inversion-guidance-scale", help="CFG scale of the inversion (default: the engine's).")] = None,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None,
+    cross_replace: Annotated[float | None, typer.Option("--cross-replace", help="direct/ddim-p2p/infedit: fraction of steps the target borrows the source's cross-attention.")] = None,
+    self_replace: Annotated[float | None, typer.Option("--self-replace", help="direct/ddim-p2p/infedit: fraction of steps with self-attention control.")] = None,
+    p2p_mode: Annotated[str | None, typer.Option("--p2p-mode", help="direct/ddim-p2p: replace (word swap), refine (added words) or auto.")] = None,
+    reweight: Annotated[list[str] | None, typer.Option("--reweight", help="direct/ddim-p2p: WORD=FACTOR, scale a target word's attention (repeatable).")] = None,
+    blend: Annotated[list[str] | None, typer.Option("--blend", help="Local blend: edit only where WORD attends (repeatable).")] = None,
+    blend_threshold: Annotated[float | None, typer.Option("--blend-threshold", help="Local blend mask threshold.")] = None,
+    show_attention: Annotated[Path | None, typer.Option("--show-attention", help="Write a PNG grid of the target's cross-attention map per token.")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     seed: Annotated[int, typer.Option("--seed", help="Seed for engines that draw noise.")] = 0,
     fit: FitOpt = "resize",
@@ -53,7 +60,11 @@ def edit(
         raise UsageError("give either IMAGE or --from RECORD")
     if output != "-":
         check_writable(output, overwrite)
-    params = engine_params(skip=skip, eta=eta, gamma=gamma)
+    params = engine_params(skip=skip, eta=eta, gamma=gamma, cross_replace=cross_replace,
+                           self_replace=self_replace, p2p_mode=p2p_mode, blend=blend or None,
+                           blend_threshold=blend_threshold, reweight=_reweights(reweight))
+    if show_attention is not None:
+        check_writable(show_attention, overwrite)
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     if from_record is not None:
         rec = load_record(from_record)
@@ -61,7 +72,7 @@ def edit(
         rec.check_model(m, from_record)
         with progress(rec.meta["steps"], f"edit ({rec.meta['engine']['name']})", quiet) as callback:
             out, result = edit_record(m, rec, target, guidance_scale=guidance_scale, params=params,
-                                      callback=callback)
+                                      callback=callback, show_attention=show_attention is not None)
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = load(model, device, dtype, allow_pickle, model_config)
@@ -71,10 +82,33 @@ def edit(
                 guidance_scale=guidance_scale, inversion_guidance_scale=inversion_guidance_scale,
                 negative_prompt=negative_prompt, seed=seed, params=params,
                 image=ImageInput(fit=fit, alpha=alpha), guidance=spec, callback=callback,
+                show_attention=show_attention is not None,
             )
     meta = image_params("edit", m, image=str(image or from_record), source=source, target=target,
                         engine=engine, steps=result["steps"], guidance_scale=guidance_scale,
                         inversion_guidance_scale=inversion_guidance_scale, seed=seed, engine_params=params,
                         guidance=spec.to_dict())
+    maps = result.pop("attention_maps", None), result.pop("attention_tokens", None)
     save_image(out, output, params=meta, overwrite=overwrite)
+    if show_attention is not None:
+        from diffedit.editing.p2p import attention_grid
+
+        if maps[0] is None:
+            raise UsageError(f"--show-attention: engine {engine} does not control attention (use direct, ddim-p2p)")
+        save_image(attention_grid(*maps), show_attention, overwrite=overwrite)
     emit({"output": output, **result}, json, to_stderr=output == "-")
+
+
+def _reweights(items: list[str] | None) -> dict[str, float] | None:
+    from diffedit.errors import UsageError
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        word, _, value = item.partition("=")
+        try:
+            out[word.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--reweight {item!r}: expected WORD=FACTOR, e.g. blue=2") from None
+    return out

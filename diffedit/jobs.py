@@ -168,13 +168,21 @@ def reconstruct_record(model: Family, record: Record, *, reference: Image.Image 
 
 
 def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_scale: float | None = None,
-                params: dict | None = None, callback: Callback | None = None) -> tuple[Image.Image, dict]:
-    """Regenerate the record's image under a new prompt with the record's engine."""
+                params: dict | None = None, callback: Callback | None = None,
+                show_attention: bool = False) -> tuple[Image.Image, dict]:
+    """Regenerate the record's image under a new prompt with the record's engine.
+
+    With `show_attention`, engines that control attention add `attention_maps` (per target token,
+    on the latent grid) and `attention_tokens` to the result.
+    """
     started = time.perf_counter()
     eng, run = _run_from_record(model, record, target_prompt, guidance_scale, params, callback)
+    run.show_attention = show_attention
     out = to_pil(model.decode(eng.edit(run, record.tensors)))
     result = {"engine": eng.name, "steps": len(run.schedule), "nfe": run.nfe,
               "seconds": time.perf_counter() - started}
+    if "attention" in run.extras:
+        result.update(attention_maps=run.extras["attention"], attention_tokens=run.extras["tokens"])
     return out, result
 
 
@@ -229,7 +237,7 @@ def edit_image(
     steps: int | None = None, guidance_scale: float | None = None,
     inversion_guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
     params: dict | None = None, image: ImageInput = ImageInput(), guidance: GuidanceSpec | None = None,
-    callback: Callback | None = None,
+    callback: Callback | None = None, show_attention: bool = False,
 ) -> tuple[Image.Image, dict, Record]:
     """Invert an image with the source prompt, then regenerate it under the target prompt."""
     started = time.perf_counter()
@@ -238,6 +246,7 @@ def edit_image(
         guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed,
         params=params, image=image, check=False, guidance=guidance, callback=callback,
     )
-    out, edited = edit_record(model, record, target_prompt, guidance_scale=guidance_scale, callback=callback)
+    out, edited = edit_record(model, record, target_prompt, guidance_scale=guidance_scale, callback=callback,
+                              show_attention=show_attention)
     result = {**edited, "nfe": inverted["nfe"] + edited["nfe"], "seconds": time.perf_counter() - started}
     return out, result, record

@@ -227,6 +227,8 @@ def paired_edit(run, x_source: torch.Tensor, x_target: torch.Tensor, pinned: lis
     it after every step: Direct Inversion's exact source branch, whose attention the target follows.
     Returns the final [source, target] latents.
     """
+    if not hasattr(run.model.pipe, "unet"):
+        raise UsageError(f"prompt-to-prompt needs cross-attention layers (sd1, sd2, sdxl), not {run.model.name}")
     schedule, (source, target) = run.schedule, run.prompts
     h, w = x_source.shape[-2:]
     config = p2p_config(run.params)
@@ -251,3 +253,19 @@ def paired_edit(run, x_source: torch.Tensor, x_target: torch.Tensor, pinned: lis
         run.extras["tokens"] = run.model.pipe.tokenizer.convert_ids_to_tokens(
             run.model.pipe.tokenizer(target).input_ids)
     return x
+
+
+def attention_grid(maps: torch.Tensor, tokens: list[str], cell: int = 96):
+    """A PNG-ready grid: one heat map per prompt token (start token to end token), labelled."""
+    from PIL import Image, ImageDraw
+
+    n = len(tokens)
+    grid = Image.new("RGB", (cell * n, cell + 14), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, token in enumerate(tokens):
+        m = maps[j].float()
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)
+        heat = Image.fromarray((m.cpu().numpy() * 255).astype("uint8")).resize((cell, cell), Image.NEAREST)
+        grid.paste(heat.convert("RGB"), (j * cell, 14))
+        draw.text((j * cell + 2, 1), token.replace("</w>", "")[:12], fill="black")
+    return grid

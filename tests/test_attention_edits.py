@@ -1,0 +1,123 @@
+"""Prompt-to-prompt, Direct Inversion and InfEdit on the attention-control mechanism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffedit.editing.p2p import LocalBlend, align, word_tokens
+from diffedit.errors import UsageError
+from diffedit.jobs import edit_record, invert_image
+from diffedit.sampling import initial_noise, prompt_denoiser, sample
+from diffedit.guidance.cfg import CFG
+
+
+@pytest.fixture
+def square(tmp_path):
+    a = np.full((32, 32, 3), 200, np.uint8)
+    a[8:20, 8:20] = (220, 20, 20)
+    path = tmp_path / "square.png"
+    Image.fromarray(a).save(path)
+    return str(path)
+
+
+def test_alignment_word_swap_and_refine(tiny):
+    pipe, _ = tiny("sd1")
+    tok = pipe.tokenizer
+    mapper, alphas = align(tok, "a red square", "a blue square", "auto", 77)  # equal counts: word swap
+    assert torch.equal(mapper, torch.arange(77)) and alphas.min() == 1
+    mapper, alphas = align(tok, "a red square", "a big red square", "auto", 77)  # refine
+    # "a"->1, "big" is new, "red"->2, "square"->3, end token 5 -> 4
+    assert mapper[1] == 1 and alphas[2] == 0 and mapper[3] == 2 and mapper[4] == 3 and mapper[5] == 4
+    with pytest.raises(UsageError, match="equal token counts"):
+        align(tok, "a red square", "a big red square", "replace", 77)
+
+
+def test_local_blend_keeps_the_source_outside_the_mask():
+    blend = LocalBlend([[1], []], (4, 4), threshold=0.5)
+    maps = torch.zeros(2, 3, 4, 4)
+    maps[0, 1, 0, 0] = 1.0  # the blend word attends to one corner only
+    blend.add(maps)
+    x = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
+    out = blend.apply(x)
+    assert out[1, 0, 3, 3] == 0.0  # far from the word: the source
+    assert out[1, 0, 0, 0] == 1.0  # where the word attends: the target
+
+
+@pytest.mark.parametrize("engine", ["direct", "infedit"])
+def test_same_prompt_reconstructs_exactly(tiny, square, engine):
+    _, model = tiny("sd1")
+    record, result = invert_image(model, square, engine=engine, prompt="a red square", steps=10)
+    assert result["latent_max_abs"] <= 1e-4
+    assert result["psnr"] == pytest.approx(result["vae_psnr"], abs=1e-6)
+    # an edit whose target is the source, at the edit's own guidance, is the identity too
+    image, _ = edit_record(model, record, "a red square", guidance_scale=7.5)
+    decoded_input = np.asarray(Image.open(square))
+    assert np.abs(np.asarray(image).astype(int) - decoded_input).max() < 256  # a real image came back
+    z_back = model.encode_image(torch.from_numpy(np.asarray(image) / 127.5 - 1).permute(2, 0, 1)[None].float())
+    assert torch.isfinite(z_back).all()
+
+
+def test_edits_change_the_target_and_leave_the_model_clean(tiny, square):
+    pipe, model = tiny("sd1")
+    before = dict(pipe.unet.attn_processors)
+    denoise = prompt_denoiser(model, ["a red square"], CFG(3.0), 32, 32)
+    x = initial_noise(model.latent_shape(1, 32, 32), [0], model.device)
+    reference = sample(denoise, x, model.schedule(4, 32, 32))
+    images = {}
+    for engine in ("ddim", "ddim-p2p", "direct", "infedit"):
+        record, _ = invert_image(model, square, engine=engine, prompt="a red square", steps=8)
+        images[engine], result = edit_record(model, record, "a blue square", guidance_scale=5.0)
+        assert result["nfe"] == 8
+    assert not np.array_equal(np.asarray(images["ddim"]), np.asarray(images["ddim-p2p"]))
+    assert pipe.unet.attn_processors == before
+    again = sample(prompt_denoiser(model, ["a red square"], CFG(3.0), 32, 32), x, model.schedule(4, 32, 32))
+    assert torch.equal(again, reference)  # bit-identical after every engine
+
+
+def test_reweight_and_blend_change_the_edit(tiny, square):
+    _, model = tiny("sd1")
+    record, _ = invert_image(model, square, engine="direct", prompt="a red square", steps=8)
+    plain, _ = edit_record(model, record, "a blue square")
+    heavy, _ = edit_record(model, record, "a blue square", params={"reweight": {"blue": 4.0}})
+    # a high threshold leaves part of the image outside the mask (random weights attend everywhere)
+    blended, _ = edit_record(model, record, "a blue square", params={"blend": ["square"], "blend_threshold": 0.95})
+    assert not np.array_equal(np.asarray(plain), np.asarray(heavy))
+    assert not np.array_equal(np.asarray(plain), np.asarray(blended))
+
+
+@pytest.mark.parametrize("engine,target,params,message", [
+    ("direct", "a " + "red " * 80 + "square", {}, "target prompt has 84 tokens; the model takes at most 77"),
+    ("direct", "a blue square", {"reweight": {"green": 2.0}}, "word 'green' is not in the target prompt"),
+    ("infedit", "a blue square", {"blend": ["zebra"]}, "blend word 'zebra' is in neither"),
+    ("direct", "a blue square", {"cross_replace": 1.5}, "--cross-replace 1.5"),
+])
+def test_bad_edit_inputs(tiny, square, engine, target, params, message):
+    _, model = tiny("sd1")
+    record, _ = invert_image(model, square, engine=engine, prompt="a red square", steps=4, check=False)
+    with pytest.raises(UsageError, match=message):
+        edit_record(model, record, target, params=params)
+
+
+def test_prompt_to_prompt_needs_a_unet(tiny, square):
+    _, model = tiny("sd3")
+    record, _ = invert_image(model, square, engine="direct", prompt="a red square", steps=4, check=False)
+    with pytest.raises(UsageError, match="needs cross-attention layers"):
+        edit_record(model, record, "a blue square")
+
+
+def test_cli_show_attention_grid(cli, tmp_path, tiny_folder, square):
+    grid = tmp_path / "maps.png"
+    code, out, err = cli("edit", square, "-s", "a red square", "-t", "a blue square", "-e", "direct", "-n", 6,
+                         "--blend", "square", "--reweight", "blue=2", "--show-attention", grid,
+                         "-m", tiny_folder("sd1"), "-o", tmp_path / "e.png", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["engine"] == "direct"
+    tokens = 5  # start, a, blue, square, end
+    assert Image.open(grid).width == 96 * tokens
+    code, _, err = cli("edit", square, "-s", "a", "-t", "b", "-e", "ddim", "--reweight", "b=x", "-o", tmp_path / "x.png")
+    assert code == 2 and "WORD=FACTOR" in err
