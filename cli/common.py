@@ -24,8 +24,13 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 StepsOpt = Annotated[int | None, typer.Option("--steps", "-n", min=1, max=1000, help="Number of steps (default: the engine's; generate: 50).")]
 # Engine parameters: each applies to some engines only, and a wrong pairing is a usage error.
 SkipOpt = Annotated[int | None, typer.Option("--skip", min=0, help="ddpm-ef: start the edit this many steps late (keeps more of the input).")]
-EtaOpt = Annotated[float | None, typer.Option("--eta", help="ddpm-ef: churn of the stochastic sampler, in (0, 1] (default 1).")]
-GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: weight of the backward term, in (0, 1] (default 0.94).")]
+EtaOpt = Annotated[float | None, typer.Option("--eta", help="ddpm-ef/infedit: churn (default 1); rf-inversion: edit controller strength (0.9).")]
+GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: backward weight in (0, 1] (0.94); rf-inversion: inversion controller strength (0.5).")]
+StartOpt = Annotated[float | None, typer.Option("--start", help="rf-inversion: first fraction of steps with the edit controller (0).")]
+StopOpt = Annotated[float | None, typer.Option("--stop", help="rf-inversion: fraction of steps where the edit controller stops (0.25).")]
+NMaxOpt = Annotated[int | None, typer.Option("--n-max", help="flowedit: edit over the last N steps (SD3 33, Flux 24).")]
+NMinOpt = Annotated[int | None, typer.Option("--n-min", help="flowedit: finish with N steps of plain sampling (0).")]
+NAvgOpt = Annotated[int | None, typer.Option("--n-avg", help="flowedit: average N velocity differences per step (1).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
 
 

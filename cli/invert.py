@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
+    ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
     SkipOpt, StepsOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
 )
 from diffedit.cli.main import app
@@ -30,7 +30,8 @@ def invert(
     fit: FitOpt = "resize",
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
-    skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None,
+    skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, start: StartOpt = None,
+    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
@@ -52,12 +53,14 @@ def invert(
         output = Path(image).with_suffix(".inv.safetensors")
     check_writable(output, overwrite)
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
+    params = engine_params(skip=skip, eta=eta, gamma=gamma, start=start, stop=stop, n_max=n_max, n_min=n_min,
+                           n_avg=n_avg)
     m = load(model, device, dtype, allow_pickle, model_config)
     with progress(default_steps(engine, steps) * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(
             m, image, engine=engine, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
             negative_prompt=negative_prompt, seed=seed, image=ImageInput(fit=fit, alpha=alpha),
-            check=check, params=engine_params(skip=skip, eta=eta, gamma=gamma), guidance=spec,
+            check=check, params=params, guidance=spec,
             callback=callback,
         )
     save_record(output, record, overwrite)

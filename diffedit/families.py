@@ -319,7 +319,8 @@ class FluxFamily(FlowFamily):
             text, pooled, text_ids = self.pipe.encode_prompt(texts, None, device=self.device, **kwargs)
             n = len(texts)
             # The distilled guidance value is an input of the network, so it travels with the text.
-            guidance = torch.full((n,), float(embedded_guidance), device=self.device)
+            # one value for all prompts, or one per prompt (FlowEdit's source and target)
+            guidance = torch.as_tensor(embedded_guidance, dtype=torch.float32, device=self.device).expand(n).clone()
             return Cond({"text": text, "pooled": pooled, "text_ids": text_ids.expand(n, -1, -1),
                          "guidance": guidance})
 

@@ -70,9 +70,11 @@ def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> flo
     return psnr(to_pil(model.decode(latent)), reference)
 
 
-def engine_setup(engine: str, params: dict | None, steps: int | None):
+def engine_setup(engine: str, params: dict | None, steps: int | None, family: str | None = None):
     """The engine, its full parameters and step count, with the user's values checked."""
     eng = get_engine(engine)
+    if family is not None:
+        eng.configure(family)
     params = {k: v for k, v in (params or {}).items() if v is not None}
     unknown = sorted(set(params) - set(eng.defaults))
     if unknown:
@@ -91,7 +93,7 @@ def invert_image(
 ) -> tuple[Record, dict]:
     """Invert an image into a record; with `check`, reconstruct it and measure the error."""
     started = time.perf_counter()
-    eng, params, steps = engine_setup(engine, params, steps)
+    eng, params, steps = engine_setup(engine, params, steps, model.name)
     guidance_scale = eng.default_guidance[0] if guidance_scale is None else guidance_scale
     img = read_image(model, source, image)
     width, height = img.size
@@ -133,7 +135,8 @@ def _run_from_record(model: Family, record: Record, target_prompt: str | None, t
     """The engine and run that regenerate a record (under a new target when one is given)."""
     meta = record.meta
     recorded = {k: v for k, v in meta["engine"].items() if k != "name"}
-    eng, params, steps = engine_setup(meta["engine"]["name"], {**recorded, **(params or {})}, meta["steps"])
+    eng, params, steps = engine_setup(meta["engine"]["name"], {**recorded, **(params or {})}, meta["steps"],
+                                      model.name)
     height, width = meta["size"]
     schedule = model.schedule(steps, height, width)
     negative = meta.get("negative_prompt", "")
