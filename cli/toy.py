@@ -1,8 +1,102 @@
-"""`diffedit toy ...`: the toy world (shapes data, checker, toy model training)."""
+"""`diffedit toy ...`: the toy world (shapes data, checker, toy model training and quality)."""
+
+from __future__ import annotations
+
+import json as jsonlib
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from diffedit.cli.common import JsonOpt, emit, stderr
 from diffedit.cli.main import app
 
 toy_app = typer.Typer(help="The toy shapes world: data, checker, toy model training.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("train")
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained pipeline.")] = Path("samples/toy-sd"),
+    work: Annotated[Path, typer.Option("--work", help="Checkpoints (resumable; kept out of git).")] = Path("runs/toy-sd"),
+    seed: Annotated[int, typer.Option(help="Everything is drawn from this seed.")] = 0,
+    vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 1200,
+    unet_steps: Annotated[int, typer.Option(help="UNet training steps (batch 48).")] = 3600,
+    dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
+    resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoints in --work.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+):
+    """Train the toy model from a seed (about 45 minutes on 2 CPU cores) and save it.
+
+    Example: diffedit toy train --out samples/toy-sd
+    """
+    import shutil
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from diffedit.errors import DiffeditError
+    from diffedit.models import _quiet_libraries
+    from diffedit.toy.train import TrainConfig, train as run_training
+
+    _quiet_libraries()
+    if out.exists() and not overwrite:
+        raise DiffeditError(f"{out}: already exists; pass --overwrite to replace it")
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    config = TrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, dataset=dataset)
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=stderr, disable=not stderr.is_terminal) as bar:
+        tasks = {}
+
+        def tick(phase, done, total, loss):
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total, loss=0.0)
+            bar.update(tasks[phase], completed=done, loss=loss)
+            if not stderr.is_terminal and done % 100 == 0:
+                stderr.print(f"{phase} {done}/{total} loss {loss:.4f}")
+
+        summary = run_training(out, work, config, tick)
+    emit({"output": str(out), **summary}, False)
+
+
+@toy_app.command("quality")
+def quality(
+    model: Annotated[Path, typer.Option("--model", "-m")] = Path("samples/toy-sd"),
+    n: Annotated[int, typer.Option(help="Number of seeded prompts.")] = 200,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
+    json: JsonOpt = False,
+):
+    """Checker scores of generated images, VAE and DDIM round-trip PSNR.
+
+    Example: diffedit toy quality --n 200
+    """
+    from diffedit.toy.quality import report
+
+    with stderr.status("measuring"):
+        result = report(str(model), n=n, steps=steps, guidance_scale=guidance_scale)
+    typer.echo(jsonlib.dumps(result)) if json else emit(result, False)
+
+
+@toy_app.command("scene")
+def scene(
+    seed: Annotated[int, typer.Argument(help="Scene seed.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="PNG file, or - for stdout.")] = "-",
+    size: Annotated[int, typer.Option(help="Side in pixels.")] = 64,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    json: JsonOpt = False,
+):
+    """Render a scene of the shapes world and print its caption.
+
+    Example: diffedit toy scene 7 -o scene.png
+    """
+    from PIL import Image
+
+    from diffedit.images import save_image
+    from diffedit.toy.shapes import make_scene
+
+    s = make_scene(seed, size=size)
+    save_image(Image.fromarray(s.image), output, params={"command": "toy scene", "seed": seed, "caption": s.caption},
+               overwrite=overwrite)
+    emit({"output": output, "caption": s.caption}, json, to_stderr=output == "-")
