@@ -44,3 +44,70 @@ def overhead(
             typer.echo(jsonlib.dumps(row))
     else:
         typer.echo(table)
+
+
+@bench_app.command("shapes")
+def shapes(
+    engine: Annotated[list[str], typer.Option("--engine", "-e", help="Engine(s) to run (repeatable).")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Default: the shipped toy model.")] = None,
+    kinds: Annotated[str | None, typer.Option(help="Comma-separated task kinds (recolour,reshape,move,reconstruct).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N tasks (of the chosen kinds).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", "-n")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
+    inversion_guidance_scale: Annotated[float | None, typer.Option("--inversion-guidance-scale")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Engine parameter KEY=VALUE (JSON value), repeatable.")] = None,
+    save: Annotated[Path | None, typer.Option(help="Folder for rows.jsonl, results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """ShapesBench: edit success by the checker and preservation outside the edit, per engine.
+
+    Example: diffedit bench shapes -e ddim -e ddpm-ef --kinds recolour,reshape
+    """
+    from diffedit.cli.common import load
+    from diffedit.errors import UsageError
+    from diffedit.toy import bench
+
+    params = {}
+    for item in param or []:
+        key, _, value = item.partition("=")
+        try:
+            params[key.strip().replace("-", "_")] = jsonlib.loads(value)
+        except ValueError:
+            raise UsageError(f"--param {item!r}: expected KEY=JSON_VALUE, e.g. skip=10") from None
+    m = load(model, "auto", "auto", False, None)
+    options = {"steps": steps, "guidance_scale": guidance_scale, "inversion_guidance_scale": inversion_guidance_scale,
+               "params": params}
+    rows = []
+    with stderr.status("running ShapesBench") as status:
+        for name in engine:
+            rows += bench.run(m, name, kinds=kinds.split(",") if kinds else None, limit=limit, options=options,
+                              progress=lambda row: status.update(f"{row['engine']} {row['id']}"))
+    summary = bench.summarize(rows)
+    table = bench.markdown(summary)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        (save / "rows.jsonl").write_text("".join(jsonlib.dumps(r) + "\n" for r in rows))
+    _write(summary, table, save)
+    if json:
+        for row in rows:
+            typer.echo(jsonlib.dumps(row))
+    else:
+        typer.echo(table)
+
+
+@bench_app.command("toy-quality")
+def toy_quality(
+    model: Annotated[str, typer.Option("--model", "-m")] = "samples/toy-sd",
+    n: Annotated[int, typer.Option(help="Number of seeded prompts.")] = 200,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
+    json: JsonOpt = False,
+):
+    """The toy model's quality report (same as `diffedit toy quality`).
+
+    Example: diffedit bench toy-quality
+    """
+    from diffedit.toy.quality import report
+
+    with stderr.status("measuring"):
+        result = report(model, n=n, guidance_scale=guidance_scale)
+    typer.echo(jsonlib.dumps(result) if json else "\n".join(f"{k}: {v}" for k, v in result.items()))

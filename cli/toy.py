@@ -100,3 +100,21 @@ def scene(
     save_image(Image.fromarray(s.image), output, params={"command": "toy scene", "seed": seed, "caption": s.caption},
                overwrite=overwrite)
     emit({"output": output, "caption": s.caption}, json, to_stderr=output == "-")
+
+
+@toy_app.command("make-bench")
+def make_bench(
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("samples/shapesbench.jsonl"),
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+):
+    """Write the ShapesBench task file (fixed: the same tasks every time).
+
+    Example: diffedit toy make-bench --overwrite
+    """
+    from diffedit.files import atomic_output
+    from diffedit.toy.bench import make_tasks
+
+    tasks = make_tasks()
+    with atomic_output(output, overwrite) as tmp:
+        tmp.write_text("".join(jsonlib.dumps(t) + "\n" for t in tasks))
+    emit({"output": str(output), "tasks": len(tasks)}, False)

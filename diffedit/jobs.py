@@ -35,8 +35,9 @@ class ImageInput:
     max_side: int | None = None
 
 
-def read_image(model: Family, source: str, how: ImageInput) -> Image.Image:
-    img = load_image(source, alpha=how.alpha)
+def read_image(model: Family, source: str | Image.Image, how: ImageInput) -> Image.Image:
+    """A file (or "-", or an image already in memory) at a size the model accepts."""
+    img = source.convert("RGB") if isinstance(source, Image.Image) else load_image(source, alpha=how.alpha)
     return fit_to_multiple(img, model.multiple, how.fit, max_side=how.max_side)
 
 
@@ -116,7 +117,7 @@ def invert_image(
         "steps": steps,
         "seed": seed,
         "size": [height, width],
-        "image": str(source),
+        "image": source if isinstance(source, str) else "<memory>",
     }
     result = {"engine": engine, "steps": steps, "seed": seed, "size": [height, width]}
     if check:

@@ -1,0 +1,209 @@
+"""ShapesBench: edit tasks in the toy world, judged by the checker for meaning and by PSNR/SSIM for
+what should not change.
+
+The task file (`samples/shapesbench.jsonl`, versioned) lists tasks of kinds `recolour`, `reshape`,
+`move`, `erase` and `reconstruct`; each names the seed of its source scene (rendered by the shapes
+generator, so no images are stored), the object it edits, the prompts, and what the checker must
+find afterwards. The runner dispatches each kind to a task runner; text edits run any registered
+engine through `diffedit.jobs.edit_image`, so new engines need no change here. Kinds with no runner
+yet (e.g. `move` before `diffedit move` exists) are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from diffedit.errors import DiffeditError
+from diffedit.families import Family
+from diffedit.images import psnr
+from diffedit.toy.checker import check
+from diffedit.toy.shapes import COLOURS, SHAPES, make_scene, with_object
+
+VERSION = 1
+TASKS = Path(__file__).resolve().parents[2] / "samples" / "shapesbench.jsonl"
+
+
+# -- the task file -------------------------------------------------------------------------------------
+
+
+def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int = 20, reconstruct: int = 10) -> list[dict]:
+    """The fixed task list (written to samples/shapesbench.jsonl by `diffedit toy make-bench`)."""
+    rng = np.random.default_rng(seed)
+    tasks, scene_seed = [], 10**6
+
+    def next_scene(max_objects=2):
+        nonlocal scene_seed
+        while True:
+            scene_seed += 1
+            n = int(rng.integers(1, max_objects + 1))
+            scene = make_scene(scene_seed, n_objects=n, two_tone=0.0)
+            if len(scene.objects) == n:
+                return scene_seed, n, scene
+
+    for kind, count in (("recolour", recolour), ("reshape", reshape), ("move", move), ("reconstruct", reconstruct)):
+        for k in range(count):
+            sid, n, scene = next_scene(1 if kind == "move" else 2)
+            obj = scene.objects[0]
+            task = {"id": f"{kind}-{k:03d}", "version": VERSION, "kind": kind, "scene_seed": sid, "n_objects": n,
+                    "object": 0, "source_prompt": scene.caption}
+            if kind == "recolour":
+                colour = [c for c in COLOURS if c != obj.colour][rng.integers(len(COLOURS) - 1)]
+                task["expect"] = {"colour": colour}
+            elif kind == "reshape":
+                shape = [s for s in SHAPES if s != obj.shape][rng.integers(len(SHAPES) - 1)]
+                task["expect"] = {"shape": shape}
+            elif kind == "move":
+                for _ in range(100):
+                    dx, dy = (int(v) for v in rng.integers(-20, 21, 2))
+                    cx, cy = obj.center[0] + dx, obj.center[1] + dy
+                    far = math.hypot(dx, dy) > obj.size * 1.5
+                    if far and obj.size + 2 < cx < 62 - obj.size and obj.size + 2 < cy < 62 - obj.size:
+                        break
+                task.update(dx=dx, dy=dy, expect={"center": [round(cx, 1), round(cy, 1)]})
+            else:
+                task["expect"] = {}
+            if "colour" in task.get("expect", {}) or "shape" in task.get("expect", {}):
+                target = with_object(scene, 0, **task["expect"])
+                task["target_prompt"] = target.caption
+            else:
+                task["target_prompt"] = scene.caption
+            tasks.append(task)
+    return tasks
+
+
+def load_tasks(path: Path = TASKS) -> list[dict]:
+    if not path.exists():
+        raise DiffeditError(f"{path}: ShapesBench task file missing; run `diffedit toy make-bench`")
+    tasks = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    newer = [t["id"] for t in tasks if t.get("version", 0) > VERSION]
+    if newer:
+        raise DiffeditError(f"{path}: tasks {newer[:3]} need a newer diffedit (ShapesBench v{VERSION} here)")
+    return tasks
+
+
+# -- judging -------------------------------------------------------------------------------------------
+
+
+def source_scene(task: dict):
+    scene = make_scene(task["scene_seed"], n_objects=task["n_objects"], two_tone=0.0)
+    if scene.caption != task["source_prompt"]:
+        raise DiffeditError(f"task {task['id']}: its scene no longer renders as described (generator changed)")
+    return scene
+
+
+def expected_scene(task: dict):
+    """What the checker should find after the edit."""
+    scene, expect = source_scene(task), task["expect"]
+    if task["kind"] in ("recolour", "reshape"):
+        return with_object(scene, task["object"], **expect)
+    if task["kind"] == "move":
+        return with_object(scene, task["object"], center=tuple(expect["center"]))
+    return scene
+
+
+def judge(task: dict, edited: np.ndarray) -> dict:
+    """Edit success by the checker, and preservation outside the edited region."""
+    source, expected = source_scene(task), expected_scene(task)
+    found = check(edited)
+    success = True
+    for obj in expected.objects:
+        near = [d for d in found if math.dist(d.centroid, obj.center) <= 4.0]
+        if not near or near[0].shape != obj.shape or near[0].colour != obj.colour:
+            success = False
+    if task["kind"] == "move":  # nothing may remain where the object was
+        old = source.objects[task["object"]]
+        success &= not any(math.dist(d.centroid, old.center) <= 4.0 for d in found)
+    edit_region = np.zeros(source.image.shape[:2], bool)
+    if task["kind"] != "reconstruct":
+        edit_region |= source.masks[task["object"]] | expected.masks[task["object"]]
+        edit_region = cv2.dilate(edit_region.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    keep = ~edit_region
+    return {"success": bool(success), "bg_psnr": masked_psnr(edited, source.image, keep),
+            "bg_ssim": masked_ssim(edited, source.image, keep)}
+
+
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    diff = (a.astype(np.float64) - b.astype(np.float64))[mask]
+    mse = float(np.mean(diff**2)) if diff.size else 0.0
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    _, full = structural_similarity(a, b, channel_axis=2, data_range=255, full=True)
+    return float(full.mean(axis=2)[mask].mean())
+
+
+# -- running -------------------------------------------------------------------------------------------
+
+TaskRunner = Callable[[Family, dict, Image.Image, dict], tuple[Image.Image, dict]]
+
+
+def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict]:
+    from diffedit.jobs import edit_image
+
+    image, result, _ = edit_image(model, source, source_prompt=task["source_prompt"],
+                                  target_prompt=task["target_prompt"], **options)
+    return image, result
+
+
+RUNNERS: dict[str, TaskRunner] = {"recolour": text_edit, "reshape": text_edit, "reconstruct": text_edit}
+
+
+def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: int | None = None,
+        options: dict | None = None, tasks_path: Path = TASKS, progress=None) -> list[dict]:
+    """Run the benchmark with one engine; one row per task."""
+    tasks = [t for t in load_tasks(tasks_path) if kinds is None or t["kind"] in kinds]
+    if limit:
+        tasks = tasks[:limit]
+    rows = []
+    for task in tasks:
+        runner = RUNNERS.get(task["kind"])
+        if runner is None:
+            rows.append({"id": task["id"], "kind": task["kind"], "engine": engine, "status": "skipped"})
+            continue
+        source = Image.fromarray(source_scene(task).image)
+        started = time.perf_counter()
+        image, result = runner(model, task, source, {"engine": engine, **(options or {})})
+        row = {"id": task["id"], "kind": task["kind"], "engine": engine, "status": "ok",
+               "nfe": result["nfe"], "seconds": time.perf_counter() - started, **judge(task, np.asarray(image))}
+        rows.append(row)
+        if progress:
+            progress(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per engine and kind: success %, mean background PSNR/SSIM, NFE, seconds per edit."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault((r["engine"], r["kind"]), []).append(r)
+    out = []
+    for (engine, kind), rs in sorted(groups.items()):
+        finite = [r["bg_psnr"] for r in rs if math.isfinite(r["bg_psnr"])]
+        out.append({"engine": engine, "kind": kind, "tasks": len(rs),
+                    "success_pct": round(100 * sum(r["success"] for r in rs) / len(rs), 1),
+                    "bg_psnr": round(float(np.mean(finite)), 2) if finite else math.inf,
+                    "bg_ssim": round(float(np.mean([r["bg_ssim"] for r in rs])), 4),
+                    "nfe": round(float(np.mean([r["nfe"] for r in rs])), 1),
+                    "seconds": round(float(np.mean([r["seconds"] for r in rs])), 3)})
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| engine | task | tasks | edit success % | background PSNR (dB) | background SSIM | NFE | s / edit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['engine']} | {s['kind']} | {s['tasks']} | {s['success_pct']} | {s['bg_psnr']} | "
+                     f"{s['bg_ssim']} | {s['nfe']} | {s['seconds']} |")
+    return "\n".join(lines)
