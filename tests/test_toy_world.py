@@ -1,0 +1,87 @@
+"""The toy world: generator, checker, ShapesBench task file and judging."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from diffedit.toy.bench import TASKS, expected_scene, judge, load_tasks, make_tasks, source_scene
+from diffedit.toy.checker import check, shows
+from diffedit.toy.model import make_tokenizer
+from diffedit.toy.shapes import COLOURS, SHAPES, VOCAB, Obj, make_scene, render
+
+
+def test_generator_is_deterministic():
+    a, b, c = make_scene(42), make_scene(42), make_scene(43)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption
+    assert not np.array_equal(a.image, c.image)
+    assert all(m.any() for m in a.masks)
+
+
+def test_generator_covers_the_world():
+    seen_shapes, seen_colours, counts = set(), set(), set()
+    for seed in range(200):
+        scene = make_scene(seed)
+        counts.add(len(scene.objects))
+        for obj in scene.objects:
+            seen_shapes.add(obj.shape)
+            seen_colours.add(obj.colour)
+    assert seen_shapes == set(SHAPES) and seen_colours == set(COLOURS) and counts == {1, 2, 3}
+
+
+def test_checker_reads_generated_scenes():
+    right = total = 0
+    for seed in range(300):
+        scene = make_scene(seed)
+        found = check(scene.image)
+        for obj in scene.objects:
+            total += 1
+            near = [d for d in found if math.dist(d.centroid, obj.center) < 3]
+            right += bool(near) and near[0].shape == obj.shape and near[0].colour == obj.colour
+    assert right / total >= 0.99
+
+
+def test_checker_on_a_bigger_image_and_helpers():
+    scene = render([Obj("star", "purple", (64, 64), 40), Obj("square", "yellow", (180, 180), 30)], ("grey",), 256)
+    found = check(scene.image)
+    assert {(d.shape, d.colour) for d in found} == {("star", "purple"), ("square", "yellow")}
+    assert shows(scene.image, shape="star") and not shows(scene.image, colour="red")
+
+
+def test_every_caption_word_is_one_token():
+    tokenizer = make_tokenizer()
+    for word in VOCAB:
+        assert len(tokenizer.tokenize(word)) == 1
+    caption = make_scene(3).caption
+    assert len(tokenizer(caption).input_ids) == len(caption.split()) + 2
+
+
+def test_shapesbench_file_is_the_fixed_task_list():
+    tasks = load_tasks()
+    assert tasks == make_tasks()  # regenerating gives the same file: the benchmark is versioned and fixed
+    kinds = {t["kind"] for t in tasks}
+    assert {"recolour", "reshape", "move", "reconstruct"} <= kinds
+    assert len({t["id"] for t in tasks}) == len(tasks)
+
+
+@pytest.mark.parametrize("index", [0, 45, 85, 105])
+def test_judging_tells_success_from_failure(index):
+    task = load_tasks()[index]
+    good = judge(task, expected_scene(task).image)
+    assert good["success"]
+    if task["kind"] != "reconstruct":
+        assert not judge(task, source_scene(task).image)["success"]
+    assert good["bg_psnr"] == math.inf or good["bg_psnr"] > 40
+
+
+def test_task_file_versions_are_checked(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps({"id": "x", "version": 99, "kind": "recolour"}) + "\n")
+    from diffedit.errors import DiffeditError
+
+    with pytest.raises(DiffeditError, match="newer diffedit"):
+        load_tasks(path)
+    assert TASKS.name == "shapesbench.jsonl"
