@@ -20,7 +20,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained pipeline.")] = Path("samples/toy-sd"),
     work: Annotated[Path, typer.Option("--work", help="Checkpoints (resumable; kept out of git).")] = Path("runs/toy-sd"),
     seed: Annotated[int, typer.Option(help="Everything is drawn from this seed.")] = 0,
-    vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 1200,
+    vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
     unet_steps: Annotated[int, typer.Option(help="UNet training steps (batch 48).")] = 3600,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoints in --work.")] = True,
