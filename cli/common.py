@@ -40,6 +40,24 @@ PagLayersOpt = Annotated[str, typer.Option("--pag-layers", help="Comma-separated
 PagAdaptiveOpt = Annotated[float, typer.Option("--pag-adaptive-scale", help="Lower the PAG scale by this much per unit of time.")]
 
 
+FKParticlesOpt = Annotated[int, typer.Option("--fk-particles", help="Feynman-Kac steering with K particles (1 = off).")]
+FKLambdaOpt = Annotated[float, typer.Option("--fk-lambda", help="FK: reward temperature lambda.")]
+FKPotentialOpt = Annotated[str, typer.Option("--fk-potential", help="FK: diff, max or sum.")]
+FKEveryOpt = Annotated[int, typer.Option("--fk-every", help="FK: resample every N steps (in the first 80 %).")]
+RewardOpt = Annotated[str, typer.Option("--reward", help="FK reward: saturation, brightness, checker (toy world) or module:function.")]
+
+
+def fk_config(particles: int, lam: float, potential: str, every: int, eta: float | None):
+    """FK settings, or None when steering is off (FK needs a stochastic sampler: eta 1 unless given)."""
+    from diffedit.guidance.fk import FKConfig
+
+    if particles <= 1:
+        return None
+    config = FKConfig(particles, lam, potential, every, eta=eta or 1.0)
+    config.check()
+    return config
+
+
 def guidance_spec(kind: str, pag_scale: float, pag_layers: str, pag_adaptive_scale: float):
     from diffedit.guidance import GuidanceSpec
 

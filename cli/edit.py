@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
-    SkipOpt, StepsOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
+    ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
+    SkipOpt, StepsOpt, default_steps, emit, fk_config, guidance_spec, engine_params, load, progress,
 )
 from diffedit.cli.invert import AlphaOpt, FitOpt
 from diffedit.cli.main import app
@@ -35,6 +35,8 @@ def edit(
     blend: Annotated[list[str] | None, typer.Option("--blend", help="Local blend: edit only where WORD attends (repeatable).")] = None,
     blend_threshold: Annotated[float | None, typer.Option("--blend-threshold", help="Local blend mask threshold.")] = None,
     show_attention: Annotated[Path | None, typer.Option("--show-attention", help="Write a PNG grid of the target's cross-attention map per token.")] = None,
+    fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
+    fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     seed: Annotated[int, typer.Option("--seed", help="Seed for engines that draw noise.")] = 0,
     fit: FitOpt = "resize",
@@ -67,6 +69,7 @@ def edit(
                            blend_threshold=blend_threshold, reweight=_reweights(reweight))
     if show_attention is not None:
         check_writable(show_attention, overwrite)
+    fk = fk_config(fk_particles, fk_lambda, fk_potential, fk_every, None)
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     if from_record is not None:
         rec = load_record(from_record)
@@ -74,7 +77,8 @@ def edit(
         rec.check_model(m, from_record)
         with progress(rec.meta["steps"], f"edit ({rec.meta['engine']['name']})", quiet) as callback:
             out, result = edit_record(m, rec, target, guidance_scale=guidance_scale, params=params,
-                                      callback=callback, show_attention=show_attention is not None)
+                                      callback=callback, show_attention=show_attention is not None,
+                                      fk=fk, reward=reward)
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = load(model, device, dtype, allow_pickle, model_config)
@@ -84,7 +88,7 @@ def edit(
                 guidance_scale=guidance_scale, inversion_guidance_scale=inversion_guidance_scale,
                 negative_prompt=negative_prompt, seed=seed, params=params,
                 image=ImageInput(fit=fit, alpha=alpha), guidance=spec, callback=callback,
-                show_attention=show_attention is not None,
+                show_attention=show_attention is not None, fk=fk, reward=reward,
             )
     meta = image_params("edit", m, image=str(image or from_record), source=source, target=target,
                         engine=engine, steps=result["steps"], guidance_scale=guidance_scale,

@@ -171,9 +171,22 @@ def reconstruct_record(model: Family, record: Record, *, reference: Image.Image 
     return out, result
 
 
+def _steered_edit(model: Family, eng, run: Run, record: Record, fk: FKConfig, reward: str):
+    """FK steering of an edit: K particles sampled stochastically from the inverted noise."""
+    if eng.name != "ddim":
+        raise UsageError(f"FK steering in edits samples from the inverted noise: use --engine ddim, not {eng.name}")
+    noise = record.tensors["noise"]
+    den = run.denoiser_for([run.prompts[1]] * fk.particles, scales=[run.scales[1]] * fk.particles)
+    latents, rewards, stats = steer(den, run.schedule, tuple(noise.shape), run.seed, load_reward(reward),
+                                    run.prompts[1], model.decode, fk, model.device, run.callback, start=noise)
+    best = int(torch.nan_to_num(rewards, nan=-math.inf).argmax())
+    return latents[best : best + 1], {**stats, "reward": float(rewards[best]), "rewards": rewards.tolist()}
+
+
 def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_scale: float | None = None,
                 params: dict | None = None, callback: Callback | None = None,
-                show_attention: bool = False) -> tuple[Image.Image, dict]:
+                show_attention: bool = False, fk: FKConfig | None = None,
+                reward: str = "saturation") -> tuple[Image.Image, dict]:
     """Regenerate the record's image under a new prompt with the record's engine.
 
     With `show_attention`, engines that control attention add `attention_maps` (per target token,
@@ -182,9 +195,14 @@ def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_s
     started = time.perf_counter()
     eng, run = _run_from_record(model, record, target_prompt, guidance_scale, params, callback)
     run.show_attention = show_attention
-    out = to_pil(model.decode(eng.edit(run, record.tensors)))
-    result = {"engine": eng.name, "steps": len(run.schedule), "nfe": run.nfe,
-              "seconds": time.perf_counter() - started}
+    result = {"engine": eng.name, "steps": len(run.schedule)}
+    if fk is not None and fk.particles > 1:
+        z, steered = _steered_edit(model, eng, run, record, fk, reward)
+        result.update(steered)
+    else:
+        z = eng.edit(run, record.tensors)
+    out = to_pil(model.decode(z))
+    result.update(nfe=run.nfe, seconds=time.perf_counter() - started)
     if "attention" in run.extras:
         result.update(attention_maps=run.extras["attention"], attention_tokens=run.extras["tokens"])
     return out, result
@@ -241,16 +259,19 @@ def edit_image(
     steps: int | None = None, guidance_scale: float | None = None,
     inversion_guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
     params: dict | None = None, image: ImageInput = ImageInput(), guidance: GuidanceSpec | None = None,
-    callback: Callback | None = None, show_attention: bool = False,
+    callback: Callback | None = None, show_attention: bool = False, fk: FKConfig | None = None,
+    reward: str = "saturation",
 ) -> tuple[Image.Image, dict, Record]:
     """Invert an image with the source prompt, then regenerate it under the target prompt."""
     started = time.perf_counter()
+    if fk is not None and fk.particles > 1 and engine != "ddim":  # fail before the inversion
+        raise UsageError(f"FK steering in edits samples from the inverted noise: use --engine ddim, not {engine}")
     record, inverted = invert_image(
         model, source, engine=engine, prompt=source_prompt, steps=steps,
         guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed,
         params=params, image=image, check=False, guidance=guidance, callback=callback,
     )
     out, edited = edit_record(model, record, target_prompt, guidance_scale=guidance_scale, callback=callback,
-                              show_attention=show_attention)
+                              show_attention=show_attention, fk=fk, reward=reward)
     result = {**edited, "nfe": inverted["nfe"] + edited["nfe"], "seconds": time.perf_counter() - started}
     return out, result, record

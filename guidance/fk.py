@@ -66,13 +66,19 @@ def _systematic(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def steer(
     denoise: Denoiser, schedule, shape: tuple[int, ...], seed: int, reward: Reward, prompt: str,
     decode: Callable[[torch.Tensor], torch.Tensor], config: FKConfig, device: torch.device,
-    callback=None,
+    callback=None, start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Run K particles; returns (all final latents [K,...], final rewards [K], stats)."""
+    """Run K particles; returns (all final latents [K,...], final rewards [K], stats).
+
+    Particles start from their own noise, or all from `start` (an inverted latent, for edits).
+    """
     config.check()
     k, n = config.particles, len(schedule)
     gens = [torch.Generator("cpu").manual_seed(seed + j) for j in range(k)]
-    x = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+    if start is None:
+        x = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+    else:
+        x = start.to(device, torch.float32).expand(k, *shape[1:]).clone()
     resample_gen = torch.Generator("cpu").manual_seed(seed + 1_000_003)  # never touches particle noise
     a, s = schedule.a, schedule.s
     first, last = int(config.start * n), int(config.stop * n)
