@@ -111,3 +111,23 @@ def toy_quality(
     with stderr.status("measuring"):
         result = report(model, n=n, guidance_scale=guidance_scale)
     typer.echo(jsonlib.dumps(result) if json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+@bench_app.command("engines")
+def engines(
+    repeats: Annotated[int, typer.Option(min=1, help="Repetitions; medians are reported.")] = 3,
+    quick: Annotated[bool, typer.Option(help="Tiny model, 10 steps.")] = False,
+    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """Each engine's invert/edit time vs its network forwards; EF-DDPM vs diffusers' LEDITS++.
+
+    Example: diffedit bench engines --save benchmarks/results/engines
+    """
+    from diffedit.benchmarks import engines as bench
+
+    with stderr.status("measuring"):
+        rows, comparison = bench.run(repeats=repeats, quick=quick)
+    table = bench.markdown(rows, comparison)
+    _write(rows + comparison, table, save)
+    typer.echo("\n".join(jsonlib.dumps(r) for r in rows + comparison) if json else table)

@@ -51,9 +51,20 @@ class Run:
         return denoiser
 
     @property
+    def denoisers(self) -> list[Denoiser]:
+        return [self.source] + ([self.target] if self.target is not self.source else []) + self._made
+
+    @property
     def nfe(self) -> int:
-        denoisers = [self.source] + ([self.target] if self.target is not self.source else []) + self._made
-        return sum(d.calls for d in denoisers)
+        return sum(d.calls for d in self.denoisers)
+
+    @property
+    def forwards(self) -> dict[int, int]:
+        """Network calls by batch size (for cost accounting in benchmarks)."""
+        out: dict[int, int] = {}
+        for d in self.denoisers:
+            out[d.rows] = out.get(d.rows, 0) + d.calls
+        return out
 
 
 class Engine:

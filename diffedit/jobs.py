@@ -127,7 +127,7 @@ def invert_image(
             latent_max_abs=float((z_rec - z0).abs().max()),
             vae_psnr=_psnr_vs(model, z0, img),  # the ceiling any inversion can reach
         )
-    result.update(nfe=run.nfe, seconds=time.perf_counter() - started)
+    result.update(nfe=run.nfe, forwards=run.forwards, seconds=time.perf_counter() - started)
     return Record(tensors, meta), result
 
 
@@ -202,7 +202,7 @@ def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_s
     else:
         z = eng.edit(run, record.tensors)
     out = to_pil(model.decode(z))
-    result.update(nfe=run.nfe, seconds=time.perf_counter() - started)
+    result.update(nfe=run.nfe, forwards=run.forwards, seconds=time.perf_counter() - started)
     if "attention" in run.extras:
         result.update(attention_maps=run.extras["attention"], attention_tokens=run.extras["tokens"])
     return out, result
@@ -273,5 +273,9 @@ def edit_image(
     )
     out, edited = edit_record(model, record, target_prompt, guidance_scale=guidance_scale, callback=callback,
                               show_attention=show_attention, fk=fk, reward=reward)
-    result = {**edited, "nfe": inverted["nfe"] + edited["nfe"], "seconds": time.perf_counter() - started}
+    forwards = dict(inverted["forwards"])
+    for rows, calls in edited["forwards"].items():
+        forwards[rows] = forwards.get(rows, 0) + calls
+    result = {**edited, "nfe": inverted["nfe"] + edited["nfe"], "forwards": forwards,
+              "seconds": time.perf_counter() - started}
     return out, result, record

@@ -40,6 +40,7 @@ class Denoiser:
         controller = controller or own
         self.control = None if controller is None else AttentionControl(model.network, controller)
         self.calls = 0
+        self.rows = len(self.cond)  # batch size of each forward
 
     def __call__(self, x: torch.Tensor, schedule: Schedule, i: int, *, level: int | None = None,
                  inverse: bool = False) -> Prediction:

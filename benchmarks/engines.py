@@ -1,0 +1,130 @@
+"""Engines' cost: wall time of invert and edit against the network forwards they make, and
+edit-friendly DDPM against diffusers' LEDITS++ doing the same job; side by side in one run.
+
+The forward cost is measured for every batch size an engine uses (CFG doubles the rows, Direct
+Inversion edits source and target together, InfEdit runs three branches), so the ratio
+`seconds / sum(calls x forward(batch))` is the engine's own overhead. The VAE is outside both.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffedit.benchmarks.overhead import _timed, mid_size_sd1
+from diffedit.families import Family, adapter_for
+from diffedit.images import to_tensor
+from diffedit.jobs import edit_record, invert_image
+from diffedit.testing import tiny_pipeline
+
+ENGINES = ("ddim", "ddpm-ef", "bdia", "direct", "ddim-p2p", "infedit")
+SOURCE, TARGET = "a red circle on a white background", "a blue circle on a white background"
+
+
+def forward_seconds(model: Family, rows: int, size: int, repeats: int = 5) -> float:
+    text = model.encode_prompts([SOURCE] * rows, None, size, size)[0]
+    x = torch.randn(model.latent_shape(rows, size, size))
+    t = model.schedule(10, size, size).times[3]
+    with torch.inference_mode():
+        model.forward(x, t, text)
+        return statistics.median(_timed(lambda: model.forward(x, t, text)) for _ in range(repeats))
+
+
+def measure(model: Family, image: Image.Image, engine: str, steps: int, repeats: int) -> dict:
+    size = image.height
+    invert_t, edit_t = [], []
+    for _ in range(repeats):  # the VAE's share (measured alone) is taken out of both
+        record, inv = invert_image(model, image, engine=engine, prompt=SOURCE, steps=steps, check=False)
+        invert_t.append(inv["seconds"] - _encode_seconds(model, image))
+        _, ed = edit_record(model, record, TARGET)
+        edit_t.append(ed["seconds"] - _decode_seconds(model, record))
+    fwd = {rows: forward_seconds(model, rows, size) for rows in set(inv["forwards"]) | set(ed["forwards"])}
+    cost = lambda forwards: sum(calls * fwd[rows] for rows, calls in forwards.items())  # noqa: E731
+    inv_s, edit_s = statistics.median(invert_t), statistics.median(edit_t)
+    return {"engine": engine, "steps": steps, "invert_nfe": inv["nfe"], "edit_nfe": ed["nfe"],
+            "invert_s": round(inv_s, 4), "edit_s": round(edit_s, 4),
+            "invert_over_forwards": round(inv_s / cost(inv["forwards"]), 3) if inv["nfe"] else None,
+            "edit_over_forwards": round(edit_s / cost(ed["forwards"]), 3) if ed["nfe"] else None}
+
+
+_VAE_CACHE: dict = {}
+
+
+def _encode_seconds(model, image) -> float:
+    key = ("enc", id(model), image.size)
+    if key not in _VAE_CACHE:
+        pixels = to_tensor(image)
+        model.encode_image(pixels)
+        _VAE_CACHE[key] = statistics.median(_timed(lambda: model.encode_image(pixels)) for _ in range(3))
+    return _VAE_CACHE[key]
+
+
+def _decode_seconds(model, record) -> float:
+    key = ("dec", id(model), tuple(record.tensors["latent"].shape))
+    if key not in _VAE_CACHE:
+        z = record.tensors["latent"]
+        model.decode(z)
+        _VAE_CACHE[key] = statistics.median(_timed(lambda: model.decode(z)) for _ in range(3))
+    return _VAE_CACHE[key]
+
+
+def ledits_comparison(pipe, model: Family, image: Image.Image, steps: int, repeats: int) -> dict:
+    """EF-DDPM invert (CFG 3.5 on the source prompt) + regeneration, ours vs diffusers' LEDITS++."""
+    from diffusers import DDIMScheduler, LEditsPPPipelineStableDiffusion
+
+    class IntIndexDDIM(DDIMScheduler):  # diffusers 0.42.1's LEDITS++ indexes with a float tensor
+        def add_noise(self, original, noise, timesteps):
+            return super().add_noise(original, noise, timesteps.long())
+
+    parts = {k: v for k, v in pipe.components.items() if k in LEditsPPPipelineStableDiffusion.__init__.__code__.co_varnames}
+    parts["scheduler"] = IntIndexDDIM.from_config(pipe.scheduler.config)
+    ledits = LEditsPPPipelineStableDiffusion(**parts)
+    ledits.set_progress_bar_config(disable=True)
+
+    def theirs():
+        ledits.invert(image=image, source_prompt=SOURCE, source_guidance_scale=3.5, num_inversion_steps=steps,
+                      skip=0.0, generator=torch.Generator().manual_seed(0))
+        ledits(output_type="latent")
+
+    def ours():
+        record, _ = invert_image(model, image, engine="ddpm-ef", prompt=SOURCE, steps=steps, guidance_scale=3.5,
+                                 check=False)
+        edit_record(model, record, "", guidance_scale=1.0)
+
+    theirs(), ours()
+    t_theirs, t_ours = [], []
+    for _ in range(repeats):
+        t_theirs.append(_timed(theirs))
+        t_ours.append(_timed(ours))
+    a, b = statistics.median(t_ours), statistics.median(t_theirs)
+    return {"job": "ddpm-ef invert + regenerate", "steps": steps, "ours_s": round(a, 3), "ledits_pp_s": round(b, 3),
+            "ours_over_ledits_pp": round(a / b, 3)}
+
+
+def run(repeats: int = 3, quick: bool = False) -> tuple[list[dict], list[dict]]:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    pipe = tiny_pipeline("sd1") if quick else mid_size_sd1()
+    pipe.set_progress_bar_config(disable=True)
+    model = adapter_for(pipe, "sd1")
+    size = 32 if quick else 256
+    a = np.full((size, size, 3), 240, np.uint8)
+    a[size // 4 : size // 2, size // 4 : size // 2] = (220, 30, 30)
+    image = Image.fromarray(a)
+    steps = 10 if quick else 20
+    rows = [measure(model, image, engine, steps, repeats) for engine in ENGINES]
+    return rows, [ledits_comparison(pipe, model, image, steps, repeats)]
+
+
+def markdown(rows: list[dict], comparison: list[dict]) -> str:
+    lines = ["| engine | steps | invert NFE | edit NFE | invert (s) | edit (s) | invert ÷ forwards | edit ÷ forwards |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['steps']} | {r['invert_nfe']} | {r['edit_nfe']} | {r['invert_s']} | "
+                     f"{r['edit_s']} | {r['invert_over_forwards']} | {r['edit_over_forwards']} |")
+    lines += ["", "| job | steps | ours (s) | LEDITS++ (s) | ours ÷ LEDITS++ |", "|---|---|---|---|---|"]
+    for c in comparison:
+        lines.append(f"| {c['job']} | {c['steps']} | {c['ours_s']} | {c['ledits_pp_s']} | {c['ours_over_ledits_pp']} |")
+    return "\n".join(lines)
