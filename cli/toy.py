@@ -22,6 +22,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Everything is drawn from this seed.")] = 0,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
     unet_steps: Annotated[int, typer.Option(help="UNet training steps (batch 48).")] = 3600,
+    decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1500,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoints in --work.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
@@ -43,7 +44,8 @@ def train(
         raise DiffeditError(f"{out}: already exists; pass --overwrite to replace it")
     if not resume and work.exists():
         shutil.rmtree(work)
-    config = TrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, dataset=dataset)
+    config = TrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
+                         dataset=dataset)
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=stderr, disable=not stderr.is_terminal) as bar:

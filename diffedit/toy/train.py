@@ -28,6 +28,7 @@ class TrainConfig:
     vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 1e-3
+    decoder_steps: int = 1500
     photo_fraction: float = 0.3
     dataset: int = 20_000
     unet_steps: int = 3600
@@ -76,44 +77,63 @@ def _load(path: Path):
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def train_vae(config: TrainConfig, work: Path, tick) -> tuple[torch.nn.Module, float]:
-    vae = toy.make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / config.vae_steps))))
+def _vae_batch(config: TrainConfig, photos, phase: int, step: int):
+    """A seeded batch of scenes and photo crops, with per-pixel loss weights (objects x10)."""
+    rng = np.random.default_rng([config.seed, phase, step])
+    images, weights = [], []
+    for _ in range(config.vae_batch):
+        if rng.random() < config.photo_fraction:
+            images.append(photo_crop(photos, rng))
+            weights.append(np.full((64, 64), 3.0, np.float32))
+        else:
+            scene = make_scene(int(rng.integers(2**31)))
+            images.append(scene.image)
+            objects = np.any(scene.masks, 0) if scene.masks else np.zeros((64, 64), bool)
+            weights.append(1.0 + 9.0 * objects.astype(np.float32))
+    return to_pixels(np.stack(images)), torch.from_numpy(np.stack(weights))[:, None]
+
+
+def _fit_vae(config: TrainConfig, vae, params, steps: int, lr: float, work: Path, name: str, phase: int, tick):
+    """Train `params` of the VAE for `steps` steps, resumably (checkpoint `name`)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    cosine = lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     start = 0
-    state = _load(work / "vae.ckpt")
+    state = _load(work / name)
     if state is not None:
         vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         start = state["step"]
     photos = photo_sources()
-    for step in range(start, config.vae_steps):
-        rng = np.random.default_rng([config.seed, 1, step])
-        images, weights = [], []
-        for _ in range(config.vae_batch):
-            if rng.random() < config.photo_fraction:
-                images.append(photo_crop(photos, rng))
-                weights.append(np.full((64, 64), 3.0, np.float32))
-            else:
-                scene = make_scene(int(rng.integers(2**31)))
-                images.append(scene.image)
-                objects = np.any(scene.masks, 0) if scene.masks else np.zeros((64, 64), bool)
-                weights.append(1.0 + 9.0 * objects.astype(np.float32))
-        x = to_pixels(np.stack(images))
-        w = torch.from_numpy(np.stack(weights))[:, None]
+    for step in range(start, steps):
+        x, w = _vae_batch(config, photos, phase, step)
         # Trained on the posterior mode: sampling with the initial unit std drowns the small latents
         # and stalls reconstruction; a tiny KL still keeps the latent scale in check.
         posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.mode()).sample
-        err = rec - x
+        err = vae.decode(posterior.mode()).sample - x
         loss = (w * (err.abs() + err.pow(2))).mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        tick("vae", step + 1, config.vae_steps, loss.item())
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.vae_steps:
-            _checkpoint(work / "vae.ckpt", vae=vae.state_dict(), opt=opt.state_dict(),
-                        sched=sched.state_dict(), step=step + 1)
+        tick(name.split(".")[0], step + 1, steps, loss.item())
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            _checkpoint(work / name, vae=vae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1)
+
+
+def finetune_decoder(config: TrainConfig, vae, work: Path, tick):
+    """More decoder training with the encoder frozen: sharper images, same latents (the UNet stays valid)."""
+    vae.requires_grad_(False)
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in decoder:
+        p.requires_grad_(True)
+    vae.train()
+    _fit_vae(config, vae, decoder, config.decoder_steps, config.vae_lr / 2, work, "decoder.ckpt", 2, tick)
+    return vae.eval().requires_grad_(False)
+
+
+def train_vae(config: TrainConfig, work: Path, tick) -> tuple[torch.nn.Module, float]:
+    vae = toy.make_vae()
+    _fit_vae(config, vae, list(vae.parameters()), config.vae_steps, config.vae_lr, work, "vae.ckpt", 1, tick)
     vae.eval().requires_grad_(False)
     with torch.inference_mode():  # scaling factor: unit standard deviation of scene latents
         sample = to_pixels(np.stack([make_scene(10**9 + i).image for i in range(512)]))
@@ -201,6 +221,7 @@ def train(out: Path, work: Path, config: TrainConfig, tick) -> dict:
     vae.register_to_config(scaling_factor=scale)
     latents, captions = encode_dataset(config, vae, scale, work, tick)
     unet = train_unet(config, latents, captions, tokenizer, text_encoder, work, tick)
+    vae = finetune_decoder(config, vae, work, tick)
     pipe = toy.assemble(vae, unet, text_encoder, tokenizer)
     toy.save(pipe, out)
     return {"config": asdict(config), "scaling_factor": scale}
