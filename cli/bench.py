@@ -131,3 +131,42 @@ def engines(
     table = bench.markdown(rows, comparison)
     _write(rows + comparison, table, save)
     typer.echo("\n".join(jsonlib.dumps(r) for r in rows + comparison) if json else table)
+
+
+@bench_app.command("guidance")
+def guidance(
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")] = 3,
+    quick: Annotated[bool, typer.Option(help="Tiny model, 10 steps.")] = False,
+    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """Cost of CFG++, PAG and FK steering relative to CFG, and ours vs diffusers' PAG pipeline.
+
+    Example: diffedit bench guidance --save benchmarks/results/guidance
+    """
+    from diffedit.benchmarks import guidance as bench
+
+    with stderr.status("measuring"):
+        rows = bench.run(repeats=repeats, quick=quick)
+    table = bench.markdown(rows)
+    _write(rows, table, save)
+    typer.echo("\n".join(jsonlib.dumps(r) for r in rows) if json else table)
+
+
+@bench_app.command("fk-toy")
+def fk_toy(
+    model: Annotated[str, typer.Option("--model", "-m")] = "samples/toy-sd",
+    n: Annotated[int, typer.Option(help="Number of seeded prompts.")] = 50,
+    particles: Annotated[int, typer.Option(help="FK particles K.")] = 4,
+    json: JsonOpt = False,
+):
+    """FK steering with the checker reward on the toy model: success with K particles vs K = 1.
+
+    Example: diffedit bench fk-toy --n 50 --particles 4
+    """
+    from diffedit.models import load_model
+    from diffedit.toy.quality import fk_success
+
+    with stderr.status("measuring"):
+        result = fk_success(load_model(model, device="cpu"), n=n, particles=particles)
+    typer.echo(jsonlib.dumps(result) if json else "\n".join(f"{k}: {v}" for k, v in result.items()))

@@ -100,3 +100,24 @@ def report(model_path: str, n: int = 200, steps: int = 50, guidance_scale: float
     result["vae_psnr_photos"] = vae_psnr(model, photos_64())
     result["ddim_round_trip_psnr"] = ddim_round_trip_psnr(model)
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def fk_success(model: Family, n: int = 50, particles: int = 4, steps: int = 50, guidance_scale: float = 5.0,
+               lam: float = 10.0) -> dict:
+    """Checker success (shape and colour right) with FK steering on the checker reward, vs K = 1.
+
+    Both use the same stochastic sampler (eta = 1) and seeds; only the particles and resampling differ.
+    """
+    from diffedit.guidance.fk import FKConfig
+    from diffedit.jobs import generate_image
+
+    prompts = prompt_set(n, seed=1)
+    wins = {1: 0, particles: 0}
+    for k in wins:
+        fk = FKConfig(particles=k, lam=lam, every=5) if k > 1 else None
+        for seed, (prompt, shape, colour) in enumerate(prompts):
+            image, _ = generate_image(model, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                                      width=64, height=64, eta=1.0, fk=fk, reward="checker")
+            wins[k] += all(judge(np.asarray(image), shape, colour))
+    return {"prompts": n, "particles": particles, "success_k1_pct": 100 * wins[1] / n,
+            f"success_k{particles}_pct": 100 * wins[particles] / n}
