@@ -45,6 +45,7 @@ def branch_denoiser(
     model: Family, prompt: str, guidance_scale: float, height: int, width: int,
     negative_prompt: str = "", guidance: GuidanceSpec | None = None,
 ) -> Denoiser:
+    """One prompt's denoiser (see `prompt_denoiser_for`)."""
     return prompt_denoiser_for(model, [prompt], guidance_scale, height, width, negative_prompt, guidance)
 
 
@@ -52,7 +53,8 @@ def prompt_denoiser_for(
     model: Family, prompts: list[str], guidance_scale: float, height: int, width: int,
     negative_prompt: str = "", guidance: GuidanceSpec | None = None, controller=None,
 ) -> Denoiser:
-    """One prompt's denoiser with `guidance` (plain CFG by default) at `guidance_scale`.
+    """A denoiser over prompts (one row each) with `guidance` (CFG by default) at `guidance_scale`
+    (a list gives each row its own scale) and an optional attention controller.
 
     Guidance-distilled models (Flux) take the scale as a network input: their CFG branch is the
     conditional one alone, and CFG++/PAG still apply on top of it.
