@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from diffedit.editing.attention import AttnCall, Controller
 from diffedit.errors import UsageError
+from diffedit.sampling import step
 
 
 @dataclass
@@ -151,25 +152,29 @@ class LocalBlend:
     def add(self, maps: torch.Tensor) -> None:
         self.sum = maps if self.sum is None else self.sum + maps
 
-    def mask(self) -> torch.Tensor:
-        """[1, 1, h, w] union over items of their words' normalised, dilated, thresholded maps."""
+    def take_mask(self) -> torch.Tensor | None:
+        """[1, 1, h, w] union over items of their words' normalised, dilated, thresholded maps, from
+        the maps recorded during this step (which are then cleared); None if none were recorded."""
+        maps, self.sum = self.sum, None
+        if maps is None:
+            return None
         masks = []
         for item, pos in enumerate(self.positions):
             if not pos:
                 continue
-            m = self.sum[item, pos].sum(0, keepdim=True)[None]
+            m = maps[item, pos].sum(0, keepdim=True)[None]
             m = F.max_pool2d(m, 3, stride=1, padding=1)
             masks.append(m / m.max().clamp_min(1e-8) > self.threshold)
         return torch.stack(masks).any(0).float()
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x = [source, targets...]: keep each target equal to the source outside the mask."""
-        if self.sum is None:
+    def apply(self, x: torch.Tensor, active: bool = True) -> torch.Tensor:
+        """x = [source, targets...]: keep each target equal to the source outside this step's mask."""
+        mask = self.take_mask()
+        if not active or mask is None:
             return x
-        mask = self.mask().to(x.device, x.dtype)
+        mask = mask.to(x.device, x.dtype)
         x = x.clone()
         x[1:] = x[:1] + mask * (x[1:] - x[:1])
-        self.sum = None  # maps of the next step only
         return x
 
 
@@ -236,16 +241,14 @@ def paired_edit(run, x_source: torch.Tensor, x_target: torch.Tensor, pinned: lis
                            store=run.show_attention)
     denoise = run.denoiser_for([source, target], controller)
     x = torch.cat([x_source, x_target])
-    blend_from = round(config.blend_start * len(schedule)) if controller.blend is not None else None
+    blend_from = round(config.blend_start * len(schedule))
     for i in range(len(schedule)):
         x0, eps = denoise(x, schedule, i)
-        x = torch.add(schedule.a[i + 1] * x0, eps, alpha=schedule.s[i + 1])
+        x = step(x0, eps, schedule.a[i + 1], schedule.s[i + 1])
         if pinned is not None:
             x[:1] = pinned[i + 1]
-        if blend_from is not None and i >= blend_from:
-            x = controller.blend.apply(x)
-        elif controller.blend is not None:
-            controller.blend.sum = None
+        if controller.blend is not None:
+            x = controller.blend.apply(x, active=i >= blend_from)
         if run.callback:
             run.callback(i, x, x0)
     if run.show_attention and controller.stored is not None:

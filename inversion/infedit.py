@@ -68,10 +68,10 @@ class InfEdit(Engine):
                                       a[i], s[i], a[i + 1], s[i + 1], p["eta"], xi[0]))
             z = torch.stack([r[0] for r in rows])
             x0_target = rows[TARGET][1][None]
-            if blend is not None and blend.sum is not None:
-                mask = blend.mask().to(z)[0]
+            mask = blend.take_mask() if blend is not None else None
+            if mask is not None:  # outside where the blend words attend, the target follows the layout
+                mask = mask.to(z)[0]
                 z[TARGET] = z[LAYOUT] + mask * (z[TARGET] - z[LAYOUT])
-                blend.sum = None
             if run.callback:
                 run.callback(i, z, x0)
         return x0_target  # the paper decodes the target's final clean estimate
