@@ -9,17 +9,14 @@ KINDS = ("cfg", "cfgpp", "pag", "cfgpp+pag")
 
 def make_guidance(kind: str, scale: float, *, pag_scale: float = 3.0, pag_layers: tuple[str, ...] = ("mid",),
                   pag_adaptive_scale: float = 0.0):
-    """`kind` with guidance scale `scale` (CFG's w, or CFG++'s lambda in [0, 1])."""
+    """`kind` with guidance scale `scale` (CFG's w, or CFG++'s lambda in [0, 1]); a list of scales
+    gives each prompt of the batch its own (engines that sample a source and a target together)."""
     from diffedit.guidance.cfg import CFG
     from diffedit.guidance.cfgpp import CFGpp
     from diffedit.guidance.pag import PAG
 
     if kind not in KINDS:
         raise UsageError(f"unknown guidance {kind!r}; use one of {', '.join(KINDS)}")
-    if isinstance(scale, (list, tuple)):  # per-prompt scales: plain CFG only
-        if kind != "cfg":
-            raise UsageError(f"--guidance {kind} cannot use a different scale per image (this engine needs that)")
-        return CFG(scale)
     base = CFGpp(scale) if kind.startswith("cfgpp") else CFG(scale)
     if kind.endswith("pag") and (pag_scale or pag_adaptive_scale):
         return PAG(base, pag_scale, pag_layers, pag_adaptive_scale)

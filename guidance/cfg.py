@@ -12,6 +12,25 @@ import torch
 Prediction = tuple[torch.Tensor, torch.Tensor]  # (x0_hat, eps_hat)
 
 
+def scales(scale: float | list[float]) -> tuple[float | list[float], float | torch.Tensor]:
+    """(the scale as given, the weight to lerp with): one for all rows, or one per row."""
+    if isinstance(scale, (list, tuple)):
+        values = [float(v) for v in scale]
+        return values, torch.tensor(values).view(-1, 1, 1, 1)
+    return float(scale), float(scale)
+
+
+def on(weight: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A per-row weight on the device and dtype of the predictions (moved once, then kept)."""
+    if isinstance(weight, torch.Tensor) and (weight.device != like.device or weight.dtype != like.dtype):
+        return weight.to(like.device, like.dtype)
+    return weight
+
+
+def _as_list(scale) -> list[float]:
+    return list(scale) if isinstance(scale, list) else [scale]
+
+
 class Guidance:
     """Names the branches it needs and combines their `(x0_hat, eps_hat)` at network time `t`."""
 
@@ -41,18 +60,14 @@ class CFG(Guidance):
 
     def __init__(self, scale: float | list[float]):
         """`scale` may be a list: one scale per prompt of the batch (InfEdit's source and target)."""
-        per_row = isinstance(scale, (list, tuple))
-        self.scale = [float(v) for v in scale] if per_row else float(scale)
-        self._weight = torch.tensor(self.scale).view(-1, 1, 1, 1) if per_row else self.scale
-        self.branches = ("cond",) if set(self.scale if per_row else [self.scale]) == {1.0} else ("uncond", "cond")
+        self.scale, self.weight = scales(scale)
+        self.branches = ("cond",) if set(_as_list(self.scale)) == {1.0} else ("uncond", "cond")
 
     def combine(self, preds, t):
         if self.branches == ("cond",):
             return preds["cond"]
         (x0_u, eps_u), (x0_c, eps_c) = preds["uncond"], preds["cond"]
-        w = self._weight
-        if isinstance(w, torch.Tensor) and (w.device != x0_u.device or w.dtype != x0_u.dtype):
-            w = self._weight = w.to(x0_u.device, x0_u.dtype)
+        w = self.weight = on(self.weight, x0_u)
         return torch.lerp(x0_u, x0_c, w), torch.lerp(eps_u, eps_c, w)  # u + w (c - u)
 
     def describe(self):

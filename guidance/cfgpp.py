@@ -9,25 +9,29 @@ unconditional branch and the re-noising from the guided one, as the paper's CFG+
 import torch
 
 from diffedit.errors import UsageError
-from diffedit.guidance.cfg import Guidance
+from diffedit.guidance.cfg import Guidance, on, scales
 
 
 class CFGpp(Guidance):
     name = "cfgpp"
     branches = ("uncond", "cond")
 
-    def __init__(self, scale: float):
-        if not 0.0 <= scale <= 1.0:
-            raise UsageError(f"CFG++ scale {scale} must be in [0, 1] (it plays the role of CFG's w at small values)")
-        self.scale = float(scale)
+    def __init__(self, scale: float | list[float]):
+        """`scale` may be a list: one lambda per prompt of the batch."""
+        self.scale, self.weight = scales(scale)
+        for value in (self.scale if isinstance(self.scale, list) else [self.scale]):
+            if not 0.0 <= value <= 1.0:
+                raise UsageError(f"CFG++ scale {value} must be in [0, 1] (it plays the role of CFG's w at small values)")
 
     def combine(self, preds, t):
         (x0_u, eps_u), (x0_c, _) = preds["uncond"], preds["cond"]
-        return torch.lerp(x0_u, x0_c, self.scale), eps_u
+        self.weight = on(self.weight, x0_u)
+        return torch.lerp(x0_u, x0_c, self.weight), eps_u
 
     def combine_inverse(self, preds, t):
         (x0_u, eps_u), (_, eps_c) = preds["uncond"], preds["cond"]
-        return x0_u, torch.lerp(eps_u, eps_c, self.scale)
+        self.weight = on(self.weight, eps_u)
+        return x0_u, torch.lerp(eps_u, eps_c, self.weight)
 
     def describe(self):
         return {"name": self.name, "scale": self.scale}

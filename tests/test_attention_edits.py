@@ -121,3 +121,16 @@ def test_cli_show_attention_grid(cli, tmp_path, tiny_folder, square):
     assert Image.open(grid).width == 96 * tokens
     code, _, err = cli("edit", square, "-s", "a", "-t", "b", "-e", "ddim", "--reweight", "b=x", "-o", tmp_path / "x.png")
     assert code == 2 and "WORD=FACTOR" in err
+
+
+@pytest.mark.parametrize("kind", ["cfgpp", "pag", "cfgpp+pag"])
+def test_every_guidance_in_per_row_engines(tiny, square, kind):
+    """InfEdit gives source and target rows their own scales; every guidance kind takes that."""
+    from diffedit.guidance import GuidanceSpec
+
+    _, model = tiny("sd1")
+    record, result = invert_image(model, square, engine="infedit", prompt="a red square", steps=6,
+                                  guidance_scale=0.5, guidance=GuidanceSpec(kind))
+    assert result["latent_max_abs"] <= 1e-4  # same prompt and scale: still the identity
+    image, edited = edit_record(model, record, "a blue square", guidance_scale=0.8)
+    assert edited["nfe"] == 6 and np.asarray(image).std() > 0
