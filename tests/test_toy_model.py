@@ -1,0 +1,69 @@
+"""The shipped toy model: loads with diffusers, follows prompts by the checker, round-trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from diffedit.models import DEFAULT_MODEL, load_model
+from diffedit.toy.quality import generate_batch, judge, photos_64, vae_psnr
+from diffedit.toy.shapes import make_scene
+
+GUIDANCE = 5.0
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_model(DEFAULT_MODEL, device="cpu")
+
+
+def test_loads_with_diffusers_and_is_small():
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20
+    assert not list(DEFAULT_MODEL.rglob("*.bin"))  # safetensors only
+
+
+def test_is_the_default_model(toy):
+    assert toy.name == "sd1" and toy.default_size() == (64, 64)
+
+
+def test_draws_what_it_is_asked(toy):
+    prompts = [("a red circle on a white background", "circle", "red"),
+               ("a blue square on a white background", "square", "blue"),
+               ("a green triangle on a grey background", "triangle", "green"),
+               ("a yellow star on a black background", "star", "yellow")]
+    seeds = [1, 2, 3]
+    batch = [(p, s, c, seed) for p, s, c in prompts for seed in seeds]
+    images = generate_batch(toy, [b[0] for b in batch], [b[3] for b in batch], steps=25, guidance_scale=GUIDANCE)
+    right = [all(judge(image, shape, colour)) for image, (_, shape, colour, _) in zip(images, batch)]
+    assert sum(right) >= len(right) - 1, right  # one miss allowed among 12 (the measured rate is in the README)
+    # the red circle and blue square, the issue's named examples, every seed
+    assert all(right[:6]), right[:6]
+
+
+def test_vae_round_trips(toy):
+    # Issue 4 asks 30 dB on shapes; the shipped VAE reaches 27.3 (samples/toy-sd/README.md says what
+    # was tried). This guards what it does reach, so a regression shows.
+    assert vae_psnr(toy, [make_scene(10**8 + i).image for i in range(24)]) >= 26.5
+    assert vae_psnr(toy, photos_64()) >= 24.0
+
+
+def test_exact_engines_on_the_toy_model(toy):
+    from PIL import Image
+
+    from diffedit.jobs import invert_image
+
+    scene = Image.fromarray(make_scene(10**8 + 5).image)
+    errors = {}
+    for engine in ("ddim", "ddpm-ef", "bdia", "direct", "infedit"):
+        _, result = invert_image(toy, scene, engine=engine, prompt=make_scene(10**8 + 5).caption, steps=20)
+        errors[engine] = result["latent_max_abs"]
+        if engine != "ddim":
+            assert result["latent_max_abs"] <= 1e-4, engine
+            assert result["psnr"] == pytest.approx(result["vae_psnr"], abs=0.01)
+    assert errors["ddim"] > 100 * max(errors["ddpm-ef"], errors["bdia"], 1e-6)
+    assert torch.isfinite(torch.tensor(list(errors.values()))).all() and np.isfinite(errors["ddim"])
