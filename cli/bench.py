@@ -51,7 +51,7 @@ def shapes(
     engine: Annotated[list[str], typer.Option("--engine", "-e", help="Engine(s) to run (repeatable).")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Default: the shipped toy model.")] = None,
     kinds: Annotated[str | None, typer.Option(help="Comma-separated task kinds (recolour,reshape,move,reconstruct).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N tasks (of the chosen kinds).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N tasks of each chosen kind.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", "-n")] = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
     inversion_guidance_scale: Annotated[float | None, typer.Option("--inversion-guidance-scale")] = None,
@@ -78,15 +78,21 @@ def shapes(
     options = {"steps": steps, "guidance_scale": guidance_scale, "inversion_guidance_scale": inversion_guidance_scale,
                "params": params}
     rows = []
-    with stderr.status("running ShapesBench") as status:
-        for name in engine:
-            rows += bench.run(m, name, kinds=kinds.split(",") if kinds else None, limit=limit, options=options,
-                              progress=lambda row: status.update(f"{row['engine']} {row['id']}"))
-    summary = bench.summarize(rows)
-    table = bench.markdown(summary)
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
-        (save / "rows.jsonl").write_text("".join(jsonlib.dumps(r) + "\n" for r in rows))
+        (save / "rows.jsonl").write_text("")
+
+    def progress(row):  # rows are kept as they come, so a long run that stops loses nothing
+        if save is not None:
+            with open(save / "rows.jsonl", "a") as f:
+                f.write(jsonlib.dumps(row) + "\n")
+
+    with stderr.status("running ShapesBench"):
+        for name in engine:
+            rows += bench.run(m, name, kinds=kinds.split(",") if kinds else None, limit=limit, options=options,
+                              progress=progress)
+    summary = bench.summarize(rows)
+    table = bench.markdown(summary)
     _write(summary, table, save)
     if json:
         for row in rows:

@@ -156,15 +156,31 @@ def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> 
     return image, result
 
 
-RUNNERS: dict[str, TaskRunner] = {"recolour": text_edit, "reshape": text_edit, "reconstruct": text_edit}
+def reconstruction(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict]:
+    """Invert and regenerate with the same prompt and guidance: the engine's round trip."""
+    from diffedit.jobs import invert_image, reconstruct_record
+
+    keep = {k: options[k] for k in ("engine", "steps", "params") if k in options}
+    record, inverted = invert_image(model, source, prompt=task["source_prompt"], check=False,
+                                    guidance_scale=options.get("inversion_guidance_scale"), **keep)
+    image, result = reconstruct_record(model, record)
+    return image, {**result, "nfe": inverted["nfe"] + result["nfe"]}
+
+
+RUNNERS: dict[str, TaskRunner] = {"recolour": text_edit, "reshape": text_edit, "reconstruct": reconstruction}
 
 
 def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: int | None = None,
         options: dict | None = None, tasks_path: Path = TASKS, progress=None) -> list[dict]:
     """Run the benchmark with one engine; one row per task."""
     tasks = [t for t in load_tasks(tasks_path) if kinds is None or t["kind"] in kinds]
-    if limit:
-        tasks = tasks[:limit]
+    if limit:  # the first `limit` tasks of each kind
+        kept, seen = [], {}
+        for task in tasks:
+            seen[task["kind"]] = seen.get(task["kind"], 0) + 1
+            if seen[task["kind"]] <= limit:
+                kept.append(task)
+        tasks = kept
     rows = []
     for task in tasks:
         runner = RUNNERS.get(task["kind"])
