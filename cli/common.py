@@ -23,7 +23,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar."
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", "-n", min=1, max=1000, help="Number of steps (default: the engine's; generate: 50).")]
 # Engine parameters: each applies to some engines only, and a wrong pairing is a usage error.
-SkipOpt = Annotated[int | None, typer.Option("--skip", min=0, help="ddpm-ef: start the edit this many steps late (keeps more of the input).")]
+SkipOpt = Annotated[int | None, typer.Option("--skip", min=0, help="ddpm-ef: start the edit this many steps late (keeps more of the input; default 36 % of the steps, as in the paper).")]
 EtaOpt = Annotated[float | None, typer.Option("--eta", help="ddpm-ef/infedit: churn (default 1); rf-inversion: edit controller strength (0.9).")]
 GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: backward weight in (0, 1] (0.94); rf-inversion: inversion controller strength (0.5).")]
 StartOpt = Annotated[float | None, typer.Option("--start", help="rf-inversion: first fraction of steps with the edit controller (0).")]

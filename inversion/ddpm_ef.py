@@ -17,16 +17,21 @@ def _noise_scale(run: Run, i: int, eta: float) -> float:
     return churn(a[i], s[i], a[i + 1], s[i + 1], eta)
 
 
+def default_skip(steps: int) -> int:
+    """The paper edits from step 36 of 100: the first, noisiest steps would redraw the layout."""
+    return round(0.36 * steps)
+
+
 @register
 class EditFriendlyDDPM(Engine):
     name = "ddpm-ef"
     exact = True
-    defaults = {"eta": 1.0, "skip": 0}
+    defaults = {"eta": 1.0, "skip": None}  # None: the paper's T_skip, 36 of 100 steps
     default_steps = 100
     default_guidance = (3.5, 15.0)  # source (inversion) and target CFG of the paper's code
 
     def check(self, params: dict, steps: int) -> None:
-        if not 0 <= params["skip"] < steps:
+        if params["skip"] is not None and not 0 <= params["skip"] < steps:
             raise UsageError(f"--skip {params['skip']} must be at least 0 and below --steps {steps}")
         if not 0 < params["eta"] <= 1:
             raise UsageError(f"eta {params['eta']} must be in (0, 1]")
@@ -56,7 +61,8 @@ class EditFriendlyDDPM(Engine):
 
     @torch.inference_mode()
     def edit(self, run: Run, tensors):
-        sched, eta, skip = run.schedule, float(run.params["eta"]), int(run.params["skip"])
+        sched, eta = run.schedule, float(run.params["eta"])
+        skip = default_skip(len(sched)) if run.params["skip"] is None else int(run.params["skip"])
         a, s = sched.a, sched.s
         xs = tensors["xs"].to(run.model.device, torch.float64)
         zs = tensors["zs"].to(run.model.device, torch.float64)

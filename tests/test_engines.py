@@ -14,6 +14,7 @@ from diffedit.engines import Run, engine_names
 from diffedit.errors import UsageError
 from diffedit.images import to_tensor
 from diffedit.jobs import branch_denoiser, engine_setup
+from diffedit.inversion.ddpm_ef import default_skip
 
 H = W = 32
 
@@ -38,8 +39,9 @@ def test_exact_engines_reconstruct_every_family(tiny, family, engine):
     ddim, _, _ = round_trip(model, "ddim", 20)
     assert exact <= 1e-4
     assert ddim > 100 * max(exact, 1e-6)  # DDIM's error is measurably larger
-    # inversion + reconstruction, CFG batched; BDIA starts sampling from its stored pair of states
-    assert run.nfe == (2 * 20 - 1 if engine == "bdia" else 2 * 20)
+    # inversion + reconstruction, CFG batched; BDIA starts sampling from its stored pair of states,
+    # edit-friendly DDPM from the paper's default skip
+    assert run.nfe == (2 * 20 - 1 if engine == "bdia" else 2 * 20 - default_skip(20))
 
 
 def test_ddpm_ef_skip_starts_late_and_stays_exact(tiny):
