@@ -76,11 +76,31 @@ def default_steps(engine: str, steps: int | None) -> int:
     return steps or get_engine(engine).default_steps
 
 
+_loaded: dict | None = None  # models kept for reuse while a batch runs
+
+
 def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None):
     from diffedit.models import load_model
 
+    key = (model, device, dtype, allow_pickle, config)
+    if _loaded is not None and key in _loaded:
+        return _loaded[key]
     with stderr.status("loading model", spinner="dots") if stderr.is_terminal else _nothing():
-        return load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
+        m = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
+    if _loaded is not None:
+        _loaded[key] = m
+    return m
+
+
+@contextmanager
+def reuse_models():
+    """Within this block every command reuses the models loaded before (a batch loads each once)."""
+    global _loaded
+    _loaded = {}
+    try:
+        yield
+    finally:
+        _loaded = None
 
 
 @contextmanager

@@ -19,7 +19,13 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each command module adds its verbs to `app`; imported here so `--help` lists them all.
-    from diffedit.cli import bench, edit, generate, invert, models, toy  # noqa: F401
+    from diffedit.cli import batch, bench, edit, generate, invert, models, toy  # noqa: F401
+
+
+def commands() -> dict:
+    """The app's commands by name (click objects, which list each command's parameters)."""
+    _register()
+    return dict(typer.main.get_command(app).commands)
 
 
 def run(argv: list[str] | None = None) -> int:

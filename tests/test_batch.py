@@ -1,0 +1,165 @@
+"""diffedit batch: manifests, failure isolation, safe outputs, kill + resume, accelerate sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import run_subprocess
+
+
+def write_manifest(path: Path, jobs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    return path
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float32)
+
+
+def generate_jobs(model: Path, n: int, steps: int = 4) -> list[dict]:
+    return [{"id": f"g{k}", "command": "generate", "prompt": f"a red cat {k}", "steps": steps, "seed": k,
+             "height": 32, "width": 32, "model": str(model)} for k in range(n)]
+
+
+def test_good_jobs_succeed_bad_ones_are_reported(tmp_path, tiny_folder, cli):
+    model = tiny_folder("sd1")
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(tmp_path / "in.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    jobs = [
+        {"id": "inv", "command": "invert", "image": "in.png", "prompt": "a cat", "steps": 4, "model": str(model)},
+        {"id": "corrupt", "command": "edit", "image": "corrupt.png", "target": "a dog", "steps": 4, "model": str(model)},
+        {"id": "missing", "command": "edit", "image": "nope.png", "target": "a dog", "steps": 4, "model": str(model)},
+        {"id": "escape", "command": "generate", "prompt": "x", "output": "../escaped.png", "model": str(model)},
+        {"id": "../../up", "command": "generate", "prompt": "a cat", "steps": 2, "height": 32, "width": 32,
+         "model": str(model)},
+        {"id": "typo", "command": "generate", "prompt": "x", "stepz": 3},
+    ]
+    out = tmp_path / "out"
+    code, stdout, err = cli("batch", write_manifest(tmp_path / "m.jsonl", jobs), "--out-dir", out, "-q", "--json")
+    assert code == 3
+    rows = {r["id"]: r for r in rows_of(out)}
+    assert [r["id"] for r in rows_of(out)] == [j["id"] for j in jobs]  # manifest order
+    assert rows["inv"]["status"] == "ok" and rows["inv"]["outputs"] == ["inv.inv.safetensors"]
+    assert rows["inv"]["metrics"]["latent_max_abs"] >= 0  # the command's own metrics come along
+    assert "corrupt.png" in rows["corrupt"]["error"] and "nope.png" in rows["missing"]["error"]
+    assert "inside the out dir" in rows["escape"]["error"]
+    assert rows["../../up"]["status"] == "ok" and rows["../../up"]["outputs"] == ["_.._up.png"]  # sanitized
+    assert "unknown key 'stepz'" in rows["typo"]["error"]
+    assert not (tmp_path / "escaped.png").exists() and not (tmp_path.parent / "up.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["_.._up.png", "inv.inv.safetensors", "results.jsonl"]
+    assert len(stdout.splitlines()) == len(jobs)  # --json: one row per job on stdout
+
+
+def test_model_is_loaded_once_and_results_equal_single_commands(tmp_path, tiny_folder, cli, monkeypatch):
+    import diffedit.models
+
+    model = tiny_folder("sd1")
+    loads = []
+    real = diffedit.models.load_model
+    monkeypatch.setattr(diffedit.models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    out = tmp_path / "out"
+    code, _, _ = cli("batch", write_manifest(tmp_path / "m.jsonl", generate_jobs(model, 3)), "--out-dir", out, "-q")
+    assert code == 0 and len(loads) == 1
+    code, _, _ = cli("generate", "a red cat 2", "-n", 4, "--seed", 2, "--height", 32, "--width", 32, "-m", model,
+                     "-o", tmp_path / "alone.png", "-q")
+    assert code == 0 and np.array_equal(pixels(out / "g2.png"), pixels(tmp_path / "alone.png"))
+
+
+def test_manifest_errors_stop_before_any_job(tmp_path, cli):
+    out = tmp_path / "out"
+    dup = write_manifest(tmp_path / "dup.jsonl", [{"id": "a", "command": "generate", "prompt": "x"}] * 2)
+    code, _, err = cli("batch", dup, "--out-dir", out)
+    assert code == 1 and "dup.jsonl:2" in err and "repeats" in err and not out.exists()
+    (tmp_path / "bad.jsonl").write_text('{"command": "generate"}\n[1, 2]\n')
+    code, _, err = cli("batch", tmp_path / "bad.jsonl", "--out-dir", out)
+    assert code == 1 and "bad.jsonl:2: each line must be a JSON object" in err
+
+
+def test_manifest_from_stdin_and_rerun_needs_resume(tmp_path, tiny_folder):
+    manifest = "".join(json.dumps(j) + "\n" for j in generate_jobs(tiny_folder("sd1"), 2, steps=2))
+    out = tmp_path / "out"
+    done = run_subprocess(["batch", "-", "--out-dir", out, "--json"], stdin=manifest.encode())
+    assert done.returncode == 0, done.stderr.decode()
+    assert [json.loads(line)["id"] for line in done.stdout.decode().splitlines()] == ["g0", "g1"]
+    again = run_subprocess(["batch", "-", "--out-dir", out], stdin=manifest.encode())
+    assert again.returncode == 1 and b"--resume" in again.stderr
+
+
+def test_sigkill_then_resume_runs_every_job_exactly_once(tmp_path, tiny_folder):
+    jobs = generate_jobs(tiny_folder("sd1"), 8, steps=40)
+    manifest, out = write_manifest(tmp_path / "m.jsonl", jobs), tmp_path / "out"
+    cmd = [sys.executable, "-m", "diffedit", "batch", str(manifest), "--out-dir", str(out), "-q"]
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not results.exists() or len(results.read_text().splitlines()) < 2):
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    first = {r["id"]: r for r in rows_of(out)}
+    assert 2 <= len(first) < len(jobs), "the kill should land in the middle of the batch"
+    stamps = {i: (out / r["outputs"][0]).stat().st_mtime_ns for i, r in first.items()}
+
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    rows = rows_of(out)
+    assert [r["id"] for r in rows] == [j["id"] for j in jobs]  # each once, in manifest order
+    assert all(r["status"] == "ok" for r in rows)
+    assert all((out / first[i]["outputs"][0]).stat().st_mtime_ns == t for i, t in stamps.items())  # not redone
+    for row in rows:
+        with Image.open(out / row["outputs"][0]) as img:
+            img.load()  # a truncated file would raise
+    assert not list(out.glob(".*"))  # no temporary file left behind
+
+
+def test_two_processes_under_accelerate_equal_one(tmp_path, tiny_folder):
+    jobs = generate_jobs(tiny_folder("sd1"), 5, steps=3)
+    manifest = write_manifest(tmp_path / "m.jsonl", jobs)
+    single = run_subprocess(["batch", manifest, "--out-dir", tmp_path / "one", "-q"])
+    assert single.returncode == 0, single.stderr.decode()
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launch = [str(accelerate if accelerate.exists() else shutil.which("accelerate")), "launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "diffedit", "batch", str(manifest), "--out-dir", str(tmp_path / "two"), "-q"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(launch, capture_output=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+
+    def comparable(row):
+        return {k: v for k, v in row.items() if k != "seconds"} | {"metrics": {
+            k: v for k, v in row["metrics"].items() if k != "seconds"}}
+
+    assert [comparable(r) for r in one] == [comparable(r) for r in two]
+    for row in one:  # accelerate runs each rank on one thread: float sums in another order, <= 1 level
+        diff = pixels(tmp_path / "one" / row["outputs"][0]) - pixels(tmp_path / "two" / row["outputs"][0])
+        assert np.abs(diff).max() <= 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_contact_sheet_shows_inputs_and_outputs(tmp_path, tiny_folder, cli):
+    model = tiny_folder("sd1")
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "in.png")
+    jobs = [{"id": "e", "command": "edit", "image": "in.png", "target": "a dog", "steps": 3, "model": str(model)},
+            {"id": "g", "command": "generate", "prompt": "a cat", "steps": 2, "height": 32, "width": 32,
+             "model": str(model)}]
+    code, _, _ = cli("batch", write_manifest(tmp_path / "m.jsonl", jobs), "--out-dir", tmp_path / "out",
+                     "--contact-sheet", tmp_path / "sheet.png", "-q")
+    assert code == 0
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.size == (4 + 2 * 132, 4 + 2 * (128 + 14 + 4))  # two rows; the edit has input + output
