@@ -19,6 +19,7 @@ def batch(
     manifest: Annotated[str, typer.Argument(help="JSONL manifest, one job per line, or - for stdin.")],
     out_dir: Annotated[Path, typer.Option("--out-dir", "-d", help="Folder for every output and results.jsonl.")],
     resume: Annotated[bool, typer.Option("--resume", help="Skip jobs already done (result row ok and outputs present).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Run up to N consecutive generate jobs that differ only in prompt, seed and output as one batch.")] = 1,
     contact_sheet: Annotated[Path | None, typer.Option("--contact-sheet", help="Write a PNG with each job's input and outputs side by side.")] = None,
     json: JsonOpt = False, quiet: QuietOpt = False,
 ):
@@ -48,7 +49,7 @@ def batch(
                 typer.echo(jsonlib.dumps(row))
             advance(failures)
 
-        rows, merged = jobs_lib.run_batch(jobs, out_dir, resume=resume, on_row=on_row)
+        rows, merged = jobs_lib.run_batch(jobs, out_dir, resume=resume, batch_size=batch_size, on_row=on_row)
 
     if not quiet:
         _summary(rows, merged, rank, world)

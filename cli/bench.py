@@ -176,3 +176,23 @@ def fk_toy(
     with stderr.status("measuring"):
         result = fk_success(load_model(model, device="cpu"), n=n, particles=particles)
     typer.echo(jsonlib.dumps(result) if json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+@bench_app.command("batch")
+def batch(
+    n: Annotated[int, typer.Option(min=2, help="Number of jobs (half generate, half edit).")] = 8,
+    steps: Annotated[int, typer.Option(min=1)] = 50,
+    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """N jobs in one `diffedit batch` vs N separate processes, and batch vs pure compute (toy model).
+
+    Example: diffedit bench batch --save benchmarks/results/batch
+    """
+    from diffedit.benchmarks import batch as bench
+
+    with stderr.status("measuring"):
+        row = bench.run(n=n, steps=steps)
+    table = bench.markdown(row)
+    _write([row], table, save)
+    typer.echo(jsonlib.dumps(row) if json else table)

@@ -76,6 +76,10 @@ def default_steps(engine: str, steps: int | None) -> int:
     return steps or get_engine(engine).default_steps
 
 
+# Commands that can run several jobs as one micro-batch: name -> (runner taking a list of the
+# command's parameter dicts, the parameters jobs of one batch may differ in, which jobs qualify).
+BATCHED: dict = {}
+
 _loaded: dict | None = None  # models kept for reuse while a batch runs
 
 

@@ -8,7 +8,7 @@ import typer
 
 from diffedit.cli.common import (
     ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
-    StepsOpt, emit, fk_config, guidance_spec, load, progress,
+    StepsOpt, BATCHED, emit, fk_config, guidance_spec, load, progress,
 )
 from diffedit.cli.main import app
 
@@ -36,25 +36,49 @@ def generate(
 
     Example: diffedit generate "a red circle on a white background" --seed 1 -o circle.png
     """
+    generate_many([dict(locals())])
+
+
+def generate_many(jobs: list[dict]) -> list[dict]:
+    """Run generate jobs (the command's parameters each) that differ only in VARYING as one batch.
+
+    Every branch of every image runs in one forward per step (`diffedit batch --batch-size`).
+    """
     from diffedit.files import check_writable
     from diffedit.images import save_image
-    from diffedit.jobs import generate_image, image_params
+    from diffedit.jobs import generate_image, generate_images, image_params
 
-    if output != "-":
-        check_writable(output, overwrite)
-    spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
-    fk = fk_config(fk_particles, fk_lambda, fk_potential, fk_every, eta)
-    m = load(model, device, dtype, allow_pickle, model_config)
-    steps = steps or 50
-    with progress(steps, "generate", quiet) as callback:
-        image, result = generate_image(
-            m, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt, width=width, height=height, callback=callback,
-            guidance=spec, eta=eta, reward=reward, fk=fk,
-        )
-    params = image_params("generate", m, prompt=prompt, negative_prompt=negative_prompt, seed=result["seed"],
-                          steps=steps, guidance_scale=guidance_scale, guidance=spec.to_dict(), eta=eta,
-                          fk_particles=fk_particles, reward=reward if fk_particles > 1 else None,
-                          size=[image.height, image.width])
-    save_image(image, output, params=params, overwrite=overwrite)
-    emit({"output": output, **result}, json, to_stderr=output == "-")
+    first = jobs[0]
+    for job in jobs:
+        if job["output"] != "-":
+            check_writable(job["output"], job["overwrite"])
+    spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"])
+    fk = fk_config(first["fk_particles"], first["fk_lambda"], first["fk_potential"], first["fk_every"], first["eta"])
+    m = load(first["model"], first["device"], first["dtype"], first["allow_pickle"], first["model_config"])
+    steps = first["steps"] or 50
+    common = dict(steps=steps, guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
+                  width=first["width"], height=first["height"], guidance=spec, eta=first["eta"])
+    with progress(steps, "generate", first["quiet"]) as callback:
+        if fk is not None:  # the particles are the batch
+            assert len(jobs) == 1, "FK steering is not micro-batched"
+            outs = [generate_image(m, first["prompt"], seed=first["seed"], reward=first["reward"], fk=fk,
+                                   callback=callback, **common)]
+        else:
+            outs = generate_images(m, [j["prompt"] for j in jobs], [j["seed"] for j in jobs], callback=callback,
+                                   **common)
+    results = []
+    for job, (image, result) in zip(jobs, outs):
+        params = image_params("generate", m, prompt=job["prompt"], negative_prompt=job["negative_prompt"],
+                              seed=result["seed"], steps=steps, guidance_scale=job["guidance_scale"],
+                              guidance=spec.to_dict(), eta=job["eta"], fk_particles=job["fk_particles"],
+                              reward=job["reward"] if job["fk_particles"] > 1 else None,
+                              size=[image.height, image.width])
+        save_image(image, job["output"], params=params, overwrite=job["overwrite"])
+        emit({"output": job["output"], **result}, job["json"], to_stderr=job["output"] == "-")
+        results.append({"output": job["output"], **result})
+    return results
+
+
+# Parameters a micro-batch may vary; jobs equal in everything else share one batch.
+VARYING = ("prompt", "seed", "output")
+BATCHED["generate"] = (generate_many, VARYING, lambda job: job["fk_particles"] <= 1)

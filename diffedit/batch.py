@@ -50,6 +50,7 @@ class Job:
     argv: list[str] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
     image: Path | None = None  # the input image, for the contact sheet
+    params: dict | None = None  # the command's parsed parameters, when it runs in a micro-batch
     error: str | None = None  # a job that cannot even be built fails without running
 
 
@@ -238,6 +239,71 @@ def run_job(job: Job, out_dir: Path) -> dict:
     return {**row, "status": "ok", "outputs": outputs, "seconds": seconds, "error": None, "metrics": metrics}
 
 
+def parse_params(job: Job) -> dict | None:
+    """The job's parameters as its command function receives them (None if they do not parse)."""
+    from diffedit.cli.main import commands
+
+    try:
+        with commands()[job.command].make_context(job.command, list(job.argv[1:])) as ctx:
+            return dict(ctx.params)
+    except Exception:  # the job runs alone and reports its own usage error
+        return None
+
+
+def group_key(job: Job):
+    """Jobs with equal keys can share a micro-batch; None: the job runs alone."""
+    from diffedit.cli.common import BATCHED
+
+    entry = BATCHED.get(job.command)
+    if job.error is not None or entry is None:
+        return None
+    _, varying, qualifies = entry
+    job.params = parse_params(job)
+    if job.params is None or not qualifies(job.params):
+        return None
+    return job.command, tuple(sorted((k, repr(v)) for k, v in job.params.items() if k not in varying))
+
+
+def micro_batches(jobs: list[Job], size: int) -> list[list[Job]]:
+    """Consecutive jobs that can share a batch, at most `size` per group (manifest order kept)."""
+    groups, key = [], None
+    for job in jobs:
+        new_key = group_key(job) if size > 1 else None
+        if groups and new_key is not None and new_key == key and len(groups[-1]) < size:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+            key = new_key
+    return groups
+
+
+def run_group(group: list[Job], out_dir: Path) -> list[dict]:
+    """One micro-batch through the command's batched runner; on any error each job runs alone."""
+    from diffedit.cli.common import BATCHED
+
+    if len(group) == 1:
+        return [run_job(group[0], out_dir)]
+    start = time.perf_counter()
+    for job in group:
+        for path in job.outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            results = BATCHED[group[0].command][0]([job.params for job in group])
+        except Exception:  # e.g. one output not writable: let each job find and report its own problem
+            results = None
+    if results is None:
+        return [run_job(job, out_dir) for job in group]
+    seconds = round((time.perf_counter() - start) / len(group), 4)  # the batch's time, shared
+    rows = []
+    for job, result in zip(group, results):
+        metrics = {k: v for k, v in result.items() if k != "output"}
+        outputs = [str(p.relative_to(out_dir.resolve())) for p in job.outputs if p.exists()]
+        rows.append({"id": job.id, "line": job.line, "command": job.command, "status": "ok", "outputs": outputs,
+                     "seconds": seconds, "error": None, "metrics": metrics})
+    return rows
+
+
 def one_line_error(text: str, code: int) -> str:
     """The CLI's error line, or the text of a usage-error panel, as one line."""
     lines = [ln.strip(" │╭╮╰╯─") for ln in text.splitlines()]
@@ -262,12 +328,13 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def run_batch(jobs: list[Job], out_dir: Path, *, resume: bool,
+def run_batch(jobs: list[Job], out_dir: Path, *, resume: bool, batch_size: int = 1,
               on_row: Callable[[dict, bool], None] | None = None) -> tuple[list[dict], Path | None]:
     """Run this rank's share of `jobs`; returns its rows (skipped ones included) and the merged file.
 
     `on_row(row, skipped)` is called after each job. Without `resume`, existing results in the out dir
-    are an error (nothing is silently redone or lost).
+    are an error (nothing is silently redone or lost). With `batch_size` > 1, consecutive jobs of a
+    command that supports it (generate) and equal but for prompt, seed and output share forwards.
     """
     from diffedit.cli.common import reuse_models
 
@@ -284,20 +351,18 @@ def run_batch(jobs: list[Job], out_dir: Path, *, resume: bool,
     kept = [done[job.id] for job in mine if job.id in done]
     write_rows(path, kept)  # rows of jobs that will rerun are dropped: every id once
     (out_dir / f".rank{rank}.done").unlink(missing_ok=True)
-    rows = []
+    by_id = dict(done)
+    for row in kept:
+        if on_row:
+            on_row(row, True)
     with reuse_models():
-        for job in mine:
-            if job.id in done:
-                rows.append(done[job.id])
+        for group in micro_batches([job for job in mine if job.id not in done], batch_size):
+            for row in run_group(group, out_dir):
+                append_row(path, row)
+                by_id[row["id"]] = row
                 if on_row:
-                    on_row(done[job.id], True)
-                continue
-            row = run_job(job, out_dir)
-            append_row(path, row)
-            rows.append(row)
-            if on_row:
-                on_row(row, False)
-    return rows, finish(jobs, out_dir, rank, world)
+                    on_row(row, False)
+    return [by_id[job.id] for job in mine], finish(jobs, out_dir, rank, world)
 
 
 def finish(jobs: list[Job], out_dir: Path, rank: int, world: int) -> Path | None:

@@ -217,8 +217,52 @@ def generate_image(
     reward: str = "saturation", callback: Callback | None = None,
 ) -> tuple[Image.Image, dict]:
     """Sample an image; `eta` > 0 samples stochastically, `fk` steers K particles with a reward."""
+    if fk is None or fk.particles <= 1:
+        return generate_images(model, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
+                               negative_prompt=negative_prompt, width=width, height=height, guidance=guidance,
+                               eta=eta, callback=callback)[0]
     started = time.perf_counter()
     seed = secrets.randbelow(2**31) if seed is None else seed
+    height, width, shape, schedule = _canvas(model, steps, height, width, eta)
+    fk.check()
+    den = prompt_denoiser_for(model, [prompt] * fk.particles, guidance_scale, height, width, negative_prompt,
+                              guidance)
+    latents, rewards, stats = steer(den, schedule, shape, seed, load_reward(reward), prompt, model.decode, fk,
+                                    model.device, callback)
+    best = int(torch.nan_to_num(rewards, nan=-math.inf).argmax())
+    out = to_pil(model.decode(latents[best : best + 1]))
+    result = {"seed": seed, "steps": steps, **stats, "reward": float(rewards[best]),
+              "rewards": [float(r) for r in rewards], "nfe": den.calls, "seconds": time.perf_counter() - started}
+    return out, result
+
+
+def generate_images(
+    model: Family, prompts: list[str], seeds: list[int | None], *, steps: int = 50, guidance_scale: float = 7.5,
+    negative_prompt: str = "", width: int | None = None, height: int | None = None,
+    guidance: GuidanceSpec | None = None, eta: float = 0.0, callback: Callback | None = None,
+) -> list[tuple[Image.Image, dict]]:
+    """Sample one image per prompt in a single batch (micro-batching).
+
+    Each row draws its noise from its own generator exactly as a lone run does, and each latent is
+    decoded alone, so every image equals the one `generate_image` gives (up to float rounding).
+    """
+    started = time.perf_counter()
+    seeds = [secrets.randbelow(2**31) if s is None else s for s in seeds]
+    height, width, shape, schedule = _canvas(model, steps, height, width, eta)
+    den = prompt_denoiser_for(model, prompts, guidance_scale, height, width, negative_prompt, guidance)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # initial noise, then each step's
+    draw = lambda: torch.cat([torch.randn(shape, generator=g) for g in gens]).to(model.device)  # noqa: E731
+    x = draw()
+    z0 = sample(den, x, schedule, eta=eta, noise=lambda i: draw(), callback=callback)
+    images = [to_pil(model.decode(z0[k : k + 1])) for k in range(len(prompts))]
+    seconds = time.perf_counter() - started
+    extra = {"batched": len(prompts)} if len(prompts) > 1 else {}
+    return [(img, {"seed": seed, "steps": steps, "nfe": den.calls, "seconds": seconds, **extra})
+            for img, seed in zip(images, seeds)]
+
+
+def _canvas(model: Family, steps: int, height: int | None, width: int | None, eta: float):
+    """Checked image size, the latent shape of one image, and the schedule."""
     default_h, default_w = model.default_size()
     height, width = height or default_h, width or default_w
     for side, name in ((height, "height"), (width, "width")):
@@ -226,27 +270,7 @@ def generate_image(
             raise UsageError(f"--{name} {side} is not a multiple of {model.multiple} for this model")
     if not 0 <= eta <= 1:
         raise UsageError(f"--eta {eta} must be in [0, 1]")
-    shape = model.latent_shape(1, height, width)
-    schedule = model.schedule(steps, height, width)
-    result = {"seed": seed, "steps": steps}
-    if fk is not None and fk.particles > 1:
-        fk.check()
-        den = prompt_denoiser_for(model, [prompt] * fk.particles, guidance_scale, height, width,
-                                  negative_prompt, guidance)
-        latents, rewards, stats = steer(den, schedule, shape, seed, load_reward(reward), prompt, model.decode,
-                                        fk, model.device, callback)
-        best = int(torch.nan_to_num(rewards, nan=-math.inf).argmax())
-        z0 = latents[best : best + 1]
-        result.update(stats, reward=float(rewards[best]), rewards=[float(r) for r in rewards])
-    else:
-        den = prompt_denoiser_for(model, [prompt], guidance_scale, height, width, negative_prompt, guidance)
-        gen = torch.Generator("cpu").manual_seed(seed)  # one generator: initial noise, then each step's
-        x = torch.randn(shape, generator=gen).to(model.device)
-        noise = lambda i: torch.randn(shape, generator=gen).to(model.device)  # noqa: E731
-        z0 = sample(den, x, schedule, eta=eta, noise=noise, callback=callback)
-    out = to_pil(model.decode(z0))
-    result.update(nfe=den.calls, seconds=time.perf_counter() - started)
-    return out, result
+    return height, width, model.latent_shape(1, height, width), model.schedule(steps, height, width)
 
 
 def image_params(command: str, model: Family, **fields) -> dict:

@@ -163,3 +163,34 @@ def test_contact_sheet_shows_inputs_and_outputs(tmp_path, tiny_folder, cli):
     assert code == 0
     with Image.open(tmp_path / "sheet.png") as sheet:
         assert sheet.size == (4 + 2 * 132, 4 + 2 * (128 + 14 + 4))  # two rows; the edit has input + output
+
+
+def test_micro_batches_equal_one_by_one(tmp_path, tiny_folder, cli):
+    jobs = generate_jobs(tiny_folder("sd1"), 6, steps=4)
+    for job in jobs:
+        job["eta"] = 1.0  # stochastic: every row must also draw its step noise from its own seed
+    jobs[4]["steps"] = 3  # differs in more than prompt/seed/output: runs apart from its neighbours
+    manifest = write_manifest(tmp_path / "m.jsonl", jobs)
+    for size in (1, 4):
+        code, _, err = cli("batch", manifest, "--out-dir", tmp_path / f"b{size}", "--batch-size", size, "-q")
+        assert code == 0, err
+    rows = rows_of(tmp_path / "b4")
+    assert [r["metrics"].get("batched", 1) for r in rows] == [4, 4, 4, 4, 1, 1]
+    for row in rows:
+        diff = pixels(tmp_path / "b1" / row["outputs"][0]) - pixels(tmp_path / "b4" / row["outputs"][0])
+        assert np.abs(diff).max() <= 1  # same image up to float rounding in batched matmuls
+
+
+def test_generate_images_rows_equal_lone_runs(tiny):
+    import torch
+
+    from diffedit.images import to_tensor
+    from diffedit.jobs import generate_image, generate_images
+
+    _, model = tiny("sd1")
+    together = generate_images(model, ["a red cat", "a blue house", "a cat"], [3, 4, 5], steps=5, eta=0.5,
+                               height=32, width=32)
+    for (img, result), prompt, seed in zip(together, ["a red cat", "a blue house", "a cat"], [3, 4, 5]):
+        alone, _ = generate_image(model, prompt, seed=seed, steps=5, eta=0.5, height=32, width=32)
+        assert result["batched"] == 3 and result["seed"] == seed
+        assert torch.allclose(to_tensor(img), to_tensor(alone), atol=2 / 255)

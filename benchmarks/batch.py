@@ -1,0 +1,88 @@
+"""N jobs in one `diffedit batch` vs N separate `diffedit` invocations, and batch vs pure compute.
+
+Three numbers from one run on the shipped toy model:
+- `separate`: wall time of N `diffedit generate/edit` processes, one after another (each pays the
+  interpreter start, imports and the model load);
+- `batch`: wall time of one `diffedit batch` process running the same N jobs;
+- `compute`: the sampling time the N commands report themselves (their `seconds`), i.e. the work
+  that cannot be saved. `batch jobs / compute` is the in-process cost of a job beyond its compute
+  (manifest, argument parsing, image I/O, results rows), with the model load left out.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from diffedit.models import DEFAULT_MODEL
+from diffedit.toy.shapes import make_scene
+
+
+def jobs(n: int, steps: int) -> list[dict]:
+    out = []
+    for k in range(n):
+        if k % 2 == 0:
+            out.append({"id": f"gen-{k}", "command": "generate", "prompt": "a red circle on a white background",
+                        "seed": k, "steps": steps})
+        else:
+            out.append({"id": f"edit-{k}", "command": "edit", "image": f"scene-{k}.png", "source": "",
+                        "target": "a blue circle on a white background", "steps": steps})
+    return out
+
+
+def argv(job: dict, folder: Path) -> list[str]:
+    """The same job as a stand-alone command line."""
+    args = [job["command"], job.get("prompt") or str(folder / job["image"])]
+    for key, value in job.items():
+        if key not in ("id", "command", "prompt", "image"):
+            args += ["--" + key.replace("_", "-"), str(value)]
+    return args + ["-o", str(folder / "separate" / f"{job['id']}.png"), "--json", "-q"]
+
+
+def _diffedit(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffedit", *args], capture_output=True, check=True, **kw)
+
+
+def run(n: int = 8, steps: int = 50) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        from PIL import Image
+
+        for k in range(n):
+            Image.fromarray(make_scene(k).image).save(folder / f"scene-{k}.png")
+        todo = jobs(n, steps)
+        (folder / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in todo))
+        (folder / "separate").mkdir()
+
+        start = time.perf_counter()
+        compute = 0.0
+        for job in todo:
+            done = _diffedit(argv(job, folder))
+            compute += json.loads(done.stdout.decode().splitlines()[-1])["seconds"]
+        separate = time.perf_counter() - start
+
+        start = time.perf_counter()
+        _diffedit(["batch", str(folder / "jobs.jsonl"), "--out-dir", str(folder / "batch"), "-q"])
+        batch = time.perf_counter() - start
+        rows = [json.loads(line) for line in (folder / "batch" / "results.jsonl").read_text().splitlines()]
+        # the first job pays the model load; the others show the per-job cost in a warm process
+        warm = rows[1:]
+        warm_jobs = sum(r["seconds"] for r in warm)
+        warm_compute = sum(r["metrics"]["seconds"] for r in warm)
+    return {"model": str(DEFAULT_MODEL.name), "jobs": n, "steps": steps, "separate_s": round(separate, 2),
+            "batch_s": round(batch, 2), "separate_over_batch": round(separate / batch, 2),
+            "compute_s": round(compute, 2), "batch_jobs_over_compute": round(warm_jobs / warm_compute, 3),
+            "batch_over_compute": round(batch / compute, 2)}
+
+
+def markdown(row: dict) -> str:
+    return "\n".join([
+        "| jobs | separate processes | one batch | separate ÷ batch | batch ÷ compute | warm job ÷ its compute |",
+        "|---|---|---|---|---|---|",
+        f"| {row['jobs']} × {row['steps']} steps ({row['model']}) | {row['separate_s']} s | {row['batch_s']} s "
+        f"| {row['separate_over_batch']} | {row['batch_over_compute']} | {row['batch_jobs_over_compute']} |",
+    ])
