@@ -73,16 +73,33 @@ def run(n: int = 8, steps: int = 50) -> dict:
         warm = rows[1:]
         warm_jobs = sum(r["seconds"] for r in warm)
         warm_compute = sum(r["metrics"]["seconds"] for r in warm)
-    return {"model": str(DEFAULT_MODEL.name), "jobs": n, "steps": steps, "separate_s": round(separate, 2),
+        micro = micro_batching(folder, n, steps)
+    return {**micro, "model": str(DEFAULT_MODEL.name), "jobs": n, "steps": steps, "separate_s": round(separate, 2),
             "batch_s": round(batch, 2), "separate_over_batch": round(separate / batch, 2),
             "compute_s": round(compute, 2), "batch_jobs_over_compute": round(warm_jobs / warm_compute, 3),
             "batch_over_compute": round(batch / compute, 2)}
 
 
+def micro_batching(folder: Path, n: int, steps: int, size: int = 4) -> dict:
+    """N generate jobs one by one vs `size` per forward: summed job seconds, same warm process kind."""
+    gens = [{"id": f"g{k}", "command": "generate", "prompt": "a red circle on a white background", "seed": k,
+             "steps": steps} for k in range(n)]
+    (folder / "gen.jsonl").write_text("".join(json.dumps(j) + "\n" for j in gens))
+    seconds = {}
+    for bs in (1, size):
+        out = folder / f"micro-{bs}"
+        _diffedit(["batch", str(folder / "gen.jsonl"), "--out-dir", str(out), "--batch-size", str(bs), "-q"])
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        seconds[bs] = sum(r["seconds"] for r in rows[size:])  # leave out the group that loaded the model
+    return {"micro_batch": size, "micro_speedup": round(seconds[1] / seconds[size], 2)}
+
+
 def markdown(row: dict) -> str:
     return "\n".join([
-        "| jobs | separate processes | one batch | separate ÷ batch | batch ÷ compute | warm job ÷ its compute |",
-        "|---|---|---|---|---|---|",
+        "| jobs | separate processes | one batch | separate ÷ batch | batch ÷ compute | warm job ÷ its compute "
+        "| generate, batch-size 1 ÷ batch-size 4 |",
+        "|---|---|---|---|---|---|---|",
         f"| {row['jobs']} × {row['steps']} steps ({row['model']}) | {row['separate_s']} s | {row['batch_s']} s "
-        f"| {row['separate_over_batch']} | {row['batch_over_compute']} | {row['batch_jobs_over_compute']} |",
+        f"| {row['separate_over_batch']} | {row['batch_over_compute']} | {row['batch_jobs_over_compute']} "
+        f"| {row['micro_speedup']} |",
     ])

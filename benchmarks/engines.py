@@ -92,7 +92,7 @@ def ledits_comparison(pipe, model: Family, image: Image.Image, steps: int, repea
     def ours():
         record, _ = invert_image(model, image, engine="ddpm-ef", prompt=SOURCE, steps=steps, guidance_scale=3.5,
                                  check=False)
-        edit_record(model, record, "", guidance_scale=1.0)
+        edit_record(model, record, "", guidance_scale=1.0, params={"skip": 0})  # all steps, as LEDITS++ here
 
     theirs(), ours()
     t_theirs, t_ours = [], []
@@ -122,8 +122,10 @@ def markdown(rows: list[dict], comparison: list[dict]) -> str:
     lines = ["| engine | steps | invert NFE | edit NFE | invert (s) | edit (s) | invert ÷ forwards | edit ÷ forwards |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['engine']} | {r['steps']} | {r['invert_nfe']} | {r['edit_nfe']} | {r['invert_s']} | "
-                     f"{r['edit_s']} | {r['invert_over_forwards']} | {r['edit_over_forwards']} |")
+        dash = lambda v: "—" if v is None else v  # noqa: E731  (inversion-free engines)
+        lines.append(f"| {r['engine']} | {r['steps']} | {r['invert_nfe']} | {r['edit_nfe']} | "
+                     f"{r['invert_s'] if r['invert_nfe'] else '—'} | {r['edit_s']} | "
+                     f"{dash(r['invert_over_forwards'])} | {dash(r['edit_over_forwards'])} |")
     lines += ["", "| job | steps | ours (s) | LEDITS++ (s) | ours ÷ LEDITS++ |", "|---|---|---|---|---|"]
     for c in comparison:
         lines.append(f"| {c['job']} | {c['steps']} | {c['ours_s']} | {c['ledits_pp_s']} | {c['ours_over_ledits_pp']} |")
