@@ -26,6 +26,7 @@ StepsOpt = Annotated[int | None, typer.Option("--steps", "-n", min=1, max=1000, 
 SkipOpt = Annotated[int | None, typer.Option("--skip", min=0, help="ddpm-ef: start the edit this many steps late (keeps more of the input; default 36 % of the steps, as in the paper).")]
 EtaOpt = Annotated[float | None, typer.Option("--eta", help="ddpm-ef/infedit: churn (default 1); rf-inversion: edit controller strength (0.9).")]
 GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: backward weight in (0, 1] (0.94); rf-inversion: inversion controller strength (0.5).")]
+StrengthOpt = Annotated[float | None, typer.Option("--strength", help="bdia: fraction of the steps inverted and regenerated (0.8, as the paper's editing code; 1 = from pure noise).")]
 StartOpt = Annotated[float | None, typer.Option("--start", help="rf-inversion: first fraction of steps with the edit controller (0).")]
 StopOpt = Annotated[float | None, typer.Option("--stop", help="rf-inversion: fraction of steps where the edit controller stops (0.25).")]
 NMaxOpt = Annotated[int | None, typer.Option("--n-max", help="flowedit: edit over the last N steps (SD3 33, Flux 24).")]

@@ -9,7 +9,7 @@ import typer
 
 from diffedit.cli.common import (
     ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
-    SkipOpt, StepsOpt, default_steps, emit, fk_config, guidance_spec, engine_params, load, progress,
+    SkipOpt, StepsOpt, StrengthOpt, default_steps, emit, fk_config, guidance_spec, engine_params, load, progress,
 )
 from diffedit.cli.invert import AlphaOpt, FitOpt
 from diffedit.cli.main import app
@@ -26,7 +26,7 @@ def edit(
     steps: StepsOpt = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale of the edit (default: the engine's).")] = None,
     inversion_guidance_scale: Annotated[float | None, typer.Option("--inversion-guidance-scale", help="CFG scale of the inversion (default: the engine's).")] = None,
-    skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, start: StartOpt = None,
+    skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
     stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
     cross_replace: Annotated[float | None, typer.Option("--cross-replace", help="direct/ddim-p2p/infedit: fraction of steps the target borrows the source's cross-attention.")] = None,
     self_replace: Annotated[float | None, typer.Option("--self-replace", help="direct/ddim-p2p/infedit: fraction of steps with self-attention control.")] = None,
@@ -63,7 +63,7 @@ def edit(
         raise UsageError("give either IMAGE or --from RECORD")
     if output != "-":
         check_writable(output, overwrite)
-    params = engine_params(skip=skip, eta=eta, gamma=gamma, start=start, stop=stop, n_max=n_max,
+    params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max,
                            n_min=n_min, n_avg=n_avg, cross_replace=cross_replace,
                            self_replace=self_replace, p2p_mode=p2p_mode, blend=blend or None,
                            blend_threshold=blend_threshold, reweight=_reweights(reweight))

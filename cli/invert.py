@@ -9,7 +9,7 @@ import typer
 
 from diffedit.cli.common import (
     ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
-    SkipOpt, StepsOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
+    SkipOpt, StepsOpt, StrengthOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
 )
 from diffedit.cli.main import app
 
@@ -30,7 +30,7 @@ def invert(
     fit: FitOpt = "resize",
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
-    skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, start: StartOpt = None,
+    skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
     stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
@@ -53,7 +53,7 @@ def invert(
         output = Path(image).with_suffix(".inv.safetensors")
     check_writable(output, overwrite)
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
-    params = engine_params(skip=skip, eta=eta, gamma=gamma, start=start, stop=stop, n_max=n_max, n_min=n_min,
+    params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
                            n_avg=n_avg)
     m = load(model, device, dtype, allow_pickle, model_config)
     with progress(default_steps(engine, steps) * (2 if check else 1), f"invert ({engine})", quiet) as callback:

@@ -10,6 +10,9 @@ so inversion is exact given the last two states. The first sampling step (no pre
 plain DDIM; in inversion the state next to the clean latent comes from one DDIM inversion step,
 and the record keeps the two noisiest states, from which sampling reproduces the clean latent.
 The integrator runs in float64 so the 1/gamma of each inverse step does not amplify rounding.
+
+As in the paper's editing code, only the last `strength` (0.8) of the steps are inverted and
+regenerated: the noisiest ones would redraw the layout under a new prompt.
 """
 
 import torch
@@ -23,42 +26,56 @@ def _ddim_to(x0, eps, schedule, j):
     return step(x0, eps, schedule.a[j], schedule.s[j])
 
 
+def first_level(steps: int, strength: float) -> int:
+    """The noisiest level the inversion reaches (0 = pure noise)."""
+    return steps - int(steps * strength)
+
+
 @register
 class BDIA(Engine):
     name = "bdia"
     exact = True
-    defaults = {"gamma": 0.94}
+    defaults = {"gamma": 0.94, "strength": 0.8}
     default_steps = 50
-    default_guidance = (1.0, 7.5)
+    default_guidance = (3.0, 3.0)  # the paper's editing code: CFG 3 both ways
 
     def check(self, params: dict, steps: int) -> None:
         if not 0 < params["gamma"] <= 1:
             raise UsageError(f"--gamma {params['gamma']} must be in (0, 1]: at 0 the update cannot be inverted")
-        if steps < 2:
-            raise UsageError("bdia needs at least 2 steps")
+        if not 0 < params["strength"] <= 1:
+            raise UsageError(f"--strength {params['strength']} must be in (0, 1]")
+        if int(steps * params["strength"]) < 2:
+            raise UsageError(f"bdia needs at least 2 steps to invert: --steps {steps} x --strength "
+                             f"{params['strength']} leaves {int(steps * params['strength'])}")
 
     @torch.inference_mode()
     def invert(self, run: Run, z0):
         sched, gamma, n = run.schedule, float(run.params["gamma"]), len(run.schedule)
+        start = first_level(n, float(run.params["strength"]))
         x_next = z0.double()  # level n: the clean latent
         x0, eps = run.source(x_next, sched, n - 1, level=n)
         x = _ddim_to(x0, eps, sched, n - 1)  # level n-1, by one DDIM inversion step
         if run.callback:
             run.callback(n - 1, x, x0)
-        for i in range(n - 1, 0, -1):  # from (x_i, x_{i+1}) to x_{i-1}
+        for i in range(n - 1, start, -1):  # from (x_i, x_{i+1}) to x_{i-1}
             x0, eps = run.source(x, sched, i)
             x_prev = _ddim_to(x0, eps, sched, i - 1) + (x_next - _ddim_to(x0, eps, sched, i + 1)) / gamma
             x, x_next = x_prev, x
             if run.callback:
                 run.callback(i, x, x0)
-        return {"noise": x, "noise_next": x_next}  # float64, kept so by the record
+        # float64, kept so by the record, with the level the pair starts at
+        return {"noise": x, "noise_next": x_next, "start": torch.tensor(start)}
 
     @torch.inference_mode()
     def edit(self, run: Run, tensors):
         sched, gamma = run.schedule, float(run.params["gamma"])
+        start = int(tensors["start"])
+        if start != first_level(len(sched), float(run.params["strength"])):
+            raise UsageError(f"--strength {run.params['strength']} differs from the inversion's; it is an "
+                             "inversion option: invert again")
         device = run.model.device
         x_prev, x = tensors["noise"].to(device, torch.float64), tensors["noise_next"].to(device, torch.float64)
-        for i in range(1, len(sched)):  # level 0 -> 1 is the stored pair; BDIA from x_1 on
+        for i in range(start + 1, len(sched)):  # levels start, start + 1 are the stored pair
             x0, eps = run.target(x, sched, i)
             x_next = _ddim_to(x0, eps, sched, i + 1) + gamma * (x_prev - _ddim_to(x0, eps, sched, i - 1))
             x_prev, x = x, x_next

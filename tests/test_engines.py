@@ -14,6 +14,7 @@ from diffedit.engines import Run, engine_names
 from diffedit.errors import UsageError
 from diffedit.images import to_tensor
 from diffedit.jobs import branch_denoiser, engine_setup
+from diffedit.inversion.bdia import BDIA, first_level
 from diffedit.inversion.ddpm_ef import default_skip
 
 H = W = 32
@@ -39,9 +40,19 @@ def test_exact_engines_reconstruct_every_family(tiny, family, engine):
     ddim, _, _ = round_trip(model, "ddim", 20)
     assert exact <= 1e-4
     assert ddim > 100 * max(exact, 1e-6)  # DDIM's error is measurably larger
-    # inversion + reconstruction, CFG batched; BDIA starts sampling from its stored pair of states,
-    # edit-friendly DDPM from the paper's default skip
-    assert run.nfe == (2 * 20 - 1 if engine == "bdia" else 2 * 20 - default_skip(20))
+    # inversion + reconstruction, CFG batched; BDIA inverts the last 80 % of the steps and samples
+    # from its stored pair of states, edit-friendly DDPM edits from the paper's default skip
+    bdia_steps = 20 - first_level(20, 0.8)
+    assert run.nfe == (2 * bdia_steps - 1 if engine == "bdia" else 2 * 20 - default_skip(20))
+
+
+def test_bdia_strength_is_an_inversion_option(tiny):
+    _, model = tiny("sd1")
+    error, tensors, run = round_trip(model, "bdia", 20, params={"strength": 1.0})
+    assert error <= 1e-4 and int(tensors["start"]) == 0 and run.nfe == 2 * 20 - 1  # from pure noise
+    run.params = {**run.params, "strength": 0.5}
+    with pytest.raises(UsageError, match="--strength 0.5 differs from the inversion's"):
+        BDIA().edit(run, tensors)
 
 
 def test_ddpm_ef_skip_starts_late_and_stays_exact(tiny):
@@ -95,6 +106,8 @@ def test_ddpm_ef_matches_diffusers_ledits_pp(tiny, family, prompt, extra):
     ("ddpm-ef", {"skip": -1}, 20, "--skip -1"),
     ("bdia", {"gamma": 0.0}, 20, "--gamma 0.0"),
     ("bdia", {"gamma": 1.5}, 20, "--gamma 1.5"),
+    ("bdia", {"strength": 0.0}, 20, "--strength 0.0"),
+    ("bdia", {"strength": 0.1}, 10, "at least 2 steps"),
     ("ddim", {"gamma": 0.9}, 20, "--gamma does not apply to engine ddim"),
     ("ddpm-ef", {"gamma": 0.9}, 20, "--gamma does not apply to engine ddpm-ef"),
 ])
