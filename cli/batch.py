@@ -20,7 +20,7 @@ def batch(
     out_dir: Annotated[Path, typer.Option("--out-dir", "-d", help="Folder for every output and results.jsonl.")],
     resume: Annotated[bool, typer.Option("--resume", help="Skip jobs already done (result row ok and outputs present).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Run up to N consecutive generate jobs that differ only in prompt, seed and output as one batch.")] = 1,
-    contact_sheet: Annotated[Path | None, typer.Option("--contact-sheet", help="Write a PNG with each job's input and outputs side by side.")] = None,
+    contact_sheet: Annotated[Path | None, typer.Option("--contact-sheet", help="Write a PNG with each job's input and outputs side by side (after the merge).")] = None,
     json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Run every job of MANIFEST, loading each model once; exit code 3 when some jobs failed.
@@ -53,10 +53,10 @@ def batch(
 
     if not quiet:
         _summary(rows, merged, rank, world)
-    if contact_sheet is not None:
+    if contact_sheet is not None and merged is not None:  # drawn by the process that merged all rows
         from diffedit.images import save_image
 
-        sheet = _contact_sheet(jobs, rows, out_dir)
+        sheet = _contact_sheet(jobs, jobs_lib.read_rows(merged), out_dir)
         if sheet is not None:
             save_image(sheet, contact_sheet, overwrite=True)
     if failures:

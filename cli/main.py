@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import typer
@@ -22,6 +23,7 @@ def _register() -> None:
     from diffedit.cli import batch, bench, edit, generate, invert, models, toy  # noqa: F401
 
 
+@functools.cache
 def commands() -> dict:
     """The app's commands by name (click objects, which list each command's parameters)."""
     _register()

@@ -79,7 +79,7 @@ def read_manifest(source: str) -> tuple[list[dict], Path, str]:
             raise DiffeditError(f"{name}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise DiffeditError(f"{name}:{number}: each line must be a JSON object")
-        entries.append({"line": number, **{"__spec": obj}})
+        entries.append({"line": number, "spec": obj})
     if not entries:
         raise DiffeditError(f"{name}: the manifest holds no jobs")
     return entries, base, name
@@ -96,15 +96,15 @@ def plan(entries: list[dict], base: Path, out_dir: Path, manifest: str) -> list[
     from diffedit.cli.main import commands
 
     available = commands()
-    jobs, names = [], {}
+    jobs, names = [], {}  # file name -> id
     for index, entry in enumerate(entries):
-        spec = dict(entry["__spec"])
+        spec = dict(entry["spec"])
         raw_id = spec.pop("id", None)
         job_id = str(raw_id) if raw_id is not None else f"job-{entry['line']}"
         name = safe_name(job_id)
-        if job_id in {j.id for j in jobs} or name in names:
-            other = names.get(name, job_id)
-            raise DiffeditError(f"{manifest}:{entry['line']}: id {job_id!r} repeats (or names the same files as) {other!r}")
+        if name in names:  # the same id, or ids whose sanitized file names collide
+            raise DiffeditError(f"{manifest}:{entry['line']}: id {job_id!r} repeats (or names the same files as) "
+                                f"{names[name]!r}")
         names[name] = job_id
         job = Job(index, entry["line"], job_id, str(spec.pop("command", "")), spec)
         try:

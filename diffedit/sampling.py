@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from diffedit.editing.attention import AttentionControl, Chain, Controller
+from diffedit.errors import DiffeditError
 from diffedit.families import Cond, Family, Schedule
 from diffedit.guidance.cfg import CFG, Guidance, Prediction
 
@@ -56,6 +57,9 @@ class Denoiser:
             with self.control:
                 out = self.model.forward(x_in.to(self.dtype), t, self.cond)
         self.calls += 1
+        if not torch.isfinite(out).all():  # stop here, naming the step, rather than write a black image
+            raise DiffeditError(f"step {i + 1} of {len(schedule)}: the network returned NaN/Inf in {self.dtype} "
+                                "(half-precision overflow? try --dtype fp32 or bf16)")
         x0, eps = self.model.to_x0_eps(out.float(), x_in, schedule.a[level], schedule.s[level])
         preds = dict(zip(self.branches, zip(x0.chunk(n), eps.chunk(n))))
         combine = self.guidance.combine_inverse if inverse else self.guidance.combine

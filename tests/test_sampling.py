@@ -121,3 +121,18 @@ def test_stochastic_step_matches_diffusers_ddim_eta(tiny):
     ours = sample(denoise, x, model.schedule(steps, H, W), eta=1.0,
                   noise=lambda i: torch.randn(x.shape, generator=gen))
     assert (ours - expected).abs().max() <= 1e-4
+
+
+def test_half_precision_overflow_stops_at_the_step_that_overflowed(tmp_path, cli):
+    from diffedit.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd1")
+    with torch.no_grad():  # activations past fp16's 65504 after the first convolution; fine in fp32
+        pipe.unet.conv_in.weight.mul_(1e6)
+    pipe.save_pretrained(tmp_path / "hot")
+    args = ["generate", "a red cat", "-n", 5, "-m", tmp_path / "hot", "--device", "cpu", "-q"]
+    code, _, err = cli(*args, "--dtype", "fp16", "-o", tmp_path / "half.png")
+    assert code == 1 and "step 1 of 5: the network returned NaN/Inf in torch.float16" in err
+    assert not (tmp_path / "half.png").exists()
+    code, _, err = cli(*args, "--dtype", "fp32", "-o", tmp_path / "full.png")
+    assert code == 0, err
