@@ -10,8 +10,8 @@ diffedit invert samples/coffee.png -o "$out/coffee.ddim.safetensors" --overwrite
 diffedit invert samples/coffee.png -e bdia -o "$out/coffee.bdia.safetensors" --overwrite
 echo "== reconstruct it from the record" >&2
 diffedit reconstruct "$out/coffee.bdia.safetensors" -o "$out/coffee.back.png" --overwrite
-echo "== edit a shapes scene: the orange star becomes yellow (Direct Inversion + prompt-to-prompt)" >&2
-diffedit edit samples/scene.png -e direct \
+echo "== edit a shapes scene: the orange star becomes yellow (edit-friendly DDPM, CFG 5)" >&2
+diffedit edit samples/scene.png -e ddpm-ef -g 5 \
   -s "an orange star and a green triangle on a black background" \
   -t "a yellow star and a green triangle on a black background" \
   -o "$out/scene.yellow.png" --overwrite
