@@ -144,6 +144,7 @@ class Family:
         dtype = self._vae_dtype()
         with torch.inference_mode(), _vae_in(vae, dtype):
             latent = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode()
+        _check_finite(latent, "encoding", dtype)
         return ((latent.float() - self._vae_shift) * vae.config.scaling_factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -153,11 +154,17 @@ class Family:
         z = latents / vae.config.scaling_factor + self._vae_shift
         with torch.inference_mode(), _vae_in(vae, dtype):
             pixels = vae.decode(z.to(vae.device, dtype)).sample
+        _check_finite(pixels, "decoding", dtype)
         return pixels.float().clamp(-1, 1)
 
     # -- schedule ----------------------------------------------------------------------------
     def schedule(self, steps: int, height: int, width: int) -> Schedule:
         raise NotImplementedError
+
+
+def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    if not torch.isfinite(t).all():  # fp16 VAEs without force_upcast overflow on some images
+        raise DiffeditError(f"the VAE overflowed {what} in {dtype} (NaN/Inf); use --dtype fp32 or bf16")
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -1,0 +1,57 @@
+"""Half precision: the network in fp16/bf16, the integrator in fp32, VAE overflow upcast or reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffedit.errors import DiffeditError
+from diffedit.images import to_tensor
+from diffedit.jobs import generate_image
+from diffedit.models import load_model
+from diffedit.testing import tiny_pipeline
+
+# Stated tolerances on images in [-1, 1] (one 8-bit level is 2/255): fp16 within 2 levels everywhere;
+# bf16 (8 bits of mantissa) within 0.02 on average and 0.15 at worst.
+TOLERANCE = {"fp16": (2 * 2 / 255, 0.002), "bf16": (0.15, 0.02)}
+
+
+def image(model, steps=10):
+    img, _ = generate_image(model, "a red cat", seed=0, steps=steps)
+    return to_tensor(img)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_stays_within_the_stated_tolerance(tiny_folder, family, dtype):
+    folder = tiny_folder(family)
+    full = image(load_model(folder, device="cpu", dtype="fp32"))
+    half_model = load_model(folder, device="cpu", dtype=dtype)
+    assert half_model.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    diff = (image(half_model) - full).abs()
+    worst, mean = TOLERANCE[dtype]
+    assert diff.max() <= worst and diff.mean() <= mean
+
+
+def hot_vae_pipeline(path, force_upcast: bool):
+    pipe = tiny_pipeline("sd1")
+    with torch.no_grad():  # the decoder's first activations pass fp16's 65504; fp32 normalises them away
+        pipe.vae.decoder.conv_in.weight.mul_(5e4)  # weights still fit in fp16
+    pipe.save_pretrained(path, safe_serialization=True)
+    config = path / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "force_upcast": force_upcast}))
+    return path
+
+
+def test_fp16_vae_overflow_is_upcast_to_a_correct_image(tmp_path):
+    folder = hot_vae_pipeline(tmp_path / "upcast", force_upcast=True)
+    full = image(load_model(folder, device="cpu", dtype="fp32"), steps=4)
+    half = image(load_model(folder, device="cpu", dtype="fp16"), steps=4)
+    assert torch.isfinite(half).all() and (half - full).abs().max() <= TOLERANCE["fp16"][0]
+
+
+def test_fp16_vae_overflow_without_upcast_is_a_clear_error(tmp_path):
+    folder = hot_vae_pipeline(tmp_path / "hot", force_upcast=False)
+    with pytest.raises(DiffeditError, match="the VAE overflowed decoding in torch.float16"):
+        image(load_model(folder, device="cpu", dtype="fp16"), steps=4)
