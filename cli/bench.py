@@ -196,3 +196,25 @@ def batch(
     table = bench.markdown(row)
     _write([row], table, save)
     typer.echo(jsonlib.dumps(row) if json else table)
+
+
+@bench_app.command("accelerators")
+def accelerators(
+    n: Annotated[int, typer.Option(min=1, help="Number of seeded prompts.")] = 50,
+    steps: Annotated[int, typer.Option(min=1)] = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
+    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """Adaptive guidance vs CFG on the toy model: speed-up and checker success side by side.
+
+    Example: diffedit bench accelerators --n 50 --save benchmarks/results/accelerators
+    """
+    from diffedit.benchmarks import accelerators as bench
+    from diffedit.models import load_model
+
+    with stderr.status("measuring"):
+        rows = bench.run(load_model(None, device="cpu"), n=n, steps=steps, guidance_scale=guidance_scale)
+    table = bench.markdown(rows)
+    _write(rows, table, save)
+    typer.echo("\n".join(jsonlib.dumps(r) for r in rows) if json else table)

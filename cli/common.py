@@ -38,6 +38,7 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise 
 GuidanceOpt = Annotated[str, typer.Option("--guidance", help="cfg, cfgpp (scale = lambda in [0, 1]), pag or cfgpp+pag.")]
 PagScaleOpt = Annotated[float, typer.Option("--pag-scale", help="PAG scale s in u + w(c - u) + s(c - p).")]
 PagLayersOpt = Annotated[str, typer.Option("--pag-layers", help="Comma-separated regexes over self-attention layer names.")]
+AdaptiveGuidanceOpt = Annotated[float | None, typer.Option("--adaptive-guidance", help="Adaptive guidance: drop CFG's unconditional branch once its noise prediction's cosine similarity with the conditional one reaches this (e.g. 0.991).")]
 PagAdaptiveOpt = Annotated[float, typer.Option("--pag-adaptive-scale", help="Lower the PAG scale by this much per unit of time.")]
 
 
@@ -59,11 +60,14 @@ def fk_config(particles: int, lam: float, potential: str, every: int, eta: float
     return config
 
 
-def guidance_spec(kind: str, pag_scale: float, pag_layers: str, pag_adaptive_scale: float):
+def guidance_spec(kind: str, pag_scale: float, pag_layers: str, pag_adaptive_scale: float,
+                  adaptive_threshold: float | None = None):
     from diffedit.guidance import GuidanceSpec
 
     layers = tuple(p.strip() for p in pag_layers.split(",") if p.strip())
-    return GuidanceSpec(kind, pag_scale, layers, pag_adaptive_scale)
+    spec = GuidanceSpec(kind, pag_scale, layers, pag_adaptive_scale, adaptive_threshold)
+    spec.build(7.5)  # a bad combination is a usage error before the model loads
+    return spec
 
 
 def engine_params(**params) -> dict:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
+    AdaptiveGuidanceOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
     StepsOpt, BATCHED, emit, fk_config, guidance_spec, load, progress,
 )
 from diffedit.cli.main import app
@@ -27,7 +27,7 @@ def generate(
     width: Annotated[int | None, typer.Option("--width", "-W", min=8)] = None,
     height: Annotated[int | None, typer.Option("--height", "-H", min=8)] = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
-    pag_adaptive_scale: PagAdaptiveOpt = 0.0,
+    pag_adaptive_scale: PagAdaptiveOpt = 0.0, adaptive_guidance: AdaptiveGuidanceOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -52,7 +52,8 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     for job in jobs:
         if job["output"] != "-":
             check_writable(job["output"], job["overwrite"])
-    spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"])
+    spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"],
+                         first["adaptive_guidance"])
     fk = fk_config(first["fk_particles"], first["fk_lambda"], first["fk_potential"], first["fk_every"], first["eta"])
     m = load(first["model"], first["device"], first["dtype"], first["allow_pickle"], first["model_config"])
     steps = first["steps"] or 50

@@ -63,7 +63,8 @@ class Run:
         """Network calls by batch size (for cost accounting in benchmarks)."""
         out: dict[int, int] = {}
         for d in self.denoisers:
-            out[d.rows] = out.get(d.rows, 0) + d.calls
+            for rows, calls in d.forwards.items():
+                out[rows] = out.get(rows, 0) + calls
         return out
 
 

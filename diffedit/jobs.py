@@ -257,8 +257,8 @@ def generate_images(
     images = [to_pil(model.decode(z0[k : k + 1])) for k in range(len(prompts))]
     seconds = time.perf_counter() - started
     extra = {"batched": len(prompts)} if len(prompts) > 1 else {}
-    return [(img, {"seed": seed, "steps": steps, "nfe": den.calls, "seconds": seconds, **extra})
-            for img, seed in zip(images, seeds)]
+    return [(img, {"seed": seed, "steps": steps, "nfe": den.calls, "forwards": dict(den.forwards),
+                   "seconds": seconds, **extra}) for img, seed in zip(images, seeds)]
 
 
 def _canvas(model: Family, steps: int, height: int | None, width: int | None, eta: float):

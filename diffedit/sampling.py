@@ -33,7 +33,9 @@ class Denoiser:
         self.model, self.guidance = model, guidance
         self.branches = guidance.branches
         # conditioning of branches that need no text of their own (PAG's perturbed) is the cond's
-        self.cond = Cond.cat([conds.get(b) or conds["cond"] for b in self.branches])
+        self._conds = {b: conds.get(b) or conds["cond"] for b in self.branches}
+        self.cond = Cond.cat([self._conds[b] for b in self.branches])
+        self._cond_of = {self.branches: self.cond}  # by active branches (adaptive guidance drops some)
         self.dtype = model.dtype  # read once: diffusers' `.dtype` walks every module
         own = guidance.controller(model.network)
         if controller is not None and own is not None:
@@ -41,27 +43,32 @@ class Denoiser:
         controller = controller or own
         self.control = None if controller is None else AttentionControl(model.network, controller)
         self.calls = 0
-        self.rows = len(self.cond)  # batch size of each forward
+        self.forwards: dict[int, int] = {}  # network calls by batch size
 
     def __call__(self, x: torch.Tensor, schedule: Schedule, i: int, *, level: int | None = None,
                  inverse: bool = False) -> Prediction:
         """Guided `(x0_hat, eps_hat)` of `x` at level `level` (default i), network at time `i`."""
         level = i if level is None else level
-        n = len(self.branches)
+        branches = self.guidance.active_branches()
+        cond = self._cond_of.get(branches)
+        if cond is None:
+            cond = self._cond_of[branches] = Cond.cat([self._conds[b] for b in branches])
+        n = len(branches)
         x_in = x.repeat(n, 1, 1, 1) if n > 1 else x
         t = schedule.times[i]
         if self.control is None:
-            out = self.model.forward(x_in.to(self.dtype), t, self.cond)
+            out = self.model.forward(x_in.to(self.dtype), t, cond)
         else:
-            self.control.controller.begin(i, self.branches)
+            self.control.controller.begin(i, branches)
             with self.control:
-                out = self.model.forward(x_in.to(self.dtype), t, self.cond)
+                out = self.model.forward(x_in.to(self.dtype), t, cond)
         self.calls += 1
+        self.forwards[len(cond)] = self.forwards.get(len(cond), 0) + 1
         if not torch.isfinite(out).all():  # stop here, naming the step, rather than write a black image
             raise DiffeditError(f"step {i + 1} of {len(schedule)}: the network returned NaN/Inf in {self.dtype} "
                                 "(half-precision overflow? try --dtype fp32 or bf16)")
         x0, eps = self.model.to_x0_eps(out.float(), x_in, schedule.a[level], schedule.s[level])
-        preds = dict(zip(self.branches, zip(x0.chunk(n), eps.chunk(n))))
+        preds = dict(zip(branches, zip(x0.chunk(n), eps.chunk(n))))
         combine = self.guidance.combine_inverse if inverse else self.guidance.combine
         return combine(preds, schedule.t[i])
 

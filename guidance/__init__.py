@@ -8,7 +8,7 @@ KINDS = ("cfg", "cfgpp", "pag", "cfgpp+pag")
 
 
 def make_guidance(kind: str, scale: float, *, pag_scale: float = 3.0, pag_layers: tuple[str, ...] = ("mid",),
-                  pag_adaptive_scale: float = 0.0):
+                  pag_adaptive_scale: float = 0.0, adaptive_threshold: float | None = None):
     """`kind` with guidance scale `scale` (CFG's w, or CFG++'s lambda in [0, 1]); a list of scales
     gives each prompt of the batch its own (engines that sample a source and a target together)."""
     from diffedit.guidance.cfg import CFG
@@ -18,6 +18,12 @@ def make_guidance(kind: str, scale: float, *, pag_scale: float = 3.0, pag_layers
     if kind not in KINDS:
         raise UsageError(f"unknown guidance {kind!r}; use one of {', '.join(KINDS)}")
     base = CFGpp(scale) if kind.startswith("cfgpp") else CFG(scale)
+    if adaptive_threshold is not None:
+        from diffedit.guidance.adaptive import AdaptiveCFG
+
+        if kind != "cfg":
+            raise UsageError(f"--adaptive-guidance works with --guidance cfg, not {kind}")
+        return AdaptiveCFG(base, adaptive_threshold)
     if kind.endswith("pag") and (pag_scale or pag_adaptive_scale):
         return PAG(base, pag_scale, pag_layers, pag_adaptive_scale)
     return base  # a PAG scale of 0 is the base guidance itself, without the extra branch
@@ -27,18 +33,21 @@ class GuidanceSpec:
     """The user's choice of guidance, applied at whatever scale each branch of a job uses."""
 
     def __init__(self, kind: str = "cfg", pag_scale: float = 3.0, pag_layers: tuple[str, ...] = ("mid",),
-                 pag_adaptive_scale: float = 0.0):
+                 pag_adaptive_scale: float = 0.0, adaptive_threshold: float | None = None):
         if kind not in KINDS:
             raise UsageError(f"unknown guidance {kind!r}; use one of {', '.join(KINDS)}")
         self.kind, self.pag_scale = kind, float(pag_scale)
         self.pag_layers, self.pag_adaptive_scale = tuple(pag_layers), float(pag_adaptive_scale)
+        self.adaptive_threshold = adaptive_threshold
 
     def build(self, scale: float):
         return make_guidance(self.kind, scale, pag_scale=self.pag_scale, pag_layers=self.pag_layers,
-                             pag_adaptive_scale=self.pag_adaptive_scale)
+                             pag_adaptive_scale=self.pag_adaptive_scale, adaptive_threshold=self.adaptive_threshold)
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind}
+        if self.adaptive_threshold is not None:
+            out["adaptive_threshold"] = self.adaptive_threshold
         if "pag" in self.kind:
             out.update(pag_scale=self.pag_scale, pag_layers=list(self.pag_layers),
                        pag_adaptive_scale=self.pag_adaptive_scale)

@@ -37,6 +37,10 @@ class Guidance:
     name = "none"
     branches: tuple[str, ...] = ("cond",)
 
+    def active_branches(self) -> tuple[str, ...]:
+        """The branches the next forward needs (all of them, except after adaptive guidance converged)."""
+        return self.branches
+
     def combine(self, preds: dict[str, Prediction], t: float) -> Prediction:
         return preds["cond"]
 

@@ -1,0 +1,34 @@
+"""Adaptive guidance: CFG until the branches agree, then the conditional branch alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffedit.errors import UsageError
+from diffedit.guidance import GuidanceSpec
+from diffedit.jobs import generate_image
+
+
+def run(model, threshold):
+    spec = GuidanceSpec(adaptive_threshold=threshold)
+    image, result = generate_image(model, "a red cat", seed=3, steps=12, guidance_scale=5.0, guidance=spec,
+                                   height=32, width=32)
+    return np.asarray(image), result
+
+
+def test_adaptive_guidance_drops_the_unconditional_branch_once_they_agree(tiny):
+    _, model = tiny("sd1")
+    plain, plain_result = run(model, None)
+    default, _ = generate_image(model, "a red cat", seed=3, steps=12, guidance_scale=5.0, height=32, width=32)
+    assert plain_result["forwards"] == {2: 12} and np.array_equal(plain, np.asarray(default))  # off: as before
+    early, result = run(model, 0.2)
+    assert result["forwards"][2] >= 1 and result["forwards"][1] >= 1  # CFG first, then one branch
+    assert sum(result["forwards"].values()) == 12 and not np.array_equal(early, plain)
+
+
+def test_adaptive_guidance_bad_input(cli, tmp_path):
+    with pytest.raises(UsageError, match="must be a cosine similarity"):
+        GuidanceSpec(adaptive_threshold=1.5).build(5.0)
+    code, _, err = cli("generate", "x", "-o", tmp_path / "a.png", "--guidance", "pag", "--adaptive-guidance", 0.99)
+    assert code == 2 and "--adaptive-guidance works with --guidance cfg" in err and not (tmp_path / "a.png").exists()
