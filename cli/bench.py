@@ -15,11 +15,13 @@ bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one ru
 app.add_typer(bench_app, name="bench")
 
 
-def _write(rows: list[dict], table: str, save: Path | None) -> None:
+def _report(rows: list[dict], table: str, save: Path | None, json: bool, printed: list[dict] | None = None) -> None:
+    """Save rows and table under `save`; print the table, or with --json the `printed` rows (default: rows)."""
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
         (save / "results.json").write_text(jsonlib.dumps(rows, indent=2) + "\n")
         (save / "results.md").write_text(table + "\n")
+    typer.echo("\n".join(jsonlib.dumps(r) for r in (rows if printed is None else printed)) if json else table)
 
 
 @bench_app.command("overhead")
@@ -37,13 +39,7 @@ def overhead(
 
     with stderr.status("measuring"):
         rows = bench.run(repeats=repeats, quick=quick)
-    table = bench.markdown(rows)
-    _write(rows, table, save)
-    if json:
-        for row in rows:
-            typer.echo(jsonlib.dumps(row))
-    else:
-        typer.echo(table)
+    _report(rows, bench.markdown(rows), save, json)
 
 
 @bench_app.command("shapes")
@@ -92,13 +88,7 @@ def shapes(
             rows += bench.run(m, name, kinds=kinds.split(",") if kinds else None, limit=limit, options=options,
                               progress=progress)
     summary = bench.summarize(rows)
-    table = bench.markdown(summary)
-    _write(summary, table, save)
-    if json:
-        for row in rows:
-            typer.echo(jsonlib.dumps(row))
-    else:
-        typer.echo(table)
+    _report(summary, bench.markdown(summary), save, json, printed=rows)  # --json: the raw rows
 
 
 @bench_app.command("toy-quality")
@@ -134,9 +124,7 @@ def engines(
 
     with stderr.status("measuring"):
         rows, comparison = bench.run(repeats=repeats, quick=quick)
-    table = bench.markdown(rows, comparison)
-    _write(rows + comparison, table, save)
-    typer.echo("\n".join(jsonlib.dumps(r) for r in rows + comparison) if json else table)
+    _report(rows + comparison, bench.markdown(rows, comparison), save, json)
 
 
 @bench_app.command("guidance")
@@ -154,9 +142,7 @@ def guidance(
 
     with stderr.status("measuring"):
         rows = bench.run(repeats=repeats, quick=quick)
-    table = bench.markdown(rows)
-    _write(rows, table, save)
-    typer.echo("\n".join(jsonlib.dumps(r) for r in rows) if json else table)
+    _report(rows, bench.markdown(rows), save, json)
 
 
 @bench_app.command("fk-toy")
@@ -193,9 +179,7 @@ def batch(
 
     with stderr.status("measuring"):
         row = bench.run(n=n, steps=steps)
-    table = bench.markdown(row)
-    _write([row], table, save)
-    typer.echo(jsonlib.dumps(row) if json else table)
+    _report([row], bench.markdown(row), save, json)
 
 
 @bench_app.command("accelerators")
@@ -215,6 +199,4 @@ def accelerators(
 
     with stderr.status("measuring"):
         rows = bench.run(load_model(None, device="cpu"), n=n, steps=steps, guidance_scale=guidance_scale)
-    table = bench.markdown(rows)
-    _write(rows, table, save)
-    typer.echo("\n".join(jsonlib.dumps(r) for r in rows) if json else table)
+    _report(rows, bench.markdown(rows), save, json)
