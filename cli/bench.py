@@ -200,3 +200,19 @@ def accelerators(
     with stderr.status("measuring"):
         rows = bench.run(load_model(None, device="cpu"), n=n, steps=steps, guidance_scale=guidance_scale)
     _report(rows, bench.markdown(rows), save, json)
+
+
+@bench_app.command("memory")
+def memory(
+    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """Peak memory of the toy model's VAE round trip by image size, with and without --vae-tiling.
+
+    Example: diffedit bench memory --save benchmarks/results/memory
+    """
+    from diffedit.benchmarks import memory as bench
+
+    with stderr.status("measuring"):
+        rows = bench.run()
+    _report(rows, bench.markdown(rows), save, json)

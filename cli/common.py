@@ -17,6 +17,7 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, dif
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (the integrator stays fp32).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.ckpt/.bin) weights, which can run code.")]
+VaeTilingOpt = Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode large images in overlapping tiles (bounded VAE memory; tiles blend, so results differ slightly).")]
 ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers folder or hub id with the configs of a single-file checkpoint.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
@@ -88,16 +89,22 @@ BATCHED: dict = {}
 _loaded: dict | None = None  # models kept for reuse while a batch runs
 
 
-def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None):
+def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None,
+         vae_tiling: bool = False):
     from diffedit.models import load_model
 
     key = (model, device, dtype, allow_pickle, config)
-    if _loaded is not None and key in _loaded:
-        return _loaded[key]
-    with stderr.status("loading model", spinner="dots") if stderr.is_terminal else _nothing():
-        m = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
-    if _loaded is not None:
-        _loaded[key] = m
+    m = _loaded.get(key) if _loaded is not None else None
+    if m is None:
+        with stderr.status("loading model", spinner="dots") if stderr.is_terminal else _nothing():
+            m = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
+        if _loaded is not None:
+            _loaded[key] = m
+    # set on every call: a model reused by a batch keeps no tiling choice from an earlier job
+    if vae_tiling:
+        m.pipe.vae.enable_tiling()
+    else:
+        m.pipe.vae.disable_tiling()
     return m
 
 

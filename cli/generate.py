@@ -8,7 +8,7 @@ import typer
 
 from diffedit.cli.common import (
     AdaptiveGuidanceOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
-    StepsOpt, BATCHED, emit, fk_config, guidance_spec, load, progress,
+    StepsOpt, VaeTilingOpt, BATCHED, emit, fk_config, guidance_spec, load, progress,
 )
 from diffedit.cli.main import app
 
@@ -29,7 +29,7 @@ def generate(
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0, adaptive_guidance: AdaptiveGuidanceOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None,
+    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Draw an image from a prompt (DDIM / Euler with classifier-free guidance).
@@ -55,7 +55,8 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"],
                          first["adaptive_guidance"])
     fk = fk_config(first["fk_particles"], first["fk_lambda"], first["fk_potential"], first["fk_every"], first["eta"])
-    m = load(first["model"], first["device"], first["dtype"], first["allow_pickle"], first["model_config"])
+    m = load(first["model"], first["device"], first["dtype"], first["allow_pickle"], first["model_config"],
+             first["vae_tiling"])
     steps = first["steps"] or 50
     common = dict(steps=steps, guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
                   width=first["width"], height=first["height"], guidance=spec, eta=first["eta"])

@@ -55,3 +55,23 @@ def test_fp16_vae_overflow_without_upcast_is_a_clear_error(tmp_path):
     folder = hot_vae_pipeline(tmp_path / "hot", force_upcast=False)
     with pytest.raises(DiffeditError, match="the VAE overflowed decoding in torch.float16"):
         image(load_model(folder, device="cpu", dtype="fp16"), steps=4)
+
+
+def test_vae_tiling_round_trips_large_images_like_untiled(tmp_path, cli):
+    from PIL import Image
+
+    from diffedit.cli.common import load, reuse_models
+    from diffedit.toy.shapes import make_scene
+
+    Image.fromarray(make_scene(7, size=256).image).save(tmp_path / "big.png")
+    psnrs = {}
+    for flag in ([], ["--vae-tiling"]):
+        code, out, err = cli("invert", tmp_path / "big.png", "-n", 2, "-o", tmp_path / f"r{len(flag)}.st", "--json",
+                             "-q", *flag)
+        assert code == 0, err
+        psnrs[bool(flag)] = json.loads(out)["vae_psnr"]
+    # the toy VAE tiles at its 64-px training size, so seams cost about 2 dB (SD tiles at 512 px)
+    assert psnrs[False] - 3.0 < psnrs[True] <= psnrs[False] + 0.5
+    with reuse_models():  # a model reused across batch jobs takes each job's own choice
+        assert load(None, "cpu", "auto", False, None, vae_tiling=True).pipe.vae.use_tiling
+        assert not load(None, "cpu", "auto", False, None).pipe.vae.use_tiling
