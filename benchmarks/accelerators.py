@@ -1,4 +1,5 @@
-"""Accelerators against plain CFG on the toy model: speed and what they cost in prompt following.
+"""Accelerators (adaptive guidance, DeepCache) against plain CFG on the toy model: speed and what
+they cost in prompt following.
 
 For each of N seeded single-object prompts ("a red circle on a white background", ...), one image with
 plain CFG and one with each accelerator setting, same seed, steps and scale. Reported side by side:
@@ -20,15 +21,17 @@ from diffedit.toy.quality import judge, prompt_set
 
 
 def run(model, n: int = 50, steps: int = 50, guidance_scale: float = 5.0,
-        thresholds: tuple[float, ...] = (0.99, 0.995, 0.999)) -> list[dict]:
+        thresholds: tuple[float, ...] = (0.99, 0.995, 0.999), intervals: tuple[int, ...] = (2, 3, 5)) -> list[dict]:
     prompts = prompt_set(n)
-    settings = [("cfg", None)] + [(f"adaptive {t}", t) for t in thresholds]
+    settings = ([("cfg", {})] + [(f"adaptive guidance {t}", {"guidance": GuidanceSpec(adaptive_threshold=t)})
+                                 for t in thresholds]
+                + [(f"deepcache {k}", {"deepcache": k}) for k in intervals])
     stats = {name: {"ok": 0, "evals": [], "seconds": [], "psnr": []} for name, _ in settings}
     for seed, (prompt, shape, colour) in enumerate(prompts):
         reference = None
-        for name, threshold in settings:  # interleaved, so drifts in machine speed hit every setting
+        for name, accelerator in settings:  # interleaved, so drifts in machine speed hit every setting
             image, result = generate_image(model, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                                           guidance=GuidanceSpec(adaptive_threshold=threshold))
+                                           **accelerator)
             pixels = np.asarray(image)
             s, c = judge(pixels, shape, colour)
             row = stats[name]
@@ -54,7 +57,7 @@ def run(model, n: int = 50, steps: int = 50, guidance_scale: float = 5.0,
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | images | success % | network evals / image | s / image | speed-up | PSNR vs CFG (dB) |",
+    lines = ["| setting | images | success % | network evals / image (batch rows) | s / image | speed-up | PSNR vs CFG (dB) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['images']} | {r['success_pct']:.0f} | {r['evals_per_image']} | "

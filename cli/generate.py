@@ -28,6 +28,7 @@ def generate(
     height: Annotated[int | None, typer.Option("--height", "-H", min=8)] = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0, adaptive_guidance: AdaptiveGuidanceOpt = None,
+    deepcache: Annotated[int | None, typer.Option("--deepcache", help="DeepCache: run the whole UNet every N-th step, only its outer blocks in between (e.g. 3).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -59,7 +60,8 @@ def generate_many(jobs: list[dict]) -> list[dict]:
              first["vae_tiling"])
     steps = first["steps"] or 50
     common = dict(steps=steps, guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
-                  width=first["width"], height=first["height"], guidance=spec, eta=first["eta"])
+                  width=first["width"], height=first["height"], guidance=spec, eta=first["eta"],
+                  deepcache=first["deepcache"])
     with progress(steps, "generate", first["quiet"]) as callback:
         if fk is not None:  # the particles are the batch
             assert len(jobs) == 1, "FK steering is not micro-batched"

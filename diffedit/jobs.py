@@ -214,13 +214,15 @@ def generate_image(
     model: Family, prompt: str, *, seed: int | None = None, steps: int = 50, guidance_scale: float = 7.5,
     negative_prompt: str = "", width: int | None = None, height: int | None = None,
     guidance: GuidanceSpec | None = None, eta: float = 0.0, fk: FKConfig | None = None,
-    reward: str = "saturation", callback: Callback | None = None,
+    reward: str = "saturation", callback: Callback | None = None, deepcache: int | None = None,
 ) -> tuple[Image.Image, dict]:
     """Sample an image; `eta` > 0 samples stochastically, `fk` steers K particles with a reward."""
     if fk is None or fk.particles <= 1:
         return generate_images(model, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
                                negative_prompt=negative_prompt, width=width, height=height, guidance=guidance,
-                               eta=eta, callback=callback)[0]
+                               eta=eta, callback=callback, deepcache=deepcache)[0]
+    if deepcache:
+        raise UsageError("--deepcache is not combined with FK steering")
     started = time.perf_counter()
     seed = secrets.randbelow(2**31) if seed is None else seed
     height, width, shape, schedule = _canvas(model, steps, height, width, eta)
@@ -240,6 +242,7 @@ def generate_images(
     model: Family, prompts: list[str], seeds: list[int | None], *, steps: int = 50, guidance_scale: float = 7.5,
     negative_prompt: str = "", width: int | None = None, height: int | None = None,
     guidance: GuidanceSpec | None = None, eta: float = 0.0, callback: Callback | None = None,
+    deepcache: int | None = None,
 ) -> list[tuple[Image.Image, dict]]:
     """Sample one image per prompt in a single batch (micro-batching).
 
@@ -250,6 +253,10 @@ def generate_images(
     seeds = [secrets.randbelow(2**31) if s is None else s for s in seeds]
     height, width, shape, schedule = _canvas(model, steps, height, width, eta)
     den = prompt_denoiser_for(model, prompts, guidance_scale, height, width, negative_prompt, guidance)
+    if deepcache:
+        from diffedit.deepcache import DeepCache
+
+        den.deepcache = DeepCache(model.network, deepcache)
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # initial noise, then each step's
     draw = lambda: torch.cat([torch.randn(shape, generator=g) for g in gens]).to(model.device)  # noqa: E731
     x = draw()
@@ -257,6 +264,8 @@ def generate_images(
     images = [to_pil(model.decode(z0[k : k + 1])) for k in range(len(prompts))]
     seconds = time.perf_counter() - started
     extra = {"batched": len(prompts)} if len(prompts) > 1 else {}
+    if den.deepcache is not None:
+        extra["full_steps"] = den.deepcache.full_steps
     return [(img, {"seed": seed, "steps": steps, "nfe": den.calls, "forwards": dict(den.forwards),
                    "seconds": seconds, **extra}) for img, seed in zip(images, seeds)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -44,6 +45,7 @@ class Denoiser:
         self.control = None if controller is None else AttentionControl(model.network, controller)
         self.calls = 0
         self.forwards: dict[int, int] = {}  # network calls by batch size
+        self.deepcache = None  # a DeepCache to reuse deep UNet features between steps (generate only)
 
     def __call__(self, x: torch.Tensor, schedule: Schedule, i: int, *, level: int | None = None,
                  inverse: bool = False) -> Prediction:
@@ -56,12 +58,13 @@ class Denoiser:
         n = len(branches)
         x_in = x.repeat(n, 1, 1, 1) if n > 1 else x
         t = schedule.times[i]
-        if self.control is None:
-            out = self.model.forward(x_in.to(self.dtype), t, cond)
-        else:
-            self.control.controller.begin(i, branches)
-            with self.control:
+        with self.deepcache.step(i, len(cond)) if self.deepcache is not None else nullcontext():
+            if self.control is None:
                 out = self.model.forward(x_in.to(self.dtype), t, cond)
+            else:
+                self.control.controller.begin(i, branches)
+                with self.control:
+                    out = self.model.forward(x_in.to(self.dtype), t, cond)
         self.calls += 1
         self.forwards[len(cond)] = self.forwards.get(len(cond), 0) + 1
         if not torch.isfinite(out).all():  # stop here, naming the step, rather than write a black image

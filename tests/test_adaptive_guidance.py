@@ -32,3 +32,31 @@ def test_adaptive_guidance_bad_input(cli, tmp_path):
         GuidanceSpec(adaptive_threshold=1.5).build(5.0)
     code, _, err = cli("generate", "x", "-o", tmp_path / "a.png", "--guidance", "pag", "--adaptive-guidance", 0.99)
     assert code == 2 and "--adaptive-guidance works with --guidance cfg" in err and not (tmp_path / "a.png").exists()
+
+
+def test_deepcache_runs_the_deep_blocks_only_on_full_steps(tiny):
+    _, model = tiny("sd1")
+    unet = model.network
+    mid_calls = []
+    # a module inside the mid block runs only when the block really computes
+    hook = unet.mid_block.resnets[0].register_forward_hook(lambda *_: mid_calls.append(1))
+    try:
+        before, _ = generate_image(model, "a red cat", seed=1, steps=12, height=32, width=32)
+        mid_calls.clear()
+        cached, result = generate_image(model, "a red cat", seed=1, steps=12, height=32, width=32, deepcache=3)
+        assert result["full_steps"] == 4 and len(mid_calls) == 4  # steps 0, 3, 6, 9
+        assert not np.array_equal(np.asarray(cached), np.asarray(before))
+        after, _ = generate_image(model, "a red cat", seed=1, steps=12, height=32, width=32)
+    finally:
+        hook.remove()
+    assert np.array_equal(np.asarray(after), np.asarray(before))  # the network is itself again
+    assert all("forward" not in vars(block) for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks])
+
+
+def test_deepcache_bad_input(tiny):
+    _, model = tiny("sd1")
+    with pytest.raises(UsageError, match="at least 2"):
+        generate_image(model, "a cat", steps=4, height=32, width=32, deepcache=1)
+    _, flow = tiny("sd3")
+    with pytest.raises(UsageError, match="needs a UNet"):
+        generate_image(flow, "a cat", steps=4, deepcache=3)
