@@ -190,7 +190,7 @@ def accelerators(
     save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
     json: JsonOpt = False,
 ):
-    """Adaptive guidance and DeepCache vs CFG on the toy model: speed-up and checker success side by side.
+    """Adaptive guidance, DeepCache and torch.compile vs CFG on the toy model: speed-up and success side by side.
 
     Example: diffedit bench accelerators --n 50 --save benchmarks/results/accelerators
     """

@@ -90,7 +90,7 @@ _loaded: dict | None = None  # models kept for reuse while a batch runs
 
 
 def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None,
-         vae_tiling: bool = False):
+         vae_tiling: bool = False, compile: bool = False):
     from diffedit.models import load_model
 
     key = (model, device, dtype, allow_pickle, config)
@@ -105,6 +105,10 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
         m.pipe.vae.enable_tiling()
     else:
         m.pipe.vae.disable_tiling()
+    if compile:  # compiled once per loaded model: a batch pays the compilation for its first job only
+        m.compile()
+    else:
+        m.use_compiled = False
     return m
 
 

@@ -28,6 +28,7 @@ def generate(
     height: Annotated[int | None, typer.Option("--height", "-H", min=8)] = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0, adaptive_guidance: AdaptiveGuidanceOpt = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (a slow first call; pays off over many steps or batch jobs).")] = False,
     deepcache: Annotated[int | None, typer.Option("--deepcache", help="DeepCache: run the whole UNet every N-th step, only its outer blocks in between (e.g. 3).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
@@ -45,6 +46,7 @@ def generate_many(jobs: list[dict]) -> list[dict]:
 
     Every branch of every image runs in one forward per step (`diffedit batch --batch-size`).
     """
+    from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import save_image
     from diffedit.jobs import generate_image, generate_images, image_params
@@ -56,8 +58,11 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"],
                          first["adaptive_guidance"])
     fk = fk_config(first["fk_particles"], first["fk_lambda"], first["fk_potential"], first["fk_every"], first["eta"])
+    if first["compile"] and (first["deepcache"] or "pag" in spec.kind):
+        raise UsageError("--compile cannot be combined with --deepcache or PAG: both change the network's "
+                         "modules between steps")
     m = load(first["model"], first["device"], first["dtype"], first["allow_pickle"], first["model_config"],
-             first["vae_tiling"])
+             first["vae_tiling"], first["compile"])
     steps = first["steps"] or 50
     common = dict(steps=steps, guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
                   width=first["width"], height=first["height"], guidance=spec, eta=first["eta"],

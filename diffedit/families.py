@@ -70,6 +70,19 @@ class Family:
         # Where the model came from and a hash of it; `load_model` sets both for files and hub ids.
         self.source = "<memory>"
         self._fingerprint: str | None = None
+        self.compiled: torch.nn.Module | None = None  # torch.compile of the network, made on request
+        self.use_compiled = False
+
+    def compile(self) -> None:
+        """Compile the network once (slow the first call, faster after); `use_compiled` picks it."""
+        if self.compiled is None:
+            self.compiled = torch.compile(self.network)
+        self.use_compiled = True
+
+    @property
+    def _run(self) -> torch.nn.Module:
+        """The network's forward: compiled when asked for."""
+        return self.compiled if self.use_compiled and self.compiled is not None else self.network
 
     @property
     def fingerprint(self) -> str:
@@ -211,7 +224,7 @@ class UNetFamily(Family):
         return Cond({"text": cond}), None if negatives is None else Cond({"text": uncond})
 
     def forward(self, x, t, cond):
-        return self.network(x, t, encoder_hidden_states=cond.tensors["text"], return_dict=False)[0]
+        return self._run(x, t, encoder_hidden_states=cond.tensors["text"], return_dict=False)[0]
 
     def schedule(self, steps, height, width):
         sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
@@ -241,7 +254,7 @@ class SDXLFamily(UNetFamily):
     def forward(self, x, t, cond):
         c = cond.tensors
         added = {"text_embeds": c["pooled"], "time_ids": c["time_ids"]}
-        return self.network(x, t, encoder_hidden_states=c["text"], added_cond_kwargs=added, return_dict=False)[0]
+        return self._run(x, t, encoder_hidden_states=c["text"], added_cond_kwargs=added, return_dict=False)[0]
 
 
 class FlowFamily(Family):
@@ -289,7 +302,7 @@ class SD3Family(FlowFamily):
 
     def forward(self, x, t, cond):
         c = cond.tensors
-        return self.network(
+        return self._run(
             hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=c["text"],
             pooled_projections=c["pooled"], return_dict=False,
         )[0]
@@ -338,7 +351,7 @@ class FluxFamily(FlowFamily):
         packed = x.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, ch * 4)
         img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
         c = cond.tensors
-        out = self.network(
+        out = self._run(
             hidden_states=packed, timestep=t.expand(b).to(x.dtype) / 1000,
             guidance=c["guidance"] if self.guidance_embedded else None,
             pooled_projections=c["pooled"], encoder_hidden_states=c["text"],

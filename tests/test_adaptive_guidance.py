@@ -60,3 +60,16 @@ def test_deepcache_bad_input(tiny):
     _, flow = tiny("sd3")
     with pytest.raises(UsageError, match="needs a UNet"):
         generate_image(flow, "a cat", steps=4, deepcache=3)
+
+
+def test_compiled_network_gives_the_eager_image(tiny_folder, cli, tmp_path):
+    model = tiny_folder("sd1")
+    args = ["generate", "a red cat", "-n", 3, "--seed", 2, "-H", 32, "-W", 32, "-m", model, "-q"]
+    assert cli(*args, "-o", tmp_path / "eager.png")[0] == 0
+    assert cli(*args, "--compile", "-o", tmp_path / "compiled.png")[0] == 0
+    from PIL import Image
+
+    diff = np.asarray(Image.open(tmp_path / "eager.png"), float) - np.asarray(Image.open(tmp_path / "compiled.png"), float)
+    assert np.abs(diff).max() <= 1  # kernels fused by the compiler round differently
+    code, _, err = cli(*args, "--compile", "--deepcache", 2, "-o", tmp_path / "x.png")
+    assert code == 2 and "--compile cannot be combined" in err
