@@ -39,7 +39,7 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise 
 GuidanceOpt = Annotated[str, typer.Option("--guidance", help="cfg, cfgpp (scale = lambda in [0, 1]), pag or cfgpp+pag.")]
 PagScaleOpt = Annotated[float, typer.Option("--pag-scale", help="PAG scale s in u + w(c - u) + s(c - p).")]
 PagLayersOpt = Annotated[str, typer.Option("--pag-layers", help="Comma-separated regexes over self-attention layer names.")]
-AdaptiveGuidanceOpt = Annotated[float | None, typer.Option("--adaptive-guidance", help="Adaptive guidance: drop CFG's unconditional branch once its noise prediction's cosine similarity with the conditional one reaches this (e.g. 0.991).")]
+AdaptiveGuidanceOpt = Annotated[float | None, typer.Option("--adaptive-guidance", help="Adaptive guidance: drop CFG's unconditional branch once its clean-image estimate's cosine similarity with the conditional one reaches this (e.g. 0.999).")]
 PagAdaptiveOpt = Annotated[float, typer.Option("--pag-adaptive-scale", help="Lower the PAG scale by this much per unit of time.")]
 
 
