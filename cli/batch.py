@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -63,24 +64,19 @@ def batch(
         raise typer.Exit(SOME_FAILED)
 
 
+@contextmanager
 def _progress(total: int, quiet: bool):
     """A Rich bar with ETA and a live failure count on a terminal; nothing in pipes and logs."""
-    from contextlib import contextmanager
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    @contextmanager
-    def bar():
-        if quiet or not stderr.is_terminal:
-            yield lambda failures: None
-            return
-        columns = [TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("[red]{task.fields[failed]} failed")]
-        with Progress(*columns, console=stderr, transient=True) as progress:
-            task = progress.add_task("batch", total=total, failed=0)
-            yield lambda failures: progress.update(task, advance=1, failed=failures)
-
-    return bar()
+    if quiet or not stderr.is_terminal:
+        yield lambda failures: None
+        return
+    columns = [TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("[red]{task.fields[failed]} failed")]
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task("batch", total=total, failed=0)
+        yield lambda failures: progress.update(task, advance=1, failed=failures)
 
 
 def _summary(rows: list[dict], merged: Path | None, rank: int, world: int) -> None:

@@ -23,7 +23,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,33 +210,43 @@ def finished(out_dir: Path) -> dict[str, dict]:
     return done
 
 
+def result_row(job: Job, out_dir: Path, seconds: float, *, error: str | None = None,
+               metrics: dict | None = None) -> dict:
+    """A job's results row: failed with its error, or ok with its outputs and the command's metrics."""
+    outputs = [] if error else [str(p.relative_to(out_dir.resolve())) for p in job.outputs if p.exists()]
+    metrics = {} if error else {k: v for k, v in (metrics or {}).items() if k != "output"}
+    return {"id": job.id, "line": job.line, "command": job.command, "status": "failed" if error else "ok",
+            "outputs": outputs, "seconds": round(seconds, 4), "error": error, "metrics": metrics}
+
+
+def _make_output_folders(jobs: list[Job]) -> None:
+    for job in jobs:
+        for path in job.outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def run_job(job: Job, out_dir: Path) -> dict:
     """Run one job through the CLI in process; its result row (never raises for the job's own failure)."""
     from diffedit.cli.main import run
 
     start = time.perf_counter()
-    row = {"id": job.id, "line": job.line, "command": job.command}
     if job.error is not None:
-        return {**row, "status": "failed", "outputs": [], "seconds": 0.0, "error": job.error, "metrics": {}}
-    for path in job.outputs:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        return result_row(job, out_dir, 0.0, error=job.error)
+    _make_output_folders([job])
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             code = run(job.argv)
         except Exception as e:  # e.g. out of memory: the job fails, the batch goes on
             code, stderr = 1, io.StringIO(f"error: {type(e).__name__}: {e}")
-    seconds = round(time.perf_counter() - start, 4)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        return result_row(job, out_dir, seconds, error=one_line_error(stderr.getvalue(), code))
     metrics = {}
-    for line in stdout.getvalue().splitlines():
+    for line in stdout.getvalue().splitlines():  # the command's --json result
         with contextlib.suppress(json.JSONDecodeError):
             metrics.update(json.loads(line))
-    metrics.pop("output", None)
-    if code != 0:
-        return {**row, "status": "failed", "outputs": [], "seconds": seconds,
-                "error": one_line_error(stderr.getvalue(), code), "metrics": {}}
-    outputs = [str(p.relative_to(out_dir.resolve())) for p in job.outputs if p.exists()]
-    return {**row, "status": "ok", "outputs": outputs, "seconds": seconds, "error": None, "metrics": metrics}
+    return result_row(job, out_dir, seconds, metrics=metrics)
 
 
 def parse_params(job: Job) -> dict | None:
@@ -284,9 +294,7 @@ def run_group(group: list[Job], out_dir: Path) -> list[dict]:
     if len(group) == 1:
         return [run_job(group[0], out_dir)]
     start = time.perf_counter()
-    for job in group:
-        for path in job.outputs:
-            path.parent.mkdir(parents=True, exist_ok=True)
+    _make_output_folders(group)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
             results = BATCHED[group[0].command][0]([job.params for job in group])
@@ -294,14 +302,8 @@ def run_group(group: list[Job], out_dir: Path) -> list[dict]:
             results = None
     if results is None:
         return [run_job(job, out_dir) for job in group]
-    seconds = round((time.perf_counter() - start) / len(group), 4)  # the batch's time, shared
-    rows = []
-    for job, result in zip(group, results):
-        metrics = {k: v for k, v in result.items() if k != "output"}
-        outputs = [str(p.relative_to(out_dir.resolve())) for p in job.outputs if p.exists()]
-        rows.append({"id": job.id, "line": job.line, "command": job.command, "status": "ok", "outputs": outputs,
-                     "seconds": seconds, "error": None, "metrics": metrics})
-    return rows
+    seconds = (time.perf_counter() - start) / len(group)  # the batch's time, shared
+    return [result_row(job, out_dir, seconds, metrics=result) for job, result in zip(group, results)]
 
 
 def one_line_error(text: str, code: int) -> str:
@@ -395,7 +397,3 @@ def merge(jobs: list[Job], out_dir: Path, parts: list[Path]) -> None:
             rows[row["id"]] = row
     order = [job.id for job in jobs]
     write_rows(out_dir / RESULTS, [rows[i] for i in order if i in rows])
-
-
-def iter_failed(rows: list[dict]) -> Iterator[dict]:
-    return (r for r in rows if r["status"] != "ok")
