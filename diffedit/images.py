@@ -30,10 +30,11 @@ def load_image(
 ) -> Image.Image:
     """Read an image file (or stdin for "-") as 8-bit RGB, upright, first frame only.
 
-    alpha: "composite" puts transparent images on white, "refuse" rejects them.
+    alpha: "composite" puts transparent images on white, "refuse" rejects them, "as-mask" returns
+    the alpha channel itself (a mask drawn as transparency).
     Images of more than `max_pixels` pixels are refused before decoding.
     """
-    if alpha not in ("composite", "refuse"):
+    if alpha not in ("composite", "refuse", "as-mask"):
         raise UsageError(f"unknown alpha policy {alpha!r}; use composite or refuse")
     name, fp = _open_source(source)
     try:
@@ -68,6 +69,16 @@ def load_image(
                 f"{name}: image is {img.width}x{img.height} pixels; at least {MIN_SIDE}x{MIN_SIDE} needed"
             )
         return _to_rgb(img, alpha, name)
+
+
+def load_mask(source: str | Path, size: tuple[int, int]) -> Image.Image:
+    """A mask file as a black/white "L" image of the image's `size` (w, h): pixels above half grey
+    select (or, in a file with transparency, opaque pixels)."""
+    mask = load_image(source, alpha="as-mask").convert("L")
+    if mask.size != size:
+        raise DiffeditError(f"{source}: mask is {mask.width}x{mask.height} pixels but the image is "
+                            f"{size[0]}x{size[1]}; they must match")
+    return mask.point(lambda v: 255 if v > 127 else 0)
 
 
 @contextmanager
@@ -123,6 +134,8 @@ def _to_rgb(img: Image.Image, alpha: str, name: str) -> Image.Image:
         rgba = img.convert("RGBA")
         if rgba.getextrema()[3][0] == 255:  # alpha channel present but fully opaque
             return rgba.convert("RGB")
+        if alpha == "as-mask":
+            return rgba.getchannel("A").convert("RGB")
         if alpha == "refuse":
             raise DiffeditError(
                 f"{name}: has an alpha channel with transparent pixels; "

@@ -17,11 +17,11 @@ from PIL import Image
 
 from diffedit import __version__
 from diffedit.engines import Run, get_engine
-from diffedit.errors import UsageError
+from diffedit.errors import DiffeditError, UsageError
 from diffedit.families import Family
 from diffedit.guidance import GuidanceSpec
 from diffedit.guidance.fk import FKConfig, load_reward, steer
-from diffedit.images import fit_to_multiple, load_image, psnr, to_pil, to_tensor
+from diffedit.images import fit_to_multiple, load_image, load_mask, psnr, to_pil, to_tensor
 from diffedit.records import Record, model_meta
 from diffedit.sampling import Callback, Denoiser, prompt_denoiser, sample
 
@@ -314,3 +314,75 @@ def edit_image(
     result = {**edited, "nfe": inverted["nfe"] + edited["nfe"], "forwards": forwards,
               "seconds": time.perf_counter() - started}
     return out, result, record
+
+
+MOVE_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def _fitted(raw: tuple[int, int], fitted: tuple[int, int], how: ImageInput):
+    """(x scale, y scale, crop offset) that `fit_to_multiple` applied to an image of size `raw`."""
+    if how.fit == "resize":
+        return fitted[0] / raw[0], fitted[1] / raw[1], (0, 0)
+    w, h = raw
+    if how.max_side and max(w, h) > how.max_side:  # scaled down first, then cropped or padded
+        k = how.max_side / max(w, h)
+        w, h = max(1, round(w * k)), max(1, round(h * k))
+    offset = ((w - fitted[0]) // 2, (h - fitted[1]) // 2) if how.fit == "crop" else (0, 0)
+    return w / raw[0], h / raw[1], offset
+
+
+def move_image(
+    model: Family, source: str | Image.Image, mask: str | Image.Image, move, *, prompt: str = "",
+    steps: int = 16, guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
+    energy=None, image: ImageInput = ImageInput(), guidance: GuidanceSpec | None = None,
+    callback: Callback | None = None,
+) -> tuple[Image.Image, dict]:
+    """PixelMan: move (scale, duplicate) the masked object; `energy` None turns the energy guidance off.
+
+    The mask must have the input image's size; both are brought to the model's multiple together.
+    """
+    import numpy as np
+
+    from diffedit.editing.pixelman import FeatureEnergy, PixelManControl, manipulate, move_latents, plan_move
+
+    started = time.perf_counter()
+    if model.name not in MOVE_FAMILIES:
+        raise UsageError(f"move runs on UNet models ({', '.join(MOVE_FAMILIES)}), not {model.name}")
+    raw = source.convert("RGB") if isinstance(source, Image.Image) else load_image(source, alpha=image.alpha)
+    mask_name = mask if isinstance(mask, str) else "mask"
+    mask_img = load_mask(mask, raw.size) if isinstance(mask, str) else mask.convert("L")
+    if mask_img.size != raw.size:
+        raise DiffeditError(f"{mask_name}: mask is {mask_img.width}x{mask_img.height} pixels but the image is "
+                            f"{raw.width}x{raw.height}; they must match")
+    img = fit_to_multiple(raw, model.multiple, image.fit, max_side=image.max_side)
+    mask_img = fit_to_multiple(mask_img, model.multiple, image.fit, max_side=image.max_side)
+    width, height = img.size
+    move = move.resized(*_fitted(raw.size, (width, height), image))  # the move is in the input's pixels
+    selected = torch.from_numpy(np.asarray(mask_img) > 127)
+    masks, centre, move = plan_move(selected, move, mask_name)
+    pixels = to_tensor(img)
+    z0_src, z0_man = model.encode_image(torch.cat([pixels, manipulate(pixels, selected, move, centre)])).clone()
+    z0_src, z0_man = z0_src[None], z0_man[None]
+    latent_hw = tuple(z0_src.shape[-2:])
+    if guidance_scale is None:  # the paper: null prompt without CFG, or CFG 4 with a prompt
+        guidance_scale = 4.0 if prompt else 1.0
+    control = PixelManControl(masks, latent_hw)
+    denoise = prompt_denoiser_for(model, [prompt] * 3, guidance_scale, height, width, negative_prompt,
+                                  guidance, control)
+    feature_energy = None
+    if energy is not None:
+        cond, _ = model.encode_prompts([prompt], None, height, width)
+        feature_energy = FeatureEnergy(model, cond, masks, centre, move, energy, latent_hw)
+    schedule = model.schedule(steps, height, width)
+    x0 = move_latents(denoise, feature_energy, control, schedule, z0_src, z0_man, masks,
+                      torch.Generator().manual_seed(seed), callback)
+    result = {"steps": steps, "seed": seed, "size": [height, width], "guidance_scale": guidance_scale,
+              "forwards": dict(denoise.forwards),
+              "energy_passes": 0 if feature_energy is None else feature_energy.passes,
+              "backward_passes": 0 if feature_energy is None else feature_energy.backwards,
+              "moved_to": [round(c + d, 1) for c, d in zip(centre, (move.dx, move.dy))]}
+    out = to_pil(model.decode(x0))
+    # NFE: batched sampling forwards plus the energies' feature passes (each gradient adds a backward)
+    result["nfe"] = denoise.calls + result["energy_passes"]
+    result["seconds"] = time.perf_counter() - started
+    return out, result

@@ -7,6 +7,7 @@ belong to which branch (uncond / cond / perturbed / source / target ...):
 - `qkv(call, q, k, v)`: replace queries, keys or values (key/value injection, mutual self-attention);
 - `maps(call, probs)`: read or edit the attention maps (prompt-to-prompt, recording, joint-PAG);
   maps are only materialised when some controller asks for them on that call;
+- `bias(call, q, k)`: an additive mask on the attention logits (PixelMan's leak-proof self-attention);
 - `out(call, out, q, k, v)`: replace the attention output before the output projection (PAG).
 
 Processors are swapped by direct assignment on the modules (not `set_attn_processor`, which walks the
@@ -59,6 +60,10 @@ class Controller:
     def maps(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor:
         return probs
 
+    def bias(self, call: AttnCall, q, k) -> torch.Tensor | None:
+        """Added to the logits `q k^T / sqrt(d)` (broadcast to [batch, heads, queries, keys]); None: nothing."""
+        return None
+
     def out(self, call: AttnCall, out, q, k, v):
         return out
 
@@ -73,6 +78,9 @@ def attention_maps(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None =
 
 def _attend(controller: Controller, call: AttnCall, q, k, v, mask=None):
     q, k, v = controller.qkv(call, q, k, v)
+    bias = controller.bias(call, q, k)
+    if bias is not None:
+        mask = bias.to(q.dtype) if mask is None else mask + bias.to(mask.dtype)
     if controller.wants_maps(call):
         probs = controller.maps(call, attention_maps(q, k, mask))
         out = (probs @ v.float()).to(q.dtype)
@@ -219,6 +227,10 @@ class Chain(Controller):
             if c.wants_maps(call):
                 probs = c.maps(call, probs)
         return probs
+
+    def bias(self, call, q, k):
+        biases = [b for b in (c.bias(call, q, k) for c in self.controllers) if b is not None]
+        return sum(biases[1:], biases[0]) if biases else None
 
     def out(self, call, out, q, k, v):
         for c in self.controllers:

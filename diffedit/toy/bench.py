@@ -6,7 +6,8 @@ The task file (`samples/shapesbench.jsonl`, versioned) lists tasks of kinds `rec
 generator, so no images are stored), the object it edits, the prompts, and what the checker must
 find afterwards. The runner dispatches each kind to a task runner; text edits run any registered
 engine through `diffedit.jobs.edit_image`, so new engines need no change here. Kinds with no runner
-yet (e.g. `move` before `diffedit move` exists) are reported as skipped.
+yet, and engines that do not do a kind (a text-edit engine on a move task), are reported as skipped.
+Move tasks run PixelMan (`--engine pixelman`) and two baselines, `copy-paste` and `ddim`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from diffedit.errors import DiffeditError
@@ -148,17 +150,25 @@ def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 TaskRunner = Callable[[Family, dict, Image.Image, dict], tuple[Image.Image, dict]]
 
 
-def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict]:
+def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
+    from diffedit.engines import engine_names
     from diffedit.jobs import edit_image
+
+    if options["engine"] not in engine_names():
+        return None
 
     image, result, _ = edit_image(model, source, source_prompt=task["source_prompt"],
                                   target_prompt=task["target_prompt"], **options)
     return image, result
 
 
-def reconstruction(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict]:
+def reconstruction(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
     """Invert and regenerate with the same prompt and guidance: the engine's round trip."""
+    from diffedit.engines import engine_names
     from diffedit.jobs import invert_image, reconstruct_record
+
+    if options["engine"] not in engine_names():
+        return None
 
     keep = {k: options[k] for k in ("engine", "steps", "params") if k in options}
     record, inverted = invert_image(model, source, prompt=task["source_prompt"], check=False,
@@ -167,7 +177,61 @@ def reconstruction(model: Family, task: dict, source: Image.Image, options: dict
     return image, {**result, "nfe": inverted["nfe"] + result["nfe"]}
 
 
-RUNNERS: dict[str, TaskRunner] = {"recolour": text_edit, "reshape": text_edit, "reconstruct": reconstruction}
+MOVE_METHODS = ("pixelman", "copy-paste", "ddim")
+
+
+def object_move(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
+    """A move task with PixelMan (`diffedit move`; `params` may set energy_scale, prompt, seed) or a
+    baseline: `copy-paste` (the object's pixels pasted at the new place, no diffusion) or `ddim`
+    (DDIM-invert the source without a prompt, paste the object's inverted latents at the new place,
+    regenerate: the inversion-based route PixelMan avoids)."""
+    from diffedit.editing.pixelman import EnergyWeights, MoveSpec, manipulate, plan_move
+    from diffedit.images import to_tensor
+
+    method = options["engine"]
+    if method not in MOVE_METHODS:
+        return None
+    mask = source_scene(task).masks[task["object"]]
+    move = MoveSpec(task["dx"], task["dy"])
+    if method == "pixelman":
+        from diffedit.jobs import move_image
+
+        params = dict(options.get("params") or {})
+        scale = params.pop("energy_scale", 0.5)
+        energy = EnergyWeights(scale=scale * 1e3) if scale else None
+        return move_image(model, source, Image.fromarray(mask.astype(np.uint8) * 255), move,
+                          steps=options.get("steps") or 16, guidance_scale=options.get("guidance_scale"),
+                          energy=energy, **params)
+    selected = torch.from_numpy(mask)
+    masks, centre, move = plan_move(selected, move)
+    pixels = to_tensor(source)
+    if method == "copy-paste":
+        from diffedit.images import to_pil
+
+        return to_pil(manipulate(pixels, selected, move, centre)), {"nfe": 0}
+    return _ddim_move(model, pixels, masks, centre, move, options.get("steps") or 50)
+
+
+def _ddim_move(model: Family, pixels, masks, centre, move, steps: int) -> tuple[Image.Image, dict]:
+    from diffedit.editing.pixelman import at, warp
+    from diffedit.images import to_pil
+    from diffedit.jobs import branch_denoiser
+    from diffedit.sampling import invert, sample
+
+    height, width = pixels.shape[-2:]
+    z0 = model.encode_image(pixels)
+    denoise = branch_denoiser(model, "", 1.0, height, width)
+    schedule = model.schedule(steps, height, width)
+    noise = invert(denoise, z0, schedule)[-1]
+    h, w = noise.shape[-2:]
+    pasted = at(masks.gen, h, w)[None, None].to(noise.device, noise.dtype)
+    noise = noise * (1 - pasted) + warp(noise, centre, move, width / w, mode="nearest") * pasted
+    z = sample(denoise, noise, schedule)
+    return to_pil(model.decode(z)), {"nfe": denoise.calls}
+
+
+RUNNERS: dict[str, TaskRunner] = {"recolour": text_edit, "reshape": text_edit, "reconstruct": reconstruction,
+                                  "move": object_move}
 
 
 def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: int | None = None,
@@ -189,7 +253,11 @@ def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: in
             continue
         source = Image.fromarray(source_scene(task).image)
         started = time.perf_counter()
-        image, result = runner(model, task, source, {"engine": engine, **(options or {})})
+        done = runner(model, task, source, {"engine": engine, **(options or {})})
+        if done is None:  # this engine does not do this kind of task
+            rows.append({"id": task["id"], "kind": task["kind"], "engine": engine, "status": "skipped"})
+            continue
+        image, result = done
         row = {"id": task["id"], "kind": task["kind"], "engine": engine, "status": "ok",
                "nfe": result["nfe"], "seconds": time.perf_counter() - started, **judge(task, np.asarray(image))}
         rows.append(row)
