@@ -127,6 +127,24 @@ def engines(
     _report(rows + comparison, bench.markdown(rows, comparison), save, json)
 
 
+@bench_app.command("move")
+def move(
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")] = 5,
+    quick: Annotated[bool, typer.Option(help="Toy model only.")] = False,
+    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """`diffedit move` (PixelMan) vs the time of its network passes alone.
+
+    Example: diffedit bench move --save benchmarks/results/move
+    """
+    from diffedit.benchmarks import move as bench
+
+    with stderr.status("measuring"):
+        rows = bench.run(repeats=repeats, quick=quick)
+    _report(rows, bench.markdown(rows), save, json)
+
+
 @bench_app.command("guidance")
 def guidance(
     repeats: Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")] = 3,

@@ -150,11 +150,13 @@ class PixelManControl(Controller):
         self.sim: torch.Tensor | None = None  # pixel mask of what the object attended to at the last step
         self._sim: dict[int, tuple] = {}  # per grid size: (sum of maps, layers) during a step
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._biases: dict[tuple, torch.Tensor | None] = {}
+        self._finest = 0  # token count of the finest up-block self-attention seen
         self.leak_proof = bool(masks.ipt.any())
 
     def begin(self, step, branches):
         super().begin(step, branches)
-        self._cache = {}  # the blocked keys change with m_sim, once per step
+        self._cache, self._biases = {}, {}  # the blocked keys change with m_sim, once per step
 
     def _grid(self, tokens: int) -> tuple[int, int]:
         h, w = self.latent_hw
@@ -189,28 +191,36 @@ class PixelManControl(Controller):
     def bias(self, call, q, k):
         if not self._self(call) or not self.leak_proof:
             return None
-        blocked = self._blocked(q.shape[2], q.device)
-        if blocked is None:
-            return None
-        queries, keys = blocked
-        bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], device=q.device, dtype=torch.float32)
-        rule = torch.where(queries[:, None] & keys[None, :], BLOCKED, 0.0)
-        for branch in call.branches:
-            bias[call.rows(q.shape[0], branch).start + TARGET, 0] = rule
-        return bias
+        key = (q.shape[0], q.shape[2], k.shape[2], call.branches)
+        if key not in self._biases:  # one per layer shape and step
+            blocked = self._blocked(q.shape[2], q.device)
+            bias = None
+            if blocked is not None:
+                queries, keys = blocked
+                bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], device=q.device, dtype=q.dtype)
+                rule = torch.where(queries[:, None] & keys[None, :], BLOCKED, 0.0)
+                for branch in call.branches:
+                    bias[call.rows(q.shape[0], branch).start + TARGET, 0] = rule
+            self._biases[key] = bias
+        return self._biases[key]
 
     def out(self, call, out, q, k, v):
-        # m_sim: where the object's queries attend in the target's conditional up-block self-attention
-        if self._self(call) and "cond" in call.branches and call.layer.startswith("up_blocks"):
-            tokens = q.shape[2]
-            row = call.rows(q.shape[0], "cond").start + TARGET
-            gen = at(self.masks.gen, *self._grid(tokens)).reshape(-1).to(q.device)
-            logits = (q[row][:, gen].float() @ k[row].float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-            bias = self.bias(call, q, k)
-            if bias is not None:
-                logits = logits + bias[row, 0][gen]
-            total, layers = self._sim.get(tokens, (0.0, 0))
-            self._sim[tokens] = (total + logits.softmax(-1).mean(dim=(0, 1)), layers + 1)
+        # m_sim: where the object's queries attend in the target's conditional self-attention of the
+        # finest up-block layers (found in the first step; coarser layers are skipped after it)
+        tokens = q.shape[2]
+        if not (self._self(call) and "cond" in call.branches and call.layer.startswith("up_blocks")) \
+                or tokens < self._finest:
+            return out
+        if tokens > self._finest:
+            self._finest, self._sim = tokens, {}
+        row = call.rows(q.shape[0], "cond").start + TARGET
+        gen = at(self.masks.gen, *self._grid(tokens)).reshape(-1).to(q.device)
+        logits = (q[row][:, gen].float() @ k[row].float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        bias = self.bias(call, q, k)
+        if bias is not None:
+            logits = logits + bias[row, 0][gen].float()
+        total, layers = self._sim.get(tokens, (0.0, 0))
+        self._sim[tokens] = (total + logits.softmax(-1).mean(dim=(0, 1)), layers + 1)
         return out
 
     def end_step(self) -> None:
@@ -256,8 +266,8 @@ class FeatureEnergy:
         fh, fw = self.size
         self.gen, self.ipt, self.other = (at(m, fh, fw).reshape(-1) for m in (masks.gen, masks.ipt, masks.other))
         self.edit_region = at(masks.gen, h, w).to(torch.float32)  # where the edit gradient applies
-        self.passes = 0  # network passes for features (forward, with or without a backward)
-        self.backwards = 0
+        self.passes = 0  # network forwards for features (with or without gradient)
+        self.backwards = 0  # network backwards
 
     def features(self, z: torch.Tensor, t) -> list[torch.Tensor]:
         """The chosen decoder blocks' outputs at `z`, resized to the energy grid (network stops early)."""
@@ -310,14 +320,16 @@ class FeatureEnergy:
         return edit, rest
 
     def gradient(self, z: torch.Tensor, t, reference) -> torch.Tensor:
-        """The latent step `step * (grad_edit * m + grad_rest * (1 - m))` (one forward and backward)."""
+        """The latent step `step * (grad_edit * m + grad_rest * (1 - m))` (a forward and two backwards)."""
         wts = self.weights
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             edit, rest = self.energies(z, t, reference)
-            grads = [torch.autograd.grad(e * wts.scale, z, retain_graph=True)[0] if e.requires_grad
-                     else torch.zeros_like(z) for e in (edit, rest)]
-        self.backwards += 1
+            grads = []  # two backward passes, as the official code: each gradient is masked differently
+            for e in (edit, rest):
+                grads.append(torch.autograd.grad(e * wts.scale, z, retain_graph=True)[0] if e.requires_grad
+                             else torch.zeros_like(z))
+                self.backwards += e.requires_grad
         m = self.edit_region.to(z.device)
         return wts.step * (grads[0] * m + grads[1] * (1 - m))
 

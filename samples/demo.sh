@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo behind `make demo`: invert and reconstruct a photo, then a text edit of a shapes scene,
+# The demo behind `make demo`: invert and reconstruct a photo, then a text edit and an object move in a shapes scene,
 # all with the shipped toy model (offline). Outputs go to out/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,9 @@ diffedit edit samples/scene.png -e ddpm-ef -g 5 \
   -s "an orange star and a green triangle on a black background" \
   -t "a yellow star and a green triangle on a black background" \
   -o "$out/scene.yellow.png" --overwrite
+echo "== move the star to the right (PixelMan, 16 steps, no inversion)" >&2
+diffedit move samples/scene.png --mask samples/scene.star-mask.png --to 46,44 --energy-scale 2 \
+  -o "$out/scene.moved.png" --overwrite
 echo "== generate" >&2
 diffedit generate "a red circle on a white background" --seed 1 -o "$out/red-circle.png" --overwrite
 echo "outputs in $out/:" >&2

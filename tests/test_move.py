@@ -125,9 +125,9 @@ def test_a_null_move_returns_the_image_and_leaves_the_model_clean(tiny, family):
     with torch.inference_mode():
         assert torch.equal(model.forward(x, torch.tensor(500), cond), before)
     # 16 batched forwards of [source, anchor, target]; energies on 6 steps (one repeated 3 times):
-    # a reference pass per guided step and a forward + backward per gradient
+    # a reference pass per guided step and a forward + two backwards per gradient
     assert result["forwards"] == {3: 16}
-    assert result["energy_passes"] == 6 + 8 and result["backward_passes"] == 8
+    assert result["energy_passes"] == 6 + 8 and result["backward_passes"] == 16
     assert result["nfe"] == 16 + 14
 
 
@@ -237,3 +237,16 @@ def test_toy_model_moves_shapes(toy_model):
         image, _ = bench.object_move(toy_model, task, Image.fromarray(bench.source_scene(task).image),
                                      {"engine": "pixelman"})
         assert bench.judge(task, np.asarray(image))["success"], task_id
+
+
+@pytest.mark.parametrize("kind, rows", [("pag", 9), ("cfgpp", 6)])
+def test_guidance_modules_compose_with_move(tiny, kind, rows):
+    """PAG adds a perturbed chunk of [source, anchor, target] rows; CFG++ uses CFG's two chunks."""
+    from diffedit.guidance import GuidanceSpec
+
+    _, model = tiny("sd1")
+    img, mask = scene()
+    scale = 0.6 if kind == "cfgpp" else 4.0
+    _, result = move_image(model, img, mask, MoveSpec(8, 8), prompt="a red square", guidance_scale=scale,
+                           guidance=GuidanceSpec(kind, pag_layers=("down",)), energy=None)
+    assert result["forwards"] == {rows: 16}
