@@ -127,6 +127,24 @@ def engines(
     _report(rows + comparison, bench.markdown(rows, comparison), save, json)
 
 
+@bench_app.command("speed")
+def speed(
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")] = 3,
+    quick: Annotated[bool, typer.Option(help="Tiny SD1 at 32², 10 steps.")] = False,
+    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """One table: every command x engine, seconds, NFE, ÷ its network passes, ÷ diffusers' pipeline.
+
+    Example: diffedit bench speed --save benchmarks/results/speed
+    """
+    from diffedit.benchmarks import speed as bench
+
+    with stderr.status("measuring"):
+        rows = bench.run(repeats=repeats, quick=quick)
+    _report(rows, bench.markdown(rows), save, json)
+
+
 @bench_app.command("move")
 def move(
     repeats: Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")] = 5,

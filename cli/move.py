@@ -17,7 +17,8 @@ from diffedit.cli.main import app
 @app.command()
 def move(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
-    mask: Annotated[str, typer.Option("--mask", help="The object: a PNG of the image's size, white (or opaque) where the object is.")],
+    mask: Annotated[str | None, typer.Option("--mask", help="The object: a PNG of the image's size, white (or opaque) where the object is.")] = None,
+    mask_from_prompt: Annotated[str | None, typer.Option("--mask-from-prompt", help="Instead of --mask: find the object where WORD(S) of --prompt attend (cross-attention).")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")] = "moved.png",
     dx: Annotated[float | None, typer.Option("--dx", help="Move right by this many pixels (negative: left).")] = None,
     dy: Annotated[float | None, typer.Option("--dy", help="Move down by this many pixels (negative: up).")] = None,
@@ -51,6 +52,8 @@ def move(
 
     if (to is None) == (dx is None and dy is None):
         raise UsageError("give either --dx/--dy or --to X,Y")
+    if (mask is None) == (mask_from_prompt is None):
+        raise UsageError("give either --mask FILE or --mask-from-prompt WORD")
     if output != "-":
         check_writable(output, overwrite)
     weights = _weights(energy_weights, energy_scale)
@@ -62,9 +65,10 @@ def move(
             m, image, mask, where,
             prompt=prompt, steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
             energy=weights, image=ImageInput(fit=fit, alpha=alpha), guidance=spec, callback=callback,
+            mask_word=mask_from_prompt,
         )
-    meta = image_params("move", m, image=image, mask=mask, dx=dx, dy=dy, to=to, scale=scale, keep_source=keep_source,
-                        prompt=prompt, steps=steps, guidance_scale=result["guidance_scale"], seed=seed,
+    meta = image_params("move", m, image=image, mask=mask, mask_from_prompt=mask_from_prompt, dx=dx, dy=dy, to=to,
+                        scale=scale, keep_source=keep_source, prompt=prompt, steps=steps, guidance_scale=result["guidance_scale"], seed=seed,
                         energy_scale=energy_scale, energy_weights=energy_weights, guidance=spec.to_dict())
     save_image(out, output, params=meta, overwrite=overwrite)
     emit({"output": output, **result}, json, to_stderr=output == "-")

@@ -332,35 +332,44 @@ def _fitted(raw: tuple[int, int], fitted: tuple[int, int], how: ImageInput):
 
 
 def move_image(
-    model: Family, source: str | Image.Image, mask: str | Image.Image, move, *, prompt: str = "",
+    model: Family, source: str | Image.Image, mask: str | Image.Image | None, move, *, prompt: str = "",
     steps: int = 16, guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
     energy=None, image: ImageInput = ImageInput(), guidance: GuidanceSpec | None = None,
-    callback: Callback | None = None,
+    callback: Callback | None = None, mask_word: str | None = None,
 ) -> tuple[Image.Image, dict]:
     """PixelMan: move (scale, duplicate) the masked object; `energy` None turns the energy guidance off.
 
     The mask must have the input image's size; both are brought to the model's multiple together.
+    Without a mask, `mask_word` (words of `prompt`) finds the object by cross-attention.
     """
     import numpy as np
 
-    from diffedit.editing.pixelman import FeatureEnergy, PixelManControl, manipulate, move_latents, plan_move
+    from diffedit.editing.pixelman import (
+        FeatureEnergy, PixelManControl, manipulate, mask_from_prompt, move_latents, plan_move,
+    )
 
     started = time.perf_counter()
     if model.name not in MOVE_FAMILIES:
         raise UsageError(f"move runs on UNet models ({', '.join(MOVE_FAMILIES)}), not {model.name}")
     raw = source.convert("RGB") if isinstance(source, Image.Image) else load_image(source, alpha=image.alpha)
-    mask_name = mask if isinstance(mask, str) else "mask"
-    mask_img = load_mask(mask, raw.size) if isinstance(mask, str) else mask.convert("L")
-    if mask_img.size != raw.size:
-        raise DiffeditError(f"{mask_name}: mask is {mask_img.width}x{mask_img.height} pixels but the image is "
-                            f"{raw.width}x{raw.height}; they must match")
+    if (mask is None) == (mask_word is None):
+        raise UsageError("give a mask or a word of the prompt to find the object by")
     img = fit_to_multiple(raw, model.multiple, image.fit, max_side=image.max_side)
-    mask_img = fit_to_multiple(mask_img, model.multiple, image.fit, max_side=image.max_side)
     width, height = img.size
     move = move.resized(*_fitted(raw.size, (width, height), image))  # the move is in the input's pixels
-    selected = torch.from_numpy(np.asarray(mask_img) > 127)
-    masks, centre, move = plan_move(selected, move, mask_name)
     pixels = to_tensor(img)
+    if mask is None:
+        mask_name = f"--mask-from-prompt {mask_word!r}"
+        selected = mask_from_prompt(model, pixels, prompt, mask_word, seed)
+    else:
+        mask_name = mask if isinstance(mask, str) else "mask"
+        mask_img = load_mask(mask, raw.size) if isinstance(mask, str) else mask.convert("L")
+        if mask_img.size != raw.size:
+            raise DiffeditError(f"{mask_name}: mask is {mask_img.width}x{mask_img.height} pixels but the image is "
+                                f"{raw.width}x{raw.height}; they must match")
+        mask_img = fit_to_multiple(mask_img, model.multiple, image.fit, max_side=image.max_side)
+        selected = torch.from_numpy(np.asarray(mask_img) > 127)
+    masks, centre, move = plan_move(selected, move, mask_name)
     z0_src, z0_man = model.encode_image(torch.cat([pixels, manipulate(pixels, selected, move, centre)])).clone()
     z0_src, z0_man = z0_src[None], z0_man[None]
     latent_hw = tuple(z0_src.shape[-2:])

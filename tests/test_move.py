@@ -250,3 +250,39 @@ def test_guidance_modules_compose_with_move(tiny, kind, rows):
     _, result = move_image(model, img, mask, MoveSpec(8, 8), prompt="a red square", guidance_scale=scale,
                            guidance=GuidanceSpec(kind, pag_layers=("down",)), energy=None)
     assert result["forwards"] == {rows: 16}
+
+
+def test_mask_from_prompt_finds_the_object(toy_model):
+    """Cross-attention of the object's words lands on the object: the found mask covers far more of
+    it than of the rest of the scene (toy scenes of the move tasks)."""
+    from diffedit.editing.pixelman import mask_from_prompt
+    from diffedit.errors import UsageError
+    from diffedit.toy import bench
+
+    inside = outside = 0.0
+    tasks = [t for t in bench.load_tasks() if t["kind"] == "move"][:6]
+    for task in tasks:
+        sc = bench.source_scene(task)
+        obj = sc.objects[0]
+        found = mask_from_prompt(toy_model, to_tensor(Image.fromarray(sc.image)), task["source_prompt"],
+                                 f"{obj.colour} {obj.shape}").numpy()
+        inside += found[sc.masks[0]].mean() / len(tasks)
+        outside += found[~sc.masks[0]].mean() / len(tasks)
+    assert inside > 0.4 and inside > 2 * outside  # measured: 0.59 of the object, 0.19 of the rest
+    with pytest.raises(UsageError, match="not in the --prompt prompt"):
+        mask_from_prompt(toy_model, to_tensor(Image.fromarray(sc.image)), task["source_prompt"], "zebra")
+
+
+def test_cli_move_with_mask_from_prompt(cli, tmp_path):
+    from diffedit.toy import bench
+
+    task = next(t for t in bench.load_tasks() if t["id"] == "move-000")
+    sc = bench.source_scene(task)
+    Image.fromarray(sc.image).save(tmp_path / "scene.png")
+    obj = sc.objects[0]
+    code, stdout, err = cli("move", tmp_path / "scene.png", "--mask-from-prompt", obj.shape, "-p", task["source_prompt"],
+                            "--dx", task["dx"], "--dy", task["dy"], "-o", tmp_path / "out.png", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(stdout)["forwards"] == {"6": 16}  # the prompt turns CFG on
+    code, _, err = cli("move", tmp_path / "scene.png", "--dx", "3", "-o", tmp_path / "x.png")
+    assert code == 2 and "--mask" in err
