@@ -71,10 +71,13 @@ def load_image(
         return _to_rgb(img, alpha, name)
 
 
-def load_mask(source: str | Path, size: tuple[int, int]) -> Image.Image:
-    """A mask file as a black/white "L" image of the image's `size` (w, h): pixels above half grey
-    select (or, in a file with transparency, opaque pixels)."""
-    mask = load_image(source, alpha="as-mask").convert("L")
+def load_mask(source: str | Path | Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A mask (file, or image in memory) as a black/white "L" image of the image's `size` (w, h):
+    pixels above half grey select (or, in a file with transparency, opaque pixels)."""
+    if isinstance(source, Image.Image):
+        mask, source = source.convert("L"), "mask"
+    else:
+        mask = load_image(source, alpha="as-mask").convert("L")
     if mask.size != size:
         raise DiffeditError(f"{source}: mask is {mask.width}x{mask.height} pixels but the image is "
                             f"{size[0]}x{size[1]}; they must match")

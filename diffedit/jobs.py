@@ -12,12 +12,13 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
 from diffedit import __version__
 from diffedit.engines import Run, get_engine
-from diffedit.errors import DiffeditError, UsageError
+from diffedit.errors import UsageError
 from diffedit.families import Family
 from diffedit.guidance import GuidanceSpec
 from diffedit.guidance.fk import FKConfig, load_reward, steer
@@ -342,8 +343,6 @@ def move_image(
     The mask must have the input image's size; both are brought to the model's multiple together.
     Without a mask, `mask_word` (words of `prompt`) finds the object by cross-attention.
     """
-    import numpy as np
-
     from diffedit.editing.pixelman import (
         FeatureEnergy, PixelManControl, manipulate, mask_from_prompt, move_latents, plan_move,
     )
@@ -363,11 +362,7 @@ def move_image(
         selected = mask_from_prompt(model, pixels, prompt, mask_word, seed)
     else:
         mask_name = mask if isinstance(mask, str) else "mask"
-        mask_img = load_mask(mask, raw.size) if isinstance(mask, str) else mask.convert("L")
-        if mask_img.size != raw.size:
-            raise DiffeditError(f"{mask_name}: mask is {mask_img.width}x{mask_img.height} pixels but the image is "
-                                f"{raw.width}x{raw.height}; they must match")
-        mask_img = fit_to_multiple(mask_img, model.multiple, image.fit, max_side=image.max_side)
+        mask_img = fit_to_multiple(load_mask(mask, raw.size), model.multiple, image.fit, max_side=image.max_side)
         selected = torch.from_numpy(np.asarray(mask_img) > 127)
     masks, centre, move = plan_move(selected, move, mask_name)
     z0_src, z0_man = model.encode_image(torch.cat([pixels, manipulate(pixels, selected, move, centre)])).clone()
