@@ -75,7 +75,7 @@ def edit(
     if from_record is not None:
         rec = load_record(from_record)
         m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling,
-             adapter, transport)
+             adapters=adapter, transport=transport)
         rec.check_model(m, from_record)
         with progress(rec.meta["steps"], f"edit ({rec.meta['engine']['name']})", quiet) as callback:
             out, result = edit_record(m, rec, target, guidance_scale=guidance_scale, params=params,
@@ -84,7 +84,7 @@ def edit(
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
-             adapter, transport)
+             adapters=adapter, transport=transport)
         with progress(2 * default_steps(engine, steps), f"edit ({engine})", quiet) as callback:
             out, result, _ = edit_image(
                 m, image, source_prompt=source, target_prompt=target, engine=engine, steps=steps,

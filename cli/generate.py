@@ -62,6 +62,8 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     if first["compile"] and (first["deepcache"] or "pag" in spec.kind):
         raise UsageError("--compile cannot be combined with --deepcache or PAG: both change the network's "
                          "modules between steps")
+    if first["compile"] and first["adapter"]:
+        raise UsageError("--compile cannot be combined with --adapter: SPM adapters hook into the network's layers")
     m = load(first["model"], first["device"], first["dtype"], first["allow_pickle"], first["model_config"],
              first["vae_tiling"], first["compile"], first["adapter"], first["transport"])
     steps = first["steps"] or 50

@@ -57,7 +57,7 @@ def invert(
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
                            n_avg=n_avg)
     m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
-             adapter, transport)
+             adapters=adapter, transport=transport)
     with progress(default_steps(engine, steps) * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(
             m, image, engine=engine, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
@@ -92,7 +92,7 @@ def reconstruct(
     if output != "-":
         check_writable(output, overwrite)
     m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling,
-             adapter, transport)
+             adapters=adapter, transport=transport)
     rec.check_model(m, record)
     with progress(rec.meta["steps"], "reconstruct", quiet) as callback:
         image, result = reconstruct_record(m, rec, callback=callback)

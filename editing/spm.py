@@ -233,6 +233,7 @@ class Membranes:
             m.check_fits(model)
         self.model, self.items, self.transport = model, membranes, transport
         self._rows: torch.Tensor | None = None
+        self._scaled: dict = {}  # the rows' multipliers by (batch, device, dtype), for the current forward
         self.enabled = True
         self._hooks = []
         self._ft = None
@@ -276,25 +277,33 @@ class Membranes:
         return hook
 
     def _multipliers(self, batch: int, device, dtype) -> torch.Tensor:
+        """[batch, K]: multiplier x alpha / rank of each membrane for each row of this forward."""
+        key = (batch, device, dtype)
+        cached = self._scaled.get(key)
+        if cached is not None:
+            return cached
         scales = torch.tensor(self._scales, device=device, dtype=dtype)
         if self._rows is None:
-            return scales.expand(batch, -1)
-        rows = self._rows
-        if rows.shape[0] != batch:
-            if batch % rows.shape[0]:
-                raise DiffeditError(f"SPM: {rows.shape[0]} multiplier rows for a batch of {batch}")
-            rows = rows.repeat_interleave(batch // rows.shape[0], dim=0)
-        return rows.to(device, dtype) * scales
+            out = scales.expand(batch, -1)
+        else:
+            rows = self._rows
+            if rows.shape[0] != batch:
+                if batch % rows.shape[0]:
+                    raise DiffeditError(f"SPM: {rows.shape[0]} multiplier rows for a batch of {batch}")
+                rows = rows.repeat_interleave(batch // rows.shape[0], dim=0)
+            out = rows.to(device, dtype) * scales
+        self._scaled[key] = out  # every layer of this forward reuses it
+        return out
 
     @contextmanager
     def rows(self, multipliers: torch.Tensor | None):
         """Within this block, batch row b uses `multipliers[b, k]` for membrane k (None: all 1)."""
-        before = self._rows
-        self._rows = multipliers
+        before = self._rows, self._scaled
+        self._rows, self._scaled = multipliers, {}
         try:
             yield
         finally:
-            self._rows = before
+            self._rows, self._scaled = before
 
     @contextmanager
     def off(self):
@@ -506,7 +515,7 @@ def train(
             prompt = prompts[int(torch.randint(len(prompts), (), generator=gen))] if len(prompts) > 1 else prompts[0]
             k = int(torch.randint(1, cfg.steps, (), generator=gen))
             x = torch.randn(model.latent_shape(1, side, side), generator=gen).to(device)
-            seed_anchor = sample_anchors(enc[prompt].tensors["text"][0], cfg.anchors, gen)
+            anchors = sample_anchors(enc[prompt].tensors["text"][0], cfg.anchors, gen) if cfg.anchors else None
             # x_k: k steps of CFG sampling with the membrane on (no gradient)
             denoise = prompt_denoiser(model, [prompt], CFG(cfg.sample_guidance), side, side)
             with torch.inference_mode():
@@ -515,15 +524,17 @@ def train(
                     x = ddim_step(x0, eps, schedule.a[i + 1], schedule.s[i + 1])
             x = x.clone()
             t = schedule.times[k]
-            anchor_cond = Cond({**{kk: v.repeat_interleave(cfg.anchors, 0) for kk, v in enc[prompt].tensors.items()},
-                                "text": seed_anchor.to(enc[prompt].tensors["text"].dtype)})
+            extra = []
+            if anchors is not None:  # anchors take the prompt's other tensors (pooled, time ids) as they are
+                extra = [Cond({**{kk: v.repeat_interleave(cfg.anchors, 0) for kk, v in enc[prompt].tensors.items()},
+                               "text": anchors.to(enc[prompt].tensors["text"].dtype)})]
             neutral = enc[_neutral(prompt, concept, surrogate)]
             with torch.no_grad(), membranes.off():  # the model without the membrane
-                cond = Cond.cat([enc[prompt], neutral, anchor_cond])
+                cond = Cond.cat([enc[prompt], neutral, *extra])
                 out = model.forward(x.repeat(len(cond), 1, 1, 1).to(model.dtype), t, cond).float()
                 positive, neutral_out, anchor_off = out[:1], out[1:2], out[2:]
                 target = neutral_out - cfg.g * (positive - neutral_out)
-            cond = Cond.cat([enc[prompt], anchor_cond])
+            cond = Cond.cat([enc[prompt], *extra])
             out = model.forward(x.repeat(len(cond), 1, 1, 1).to(model.dtype), t, cond).float()
             erase = nn.functional.mse_loss(out[:1], target)
             anchor = nn.functional.mse_loss(out[1:], anchor_off) if cfg.anchors else torch.zeros(())
