@@ -254,3 +254,29 @@ def test_shipped_adapter_erases_red_on_the_toy_model():
     for image, prompt in zip(after[3:], kept):
         _, colour, shape = prompt.split()[:3]
         assert all(judge(image, shape, colour))
+
+
+@pytest.mark.parametrize("engine", ["ddpm-ef", "bdia", "direct", "infedit"])
+def test_engines_run_with_adapters_and_stay_exact(tiny, tmp_path, engine):
+    """Every engine sees the adapters (through the Denoiser); exact engines stay exact with them on."""
+    from PIL import Image
+
+    from diffedit.jobs import edit_image, invert_image
+
+    _, model = tiny("sd1")
+    a = np.full((32, 32, 3), 200, np.uint8)
+    a[8:20, 8:20] = (220, 20, 20)
+    path = tmp_path / "square.png"
+    Image.fromarray(a).save(path)
+    spm.attach(model, [_random_up(spm.Membrane.new(model, "red"), scale=0.05)])
+    try:
+        record, result = invert_image(model, str(path), engine=engine, prompt="a red square", steps=6)
+        assert result["latent_max_abs"] <= 1e-4
+        assert [x["concept"] for x in record.meta["model"]["adapters"]] == ["red"]
+        with_adapter, _, _ = edit_image(model, str(path), source_prompt="a red square", target_prompt="a red cat",
+                                        engine=engine, steps=6)
+    finally:
+        spm.detach(model)
+    without, _, _ = edit_image(model, str(path), source_prompt="a red square", target_prompt="a red cat",
+                               engine=engine, steps=6)
+    assert not np.array_equal(np.asarray(with_adapter), np.asarray(without))
