@@ -236,7 +236,7 @@ def finetune(source: str | Path, out: Path, *, steps: int = 300, seed: int = 1, 
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(source), torch_dtype=torch.float32, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(str(source), dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
     vae, unet, tokenizer, text_encoder = pipe.vae, pipe.unet, pipe.tokenizer, pipe.text_encoder
     scale = vae.config.scaling_factor
