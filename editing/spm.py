@@ -507,6 +507,7 @@ def train(
                {*prompts, *(_neutral(p, concept, surrogate) for p in prompts)}}
     from diffedit.families import Cond
 
+    samplers = {}  # each prompt's CFG denoiser for sampling x_k, encoded once
     started = time.perf_counter()
     try:
         for it in range(start, cfg.iterations):
@@ -517,7 +518,8 @@ def train(
             x = torch.randn(model.latent_shape(1, side, side), generator=gen).to(device)
             anchors = sample_anchors(enc[prompt].tensors["text"][0], cfg.anchors, gen) if cfg.anchors else None
             # x_k: k steps of CFG sampling with the membrane on (no gradient)
-            denoise = prompt_denoiser(model, [prompt], CFG(cfg.sample_guidance), side, side)
+            denoise = samplers.get(prompt) or samplers.setdefault(
+                prompt, prompt_denoiser(model, [prompt], CFG(cfg.sample_guidance), side, side))
             with torch.inference_mode():
                 for i in range(k):
                     x0, eps = denoise(x, schedule, i)

@@ -330,3 +330,20 @@ def test_batch_passes_adapters_through(cli, tmp_path, tiny_folder):
     assert "missing.spm.safetensors: no such adapter file" in rows["bad"]["error"]
     assert read_params(out / "with.png")["model"]["adapters"][0]["concept"] == "red"
     assert "adapters" not in read_params(out / "without.png")["model"]
+
+
+def test_toy_finetune_makes_a_different_loadable_copy(tmp_path):
+    """The fine-tuned copy the transfer check uses: loadable, same family, other UNet weights, reproducible."""
+    from diffedit.models import load_model
+    from diffedit.toy.train import finetune
+
+    source = Path(__file__).resolve().parents[1] / "samples" / "toy-sd"
+    info = finetune(source, tmp_path / "ft", steps=2, seed=3, batch=4, scenes=16)
+    assert info["weight_change_l2"] > 0
+    tuned = load_model(str(tmp_path / "ft"), device="cpu")
+    assert tuned.name == "sd1" and tuned.fingerprint != load_model(str(source), device="cpu").fingerprint
+    spm.apply_files(tuned, [SHIPPED / "red.spm.safetensors"])  # an adapter of the original fits the copy
+    assert len(tuned.membranes) == 1
+    spm.detach(tuned)
+    again = finetune(source, tmp_path / "ft2", steps=2, seed=3, batch=4, scenes=16)
+    assert again["weight_change_l2"] == info["weight_change_l2"]
