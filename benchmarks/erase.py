@@ -8,7 +8,9 @@ and N naming none of them (the preserved set), images with and without the adapt
   and how close the images stay to the no-adapter images (PSNR, SSIM; identical images count as
   100 dB);
 - the same with facilitated transport on (`calibrated`), as the paper defines it (`paper`) and off;
-- two adapters at once; and the first adapter on a fine-tuned copy of the model (transfer).
+- two adapters at once; and the first adapter on a fine-tuned copy of the model (transfer);
+- what the erased prompts draw instead: images with any object, and whose largest object keeps the
+  prompt's other attribute (a "red square" prompt's shape).
 """
 
 from __future__ import annotations
@@ -55,6 +57,16 @@ def concept_rate(images, concept: str) -> float:
     return 100 * float(np.mean([any(concept in (o.shape, o.colour) for o in check(i)) for i in images]))
 
 
+def other_kept(images, prompts, concept: str) -> float:
+    """Share of images whose largest object keeps the prompt's attribute that is not the concept
+    (the shape of a "red ..." prompt, the colour of a "... circle" prompt)."""
+    ok = []
+    for image, (_, shape, colour) in zip(images, prompts):
+        s, c = judge(image, shape, colour)
+        ok.append(s if colour == concept else c)
+    return 100 * float(np.mean(ok))
+
+
 def success(images, prompts) -> float:
     return 100 * float(np.mean([all(judge(i, s, c)) for i, (_, s, c) in zip(images, prompts)]))
 
@@ -82,6 +94,9 @@ def run(model, adapters: list[str], n: int = 50, steps: int = 30, guidance_scale
                 imgs = _images(model, named[c], steps, guidance_scale)
                 row[f"{c}_rate_without"] = round(concept_rate(base_named[c], c), 1)
                 row[f"{c}_rate_with"] = round(concept_rate(imgs, c), 1)
+                # what the erased prompts draw instead: any object at all, and the prompt's other attribute
+                row[f"{c}_object_with"] = round(100 * float(np.mean([bool(check(i)) for i in imgs])), 1)
+                row[f"{c}_other_kept_with"] = round(other_kept(imgs, named[c], c), 1)
             imgs = _images(model, other, steps, guidance_scale)
             row["preserved_success_without"] = round(success(base_other, other), 1)
             row["preserved_success_with"] = round(success(imgs, other), 1)
@@ -126,7 +141,8 @@ def run(model, adapters: list[str], n: int = 50, steps: int = 30, guidance_scale
 def markdown(rows: list[dict]) -> str:
     concepts = sorted({k.split("_rate_")[0] for r in rows for k in r if "_rate_" in k})
     head = (["setting"] + [f"{c} rate without → with (%)" for c in concepts]
-            + ["preserved success without → with (%)", "preserved PSNR (dB)", "preserved SSIM", "identical (%)"])
+            + ["preserved success without → with (%)", "preserved PSNR (dB)", "preserved SSIM", "identical (%)"]
+            + [f"{c} prompts: any object / other attribute kept (%)" for c in concepts])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["setting"]]
@@ -134,5 +150,7 @@ def markdown(rows: list[dict]) -> str:
             cells.append(f"{r[f'{c}_rate_without']} → {r[f'{c}_rate_with']}" if f"{c}_rate_with" in r else "—")
         cells += [f"{r['preserved_success_without']} → {r['preserved_success_with']}", str(r["preserved_psnr"]),
                   str(r["preserved_ssim"]), str(r["preserved_identical_pct"])]
+        for c in concepts:
+            cells.append(f"{r[f'{c}_object_with']} / {r[f'{c}_other_kept_with']}" if f"{c}_object_with" in r else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

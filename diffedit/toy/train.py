@@ -273,6 +273,7 @@ def finetune(source: str | Path, out: Path, *, steps: int = 300, seed: int = 1, 
             tick("finetune", step + 1, steps, float(loss))
     unet.eval().requires_grad_(False)
     toy.save(pipe, out)
-    changed = float(sum((p.float() - q.float()).pow(2).sum() for p, q in zip(
-        unet.parameters(), StableDiffusionPipeline.from_pretrained(str(source)).unet.parameters())) ** 0.5)
+    with torch.no_grad():
+        original = StableDiffusionPipeline.from_pretrained(str(source)).unet.parameters()
+        changed = float(sum((p.float() - q.float()).pow(2).sum() for p, q in zip(unet.parameters(), original)) ** 0.5)
     return {"source": str(source), "steps": steps, "seed": seed, "lr": lr, "batch": batch, "weight_change_l2": changed}
