@@ -442,9 +442,14 @@ def sample_anchors(target: torch.Tensor, n: int, gen: torch.Generator) -> torch.
     return torch.stack(out).to(target.device, target.dtype)
 
 
+def _concept_pattern(concept: str) -> re.Pattern:
+    """The concept as whole words ("red" is not found in "hundred"), any case."""
+    return re.compile(r"(?<!\w)" + re.escape(concept.strip()) + r"(?!\w)", re.IGNORECASE)
+
+
 def _neutral(prompt: str, concept: str, surrogate: str) -> str:
     """The prompt with the concept replaced by the surrogate (the bare concept gives the surrogate)."""
-    return " ".join(re.sub(re.escape(concept), surrogate, prompt, flags=re.IGNORECASE).split())
+    return " ".join(_concept_pattern(concept).sub(surrogate, prompt).split())
 
 
 def train(
@@ -470,7 +475,7 @@ def train(
     check_concept(concept)
     prompts = list(prompts or [concept])
     for p in prompts:
-        if concept.lower() not in p.lower():
+        if not _concept_pattern(concept).search(p):
             raise UsageError(f"training prompt {p!r} does not name the concept {concept!r}")
     cfg = config
     side = cfg.size or model.default_size()[0]

@@ -189,6 +189,10 @@ def test_training_lowers_the_erase_loss_and_resumes_exactly(tiny, tmp_path):
     assert resumed.digest == whole.digest
     with pytest.raises(DiffeditError, match="checkpoint of another training run"):
         spm.train(model, "blue", config=config, checkpoint=ckpt)
+    with pytest.raises(UsageError, match="does not name the concept"):
+        spm.train(model, "red", prompts=["a hundred cats"], config=config)
+    assert spm._neutral("a Red cat on a red mat", "red", "") == "a cat on a mat"
+    assert spm._neutral("red", "red", "blue") == "blue"
 
 
 def test_cli_train_info_generate_and_records(cli, tmp_path, tiny_folder):
