@@ -252,3 +252,31 @@ def memory(
     with stderr.status("measuring"):
         rows = bench.run()
     _report(rows, bench.markdown(rows), save, json)
+
+
+@bench_app.command("erase")
+def erase(
+    adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="Adapter(s) to measure (default: the shipped toy adapters).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Default: the shipped toy model.")] = None,
+    n: Annotated[int, typer.Option(min=1, help="Seeded prompts per set (naming each concept; naming none).")] = 50,
+    steps: Annotated[int, typer.Option(min=1, help="DDIM steps per image.")] = 30,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
+    finetune_steps: Annotated[int, typer.Option(help="Training steps of the fine-tuned copy (transfer).")] = 300,
+    finetuned: Annotated[str | None, typer.Option(help="An existing fine-tuned copy to use instead of making one.")] = None,
+    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """SPM concept erasure: concept rate and preservation with/without adapters, transport on/off, two adapters, transfer.
+
+    Example: diffedit bench erase --save benchmarks/results/erase
+    """
+    from diffedit.benchmarks import erase as bench
+    from diffedit.models import load_model
+
+    shipped = Path(__file__).resolve().parents[1] / "samples" / "toy-sd-spm"
+    files = [str(a) for a in adapter] if adapter else [str(shipped / "red.spm.safetensors"),
+                                                        str(shipped / "circle.spm.safetensors")]
+    m = load_model(model, device="cpu")
+    rows = bench.run(m, files, n=n, steps=steps, guidance_scale=guidance_scale, finetune_steps=finetune_steps,
+                     finetuned=finetuned, log=lambda line: stderr.print(line))
+    _report(rows, bench.markdown(rows), save, json)

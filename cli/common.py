@@ -33,6 +33,8 @@ StopOpt = Annotated[float | None, typer.Option("--stop", help="rf-inversion: fra
 NMaxOpt = Annotated[int | None, typer.Option("--n-max", help="flowedit: edit over the last N steps (SD3 33, Flux 24).")]
 NMinOpt = Annotated[int | None, typer.Option("--n-min", help="flowedit: finish with N steps of plain sampling (0).")]
 NAvgOpt = Annotated[int | None, typer.Option("--n-avg", help="flowedit: average N velocity differences per step (1).")]
+AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="SPM concept-erasure adapter (.spm.safetensors from `diffedit erase train`); repeatable: several concepts at once.")]
+TransportOpt = Annotated[str, typer.Option("--transport", help="SPM facilitated transport: calibrated (each adapter's strength per prompt from its similarity to the erased concept; the empty prompt gets 0), paper (the paper's raw cosine) or off (adapters always fully on).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
 
 
@@ -90,7 +92,10 @@ _loaded: dict | None = None  # models kept for reuse while a batch runs
 
 
 def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None,
-         vae_tiling: bool = False, compile: bool = False):
+         vae_tiling: bool = False, compile: bool = False, adapters: list[str] | None = None,
+         transport: str = "calibrated"):
+    """The model of a command, with its SPM adapters attached (or none: a reused model keeps none)."""
+    from diffedit.editing.spm import apply_files
     from diffedit.models import load_model
 
     key = (model, device, dtype, allow_pickle, config)
@@ -109,6 +114,7 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
         m.compile()
     else:
         m.use_compiled = False
+    apply_files(m, adapters, transport)  # set on every call too: a batch's next job may name other adapters
     return m
 
 

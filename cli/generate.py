@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    AdaptiveGuidanceOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
+    AdapterOpt, TransportOpt, AdaptiveGuidanceOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
     StepsOpt, VaeTilingOpt, BATCHED, emit, fk_config, guidance_spec, load, progress,
 )
 from diffedit.cli.main import app
@@ -32,6 +32,7 @@ def generate(
     deepcache: Annotated[int | None, typer.Option("--deepcache", help="DeepCache: run the whole UNet every N-th step, only its outer blocks in between (e.g. 3).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
+    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Draw an image from a prompt (DDIM / Euler with classifier-free guidance).
@@ -61,8 +62,10 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     if first["compile"] and (first["deepcache"] or "pag" in spec.kind):
         raise UsageError("--compile cannot be combined with --deepcache or PAG: both change the network's "
                          "modules between steps")
+    if first["compile"] and first["adapter"]:
+        raise UsageError("--compile cannot be combined with --adapter: SPM adapters hook into the network's layers")
     m = load(first["model"], first["device"], first["dtype"], first["allow_pickle"], first["model_config"],
-             first["vae_tiling"], first["compile"])
+             first["vae_tiling"], first["compile"], first["adapter"], first["transport"])
     steps = first["steps"] or 50
     common = dict(steps=steps, guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
                   width=first["width"], height=first["height"], guidance=spec, eta=first["eta"],

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
+    AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
     SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
 )
 from diffedit.cli.main import app
@@ -36,6 +36,7 @@ def invert(
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
+    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Invert IMAGE to its noise and save a record; reports the round-trip error.
@@ -55,7 +56,8 @@ def invert(
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
                            n_avg=n_avg)
-    m = load(model, device, dtype, allow_pickle, model_config, vae_tiling)
+    m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
+             adapters=adapter, transport=transport)
     with progress(default_steps(engine, steps) * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(
             m, image, engine=engine, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
@@ -73,6 +75,7 @@ def reconstruct(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Image file or - for stdout (default: RECORD.rec.png).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
+    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Regenerate the image of a record and report its error against the inverted input.
@@ -88,7 +91,8 @@ def reconstruct(
     output = output or str(record.with_name(record.name.split(".")[0] + ".rec.png"))
     if output != "-":
         check_writable(output, overwrite)
-    m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling)
+    m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling,
+             adapters=adapter, transport=transport)
     rec.check_model(m, record)
     with progress(rec.meta["steps"], "reconstruct", quiet) as callback:
         image, result = reconstruct_record(m, rec, callback=callback)

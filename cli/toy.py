@@ -120,3 +120,30 @@ def make_bench(
     with atomic_output(output, overwrite) as tmp:
         tmp.write_text("".join(jsonlib.dumps(t) + "\n" for t in tasks))
     emit({"output": str(output), "tasks": len(tasks)}, False)
+
+
+@toy_app.command("finetune")
+def finetune(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fine-tuned pipeline (keep it out of git).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Toy model to start from.")] = Path("samples/toy-sd"),
+    steps: Annotated[int, typer.Option(min=1, help="Further UNet training steps (batch 32).")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the new scenes and batches.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    json: JsonOpt = False,
+):
+    """A fine-tuned copy of the toy model (its UNet trained further on fresh scenes), e.g. to test that
+    SPM adapters transfer.
+
+    Example: diffedit toy finetune -o /tmp/toy-sd-ft --steps 300
+    """
+    from diffedit.errors import DiffeditError
+    from diffedit.models import _quiet_libraries
+    from diffedit.toy.train import finetune as run_finetune
+
+    _quiet_libraries()
+    if out.exists() and not overwrite:
+        raise DiffeditError(f"{out}: already exists; pass --overwrite to replace it")
+    with stderr.status("fine-tuning"):
+        summary = run_finetune(model, out, steps=steps, seed=seed, lr=lr)
+    typer.echo(jsonlib.dumps({"output": str(out), **summary})) if json else emit({"output": str(out), **summary}, False)

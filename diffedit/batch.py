@@ -31,13 +31,13 @@ from diffedit.errors import DiffeditError, UsageError
 
 RESULTS = "results.jsonl"
 # Keys whose values are input paths, resolved against the manifest's folder.
-INPUT_KEYS = ("image", "record", "from", "model_config", "mask")
+INPUT_KEYS = ("image", "record", "from", "model_config", "mask", "adapter")
 # Keys whose values are outputs: always inside the out dir.
 OUTPUT_KEYS = ("output", "show_attention")
 # Options the batch sets itself.
 RESERVED = ("json", "quiet", "overwrite")
 DEFAULT_SUFFIX = {"invert": ".inv.safetensors"}
-NOT_BATCHABLE = ("batch", "bench", "models", "toy")
+NOT_BATCHABLE = ("batch", "bench", "erase", "models", "toy")
 
 
 @dataclass
@@ -140,9 +140,9 @@ def _command_line(job: Job, command, base: Path, out_dir: Path, name: str) -> tu
             value = str(inside(out_dir, value, key))
             outputs.append(Path(value))
         elif key in INPUT_KEYS or (key == "model" and (base / str(value)).exists()):
-            if value == "-":
+            if value == "-" or (isinstance(value, list) and "-" in value):
                 raise UsageError(f"{key}: '-' (stdin) cannot be used in a batch")
-            value = str(base / str(value))
+            value = [str(base / str(v)) for v in value] if isinstance(value, list) else str(base / str(value))
         if p.param_type_name == "argument":
             positional.append(str(value))
         elif getattr(p, "is_flag", False) and p.secondary_opts:  # --check/--no-check

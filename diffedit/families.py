@@ -72,6 +72,7 @@ class Family:
         self._fingerprint: str | None = None
         self.compiled: torch.nn.Module | None = None  # torch.compile of the network, made on request
         self.use_compiled = False
+        self.membranes = None  # SPM concept-erasure adapters attached to the network (editing/spm.py)
 
     def compile(self) -> None:
         """Compile the network once (slow the first call, faster after); `use_compiled` picks it."""

@@ -285,9 +285,12 @@ def _canvas(model: Family, steps: int, height: int | None, width: int | None, et
 
 def image_params(command: str, model: Family, **fields) -> dict:
     """What a PNG output carries so the result can be reproduced."""
-    return {"command": command, "diffedit": __version__,
-            "model": {"source": model.source, "fingerprint": model.fingerprint, "family": model.name},
-            **fields}
+    from diffedit.records import adapters_meta
+
+    made_with = {"source": model.source, "fingerprint": model.fingerprint, "family": model.name}
+    if adapters_meta(model):
+        made_with["adapters"] = adapters_meta(model)
+    return {"command": command, "diffedit": __version__, "model": made_with, **fields}
 
 
 def edit_image(

@@ -37,16 +37,31 @@ class Record:
                 f"(fingerprint {made_with.get('fingerprint')}), not {model.source!r} "
                 f"(fingerprint {model.fingerprint}); use the same --model"
             )
+        made = [a["digest"] for a in made_with.get("adapters", [])]
+        now = [a["digest"] for a in adapters_meta(model)]
+        if made != now:
+            names = ", ".join(a.get("file") or a["concept"] for a in made_with.get("adapters", [])) or "no adapter"
+            raise DiffeditError(f"{path}: record was made with SPM adapters ({names}); pass the same --adapter "
+                                "files in the same order")
+
+
+def adapters_meta(model) -> list[dict]:
+    """The SPM adapters attached to the model (concept, file, digest), [] when none."""
+    membranes = getattr(model, "membranes", None)
+    return membranes.describe() if membranes is not None else []
 
 
 def model_meta(model) -> dict:
-    return {
+    meta = {
         "source": model.source,
         "fingerprint": model.fingerprint,
         "family": model.name,
         "prediction": model.prediction,
         "scheduler": dict(model.pipe.scheduler.config),
     }
+    if adapters_meta(model):
+        meta["adapters"] = adapters_meta(model)
+    return meta
 
 
 def save_record(path: str | Path, record: Record, overwrite: bool = False) -> None:

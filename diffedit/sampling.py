@@ -58,7 +58,9 @@ class Denoiser:
         n = len(branches)
         x_in = x.repeat(n, 1, 1, 1) if n > 1 else x
         t = schedule.times[i]
-        with self.deepcache.step(i, len(cond)) if self.deepcache is not None else nullcontext():
+        membranes = self.model.membranes  # SPM adapters: each batch row's multipliers travel in the cond
+        rows = membranes.rows(cond.tensors.get("spm")) if membranes is not None else nullcontext()
+        with rows, self.deepcache.step(i, len(cond)) if self.deepcache is not None else nullcontext():
             if self.control is None:
                 out = self.model.forward(x_in.to(self.dtype), t, cond)
             else:
@@ -83,6 +85,8 @@ def prompt_denoiser(
     """Encode the prompts (and the negative prompt if the guidance needs it) once for a job."""
     negatives = [negative_prompt] * len(prompts) if "uncond" in guidance.branches else None
     cond, uncond = model.encode_prompts(prompts, negatives, height, width, embedded_guidance)
+    if model.membranes is not None:  # facilitated transport: each prompt's multiplier per SPM adapter
+        cond, uncond = model.membranes.tag(cond, prompts), model.membranes.tag(uncond, negatives)
     return Denoiser(model, {"cond": cond, "uncond": uncond}, guidance, controller)
 
 

@@ -225,3 +225,55 @@ def train(out: Path, work: Path, config: TrainConfig, tick) -> dict:
     pipe = toy.assemble(vae, unet, text_encoder, tokenizer)
     toy.save(pipe, out)
     return {"config": asdict(config), "scaling_factor": scale}
+
+
+def finetune(source: str | Path, out: Path, *, steps: int = 300, seed: int = 1, batch: int = 32, lr: float = 2e-4,
+             scenes: int = 2048, tick=None) -> dict:
+    """A fine-tuned copy of a toy model: its UNet trained `steps` more steps on freshly drawn scenes
+    (seeded by `seed`, not the original data), same loss as `train_unet`; VAE and text encoder kept.
+
+    Reproducible from (source, steps, seed); used to check that SPM adapters transfer to fine-tunes.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(source), dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    vae, unet, tokenizer, text_encoder = pipe.vae, pipe.unet, pipe.tokenizer, pipe.text_encoder
+    scale = vae.config.scaling_factor
+    base = 10**9 + seed * 10**6  # scenes the original training never drew
+    with torch.inference_mode():
+        latents, captions = [], []
+        for start in range(0, scenes, 256):
+            chunk = [make_scene(base + i) for i in range(start, min(start + 256, scenes))]
+            latents.append(vae.encode(to_pixels(np.stack([s.image for s in chunk]))).latent_dist.mode() * scale)
+            captions += [s.caption for s in chunk]
+        latents = torch.cat(latents).clone()
+    abar = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}).alphas_cumprod
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7 * step + 5)
+        idx = torch.randint(0, len(captions), (batch,), generator=gen)
+        texts = [captions[i] if torch.rand(1, generator=gen) >= 0.1 else "" for i in idx.tolist()]
+        with torch.no_grad():
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            emb = text_encoder(ids)[0]
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        eps = torch.randn(latents[idx].shape, generator=gen)
+        ab = abar[t].view(-1, 1, 1, 1)
+        pred = unet(ab.sqrt() * latents[idx] + (1 - ab).sqrt() * eps, t, encoder_hidden_states=emb).sample
+        snr = ab / (1 - ab)
+        loss = (torch.clamp(snr, max=5.0) / snr * (pred - eps).pow(2)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        if tick is not None:
+            tick("finetune", step + 1, steps, float(loss))
+    unet.eval().requires_grad_(False)
+    toy.save(pipe, out)
+    with torch.no_grad():
+        original = StableDiffusionPipeline.from_pretrained(str(source)).unet.parameters()
+        changed = float(sum((p.float() - q.float()).pow(2).sum() for p, q in zip(unet.parameters(), original)) ** 0.5)
+    return {"source": str(source), "steps": steps, "seed": seed, "lr": lr, "batch": batch, "weight_change_l2": changed}
