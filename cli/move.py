@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, JsonOpt, ModelOpt, OverwriteOpt, PagAdaptiveOpt, PagLayersOpt,
-    PagScaleOpt, PickleOpt, QuietOpt, VaeTilingOpt, emit, guidance_spec, load, progress,
+    AdapterOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, JsonOpt, ModelOpt, OverwriteOpt, PagAdaptiveOpt, PagLayersOpt,
+    PagScaleOpt, PickleOpt, QuietOpt, TransportOpt, VaeTilingOpt, emit, guidance_spec, load, progress,
 )
 from diffedit.cli.invert import AlphaOpt, FitOpt
 from diffedit.cli.main import app
@@ -36,6 +36,7 @@ def move(
     alpha: AlphaOpt = "composite",
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
+    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -59,7 +60,7 @@ def move(
     weights = _weights(energy_weights, energy_scale)
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     where = MoveSpec(dx or 0.0, dy or 0.0, scale, keep_source, None if to is None else _point(to))
-    m = load(model, device, dtype, allow_pickle, model_config, vae_tiling)
+    m = load(model, device, dtype, allow_pickle, model_config, vae_tiling, adapters=adapter, transport=transport)
     with progress(steps, "move (pixelman)", quiet) as callback:
         out, result = move_image(
             m, image, mask, where,

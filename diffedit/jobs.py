@@ -379,6 +379,8 @@ def move_image(
     feature_energy = None
     if energy is not None:
         cond, _ = model.encode_prompts([prompt], None, height, width)
+        if model.membranes is not None:  # the prompt's SPM multipliers, as the sampling branches carry them
+            cond = model.membranes.tag(cond, [prompt])
         feature_energy = FeatureEnergy(model, cond, masks, centre, move, energy, latent_hw)
     schedule = model.schedule(steps, height, width)
     x0 = move_latents(denoise, feature_energy, control, schedule, z0_src, z0_man, masks,

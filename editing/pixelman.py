@@ -26,6 +26,7 @@ The blur kernel (9 at SD's 64-latent resolution) scales with the latent size.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -327,8 +328,11 @@ class FeatureEnergy:
             return hook
 
         handles = [self.model.network.up_blocks[i].register_forward_hook(keep(i)) for i in self.blocks]
+        membranes = self.model.membranes  # SPM adapters at the prompt's multipliers, as in sampling
+        rows = membranes.rows(self.cond.tensors.get("spm")) if membranes is not None else nullcontext()
         try:
-            self.model.forward(z.to(self.model.dtype), t, self.cond)
+            with rows:
+                self.model.forward(z.to(self.model.dtype), t, self.cond)
         except _Stop:
             pass
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +287,28 @@ def test_cli_move_with_mask_from_prompt(cli, tmp_path):
     assert json.loads(stdout)["forwards"] == {"6": 16}  # the prompt turns CFG on
     code, _, err = cli("move", tmp_path / "scene.png", "--dx", "3", "-o", tmp_path / "x.png")
     assert code == 2 and "--mask" in err
+
+
+def test_move_with_spm_adapters(cli, tmp_path):
+    """Adapters reach every pass of a move: with the null prompt facilitated transport leaves the
+    circle adapter off (same image), with a prompt naming circles it changes the result."""
+    from diffedit.images import read_params
+    from diffedit.toy import bench
+
+    task = next(t for t in bench.load_tasks() if t["id"] == "move-001")  # a purple circle
+    sc = bench.source_scene(task)
+    Image.fromarray(sc.image).save(tmp_path / "scene.png")
+    Image.fromarray(sc.masks[0].astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    adapter = Path(__file__).resolve().parents[1] / "samples" / "toy-sd-spm" / "circle.spm.safetensors"
+    outputs = {}
+    for name, extra in {"plain": [], "null": ["--adapter", adapter],
+                        "plain-prompt": ["-p", task["source_prompt"]],
+                        "prompt": ["-p", task["source_prompt"], "--adapter", adapter]}.items():
+        outputs[name] = tmp_path / f"{name}.png"
+        code, _, err = cli("move", tmp_path / "scene.png", "--mask", tmp_path / "mask.png", "--dx", task["dx"],
+                           "--dy", task["dy"], "-o", outputs[name], "-q", *extra)
+        assert code == 0, err
+    pixels = {k: np.asarray(Image.open(v)) for k, v in outputs.items()}
+    assert np.array_equal(pixels["plain"], pixels["null"])
+    assert not np.array_equal(pixels["plain-prompt"], pixels["prompt"])
+    assert [a["concept"] for a in read_params(outputs["prompt"])["model"]["adapters"]] == ["circle"]
