@@ -15,6 +15,17 @@ bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one ru
 app.add_typer(bench_app, name="bench")
 
 
+RepeatsOpt = Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")]
+SaveOpt = Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")]
+
+
+def _measured(bench, repeats: int, quick: bool, save: Path | None, json: bool) -> None:
+    """Run a benchmark module whose `run(repeats, quick)` gives rows for its `markdown`, and report."""
+    with stderr.status("measuring"):
+        rows = bench.run(repeats=repeats, quick=quick)
+    _report(rows, bench.markdown(rows), save, json)
+
+
 def _report(rows: list[dict], table: str, save: Path | None, json: bool, printed: list[dict] | None = None) -> None:
     """Save rows and table under `save`; print the table, or with --json the `printed` rows (default: rows)."""
     if save is not None:
@@ -26,9 +37,9 @@ def _report(rows: list[dict], table: str, save: Path | None, json: bool, printed
 
 @bench_app.command("overhead")
 def overhead(
-    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")] = 5,
+    repeats: RepeatsOpt = 5,
     quick: Annotated[bool, typer.Option(help="Tiny model only, 20 steps.")] = False,
-    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    save: SaveOpt = None,
     json: JsonOpt = False,
 ):
     """Our generate loop vs NFE x bare forward, and vs diffusers' StableDiffusionPipeline.
@@ -37,9 +48,7 @@ def overhead(
     """
     from diffedit.benchmarks import overhead as bench
 
-    with stderr.status("measuring"):
-        rows = bench.run(repeats=repeats, quick=quick)
-    _report(rows, bench.markdown(rows), save, json)
+    _measured(bench, repeats, quick, save, json)
 
 
 @bench_app.command("shapes")
@@ -113,7 +122,7 @@ def toy_quality(
 def engines(
     repeats: Annotated[int, typer.Option(min=1, help="Repetitions; medians are reported.")] = 3,
     quick: Annotated[bool, typer.Option(help="Tiny model, 10 steps.")] = False,
-    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    save: SaveOpt = None,
     json: JsonOpt = False,
 ):
     """Each engine's invert/edit time vs its network forwards; EF-DDPM vs diffusers' LEDITS++.
@@ -129,9 +138,9 @@ def engines(
 
 @bench_app.command("speed")
 def speed(
-    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")] = 3,
+    repeats: RepeatsOpt = 3,
     quick: Annotated[bool, typer.Option(help="Tiny SD1 at 32², 10 steps.")] = False,
-    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    save: SaveOpt = None,
     json: JsonOpt = False,
 ):
     """One table: every command x engine, seconds, NFE, ÷ its network passes, ÷ diffusers' pipeline.
@@ -140,16 +149,14 @@ def speed(
     """
     from diffedit.benchmarks import speed as bench
 
-    with stderr.status("measuring"):
-        rows = bench.run(repeats=repeats, quick=quick)
-    _report(rows, bench.markdown(rows), save, json)
+    _measured(bench, repeats, quick, save, json)
 
 
 @bench_app.command("move")
 def move(
-    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")] = 5,
+    repeats: RepeatsOpt = 5,
     quick: Annotated[bool, typer.Option(help="Toy model only.")] = False,
-    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    save: SaveOpt = None,
     json: JsonOpt = False,
 ):
     """`diffedit move` (PixelMan) vs the time of its network passes alone.
@@ -158,16 +165,14 @@ def move(
     """
     from diffedit.benchmarks import move as bench
 
-    with stderr.status("measuring"):
-        rows = bench.run(repeats=repeats, quick=quick)
-    _report(rows, bench.markdown(rows), save, json)
+    _measured(bench, repeats, quick, save, json)
 
 
 @bench_app.command("guidance")
 def guidance(
-    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")] = 3,
+    repeats: RepeatsOpt = 3,
     quick: Annotated[bool, typer.Option(help="Tiny model, 10 steps.")] = False,
-    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    save: SaveOpt = None,
     json: JsonOpt = False,
 ):
     """Cost of CFG++, PAG and FK steering relative to CFG, and ours vs diffusers' PAG pipeline.
@@ -176,9 +181,7 @@ def guidance(
     """
     from diffedit.benchmarks import guidance as bench
 
-    with stderr.status("measuring"):
-        rows = bench.run(repeats=repeats, quick=quick)
-    _report(rows, bench.markdown(rows), save, json)
+    _measured(bench, repeats, quick, save, json)
 
 
 @bench_app.command("fk-toy")
@@ -204,7 +207,7 @@ def fk_toy(
 def batch(
     n: Annotated[int, typer.Option(min=2, help="Number of jobs (half generate, half edit).")] = 8,
     steps: Annotated[int, typer.Option(min=1)] = 50,
-    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    save: SaveOpt = None,
     json: JsonOpt = False,
 ):
     """N jobs in one `diffedit batch` vs N separate processes, and batch vs pure compute (toy model).
@@ -223,7 +226,7 @@ def accelerators(
     n: Annotated[int, typer.Option(min=1, help="Number of seeded prompts.")] = 50,
     steps: Annotated[int, typer.Option(min=1)] = 50,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
-    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    save: SaveOpt = None,
     json: JsonOpt = False,
 ):
     """Adaptive guidance, DeepCache and torch.compile vs CFG on the toy model: speed-up and success side by side.
@@ -240,7 +243,7 @@ def accelerators(
 
 @bench_app.command("memory")
 def memory(
-    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    save: SaveOpt = None,
     json: JsonOpt = False,
 ):
     """Peak memory of the toy model's VAE round trip by image size, with and without --vae-tiling.
@@ -263,7 +266,7 @@ def erase(
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
     finetune_steps: Annotated[int, typer.Option(help="Training steps of the fine-tuned copy (transfer).")] = 300,
     finetuned: Annotated[str | None, typer.Option(help="An existing fine-tuned copy to use instead of making one.")] = None,
-    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    save: SaveOpt = None,
     json: JsonOpt = False,
 ):
     """SPM concept erasure: concept rate and preservation with/without adapters, transport on/off, two adapters, transfer.
