@@ -67,3 +67,21 @@ def test_exact_engines_on_the_toy_model(toy):
             assert result["psnr"] == pytest.approx(result["vae_psnr"], abs=0.01)
     assert errors["ddim"] > 100 * max(errors["ddpm-ef"], errors["bdia"], 1e-6)
     assert torch.isfinite(torch.tensor(list(errors.values()))).all() and np.isfinite(errors["ddim"])
+
+
+def test_shapesbench_erase_task_with_the_shipped_adapter(toy):
+    """An erase task: the scene regenerated after attaching the red adapter loses its red object and
+    keeps the other one; without the adapter the same regeneration keeps the red object."""
+    from PIL import Image
+
+    from diffedit.toy import bench
+
+    task = next(t for t in bench.load_tasks() if t["id"] == "erase-000")
+    source = Image.fromarray(bench.source_scene(task).image)
+    image, result = bench.concept_erase(toy, task, source, {"engine": "ddim"})
+    assert bench.judge(task, np.asarray(image))["success"] and result["nfe"] == 100
+    assert toy.membranes is None  # the adapter is detached afterwards
+    from diffedit.jobs import edit_image
+
+    kept, _, _ = edit_image(toy, source, source_prompt=task["source_prompt"], target_prompt=task["target_prompt"])
+    assert not bench.judge(task, np.asarray(kept))["success"]

@@ -63,7 +63,7 @@ def test_shapesbench_file_is_the_fixed_task_list():
     tasks = load_tasks()
     assert tasks == make_tasks()  # regenerating gives the same file: the benchmark is versioned and fixed
     kinds = {t["kind"] for t in tasks}
-    assert {"recolour", "reshape", "move", "reconstruct"} <= kinds
+    assert {"recolour", "reshape", "move", "reconstruct", "erase"} <= kinds
     assert len({t["id"] for t in tasks}) == len(tasks)
 
 
@@ -75,6 +75,18 @@ def test_judging_tells_success_from_failure(index):
     if task["kind"] != "reconstruct":
         assert not judge(task, source_scene(task).image)["success"]
     assert good["bg_psnr"] == math.inf or good["bg_psnr"] > 40
+
+
+def test_judging_erase_tasks():
+    """Erase: success when the concept is gone and the other object stays; the source itself fails."""
+    from diffedit.toy.shapes import with_object
+
+    for task in [t for t in load_tasks() if t["kind"] == "erase"][:2]:
+        scene = source_scene(task)
+        assert not judge(task, scene.image)["success"]
+        change = {"colour": "blue"} if task["concept"] in COLOURS else {"shape": "square"}
+        assert judge(task, with_object(scene, task["object"], **change).image)["success"]
+        assert not judge(task, with_object(scene, 1, **change).image)["success"]  # the concept still there
 
 
 def test_task_file_versions_are_checked(tmp_path):

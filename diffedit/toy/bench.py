@@ -7,7 +7,8 @@ generator, so no images are stored), the object it edits, the prompts, and what 
 find afterwards. The runner dispatches each kind to a task runner; text edits run any registered
 engine through `diffedit.jobs.edit_image`, so new engines need no change here. Kinds with no runner
 yet, and engines that do not do a kind (a text-edit engine on a move task), are reported as skipped.
-Move tasks run PixelMan (`--engine pixelman`) and two baselines, `copy-paste` and `ddim`.
+Move tasks run PixelMan (`--engine pixelman`) and two baselines, `copy-paste` and `ddim`. Erase tasks
+(v2) regenerate the scene with an engine after attaching a shipped SPM adapter.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from diffedit.images import psnr
 from diffedit.toy.checker import check
 from diffedit.toy.shapes import COLOURS, SHAPES, make_scene, with_object
 
-VERSION = 1
+VERSION = 2  # v2 added the erase tasks
 TASKS = Path(__file__).resolve().parents[2] / "samples" / "shapesbench.jsonl"
 
 
 # -- the task file -------------------------------------------------------------------------------------
 
 
-def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int = 20, reconstruct: int = 10) -> list[dict]:
+def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int = 20, reconstruct: int = 10,
+               erase: int = 10) -> list[dict]:
     """The fixed task list (written to samples/shapesbench.jsonl by `diffedit toy make-bench`)."""
     rng = np.random.default_rng(seed)
     tasks, scene_seed = [], 10**6
@@ -54,7 +56,7 @@ def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int =
         for k in range(count):
             sid, n, scene = next_scene(1 if kind == "move" else 2)
             obj = scene.objects[0]
-            task = {"id": f"{kind}-{k:03d}", "version": VERSION, "kind": kind, "scene_seed": sid, "n_objects": n,
+            task = {"id": f"{kind}-{k:03d}", "version": 1, "kind": kind, "scene_seed": sid, "n_objects": n,
                     "object": 0, "source_prompt": scene.caption}
             if kind == "recolour":
                 colour = [c for c in COLOURS if c != obj.colour][rng.integers(len(COLOURS) - 1)]
@@ -78,7 +80,24 @@ def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int =
             else:
                 task["target_prompt"] = scene.caption
             tasks.append(task)
+    for k in range(erase):  # v2: the scene's object 0 shows the concept of a shipped SPM adapter, object 1 not
+        concept = ERASE_CONCEPTS[k % len(ERASE_CONCEPTS)]
+        while True:
+            sid, n, scene = next_scene(2)
+            if n == 2 and _has_concept(scene.objects[0], concept) and not _has_concept(scene.objects[1], concept):
+                break
+        tasks.append({"id": f"erase-{k:03d}", "version": 2, "kind": "erase", "scene_seed": sid, "n_objects": n,
+                      "object": 0, "source_prompt": scene.caption, "target_prompt": scene.caption,
+                      "concept": concept, "adapter": f"toy-sd-spm/{concept}.spm.safetensors",
+                      "expect": {"absent": concept}})
     return tasks
+
+
+ERASE_CONCEPTS = ("red", "circle")  # the adapters shipped in samples/toy-sd-spm
+
+
+def _has_concept(obj, concept: str) -> bool:
+    return concept in (obj.colour, obj.shape)
 
 
 def load_tasks(path: Path = TASKS) -> list[dict]:
@@ -123,6 +142,12 @@ def judge(task: dict, edited: np.ndarray) -> dict:
     if task["kind"] == "move":  # nothing may remain where the object was
         old = source.objects[task["object"]]
         success &= not any(math.dist(d.centroid, old.center) <= 4.0 for d in found)
+    if task["kind"] == "erase":  # the concept is nowhere; the other objects stay as they were
+        success = not any(_has_concept(d, task["concept"]) for d in found)
+        for i, obj in enumerate(source.objects):
+            near = [d for d in found if math.dist(d.centroid, obj.center) <= 4.0]
+            if i != task["object"] and (not near or near[0].shape != obj.shape or near[0].colour != obj.colour):
+                success = False
     edit_region = np.zeros(source.image.shape[:2], bool)
     if task["kind"] != "reconstruct":
         edit_region |= source.masks[task["object"]] | expected.masks[task["object"]]
@@ -230,8 +255,28 @@ def _ddim_move(model: Family, pixels, masks, centre, move, steps: int) -> tuple[
     return to_pil(model.decode(z)), {"nfe": denoise.calls}
 
 
+def concept_erase(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
+    """Invert the scene under its caption with the model as it is, then regenerate it under the same
+    caption with the task's SPM adapter attached: the concept should leave the image, the rest stay."""
+    from diffedit.editing.spm import apply_files
+    from diffedit.engines import engine_names
+    from diffedit.jobs import edit_record, invert_image
+
+    if options["engine"] not in engine_names():
+        return None
+    keep = {k: options[k] for k in ("engine", "steps", "params") if k in options}
+    record, inverted = invert_image(model, source, prompt=task["source_prompt"], check=False,
+                                    guidance_scale=options.get("inversion_guidance_scale"), **keep)
+    apply_files(model, [str(TASKS.parent / task["adapter"])])
+    try:
+        image, result = edit_record(model, record, task["target_prompt"], guidance_scale=options.get("guidance_scale"))
+    finally:
+        apply_files(model, None)
+    return image, {**result, "nfe": inverted["nfe"] + result["nfe"]}
+
+
 RUNNERS: dict[str, TaskRunner] = {"recolour": text_edit, "reshape": text_edit, "reconstruct": reconstruction,
-                                  "move": object_move}
+                                  "move": object_move, "erase": concept_erase}
 
 
 def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: int | None = None,
