@@ -69,8 +69,9 @@ def move(
             mask_word=mask_from_prompt,
         )
     meta = image_params("move", m, image=image, mask=mask, mask_from_prompt=mask_from_prompt, dx=dx, dy=dy, to=to,
-                        scale=scale, keep_source=keep_source, prompt=prompt, steps=steps, guidance_scale=result["guidance_scale"], seed=seed,
-                        energy_scale=energy_scale, energy_weights=energy_weights, guidance=spec.to_dict())
+                        scale=scale, keep_source=keep_source, prompt=prompt, steps=steps,
+                        guidance_scale=result["guidance_scale"], seed=seed, energy_scale=energy_scale,
+                        energy_weights=energy_weights, guidance=spec.to_dict())
     save_image(out, output, params=meta, overwrite=overwrite)
     emit({"output": output, **result}, json, to_stderr=output == "-")
 
@@ -89,10 +90,10 @@ def _weights(text: str, scale: float):
     from diffedit.editing.pixelman import EnergyWeights
     from diffedit.errors import UsageError
 
-    if scale == 0:
-        return None
     try:
-        edit, content, contrast, inpaint = (float(v) for v in text.split(","))
+        weights = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise UsageError(f"--energy-weights {text!r}: expected four numbers EDIT,CONTENT,CONTRAST,INPAINT") from None
-    return EnergyWeights(edit, content, contrast, inpaint, scale=scale * 1e3)
+        weights = ()
+    if len(weights) != 4:
+        raise UsageError(f"--energy-weights {text!r}: expected four numbers EDIT,CONTENT,CONTRAST,INPAINT")
+    return EnergyWeights.at_scale(scale, weights)

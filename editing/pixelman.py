@@ -65,6 +65,11 @@ class EnergyWeights:
     scale: float = 0.5e3  # the official code's energy_scale 0.5, times 1e3
     step: float = 0.08  # gradient step factor
 
+    @classmethod
+    def at_scale(cls, energy_scale: float, weights: tuple[float, ...] = (4.0, 6.0, 0.2, 0.8)) -> EnergyWeights | None:
+        """The weights at the user's energy scale (the paper's 0.5, times 1e3 inside); 0: energies off."""
+        return cls(*weights, scale=energy_scale * 1e3) if energy_scale else None
+
 
 # -- geometry ------------------------------------------------------------------------------------------
 

@@ -172,28 +172,33 @@ def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 # -- running -------------------------------------------------------------------------------------------
 
-TaskRunner = Callable[[Family, dict, Image.Image, dict], tuple[Image.Image, dict]]
+TaskRunner = Callable[[Family, dict, Image.Image, dict], "tuple[Image.Image, dict] | None"]  # None: skipped
 
 
+def _engine_task(runner: TaskRunner) -> TaskRunner:
+    """A runner for registered engines only; other methods (PixelMan, the move baselines) skip it."""
+
+    def run_if_engine(model, task, source, options):
+        from diffedit.engines import engine_names
+
+        return runner(model, task, source, options) if options["engine"] in engine_names() else None
+
+    return run_if_engine
+
+
+@_engine_task
 def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
-    from diffedit.engines import engine_names
     from diffedit.jobs import edit_image
-
-    if options["engine"] not in engine_names():
-        return None
 
     image, result, _ = edit_image(model, source, source_prompt=task["source_prompt"],
                                   target_prompt=task["target_prompt"], **options)
     return image, result
 
 
+@_engine_task
 def reconstruction(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
     """Invert and regenerate with the same prompt and guidance: the engine's round trip."""
-    from diffedit.engines import engine_names
     from diffedit.jobs import invert_image, reconstruct_record
-
-    if options["engine"] not in engine_names():
-        return None
 
     keep = {k: options[k] for k in ("engine", "steps", "params") if k in options}
     record, inverted = invert_image(model, source, prompt=task["source_prompt"], check=False,
@@ -222,8 +227,7 @@ def object_move(model: Family, task: dict, source: Image.Image, options: dict) -
         from diffedit.jobs import move_image
 
         params = dict(options.get("params") or {})
-        scale = params.pop("energy_scale", 0.5)
-        energy = EnergyWeights(scale=scale * 1e3) if scale else None
+        energy = EnergyWeights.at_scale(params.pop("energy_scale", 0.5))
         return move_image(model, source, Image.fromarray(mask.astype(np.uint8) * 255), move,
                           steps=options.get("steps") or 16, guidance_scale=options.get("guidance_scale"),
                           energy=energy, **params)
@@ -255,15 +259,12 @@ def _ddim_move(model: Family, pixels, masks, centre, move, steps: int) -> tuple[
     return to_pil(model.decode(z)), {"nfe": denoise.calls}
 
 
+@_engine_task
 def concept_erase(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
     """Invert the scene under its caption with the model as it is, then regenerate it under the same
     caption with the task's SPM adapter attached: the concept should leave the image, the rest stay."""
     from diffedit.editing.spm import apply_files
-    from diffedit.engines import engine_names
     from diffedit.jobs import edit_record, invert_image
-
-    if options["engine"] not in engine_names():
-        return None
     keep = {k: options[k] for k in ("engine", "steps", "params") if k in options}
     record, inverted = invert_image(model, source, prompt=task["source_prompt"], check=False,
                                     guidance_scale=options.get("inversion_guidance_scale"), **keep)
