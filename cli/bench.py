@@ -61,6 +61,8 @@ def shapes(
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
     inversion_guidance_scale: Annotated[float | None, typer.Option("--inversion-guidance-scale")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", help="Engine parameter KEY=VALUE (JSON value), repeatable.")] = None,
+    adaptive_guidance: Annotated[float | None, typer.Option("--adaptive-guidance", help="Text edits: adaptive guidance on the regeneration (ddim, rf-inversion).")] = None,
+    deepcache: Annotated[int | None, typer.Option("--deepcache", help="Text edits: DeepCache interval on the regeneration (ddim, rf-inversion).")] = None,
     save: Annotated[Path | None, typer.Option(help="Folder for rows.jsonl, results.json and results.md.")] = None,
     json: JsonOpt = False,
 ):
@@ -82,6 +84,8 @@ def shapes(
     m = load(model, "auto", "auto", False, None)
     options = {"steps": steps, "guidance_scale": guidance_scale, "inversion_guidance_scale": inversion_guidance_scale,
                "params": params}
+    accelerators = {"adaptive_guidance": adaptive_guidance, "deepcache": deepcache}
+    options.update({k: v for k, v in accelerators.items() if v is not None})  # text edits take them
     rows = []
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)

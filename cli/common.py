@@ -42,6 +42,7 @@ GuidanceOpt = Annotated[str, typer.Option("--guidance", help="cfg, cfgpp (scale 
 PagScaleOpt = Annotated[float, typer.Option("--pag-scale", help="PAG scale s in u + w(c - u) + s(c - p).")]
 PagLayersOpt = Annotated[str, typer.Option("--pag-layers", help="Comma-separated regexes over self-attention layer names.")]
 AdaptiveGuidanceOpt = Annotated[float | None, typer.Option("--adaptive-guidance", help="Adaptive guidance: drop CFG's unconditional branch once its clean-image estimate's cosine similarity with the conditional one reaches this (e.g. 0.999).")]
+DeepCacheOpt = Annotated[int | None, typer.Option("--deepcache", help="DeepCache: run the whole UNet every N-th step, only its outer blocks in between (e.g. 3).")]
 PagAdaptiveOpt = Annotated[float, typer.Option("--pag-adaptive-scale", help="Lower the PAG scale by this much per unit of time.")]
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
+    AdaptiveGuidanceOpt, DeepCacheOpt, AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
     SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, default_steps, emit, fk_config, guidance_spec, engine_params, load, progress,
 )
 from diffedit.cli.invert import AlphaOpt, FitOpt
@@ -43,6 +43,7 @@ def edit(
     alpha: AlphaOpt = "composite",
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
+    adaptive_guidance: AdaptiveGuidanceOpt = None, deepcache: DeepCacheOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",
@@ -80,7 +81,7 @@ def edit(
         with progress(rec.meta["steps"], f"edit ({rec.meta['engine']['name']})", quiet) as callback:
             out, result = edit_record(m, rec, target, guidance_scale=guidance_scale, params=params,
                                       callback=callback, show_attention=show_attention is not None,
-                                      fk=fk, reward=reward)
+                                      fk=fk, reward=reward, adaptive_guidance=adaptive_guidance, deepcache=deepcache)
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
@@ -92,11 +93,12 @@ def edit(
                 negative_prompt=negative_prompt, seed=seed, params=params,
                 image=ImageInput(fit=fit, alpha=alpha), guidance=spec, callback=callback,
                 show_attention=show_attention is not None, fk=fk, reward=reward,
+                adaptive_guidance=adaptive_guidance, deepcache=deepcache,
             )
     meta = image_params("edit", m, image=str(image or from_record), source=source, target=target,
                         engine=engine, steps=result["steps"], guidance_scale=guidance_scale,
                         inversion_guidance_scale=inversion_guidance_scale, seed=seed, engine_params=params,
-                        guidance=spec.to_dict())
+                        guidance=spec.to_dict(), adaptive_guidance=adaptive_guidance, deepcache=deepcache)
     maps = result.pop("attention_maps", None), result.pop("attention_tokens", None)
     save_image(out, output, params=meta, overwrite=overwrite)
     if show_attention is not None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    AdapterOpt, TransportOpt, AdaptiveGuidanceOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
+    AdapterOpt, TransportOpt, AdaptiveGuidanceOpt, ConfigOpt, DeepCacheOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
     StepsOpt, VaeTilingOpt, BATCHED, emit, fk_config, guidance_spec, load, progress,
 )
 from diffedit.cli.main import app
@@ -29,7 +29,7 @@ def generate(
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0, adaptive_guidance: AdaptiveGuidanceOpt = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (a slow first call; pays off over many steps or batch jobs).")] = False,
-    deepcache: Annotated[int | None, typer.Option("--deepcache", help="DeepCache: run the whole UNet every N-th step, only its outer blocks in between (e.g. 3).")] = None,
+    deepcache: DeepCacheOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",

@@ -71,6 +71,9 @@ class Run:
 class Engine:
     name: str = ""
     exact: bool = False  # invert -> reconstruct returns the latent to float precision
+    # its edit samples with `run.target` alone and retraces nothing, so DeepCache and adaptive guidance
+    # may speed up the regeneration (exact engines must retrace their inversion: they refuse them)
+    accelerable: bool = False
     defaults: dict = {}  # engine parameters and their defaults
     default_steps: int = 50
     default_guidance: tuple[float, float] = (1.0, 7.5)  # CFG of the inversion and of the edit

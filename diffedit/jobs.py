@@ -135,8 +135,9 @@ def invert_image(
 
 
 def _run_from_record(model: Family, record: Record, target_prompt: str | None, target_scale: float | None,
-                     params: dict | None, callback: Callback | None):
-    """The engine and run that regenerate a record (under a new target when one is given)."""
+                     params: dict | None, callback: Callback | None, adaptive_guidance: float | None = None):
+    """The engine and run that regenerate a record (under a new target when one is given; adaptive
+    guidance, if asked, on the target's branch only)."""
     meta = record.meta
     recorded = {k: v for k, v in meta["engine"].items() if k != "name"}
     eng, params, steps = engine_setup(meta["engine"]["name"], {**recorded, **(params or {})}, meta["steps"],
@@ -149,7 +150,9 @@ def _run_from_record(model: Family, record: Record, target_prompt: str | None, t
     same = target_prompt is None and target_scale is None
     target_prompt = meta["source_prompt"] if target_prompt is None else target_prompt
     scale = meta["guidance_scale"] if same else eng.default_guidance[1] if target_scale is None else target_scale
-    tgt = src if same else branch_denoiser(model, target_prompt, scale, height, width, negative, guidance)
+    target_guidance = guidance if adaptive_guidance is None else GuidanceSpec.from_dict(
+        {**guidance.to_dict(), "adaptive_threshold": adaptive_guidance})
+    tgt = src if same else branch_denoiser(model, target_prompt, scale, height, width, negative, target_guidance)
     pair = lambda prompts, controller, scales=None: prompt_denoiser_for(  # noqa: E731
         model, prompts, scales or scale, height, width, negative, guidance, controller)
     return eng, Run(model, schedule, src, tgt, params, meta.get("seed", 0), callback,
@@ -186,17 +189,33 @@ def _steered_edit(model: Family, eng, run: Run, record: Record, fk: FKConfig, re
     return latents[best : best + 1], {**stats, "reward": float(rewards[best]), "rewards": rewards.tolist()}
 
 
+def _check_accelerators(engine: str, adaptive_guidance: float | None, deepcache: int | None,
+                        fk: FKConfig | None) -> None:
+    if (adaptive_guidance is not None or deepcache) and not get_engine(engine).accelerable:
+        raise UsageError(f"--adaptive-guidance/--deepcache would change {engine}'s regeneration so that it no longer "
+                         "retraces the inversion (exactness lost); they apply to ddim and rf-inversion edits")
+    if deepcache and fk is not None and fk.particles > 1:
+        raise UsageError("--deepcache is not combined with FK steering")
+
+
 def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_scale: float | None = None,
                 params: dict | None = None, callback: Callback | None = None,
                 show_attention: bool = False, fk: FKConfig | None = None,
-                reward: str = "saturation") -> tuple[Image.Image, dict]:
+                reward: str = "saturation", adaptive_guidance: float | None = None,
+                deepcache: int | None = None) -> tuple[Image.Image, dict]:
     """Regenerate the record's image under a new prompt with the record's engine.
 
     With `show_attention`, engines that control attention add `attention_maps` (per target token,
-    on the latent grid) and `attention_tokens` to the result.
+    on the latent grid) and `attention_tokens` to the result. `adaptive_guidance` and `deepcache`
+    accelerate the regeneration of engines that allow it (not exact ones: they must retrace).
     """
     started = time.perf_counter()
-    eng, run = _run_from_record(model, record, target_prompt, guidance_scale, params, callback)
+    _check_accelerators(record.meta["engine"]["name"], adaptive_guidance, deepcache, fk)
+    eng, run = _run_from_record(model, record, target_prompt, guidance_scale, params, callback, adaptive_guidance)
+    if deepcache:
+        from diffedit.deepcache import DeepCache
+
+        run.target.deepcache = DeepCache(model.network, deepcache)
     run.show_attention = show_attention
     result = {"engine": eng.name, "steps": len(run.schedule)}
     if fk is not None and fk.particles > 1:
@@ -206,6 +225,8 @@ def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_s
         z = eng.edit(run, record.tensors)
     out = to_pil(model.decode(z))
     result.update(nfe=run.nfe, forwards=run.forwards, seconds=time.perf_counter() - started)
+    if deepcache:
+        result["full_steps"] = run.target.deepcache.full_steps
     if "attention" in run.extras:
         result.update(attention_maps=run.extras["attention"], attention_tokens=run.extras["tokens"])
     return out, result
@@ -299,19 +320,21 @@ def edit_image(
     inversion_guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
     params: dict | None = None, image: ImageInput = ImageInput(), guidance: GuidanceSpec | None = None,
     callback: Callback | None = None, show_attention: bool = False, fk: FKConfig | None = None,
-    reward: str = "saturation",
+    reward: str = "saturation", adaptive_guidance: float | None = None, deepcache: int | None = None,
 ) -> tuple[Image.Image, dict, Record]:
     """Invert an image with the source prompt, then regenerate it under the target prompt."""
     started = time.perf_counter()
     if fk is not None and fk.particles > 1 and engine != "ddim":  # fail before the inversion
         raise UsageError(f"FK steering in edits samples from the inverted noise: use --engine ddim, not {engine}")
+    _check_accelerators(engine, adaptive_guidance, deepcache, fk)
     record, inverted = invert_image(
         model, source, engine=engine, prompt=source_prompt, steps=steps,
         guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed,
         params=params, image=image, check=False, guidance=guidance, callback=callback,
     )
     out, edited = edit_record(model, record, target_prompt, guidance_scale=guidance_scale, callback=callback,
-                              show_attention=show_attention, fk=fk, reward=reward)
+                              show_attention=show_attention, fk=fk, reward=reward,
+                              adaptive_guidance=adaptive_guidance, deepcache=deepcache)
     forwards = dict(inverted["forwards"])
     for rows, calls in edited["forwards"].items():
         forwards[rows] = forwards.get(rows, 0) + calls

@@ -12,6 +12,7 @@ from diffedit.sampling import invert, sample
 class DDIM(Engine):
     name = "ddim"
     exact = False
+    accelerable = True
 
     def invert(self, run: Run, z0):
         trajectory = invert(run.source, z0, run.schedule, callback=run.callback)

@@ -25,6 +25,7 @@ def _blend(pred, anchor, weight):
 class RFInversion(Engine):
     name = "rf-inversion"
     exact = False
+    accelerable = True
     defaults = {"gamma": 0.5, "eta": 0.9, "start": 0.0, "stop": 0.25}
     default_steps = 28
     default_guidance = (0.0, 3.5)  # unconditional field for inversion, target guidance for the edit

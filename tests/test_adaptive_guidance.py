@@ -73,3 +73,32 @@ def test_compiled_network_gives_the_eager_image(tiny_folder, cli, tmp_path):
     assert np.abs(diff).max() <= 1  # kernels fused by the compiler round differently
     code, _, err = cli(*args, "--compile", "--deepcache", 2, "-o", tmp_path / "x.png")
     assert code == 2 and "--compile cannot be combined" in err
+
+
+def test_accelerators_on_edits(tiny, tmp_path):
+    """On a ddim edit the accelerators act on the regeneration only; exact engines refuse them (they
+    would no longer retrace their inversion); off, the edit is the same as before."""
+    from PIL import Image
+
+    from diffedit.jobs import edit_image
+
+    _, model = tiny("sd1")
+    a = np.full((32, 32, 3), 200, np.uint8)
+    a[8:20, 8:20] = (220, 20, 20)
+    src = Image.fromarray(a)
+    edit = lambda **kw: edit_image(model, src, source_prompt="a red square", target_prompt="a blue square",  # noqa: E731
+                                   steps=12, **kw)
+    plain, plain_result, _ = edit()
+    assert plain_result["forwards"] == {1: 12, 2: 12}  # inversion at CFG 1, the edit at CFG 7.5
+    fast, result, _ = edit(adaptive_guidance=0.2)
+    assert result["forwards"][1] > 12 and result["forwards"][2] < 12  # CFG dropped during the edit
+    assert not np.array_equal(np.asarray(fast), np.asarray(plain))
+    cached, result, _ = edit(deepcache=3)
+    assert result["full_steps"] == 4 and result["forwards"] == {1: 12, 2: 12}
+    assert not np.array_equal(np.asarray(cached), np.asarray(plain))
+    again, _, _ = edit()
+    assert np.array_equal(np.asarray(again), np.asarray(plain))  # the network is restored
+    for engine in ("ddpm-ef", "bdia", "direct", "infedit"):
+        with pytest.raises(UsageError, match="no longer retraces"):
+            edit_image(model, src, source_prompt="a red square", target_prompt="a blue square", engine=engine,
+                       steps=12, deepcache=3)
