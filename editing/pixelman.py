@@ -143,6 +143,11 @@ def manipulate(pixels: torch.Tensor, mask: torch.Tensor, move: MoveSpec, centre)
     return pixels * (1 - alpha) + moved * alpha
 
 
+def unit_range(m: torch.Tensor) -> torch.Tensor:
+    """`m` rescaled to [0, 1] (min-max), as both masks from attention maps threshold it."""
+    return (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+
+
 def mask_from_prompt(model, pixels: torch.Tensor, prompt: str, word: str, seed: int = 0,
                      threshold: float = 0.5) -> torch.Tensor:
     """The object's mask from where `word` of `prompt` attends: the conditional cross-attention maps
@@ -165,8 +170,7 @@ def mask_from_prompt(model, pixels: torch.Tensor, prompt: str, word: str, seed: 
             denoise(schedule.a[i] * z0 + schedule.s[i] * eps, schedule, i)
     m = recorder.sum[0, positions].sum(0)[None, None]
     m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
-    return (m > threshold).cpu()
+    return (unit_range(m) > threshold).cpu()
 
 
 # -- attention -----------------------------------------------------------------------------------------
@@ -200,6 +204,7 @@ class PixelManControl(Controller):
         self.sim: torch.Tensor | None = None  # pixel mask of what the object attended to at the last step
         self._sim: dict[int, tuple] = {}  # per grid size: (sum of maps, layers) during a step
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._on_grid: dict[tuple[str, int], torch.Tensor] = {}  # ipt/gen masks per layer grid, fixed for a move
         self._biases: dict[tuple, torch.Tensor | None] = {}
         self._finest = 0  # token count of the finest up-block self-attention seen
         self.leak_proof = bool(masks.ipt.any())
@@ -213,16 +218,20 @@ class PixelManControl(Controller):
         gh = round(math.sqrt(tokens * h / w))
         return gh, tokens // gh
 
+    def _mask(self, name: str, tokens: int, device) -> torch.Tensor:
+        """The move's `ipt` or `gen` mask on a layer's grid, flattened (computed once per grid)."""
+        key = (name, tokens)
+        if key not in self._on_grid:
+            self._on_grid[key] = at(getattr(self.masks, name), *self._grid(tokens)).reshape(-1).to(device)
+        return self._on_grid[key]
+
     def _blocked(self, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(queries of the vacated region, keys they may not see) on a layer's grid, or None."""
         if tokens not in self._cache:
-            gh, gw = self._grid(tokens)
-            queries = at(self.masks.ipt, gh, gw).reshape(-1)
-            keys = at(self.masks.gen, gh, gw)
+            queries, keys = self._mask("ipt", tokens, device), self._mask("gen", tokens, device)
             if self.sim is not None:
-                keys = keys | at(self.sim, gh, gw)
-            keys = keys.reshape(-1)
-            self._cache[tokens] = (queries.to(device), keys.to(device)) if queries.any() and keys.any() else None
+                keys = keys | at(self.sim, *self._grid(tokens)).reshape(-1).to(device)
+            self._cache[tokens] = (queries, keys) if queries.any() and keys.any() else None
         return self._cache[tokens]
 
     @staticmethod
@@ -264,7 +273,7 @@ class PixelManControl(Controller):
         if tokens > self._finest:
             self._finest, self._sim = tokens, {}
         row = call.rows(q.shape[0], "cond").start + TARGET
-        gen = at(self.masks.gen, *self._grid(tokens)).reshape(-1).to(q.device)
+        gen = self._mask("gen", tokens, q.device)
         logits = (q[row][:, gen].float() @ k[row].float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         bias = self.bias(call, q, k)
         if bias is not None:
@@ -280,10 +289,8 @@ class PixelManControl(Controller):
             return
         tokens = max(self._sim)
         total, layers = self._sim[tokens]
-        m = total / layers
-        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
         gh, gw = self._grid(tokens)
-        sim = (m >= 0.1).reshape(gh, gw).cpu()
+        sim = (unit_range(total / layers) >= 0.1).reshape(gh, gw).cpu()
         ph, pw = self.masks.gen.shape
         self.sim = sim.repeat_interleave(ph // gh, 0).repeat_interleave(pw // gw, 1)
         self._sim = {}
