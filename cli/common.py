@@ -35,6 +35,7 @@ NMinOpt = Annotated[int | None, typer.Option("--n-min", help="flowedit: finish w
 NAvgOpt = Annotated[int | None, typer.Option("--n-avg", help="flowedit: average N velocity differences per step (1).")]
 AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="SPM concept-erasure adapter (.spm.safetensors from `diffedit erase train`); repeatable: several concepts at once.")]
 TransportOpt = Annotated[str, typer.Option("--transport", help="SPM facilitated transport: calibrated (each adapter's strength per prompt from its similarity to the erased concept; the empty prompt gets 0), paper (the paper's raw cosine) or off (adapters always fully on).")]
+LcmStepsOpt = Annotated[int | None, typer.Option("--lcm-original-steps", min=1, max=1000, help="Latent-consistency models only: the distillation grid the steps are picked from (the scheduler's, usually 50).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
 
 
@@ -70,7 +71,7 @@ def guidance_spec(kind: str, pag_scale: float, pag_layers: str, pag_adaptive_sca
 
     layers = tuple(p.strip() for p in pag_layers.split(",") if p.strip())
     spec = GuidanceSpec(kind, pag_scale, layers, pag_adaptive_scale, adaptive_threshold)
-    spec.build(7.5)  # a bad combination is a usage error before the model loads
+    spec.build(1.0)  # a bad combination is a usage error before the model loads (1 suits CFG and CFG++)
     return spec
 
 
@@ -79,10 +80,13 @@ def engine_params(**params) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def default_steps(engine: str, steps: int | None) -> int:
+def default_steps(engine: str, steps: int | None, model=None) -> int:
     from diffedit.engines import get_engine
 
-    return steps or get_engine(engine).default_steps
+    eng = get_engine(engine)
+    if model is not None:
+        eng.configure(model)
+    return steps or eng.default_steps
 
 
 # Commands that can run several jobs as one micro-batch: name -> (runner taking a list of the
@@ -94,7 +98,7 @@ _loaded: dict | None = None  # models kept for reuse while a batch runs
 
 def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None,
          vae_tiling: bool = False, compile: bool = False, adapters: list[str] | None = None,
-         transport: str = "calibrated"):
+         transport: str = "calibrated", lcm_original_steps: int | None = None):
     """The model of a command, with its SPM adapters attached (or none: a reused model keeps none)."""
     from diffedit.editing.spm import apply_files
     from diffedit.models import load_model
@@ -116,7 +120,9 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
     else:
         m.use_compiled = False
     apply_files(m, adapters, transport)  # set on every call too: a batch's next job may name other adapters
+    m.use_lcm_grid(lcm_original_steps)
     return m
+
 
 
 @contextmanager

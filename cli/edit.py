@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    LcmStepsOpt,
     AdaptiveGuidanceOpt, DeepCacheOpt, AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
     SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, default_steps, emit, fk_config, guidance_spec, engine_params, load, progress,
 )
@@ -46,7 +47,7 @@ def edit(
     adaptive_guidance: AdaptiveGuidanceOpt = None, deepcache: DeepCacheOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
-    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",
+    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Edit an image by inverting it under --source and regenerating it under --target.
@@ -76,7 +77,7 @@ def edit(
     if from_record is not None:
         rec = load_record(from_record)
         m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport)
+             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps)
         rec.check_model(m, from_record)
         with progress(rec.meta["steps"], f"edit ({rec.meta['engine']['name']})", quiet) as callback:
             out, result = edit_record(m, rec, target, guidance_scale=guidance_scale, params=params,
@@ -85,8 +86,8 @@ def edit(
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport)
-        with progress(2 * default_steps(engine, steps), f"edit ({engine})", quiet) as callback:
+             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps)
+        with progress(2 * default_steps(engine, steps, m), f"edit ({engine})", quiet) as callback:
             out, result, _ = edit_image(
                 m, image, source_prompt=source, target_prompt=target, engine=engine, steps=steps,
                 guidance_scale=guidance_scale, inversion_guidance_scale=inversion_guidance_scale,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    LcmStepsOpt,
     AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
     SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
 )
@@ -36,7 +37,7 @@ def invert(
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
-    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",
+    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Invert IMAGE to its noise and save a record; reports the round-trip error.
@@ -57,8 +58,8 @@ def invert(
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
                            n_avg=n_avg)
     m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport)
-    with progress(default_steps(engine, steps) * (2 if check else 1), f"invert ({engine})", quiet) as callback:
+             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps)
+    with progress(default_steps(engine, steps, m) * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(
             m, image, engine=engine, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
             negative_prompt=negative_prompt, seed=seed, image=ImageInput(fit=fit, alpha=alpha),
@@ -75,7 +76,7 @@ def reconstruct(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Image file or - for stdout (default: RECORD.rec.png).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
-    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",
+    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Regenerate the image of a record and report its error against the inverted input.
@@ -92,7 +93,7 @@ def reconstruct(
     if output != "-":
         check_writable(output, overwrite)
     m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport)
+             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps)
     rec.check_model(m, record)
     with progress(rec.meta["steps"], "reconstruct", quiet) as callback:
         image, result = reconstruct_record(m, rec, callback=callback)

@@ -81,8 +81,9 @@ class Engine:
     def check(self, params: dict, steps: int) -> None:
         """Raise UsageError for parameters the engine cannot run with."""
 
-    def configure(self, family: str) -> None:
-        """Adapt defaults or refuse a model family (called before parameters are merged)."""
+    def configure(self, model) -> None:
+        """Adapt defaults to a model (its family, whether it is a latent-consistency model) or refuse
+        it (called before parameters are merged)."""
 
     def invert(self, run: Run, z0: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -8,13 +8,14 @@ encodes/decodes images, and builds the schedule. Engines only ever see latents s
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
-from diffedit.errors import DiffeditError
+from diffedit.errors import DiffeditError, UsageError
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,22 @@ class Family:
         self.compiled: torch.nn.Module | None = None  # torch.compile of the network, made on request
         self.use_compiled = False
         self.membranes = None  # SPM concept-erasure adapters attached to the network (editing/spm.py)
+        # Latent-consistency models (an LCMScheduler in the folder) sample by consistency steps:
+        # x0 from the network, then all-fresh noise to the next level (`sample(refresh=True)`).
+        self.consistency = isinstance(pipe.scheduler, LCMScheduler)
+        self._own_scheduler = pipe.scheduler
+
+    def use_lcm_grid(self, original_steps: int | None) -> None:
+        """Pick an LCM model's timesteps from another distillation grid (kept in the scheduler config,
+        so records carry it); None restores the folder's own."""
+        if not self.consistency:
+            if original_steps is not None:
+                raise UsageError(f"{self.source}: --lcm-original-steps applies to latent-consistency models "
+                                    f"only; this one has a {type(self.pipe.scheduler).__name__}")
+            return
+        own = self._own_scheduler
+        self.pipe.scheduler = own if original_steps is None else LCMScheduler.from_config(
+            own.config, original_inference_steps=original_steps)
 
     def compile(self) -> None:
         """Compile the network once (slow the first call, faster after); `use_compiled` picks it."""
@@ -217,17 +234,31 @@ class UNetFamily(Family):
         super().__init__(pipe, max_sequence_length)
         self.name = name
         self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        # LCM-distilled UNets take the guidance scale as an input (w - 1, embedded), not as CFG.
+        self.guidance_embedded = self.network.config.get("time_cond_proj_dim") is not None
 
     def encode_prompts(self, prompts, negatives, height, width, embedded_guidance=3.5):
         cond, uncond = self.pipe.encode_prompt(
             prompts, self.device, 1, negatives is not None, negative_prompt=_negative_arg(negatives)
         )
-        return Cond({"text": cond}), None if negatives is None else Cond({"text": uncond})
+        make = lambda text: self._with_guidance(Cond({"text": text}), embedded_guidance)  # noqa: E731
+        return make(cond), None if negatives is None else make(uncond)
+
+    def _with_guidance(self, cond: Cond, scale) -> Cond:
+        """Add the embedded guidance of LCM UNets (one scale for all rows, or one per row)."""
+        if self.guidance_embedded:
+            w = torch.as_tensor(scale, dtype=torch.float32).expand(len(cond)) - 1
+            cond.tensors["timestep_cond"] = guidance_embedding(w, self.network.config.time_cond_proj_dim).to(
+                self.device, cond.tensors["text"].dtype)
+        return cond
 
     def forward(self, x, t, cond):
-        return self._run(x, t, encoder_hidden_states=cond.tensors["text"], return_dict=False)[0]
+        return self._run(x, t, encoder_hidden_states=cond.tensors["text"],
+                         timestep_cond=cond.tensors.get("timestep_cond"), return_dict=False)[0]
 
     def schedule(self, steps, height, width):
+        if self.consistency:
+            return self._consistency_schedule(steps)
         sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
         sched.set_timesteps(steps)
         times = sched.timesteps.to(self.device)
@@ -235,6 +266,29 @@ class UNetFamily(Family):
         abar = [float(sched.alphas_cumprod[int(t)]) for t in sched.timesteps]
         abar.append(float(sched.final_alpha_cumprod))
         return Schedule(times, tuple(np.sqrt(abar)), tuple(np.sqrt(1.0 - np.array(abar))))
+
+    def _consistency_schedule(self, steps: int) -> Schedule:
+        """LCMScheduler's timesteps (picked from its distillation grid); the last step lands on x0.
+
+        LCMScheduler also mixes in `c_skip * x` (boundary condition); with its timestep scaling of
+        10 that weight is below 1e-5 at every grid timestep (>= 19), so x0 is the network's own.
+        """
+        sched = LCMScheduler.from_config(self.pipe.scheduler.config)
+        try:
+            sched.set_timesteps(steps)
+        except ValueError as err:
+            raise DiffeditError(f"--steps {steps}: {err}") from None
+        abar = [float(sched.alphas_cumprod[int(t)]) for t in sched.timesteps] + [1.0]
+        return Schedule(sched.timesteps.to(self.device), tuple(np.sqrt(abar)), tuple(np.sqrt(1.0 - np.array(abar))))
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of guidance values (w * 1000), as LCM UNets were distilled with."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = (w.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
 class SDXLFamily(UNetFamily):
@@ -249,13 +303,15 @@ class SDXLFamily(UNetFamily):
         # (original size, crop top-left, target size), as the SDXL pipeline builds them by default
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.dtype, device=self.device)
         time_ids = time_ids.repeat(len(prompts), 1)
-        make = lambda text, pool: Cond({"text": text, "pooled": pool.to(cond.dtype), "time_ids": time_ids})
+        make = lambda text, pool: self._with_guidance(  # noqa: E731
+            Cond({"text": text, "pooled": pool.to(cond.dtype), "time_ids": time_ids}), embedded_guidance)
         return make(cond, pooled), None if negatives is None else make(uncond, uncond_pooled)
 
     def forward(self, x, t, cond):
         c = cond.tensors
         added = {"text_embeds": c["pooled"], "time_ids": c["time_ids"]}
-        return self._run(x, t, encoder_hidden_states=c["text"], added_cond_kwargs=added, return_dict=False)[0]
+        return self._run(x, t, encoder_hidden_states=c["text"], added_cond_kwargs=added,
+                         timestep_cond=c.get("timestep_cond"), return_dict=False)[0]
 
 
 class FlowFamily(Family):

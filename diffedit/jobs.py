@@ -57,13 +57,13 @@ def prompt_denoiser_for(
     """A denoiser over prompts (one row each) with `guidance` (CFG by default) at `guidance_scale`
     (a list gives each row its own scale) and an optional attention controller.
 
-    Guidance-distilled models (Flux) take the scale as a network input: their CFG branch is the
+    Guidance-distilled models (Flux, LCM) take the scale as a network input: their CFG branch is the
     conditional one alone, and CFG++/PAG still apply on top of it.
     """
     guidance = guidance or GuidanceSpec()
     if getattr(model, "guidance_embedded", False):
         if guidance.kind.startswith("cfgpp"):
-            raise UsageError("CFG++ needs an unconditional branch; guidance-distilled Flux models have none")
+            raise UsageError("CFG++ needs an unconditional branch; guidance-distilled models (Flux, LCM) have none")
         return prompt_denoiser(model, prompts, guidance.build(1.0), height, width, negative_prompt,
                                embedded_guidance=guidance_scale, controller=controller)
     return prompt_denoiser(model, prompts, guidance.build(guidance_scale), height, width, negative_prompt,
@@ -74,11 +74,11 @@ def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> flo
     return psnr(to_pil(model.decode(latent)), reference)
 
 
-def engine_setup(engine: str, params: dict | None, steps: int | None, family: str | None = None):
+def engine_setup(engine: str, params: dict | None, steps: int | None, model: Family | None = None):
     """The engine, its full parameters and step count, with the user's values checked."""
     eng = get_engine(engine)
-    if family is not None:
-        eng.configure(family)
+    if model is not None:
+        eng.configure(model)
     params = {k: v for k, v in (params or {}).items() if v is not None}
     unknown = sorted(set(params) - set(eng.defaults))
     if unknown:
@@ -97,7 +97,7 @@ def invert_image(
 ) -> tuple[Record, dict]:
     """Invert an image into a record; with `check`, reconstruct it and measure the error."""
     started = time.perf_counter()
-    eng, params, steps = engine_setup(engine, params, steps, model.name)
+    eng, params, steps = engine_setup(engine, params, steps, model)
     guidance_scale = eng.default_guidance[0] if guidance_scale is None else guidance_scale
     img = read_image(model, source, image)
     width, height = img.size
@@ -140,8 +140,7 @@ def _run_from_record(model: Family, record: Record, target_prompt: str | None, t
     guidance, if asked, on the target's branch only)."""
     meta = record.meta
     recorded = {k: v for k, v in meta["engine"].items() if k != "name"}
-    eng, params, steps = engine_setup(meta["engine"]["name"], {**recorded, **(params or {})}, meta["steps"],
-                                      model.name)
+    eng, params, steps = engine_setup(meta["engine"]["name"], {**recorded, **(params or {})}, meta["steps"], model)
     height, width = meta["size"]
     schedule = model.schedule(steps, height, width)
     negative = meta.get("negative_prompt", "")
@@ -282,7 +281,9 @@ def generate_images(
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # initial noise, then each step's
     draw = lambda: torch.cat([torch.randn(shape, generator=g) for g in gens]).to(model.device)  # noqa: E731
     x = draw()
-    z0 = sample(den, x, schedule, eta=eta, noise=lambda i: draw(), callback=callback)
+    if model.consistency and eta:
+        raise UsageError("--eta does not apply to latent-consistency models: each step draws all its noise afresh")
+    z0 = sample(den, x, schedule, eta=eta, noise=lambda i: draw(), callback=callback, refresh=model.consistency)
     images = [to_pil(model.decode(z0[k : k + 1])) for k in range(len(prompts))]
     seconds = time.perf_counter() - started
     extra = {"batched": len(prompts)} if len(prompts) > 1 else {}

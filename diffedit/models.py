@@ -20,6 +20,8 @@ from diffedit.families import Family, adapter_for
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "samples" / "toy-sd"
+TOY_FLOW = DEFAULT_MODEL.parent / "toy-flow"  # the shipped toy flow model (SD3-style)
+TOY_LCM = DEFAULT_MODEL.parent / "toy-lcm"  # the toy model distilled to a latent-consistency model
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -110,12 +110,17 @@ def step(x0: torch.Tensor, eps: torch.Tensor, a_to: float, s_to: float,
 def sample(
     denoise: Denoiser, x: torch.Tensor, schedule: Schedule, *, start: int = 0, eta: float = 0.0,
     noise: Callable[[int], torch.Tensor] | None = None, callback: Callback | None = None,
+    refresh: bool = False,
 ) -> torch.Tensor:
-    """Denoise `x` from level `start` to the end of the schedule; `noise(i)` gives z at step i."""
+    """Denoise `x` from level `start` to the end of the schedule; `noise(i)` gives z at step i.
+
+    `refresh` takes consistency steps (latent-consistency models): all of the next level's noise is
+    fresh, `x = a x0 + s z`.
+    """
     a, s = schedule.a, schedule.s
     for i in range(start, len(schedule)):
         x0, eps = denoise(x, schedule, i)
-        c = churn(a[i], s[i], a[i + 1], s[i + 1], eta)
+        c = s[i + 1] if refresh else churn(a[i], s[i], a[i + 1], s[i + 1], eta)
         x = step(x0, eps, a[i + 1], s[i + 1], c, noise(i) if c else None)
         if callback is not None:
             callback(i, x, x0)

@@ -138,6 +138,19 @@ def tiny_pipeline(family: str, seed: int = 0):
     )
 
 
+def tiny_lcm_pipeline(seed: int = 0):
+    """A tiny latent-consistency SD1 pipeline: guidance embedded in the UNet, LCMScheduler."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    base = tiny_pipeline("sd1", seed)
+    unet = _unet(32, time_cond_proj_dim=16)
+    return LatentConsistencyModelPipeline(
+        vae=base.vae, unet=unet, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        scheduler=LCMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     """Save `tiny_pipeline(family, seed)` as a diffusers folder (safetensors) and return its path."""
     path = Path(path)

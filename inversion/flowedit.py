@@ -27,10 +27,10 @@ class FlowEdit(Engine):
     default_steps = 50
     default_guidance = (3.5, 13.5)
 
-    def configure(self, family):
-        if family not in FAMILY_DEFAULTS:
-            raise UsageError(f"flowedit needs a rectified-flow model (sd3, flux), not {family}")
-        self.default_steps, n_max, self.default_guidance = FAMILY_DEFAULTS[family]
+    def configure(self, model):
+        if model.name not in FAMILY_DEFAULTS:
+            raise UsageError(f"flowedit needs a rectified-flow model (sd3, flux), not {model.name}")
+        self.default_steps, n_max, self.default_guidance = FAMILY_DEFAULTS[model.name]
         self.defaults = {**self.defaults, "n_max": n_max}
 
     def check(self, params, steps):

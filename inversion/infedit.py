@@ -8,7 +8,8 @@ source's. With the target prompt equal to the source the output is the input. Al
 with classifier-free guidance (source scale for source and layout, target scale for the target),
 run in one batched forward per step; unified attention control ties them together.
 
-The paper runs latent-consistency models at 12-15 steps; ordinary models need more steps.
+The paper runs latent-consistency models at 12-15 steps (15 is the default on them; on LCMs the
+guidance scales are network inputs, not CFG); ordinary models need more steps (50).
 """
 
 import torch
@@ -27,6 +28,9 @@ class InfEdit(Engine):
     default_steps = 50
     default_guidance = (1.0, 2.0)  # source and target CFG of the paper's demo
 
+    def configure(self, model):
+        if model.consistency:  # the paper's step count on latent-consistency models
+            self.default_steps = 15
     def check(self, params, steps):
         P2PConfig(cross=params["cross_replace"], self_=params["self_replace"],
                   blend_threshold=params["blend_threshold"]).check()

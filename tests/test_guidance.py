@@ -152,3 +152,12 @@ def test_null_controller_changes_nothing(tiny, fam):
     plain, _ = run(model, CFG(3.0), steps=3)
     ours = _run_with(model, Controller(), steps=3)
     assert (ours - plain).abs().max() <= 1e-5
+
+
+def test_cli_takes_cfgpp_at_its_own_scale(cli, tiny_folder, tmp_path):
+    """CFG++'s lambda lives in [0, 1]: the CLI accepts it there and refuses CFG-sized scales."""
+    args = ("generate", "a red cat", "-m", tiny_folder("sd1"), "-n", "2", "--guidance", "cfgpp", "--seed", "1")
+    code, _, err = cli(*args, "-g", "0.5", "-o", tmp_path / "ok.png")
+    assert code == 0, err
+    code, _, err = cli(*args, "-g", "7.5", "-o", tmp_path / "bad.png")
+    assert code != 0 and "CFG++ scale 7.5 must be in [0, 1]" in err and not (tmp_path / "bad.png").exists()

@@ -8,10 +8,8 @@ import torch
 from diffedit.engines import Run, get_engine
 from diffedit.families import Family
 from diffedit.images import psnr, to_pil
-from diffedit.jobs import branch_denoiser
+from diffedit.jobs import branch_denoiser, generate_images
 from diffedit.models import load_model
-from diffedit.sampling import initial_noise, prompt_denoiser, sample
-from diffedit.guidance.cfg import CFG
 from diffedit.toy.checker import check
 from diffedit.toy.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, caption, make_scene
 from diffedit.toy.train import photo_sources, to_pixels
@@ -36,14 +34,13 @@ def judge(image: np.ndarray, shape: str | None, colour: str | None) -> tuple[boo
     return shape is None or found[0].shape == shape, colour is None or found[0].colour == colour
 
 
-@torch.inference_mode()
 def generate_batch(model: Family, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
                    size: int = 64) -> list[np.ndarray]:
-    denoise = prompt_denoiser(model, prompts, CFG(guidance_scale), size, size)
-    x = initial_noise(model.latent_shape(len(prompts), size, size), seeds, model.device)
-    z = sample(denoise, x, model.schedule(steps, size, size))
-    pixels = model.decode(z)
-    return [np.asarray(to_pil(p)) for p in pixels]
+    """Seeded images of `prompts` in one batch, sampled as `diffedit generate` does (consistency steps
+    on latent-consistency models)."""
+    done = generate_images(model, prompts, seeds, steps=steps, guidance_scale=guidance_scale, width=size,
+                           height=size)
+    return [np.asarray(image) for image, _ in done]
 
 
 def prompt_following(model: Family, n: int, steps: int, guidance_scale: float, batch: int = 50) -> dict:

@@ -159,55 +159,64 @@ def encode_dataset(config: TrainConfig, vae, scale: float, work: Path, tick):
     return latents, captions
 
 
-def train_unet(config: TrainConfig, latents, captions, tokenizer, text_encoder, work: Path, tick):
-    unet = toy.make_unet()
-    ema = toy.make_unet().requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
-    opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.01)
-    total = config.unet_steps
-    lr_at = lambda s: min(1.0, (s + 1) / config.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total)))
+def fit_denoiser(config, make_net, prepare, loss_of, latents, captions, steps: int, batch: int, lr: float,
+                 checkpoint: Path, phase: str, tick):
+    """Train a fresh `make_net()` (`prepare`d) for `steps` steps of `loss_of(net, gen, z0, texts)`,
+    resumably (`checkpoint`); AdamW with warm-up and cosine decay to lr/10, EMA weights returned."""
+    net, ema = make_net(), make_net().requires_grad_(False)
+    prepare(net), prepare(ema)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    lr_at = lambda s: min(1.0, (s + 1) / config.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start = 0
-    state = _load(work / "unet.ckpt")
+    state = _load(checkpoint)
     if state is not None:
-        unet.load_state_dict(state["unet"]), ema.load_state_dict(state["ema"])
+        net.load_state_dict(state["net"]), ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         start = state["step"]
-    from diffusers import DDPMScheduler
-
-    abar = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}).alphas_cumprod
-    unet.train()
-    for step in range(start, total):
+    net.train()
+    for step in range(start, steps):
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 7 * step + 1)
-        idx = torch.randint(0, len(captions), (config.unet_batch,), generator=gen)
-        z0 = latents[idx]
+        idx = torch.randint(0, len(captions), (batch,), generator=gen)
         texts = [captions[i] if torch.rand(1, generator=gen) >= config.caption_dropout else "" for i in idx.tolist()]
-        with torch.no_grad():
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-            emb = text_encoder(ids)[0]
-        t = torch.randint(0, 1000, (config.unet_batch,), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
-        ab = abar[t].view(-1, 1, 1, 1)
-        xt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
-        pred = unet(xt, t, encoder_hidden_states=emb).sample
-        snr = ab / (1 - ab)
-        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR weighting: faster, steadier training
-        loss = (weight * (pred - eps).pow(2)).mean()
+        loss = loss_of(net, gen, latents[idx], texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
         decay = min(config.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1 - decay)
-        tick("unet", step + 1, total, float(loss))
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
-            _checkpoint(work / "unet.ckpt", unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+        tick(phase, step + 1, steps, loss.item())
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            _checkpoint(checkpoint, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                         sched=sched.state_dict(), step=step + 1)
     return ema.eval()
+
+
+def train_unet(config: TrainConfig, latents, captions, tokenizer, text_encoder, work: Path, tick):
+    from diffusers import DDPMScheduler
+
+    abar = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}).alphas_cumprod
+
+    def loss_of(unet, gen, z0, texts):
+        with torch.no_grad():
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            emb = text_encoder(ids)[0]
+        t = torch.randint(0, 1000, (len(z0),), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        ab = abar[t].view(-1, 1, 1, 1)
+        pred = unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t, encoder_hidden_states=emb).sample
+        snr = ab / (1 - ab)
+        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR weighting: faster, steadier training
+        return (weight * (pred - eps).pow(2)).mean()
+
+    return fit_denoiser(config, toy.make_unet, lambda net: None, loss_of, latents, captions, config.unet_steps,
+                        config.unet_batch, config.unet_lr, work / "unet.ckpt", "unet", tick)
 
 
 def train(out: Path, work: Path, config: TrainConfig, tick) -> dict:

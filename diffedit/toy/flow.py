@@ -1,0 +1,149 @@
+"""The toy flow model: an SD3-style (MMDiT) `StableDiffusion3Pipeline` trained with flow matching.
+
+It shares the toy SD model's VAE (trained once, reused: 64x64 images <-> 16x16x4 latents, shift 0)
+and has two frozen, randomly initialised CLIP text encoders with projections (SD3's CLIP-L/CLIP-G
+pair, width 64 each: joint text width 128, pooled 128) and no T5. Without T5, diffusers' pipeline
+feeds `max_sequence_length` (256) zero vectors in its place; they stay identical through every
+block (no positions on text tokens), so training attends to one of them with its logit raised by
+log 256 instead, which is exactly the same function at a third of the cost. Inference runs
+diffusers' unchanged attention on all 256.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from diffedit.toy import model as toy
+from diffedit.toy.train import encode_dataset, fit_denoiser
+
+ZERO_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero "T5" tokens
+
+
+@dataclass
+class FlowTrainConfig:
+    seed: int = 0
+    dataset: int = 20_000
+    steps: int = 3600
+    batch: int = 48
+    lr: float = 5e-4
+    warmup: int = 200
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 200
+
+
+def make_transformer() -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=2 * toy.TEXT_DIM, caption_projection_dim=128,
+        pooled_projection_dim=2 * toy.TEXT_DIM, pos_embed_max_size=32,
+    )
+
+
+def make_text_encoder(tokenizer) -> CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=toy.TEXT_DIM, intermediate_size=2 * toy.TEXT_DIM,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=toy.MAX_TOKENS,
+        projection_dim=toy.TEXT_DIM, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+
+
+def assemble(vae, transformer, text_encoder, text_encoder_2, tokenizer, shift: float = 1.0):
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def load_vae(source: str | Path) -> AutoencoderKL:
+    """The toy SD model's VAE in float32, with SD3's shift factor set (0: its latents are centred)."""
+    vae = AutoencoderKL.from_pretrained(Path(source) / "vae", dtype=torch.float32)
+    vae.register_to_config(shift_factor=0.0)
+    return vae.eval().requires_grad_(False)
+
+
+class SinkAttention:
+    """SD3 joint attention where the last text token stands for `copies` identical tokens.
+
+    Softmax over n equal keys gives each exp(l)/Z with Z counting them n times: one key with its
+    logit raised by log n carries the same total weight and value, so outputs are unchanged.
+    """
+
+    def __init__(self, copies: int):
+        self.log_copies = math.log(copies)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        b, n_img = hidden_states.shape[:2]
+        heads = attn.heads
+
+        def split(x):
+            return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        cq = split(attn.add_q_proj(encoder_hidden_states))
+        ck = split(attn.add_k_proj(encoder_hidden_states))
+        cv = split(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+        bias[-1] = self.log_copies
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1])
+        image, text = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return attn.to_out[1](attn.to_out[0](image)), text
+
+
+def text_conditioning(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text tokens with ONE zero token standing for the 256, pooled) for `SinkAttention`."""
+    text, _, pooled, _ = pipe.encode_prompt(texts, None, None, do_classifier_free_guidance=False,
+                                            max_sequence_length=1)
+    return text, pooled
+
+
+def train(out: Path, work: Path, config: FlowTrainConfig, tick, vae_from: str | Path = "samples/toy-sd") -> dict:
+    """Train the transformer with flow matching on the toy SD VAE's latents and save the pipeline."""
+    torch.set_num_threads(2)
+    torch.manual_seed(config.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = toy.make_tokenizer()
+    vae = load_vae(vae_from)
+    text_encoder, text_encoder_2 = make_text_encoder(tokenizer), make_text_encoder(tokenizer)
+    pipe = assemble(vae, make_transformer(), text_encoder, text_encoder_2, tokenizer)
+    latents, captions = encode_dataset(config, vae, vae.config.scaling_factor, work, tick)
+
+    def loss(net, gen, z0, texts):
+        with torch.no_grad():
+            text, pooled = text_conditioning(pipe, texts)
+        t = torch.sigmoid(torch.randn(len(z0), generator=gen))  # logit-normal times, as SD3
+        eps = torch.randn(z0.shape, generator=gen)
+        tt = t.view(-1, 1, 1, 1)
+        pred = net(hidden_states=(1 - tt) * z0 + tt * eps, timestep=t * 1000, encoder_hidden_states=text,
+                   pooled_projections=pooled).sample
+        return (pred - (eps - z0)).pow(2).mean()
+
+    sink = SinkAttention(ZERO_TOKENS)
+    transformer = fit_denoiser(config, make_transformer, lambda net: net.set_attn_processor(sink), loss, latents,
+                               captions, config.steps, config.batch, config.lr, work / "transformer.ckpt",
+                               "transformer", tick)
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    transformer.set_attn_processor(JointAttnProcessor2_0())
+    pipe = assemble(vae, transformer, text_encoder, text_encoder_2, tokenizer)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    return {"config": asdict(config), "vae_from": str(vae_from), "scaling_factor": vae.config.scaling_factor}
+
