@@ -261,6 +261,32 @@ def memory(
     _report(rows, bench.markdown(rows), save, json)
 
 
+@bench_app.command("lcm")
+def lcm(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Latent-consistency model (default: the shipped toy LCM).")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="The model it was distilled from (default: the shipped toy model).")] = None,
+    n: Annotated[int, typer.Option(min=1, help="Seeded prompts per row.")] = 100,
+    steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,2,4,8",
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
+    save: SaveOpt = None,
+    json: JsonOpt = False,
+):
+    """Few-step prompt following (checker) and time: an LCM against its teacher at the same steps.
+
+    Example: diffedit bench lcm --save benchmarks/results/lcm
+    """
+    from diffedit.benchmarks import lcm as bench
+    from diffedit.errors import UsageError
+    from diffedit.models import TOY_LCM, load_model
+
+    m, t = load_model(model or TOY_LCM, device="cpu"), load_model(teacher, device="cpu")
+    if not m.consistency:
+        raise UsageError(f"{model}: not a latent-consistency model (its scheduler is {type(m.pipe.scheduler).__name__})")
+    counts = tuple(int(k) for k in steps.split(",") if k.strip())
+    rows = bench.run(m, t, n=n, steps=counts, guidance_scale=guidance_scale, log=lambda line: stderr.print(line))
+    _report(rows, bench.markdown(rows), save, json)
+
+
 @bench_app.command("erase")
 def erase(
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", help="Adapter(s) to measure (default: the shipped toy adapters).")] = None,

@@ -29,7 +29,7 @@ def train(
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
-    flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 5000,
+    flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 6000,
     vae_from: Annotated[Path, typer.Option(help="Toy SD model whose VAE the flow model uses.")] = Path("samples/toy-sd"),
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoints in --work.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,

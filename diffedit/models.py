@@ -229,6 +229,9 @@ def _load_folder(folder: Path, family: str, dtype: torch.dtype, allow_pickle: bo
     _check_no_pickles(folder, allow_pickle)
     cls = _pipeline_class(family)
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family in ("sd1", "sd2") else {}
+    # Components saved as absent ([null, null], e.g. an SD3 without its T5) must be passed as None.
+    index = _read_json(folder / "model_index.json")
+    kwargs.update({k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]})
     try:
         return cls.from_pretrained(folder, dtype=dtype, use_safetensors=not allow_pickle, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
