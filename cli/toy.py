@@ -91,7 +91,7 @@ def distill_lcm(
     teacher: Annotated[Path, typer.Option("--teacher", help="Toy SD model to distil.")] = Path("samples/toy-sd"),
     work: Annotated[Path, typer.Option("--work", help="Checkpoints (resumable; kept out of git).")] = Path("runs/toy-lcm"),
     seed: Annotated[int, typer.Option(help="Everything is drawn from this seed.")] = 0,
-    steps: Annotated[int, typer.Option(min=1, help="Distillation steps (batch 32).")] = 1500,
+    steps: Annotated[int, typer.Option(min=1, help="Distillation steps (batch 32).")] = 1000,
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoints in --work.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ):

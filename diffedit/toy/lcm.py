@@ -29,7 +29,7 @@ GRID = 50  # DDIM steps of the distillation grid (LCMScheduler's original_infere
 @dataclass
 class DistillConfig:
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1000
     batch: int = 32
     lr: float = 1e-4
     warmup: int = 100
