@@ -124,7 +124,6 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
     return m
 
 
-
 @contextmanager
 def reuse_models():
     """Within this block every command reuses the models loaded before (a batch loads each once)."""

@@ -62,6 +62,7 @@ class Family:
 
     name: str
     prediction: str  # "epsilon", "v_prediction" or "flow"
+    guidance_embedded = False  # True where the guidance scale is a network input (Flux-dev, LCM UNets)
 
     def __init__(self, pipe, max_sequence_length: int | None = None):
         self.pipe = pipe
@@ -85,7 +86,7 @@ class Family:
         if not self.consistency:
             if original_steps is not None:
                 raise UsageError(f"{self.source}: --lcm-original-steps applies to latent-consistency models "
-                                    f"only; this one has a {type(self.pipe.scheduler).__name__}")
+                                 f"only; this one has a {type(self.pipe.scheduler).__name__}")
             return
         own = self._own_scheduler
         self.pipe.scheduler = own if original_steps is None else LCMScheduler.from_config(
@@ -277,7 +278,7 @@ class UNetFamily(Family):
         try:
             sched.set_timesteps(steps)
         except ValueError as err:
-            raise DiffeditError(f"--steps {steps}: {err}") from None
+            raise UsageError(f"--steps {steps}: {err}") from None
         abar = [float(sched.alphas_cumprod[int(t)]) for t in sched.timesteps] + [1.0]
         return Schedule(sched.timesteps.to(self.device), tuple(np.sqrt(abar)), tuple(np.sqrt(1.0 - np.array(abar))))
 

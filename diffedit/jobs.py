@@ -61,7 +61,7 @@ def prompt_denoiser_for(
     conditional one alone, and CFG++/PAG still apply on top of it.
     """
     guidance = guidance or GuidanceSpec()
-    if getattr(model, "guidance_embedded", False):
+    if model.guidance_embedded:
         if guidance.kind.startswith("cfgpp"):
             raise UsageError("CFG++ needs an unconditional branch; guidance-distilled models (Flux, LCM) have none")
         return prompt_denoiser(model, prompts, guidance.build(1.0), height, width, negative_prompt,
@@ -271,6 +271,8 @@ def generate_images(
     decoded alone, so every image equals the one `generate_image` gives (up to float rounding).
     """
     started = time.perf_counter()
+    if model.consistency and eta:
+        raise UsageError("--eta does not apply to latent-consistency models: each step draws all its noise afresh")
     seeds = [secrets.randbelow(2**31) if s is None else s for s in seeds]
     height, width, shape, schedule = _canvas(model, steps, height, width, eta)
     den = prompt_denoiser_for(model, prompts, guidance_scale, height, width, negative_prompt, guidance)
@@ -281,8 +283,6 @@ def generate_images(
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # initial noise, then each step's
     draw = lambda: torch.cat([torch.randn(shape, generator=g) for g in gens]).to(model.device)  # noqa: E731
     x = draw()
-    if model.consistency and eta:
-        raise UsageError("--eta does not apply to latent-consistency models: each step draws all its noise afresh")
     z0 = sample(den, x, schedule, eta=eta, noise=lambda i: draw(), callback=callback, refresh=model.consistency)
     images = [to_pil(model.decode(z0[k : k + 1])) for k in range(len(prompts))]
     seconds = time.perf_counter() - started
