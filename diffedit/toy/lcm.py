@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    DDPMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
+)
 
 from diffedit.families import guidance_embedding
 from diffedit.testing import SD_SCHEDULE
