@@ -281,7 +281,7 @@ def lcm(
 
     m, t = load_model(model or TOY_LCM, device="cpu"), load_model(teacher, device="cpu")
     if not m.consistency:
-        raise UsageError(f"{model}: not a latent-consistency model (its scheduler is {type(m.pipe.scheduler).__name__})")
+        raise UsageError(f"{m.source}: not a latent-consistency model (its scheduler is {type(m.pipe.scheduler).__name__})")
     counts = tuple(int(k) for k in steps.split(",") if k.strip())
     rows = bench.run(m, t, n=n, steps=counts, guidance_scale=guidance_scale, log=lambda line: stderr.print(line))
     _report(rows, bench.markdown(rows), save, json)

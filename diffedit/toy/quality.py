@@ -43,8 +43,10 @@ def generate_batch(model: Family, prompts: list[str], seeds: list[int], steps: i
     return [np.asarray(image) for image, _ in done]
 
 
-def prompt_following(model: Family, n: int, steps: int, guidance_scale: float, batch: int = 50) -> dict:
-    prompts = prompt_set(n)
+def prompt_following(model: Family, n: int, steps: int, guidance_scale: float, batch: int = 50,
+                     seed: int = 0) -> dict:
+    """Checker scores (% right shape, colour, both) of images of `n` seeded prompts (`prompt_set`)."""
+    prompts = prompt_set(n, seed)
     shape_ok = colour_ok = both = 0
     for start in range(0, n, batch):
         chunk = prompts[start : start + batch]
