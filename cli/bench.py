@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from diffedit.cli.common import JsonOpt, stderr
+from diffedit.cli.common import JsonOpt, LcmLoraOpt, LoraOpt, stderr
 from diffedit.cli.main import app
 
 bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one run.", no_args_is_help=True)
@@ -55,6 +55,7 @@ def overhead(
 def shapes(
     engine: Annotated[list[str], typer.Option("--engine", "-e", help="Engine(s) to run (repeatable).")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Default: the shipped toy model.")] = None,
+    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     kinds: Annotated[str | None, typer.Option(help="Comma-separated task kinds (recolour,reshape,move,reconstruct).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks of each chosen kind.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", "-n")] = None,
@@ -81,7 +82,7 @@ def shapes(
             params[key.strip().replace("-", "_")] = jsonlib.loads(value)
         except ValueError:
             raise UsageError(f"--param {item!r}: expected KEY=JSON_VALUE, e.g. skip=10") from None
-    m = load(model, "auto", "auto", False, None)
+    m = load(model, "auto", "auto", False, None, loras=lora, lcm_lora=lcm_lora)
     options = {"steps": steps, "guidance_scale": guidance_scale, "inversion_guidance_scale": inversion_guidance_scale,
                "params": params}
     accelerators = {"adaptive_guidance": adaptive_guidance, "deepcache": deepcache}
@@ -265,15 +266,16 @@ def memory(
 def lcm(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Latent-consistency model (default: the shipped toy LCM).")] = None,
     teacher: Annotated[str | None, typer.Option("--teacher", help="The model it was distilled from (default: the shipped toy model).")] = None,
+    lcm_lora: Annotated[list[str] | None, typer.Option("--lcm-lora", help="LCM-LoRA file(s) of the teacher to measure too (fused into it; no CFG: their guidance is distilled in).")] = None,
     n: Annotated[int, typer.Option(min=1, help="Seeded prompts per row.")] = 100,
     steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,2,4,8",
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
     save: SaveOpt = None,
     json: JsonOpt = False,
 ):
-    """Few-step prompt following (checker) and time: an LCM against its teacher at the same steps.
+    """Few-step prompt following (checker) and time: an LCM (and LCM-LoRAs) against the teacher at the same steps.
 
-    Example: diffedit bench lcm --save benchmarks/results/lcm
+    Example: diffedit bench lcm --lcm-lora samples/toy-lcm-lora/pytorch_lora_weights.safetensors --save benchmarks/results/lcm
     """
     from diffedit.benchmarks import lcm as bench
     from diffedit.errors import UsageError
@@ -282,8 +284,11 @@ def lcm(
     m, t = load_model(model or TOY_LCM, device="cpu"), load_model(teacher, device="cpu")
     if not m.consistency:
         raise UsageError(f"{m.source}: not a latent-consistency model (its scheduler is {type(m.pipe.scheduler).__name__})")
+    students = [("lcm", m)] + [("lcm-lora" if len(lcm_lora) == 1 else f"lcm-lora {Path(f).name}",
+                                load_model(teacher, device="cpu", lcm_lora=f)) for f in lcm_lora or []]
     counts = tuple(int(k) for k in steps.split(",") if k.strip())
-    rows = bench.run(m, t, n=n, steps=counts, guidance_scale=guidance_scale, log=lambda line: stderr.print(line))
+    rows = bench.run(students, t, n=n, steps=counts, guidance_scale=guidance_scale,
+                     log=lambda line: stderr.print(line))
     _report(rows, bench.markdown(rows), save, json)
 
 

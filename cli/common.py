@@ -30,12 +30,14 @@ GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: backward 
 StrengthOpt = Annotated[float | None, typer.Option("--strength", help="bdia: fraction of the steps inverted and regenerated (0.8, as the paper's editing code; 1 = from pure noise).")]
 StartOpt = Annotated[float | None, typer.Option("--start", help="rf-inversion: first fraction of steps with the edit controller (0).")]
 StopOpt = Annotated[float | None, typer.Option("--stop", help="rf-inversion: fraction of steps where the edit controller stops (0.25).")]
-NMaxOpt = Annotated[int | None, typer.Option("--n-max", help="flowedit: edit over the last N steps (SD3 33, Flux 24).")]
+NMaxOpt = Annotated[int | None, typer.Option("--n-max", help="flowedit: edit over the last N steps (SD3 33 of 50, Flux 24 of 28; other step counts keep that fraction).")]
 NMinOpt = Annotated[int | None, typer.Option("--n-min", help="flowedit: finish with N steps of plain sampling (0).")]
 NAvgOpt = Annotated[int | None, typer.Option("--n-avg", help="flowedit: average N velocity differences per step (1).")]
 AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="SPM concept-erasure adapter (.spm.safetensors from `diffedit erase train`); repeatable: several concepts at once.")]
 TransportOpt = Annotated[str, typer.Option("--transport", help="SPM facilitated transport: calibrated (each adapter's strength per prompt from its similarity to the erased concept; the empty prompt gets 0), paper (the paper's raw cosine) or off (adapters always fully on).")]
 LcmStepsOpt = Annotated[int | None, typer.Option("--lcm-original-steps", min=1, max=1000, help="Latent-consistency models only: the distillation grid the steps are picked from (the scheduler's, usually 50).")]
+LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA file (.safetensors; diffusers/PEFT or kohya names) fused into the model; FILE:SCALE sets its strength (default 1); repeatable.")]
+LcmLoraOpt = Annotated[str | None, typer.Option("--lcm-lora", help="LCM-LoRA file: fused into the base model (SD1/SD2/SDXL), which then samples as a latent-consistency model (2-8 steps; its guidance is distilled in, so use -g 1 to 2).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
 
 
@@ -98,16 +100,21 @@ _loaded: dict | None = None  # models kept for reuse while a batch runs
 
 def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None,
          vae_tiling: bool = False, compile: bool = False, adapters: list[str] | None = None,
-         transport: str = "calibrated", lcm_original_steps: int | None = None):
-    """The model of a command, with its SPM adapters attached (or none: a reused model keeps none)."""
+         transport: str = "calibrated", lcm_original_steps: int | None = None,
+         loras: list[str] | None = None, lcm_lora: str | None = None):
+    """The model of a command, with its LoRAs fused and SPM adapters attached (or none: a reused
+    model keeps none)."""
+    from diffedit import lora
     from diffedit.editing.spm import apply_files
     from diffedit.models import load_model
 
-    key = (model, device, dtype, allow_pickle, config)
+    fused = [lora.parse_spec(spec) for spec in loras or []]
+    key = (model, device, dtype, allow_pickle, config, tuple(fused), lcm_lora)
     m = _loaded.get(key) if _loaded is not None else None
     if m is None:
         with stderr.status("loading model", spinner="dots") if stderr.is_terminal else _nothing():
-            m = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
+            m = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
+                           loras=fused, lcm_lora=lcm_lora)
         if _loaded is not None:
             _loaded[key] = m
     # set on every call: a model reused by a batch keeps no tiling choice from an earlier job
@@ -122,6 +129,16 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
     apply_files(m, adapters, transport)  # set on every call too: a batch's next job may name other adapters
     m.use_lcm_grid(lcm_original_steps)
     return m
+
+
+def record_loras(rec, loras: list[str] | None, lcm_lora: str | None) -> tuple[list[str] | None, str | None]:
+    """The LoRAs to load for a record: the ones given, else the ones the record was made with."""
+    if loras or lcm_lora:
+        return loras, lcm_lora
+    made = rec.meta["model"].get("loras", [])
+    plain = [f"{entry['path']}:{entry['scale']}" for entry in made if not entry.get("lcm")]
+    lcm = next((entry["path"] for entry in made if entry.get("lcm")), None)
+    return plain or None, lcm
 
 
 @contextmanager

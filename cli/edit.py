@@ -8,9 +8,12 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    LcmLoraOpt,
     LcmStepsOpt,
+    LoraOpt,
     AdaptiveGuidanceOpt, DeepCacheOpt, AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
     SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, default_steps, emit, fk_config, guidance_spec, engine_params, load, progress,
+    record_loras,
 )
 from diffedit.cli.invert import AlphaOpt, FitOpt
 from diffedit.cli.main import app
@@ -48,6 +51,7 @@ def edit(
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
+    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Edit an image by inverting it under --source and regenerating it under --target.
@@ -76,8 +80,10 @@ def edit(
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     if from_record is not None:
         rec = load_record(from_record)
+        lora, lcm_lora = record_loras(rec, lora, lcm_lora)
         m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps)
+                 adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
+                 lcm_lora=lcm_lora)
         rec.check_model(m, from_record)
         with progress(rec.meta["steps"], f"edit ({rec.meta['engine']['name']})", quiet) as callback:
             out, result = edit_record(m, rec, target, guidance_scale=guidance_scale, params=params,
@@ -86,7 +92,8 @@ def edit(
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps)
+                 adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
+                 lcm_lora=lcm_lora)
         with progress(2 * default_steps(engine, steps, m), f"edit ({engine})", quiet) as callback:
             out, result, _ = edit_image(
                 m, image, source_prompt=source, target_prompt=target, engine=engine, steps=steps,

@@ -7,7 +7,9 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    LcmLoraOpt,
     LcmStepsOpt,
+    LoraOpt,
     AdapterOpt, TransportOpt, AdaptiveGuidanceOpt, ConfigOpt, DeepCacheOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, SeedOpt,
     StepsOpt, VaeTilingOpt, BATCHED, emit, fk_config, guidance_spec, load, progress,
 )
@@ -34,6 +36,7 @@ def generate(
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
+    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Draw an image from a prompt (DDIM / Euler with classifier-free guidance).
@@ -67,7 +70,7 @@ def generate_many(jobs: list[dict]) -> list[dict]:
         raise UsageError("--compile cannot be combined with --adapter: SPM adapters hook into the network's layers")
     m = load(first["model"], first["device"], first["dtype"], first["allow_pickle"], first["model_config"],
              first["vae_tiling"], first["compile"], first["adapter"], first["transport"],
-             first["lcm_original_steps"])
+             first["lcm_original_steps"], first["lora"], first["lcm_lora"])
     steps = first["steps"] or 50
     common = dict(steps=steps, guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
                   width=first["width"], height=first["height"], guidance=spec, eta=first["eta"],

@@ -8,9 +8,12 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    LcmLoraOpt,
     LcmStepsOpt,
+    LoraOpt,
     AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
     SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
+    record_loras,
 )
 from diffedit.cli.main import app
 
@@ -38,6 +41,7 @@ def invert(
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
+    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Invert IMAGE to its noise and save a record; reports the round-trip error.
@@ -58,7 +62,8 @@ def invert(
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
                            n_avg=n_avg)
     m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps)
+             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
+             lcm_lora=lcm_lora)
     with progress(default_steps(engine, steps, m) * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(
             m, image, engine=engine, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
@@ -77,6 +82,7 @@ def reconstruct(
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
+    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Regenerate the image of a record and report its error against the inverted input.
@@ -92,8 +98,10 @@ def reconstruct(
     output = output or str(record.with_name(record.name.split(".")[0] + ".rec.png"))
     if output != "-":
         check_writable(output, overwrite)
+    lora, lcm_lora = record_loras(rec, lora, lcm_lora)
     m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps)
+             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
+             lcm_lora=lcm_lora)
     rec.check_model(m, record)
     with progress(rec.meta["steps"], "reconstruct", quiet) as callback:
         image, result = reconstruct_record(m, rec, callback=callback)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from diffedit.cli.common import ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, PickleOpt, emit, load
+from diffedit.cli.common import ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, LcmLoraOpt, LoraOpt, PickleOpt, emit, load
 from diffedit.cli.main import app
 
 models_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
@@ -18,15 +18,15 @@ app.add_typer(models_app, name="models")
 def info(
     model: Annotated[str | None, typer.Argument(help="Hub id, diffusers folder or .safetensors file (default: the toy model).")] = None,
     device: DeviceOpt = "cpu", dtype: DtypeOpt = "auto", allow_pickle: PickleOpt = False,
-    model_config: ConfigOpt = None, json: JsonOpt = False,
+    model_config: ConfigOpt = None, lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None, json: JsonOpt = False,
 ):
-    """Family, prediction type, sizes, dtype and origin of a model.
+    """Family, prediction type, sizes, dtype and origin of a model (with the LoRAs given fused).
 
     Example: diffedit models info samples/toy-sd
     """
     from diffedit.models import describe
 
-    emit(describe(load(model, device, dtype, allow_pickle, model_config)), json)
+    emit(describe(load(model, device, dtype, allow_pickle, model_config, loras=lora, lcm_lora=lcm_lora)), json)
 
 
 @models_app.command("export")

@@ -8,7 +8,7 @@ import typer
 
 from diffedit.cli.common import (
     AdapterOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, JsonOpt, ModelOpt, OverwriteOpt, PagAdaptiveOpt, PagLayersOpt,
-    PagScaleOpt, PickleOpt, QuietOpt, TransportOpt, VaeTilingOpt, emit, guidance_spec, load, progress,
+    PagScaleOpt, PickleOpt, QuietOpt, TransportOpt, VaeTilingOpt, LcmLoraOpt, LoraOpt, emit, guidance_spec, load, progress,
 )
 from diffedit.cli.invert import AlphaOpt, FitOpt
 from diffedit.cli.main import app
@@ -36,7 +36,7 @@ def move(
     alpha: AlphaOpt = "composite",
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
-    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated",
+    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -60,7 +60,8 @@ def move(
     weights = _weights(energy_weights, energy_scale)
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     where = MoveSpec(dx or 0.0, dy or 0.0, scale, keep_source, None if to is None else _point(to))
-    m = load(model, device, dtype, allow_pickle, model_config, vae_tiling, adapters=adapter, transport=transport)
+    m = load(model, device, dtype, allow_pickle, model_config, vae_tiling, adapters=adapter, transport=transport,
+             loras=lora, lcm_lora=lcm_lora)
     with progress(steps, "move (pixelman)", quiet) as callback:
         out, result = move_image(
             m, image, mask, where,

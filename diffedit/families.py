@@ -71,6 +71,7 @@ class Family:
         self.latent_channels = pipe.vae.config.latent_channels
         # Where the model came from and a hash of it; `load_model` sets both for files and hub ids.
         self.source = "<memory>"
+        self.loras: list[dict] = []  # LoRA files fused into the weights ({path, scale, lcm?}), for records
         self._fingerprint: str | None = None
         self.compiled: torch.nn.Module | None = None  # torch.compile of the network, made on request
         self.use_compiled = False

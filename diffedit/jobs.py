@@ -251,7 +251,7 @@ def generate_image(
     den = prompt_denoiser_for(model, [prompt] * fk.particles, guidance_scale, height, width, negative_prompt,
                               guidance)
     latents, rewards, stats = steer(den, schedule, shape, seed, load_reward(reward), prompt, model.decode, fk,
-                                    model.device, callback)
+                                    model.device, callback, refresh=model.consistency)
     best = int(torch.nan_to_num(rewards, nan=-math.inf).argmax())
     out = to_pil(model.decode(latents[best : best + 1]))
     result = {"seed": seed, "steps": steps, **stats, "reward": float(rewards[best]),
@@ -312,6 +312,8 @@ def image_params(command: str, model: Family, **fields) -> dict:
     made_with = {"source": model.source, "fingerprint": model.fingerprint, "family": model.name}
     if adapters_meta(model):
         made_with["adapters"] = adapters_meta(model)
+    if model.loras:
+        made_with["loras"] = model.loras
     return {"command": command, "diffedit": __version__, "model": made_with, **fields}
 
 

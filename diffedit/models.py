@@ -22,6 +22,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "samples" / "toy-sd"
 TOY_FLOW = DEFAULT_MODEL.parent / "toy-flow"  # the shipped toy flow model (SD3-style)
 TOY_LCM = DEFAULT_MODEL.parent / "toy-lcm"  # the toy model distilled to a latent-consistency model
+TOY_LCM_LORA = DEFAULT_MODEL.parent / "toy-lcm-lora" / "pytorch_lora_weights.safetensors"  # its LCM-LoRA
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -188,10 +189,14 @@ def _quiet_libraries() -> None:
 def load_model(
     spec: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
     allow_pickle: bool = False, config: str | None = None, max_sequence_length: int | None = None,
+    loras: list[tuple[str, float]] | None = None, lcm_lora: str | None = None,
 ) -> Family:
     """Load `spec` (hub id, diffusers folder or single file) and wrap it in its family adapter.
 
-    The adapter carries `source` (what was asked for) and `fingerprint` (see `fingerprint`).
+    `loras` ((file, scale) pairs) are fused into the weights; `lcm_lora` too, and it makes the model a
+    latent-consistency model (LCMScheduler on the base model's schedule), as LCM-LoRA is used.
+    The adapter carries `source` (what was asked for), `fingerprint` (see `fingerprint`; LoRAs
+    included) and `loras` (what was fused, for records).
     """
     _quiet_libraries()
     spec = str(spec or DEFAULT_MODEL)
@@ -218,11 +223,41 @@ def load_model(
         pipe = _load_folder(folder, family, pick_dtype(dtype, dev, family), allow_pickle)
     else:
         raise DiffeditError(f"{spec}: no such model file or folder (nor a hub id like org/name)")
+    fused = _fuse_loras(pipe, family, spec, loras or [], lcm_lora)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     model = adapter_for(pipe, family, max_sequence_length)
-    model.source, model.fingerprint = spec, fingerprint(files)
+    model.source, model.loras = spec, fused
+    model.fingerprint = fingerprint(files) if not fused else _with_loras(fingerprint(files), fused)
     return model
+
+
+def _fuse_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], lcm_lora: str | None) -> list[dict]:
+    from diffusers import LCMScheduler
+
+    from diffedit import lora
+
+    fused = []
+    for path, scale in loras:
+        lora.fuse(pipe, path, scale)
+        fused.append({"path": str(path), "scale": scale})
+    if lcm_lora is not None:
+        if family in ("sd3", "flux"):
+            raise UsageError(f"{spec}: --lcm-lora applies to Stable Diffusion UNets (SD1/SD2/SDXL), not {family}")
+        if isinstance(pipe.scheduler, LCMScheduler):
+            raise UsageError(f"{spec}: already a latent-consistency model; --lcm-lora is for base models")
+        lora.fuse(pipe, lcm_lora, 1.0)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        fused.append({"path": str(lcm_lora), "scale": 1.0, "lcm": True})
+    return fused
+
+
+def _with_loras(base: str, fused: list[dict]) -> str:
+    digest = hashlib.sha256(base.encode())
+    for entry in fused:
+        digest.update(fingerprint([Path(entry["path"])]).encode())
+        digest.update(repr((entry["scale"], entry.get("lcm", False))).encode())
+    return digest.hexdigest()[:16]
 
 
 def _load_folder(folder: Path, family: str, dtype: torch.dtype, allow_pickle: bool):

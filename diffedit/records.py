@@ -35,7 +35,7 @@ class Record:
             raise DiffeditError(
                 f"{path}: record was made with model {made_with.get('source')!r} "
                 f"(fingerprint {made_with.get('fingerprint')}), not {model.source!r} "
-                f"(fingerprint {model.fingerprint}); use the same --model"
+                f"(fingerprint {model.fingerprint}); use the same --model (and --lora/--lcm-lora)"
             )
         made = [a["digest"] for a in made_with.get("adapters", [])]
         now = [a["digest"] for a in adapters_meta(model)]
@@ -61,6 +61,8 @@ def model_meta(model) -> dict:
     }
     if adapters_meta(model):
         meta["adapters"] = adapters_meta(model)
+    if model.loras:
+        meta["loras"] = model.loras
     return meta
 
 

@@ -66,11 +66,13 @@ def _systematic(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def steer(
     denoise: Denoiser, schedule, shape: tuple[int, ...], seed: int, reward: Reward, prompt: str,
     decode: Callable[[torch.Tensor], torch.Tensor], config: FKConfig, device: torch.device,
-    callback=None, start: torch.Tensor | None = None,
+    callback=None, start: torch.Tensor | None = None, refresh: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run K particles; returns (all final latents [K,...], final rewards [K], stats).
 
     Particles start from their own noise, or all from `start` (an inverted latent, for edits).
+    `refresh` takes consistency steps (latent-consistency models: all of the next level's noise is
+    fresh, whatever the churn).
     """
     config.check()
     k, n = config.particles, len(schedule)
@@ -87,7 +89,7 @@ def steer(
     resamples = 0
     for i in range(n):
         x0, eps = denoise(x, schedule, i)
-        c = churn(a[i], s[i], a[i + 1], s[i + 1], config.eta)
+        c = s[i + 1] if refresh else churn(a[i], s[i], a[i + 1], s[i + 1], config.eta)
         z = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device) if c else None
         x = step(x0, eps, a[i + 1], s[i + 1], c, z)
         if callback is not None:

@@ -15,7 +15,8 @@ from diffedit.engines import Engine, Run, register
 from diffedit.errors import UsageError
 from diffedit.sampling import step
 
-# Defaults of the paper's configurations: SD3 (true CFG) and Flux (guidance-distilled)
+# Defaults of the paper's configurations: SD3 (true CFG) and Flux (guidance-distilled): steps, n_max,
+# source and target guidance. Other step counts keep the paper's fraction n_max / steps.
 FAMILY_DEFAULTS = {"sd3": (50, 33, (3.5, 13.5)), "flux": (28, 24, (1.5, 5.5))}
 
 
@@ -23,17 +24,20 @@ FAMILY_DEFAULTS = {"sd3": (50, 33, (3.5, 13.5)), "flux": (28, 24, (1.5, 5.5))}
 class FlowEdit(Engine):
     name = "flowedit"
     exact = True
-    defaults = {"n_max": 33, "n_min": 0, "n_avg": 1}
+    defaults = {"n_max": None, "n_min": 0, "n_avg": 1}  # n_max None: the paper's fraction of the steps
     default_steps = 50
     default_guidance = (3.5, 13.5)
+    n_max_fraction = 33 / 50
 
     def configure(self, model):
         if model.name not in FAMILY_DEFAULTS:
             raise UsageError(f"flowedit needs a rectified-flow model (sd3, flux), not {model.name}")
         self.default_steps, n_max, self.default_guidance = FAMILY_DEFAULTS[model.name]
-        self.defaults = {**self.defaults, "n_max": n_max}
+        self.n_max_fraction = n_max / self.default_steps
 
     def check(self, params, steps):
+        if params["n_max"] is None:  # filled in here, so records and results carry the number used
+            params["n_max"] = max(1, round(self.n_max_fraction * steps))
         if not 0 <= params["n_min"] < params["n_max"] <= steps:
             raise UsageError(f"flowedit needs 0 <= n_min < n_max <= steps (got {params['n_min']}, "
                              f"{params['n_max']}, {steps})")

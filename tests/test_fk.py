@@ -34,6 +34,27 @@ def test_one_particle_is_the_plain_stochastic_sampler(tiny):
     assert torch.equal(ours, plain)
 
 
+def test_on_an_lcm_particles_take_consistency_steps():
+    """On a latent-consistency model each particle is the plain consistency sampler (all-fresh noise
+    per step), not the churned ancestral step."""
+    from diffedit.families import adapter_for
+    from diffedit.testing import tiny_lcm_pipeline
+
+    model = adapter_for(tiny_lcm_pipeline(), "sd1")
+    shape, schedule = model.latent_shape(1, H, W), model.schedule(4, H, W)
+    denoise = prompt_denoiser(model, ["a red cat"], CFG(1.0), H, W)
+    ours, _, _ = steer(denoise, schedule, shape, 7, load_reward("saturation"), "a red cat", model.decode,
+                       FKConfig(particles=1), model.device, refresh=model.consistency)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=gen)
+    plain = sample(prompt_denoiser(model, ["a red cat"], CFG(1.0), H, W), x, schedule, refresh=True,
+                   noise=lambda i: torch.randn(shape, generator=gen))
+    assert torch.equal(ours, plain)
+    churned, _, _ = steer(denoise, schedule, shape, 7, load_reward("saturation"), "a red cat", model.decode,
+                          FKConfig(particles=1), model.device)
+    assert not torch.allclose(churned, plain)
+
+
 def test_generate_with_one_particle_equals_eta_one(tiny):
     _, model = tiny("sd1")
     a, _ = generate_image(model, "a red cat", seed=4, steps=8, width=W, height=H, eta=1.0)

@@ -64,6 +64,11 @@ def test_flowedit_defaults_follow_the_family(tiny, square):
     _, flux = tiny("flux")
     record, _ = invert_image(flux, square, engine="flowedit", check=False)
     assert record.meta["steps"] == 28 and record.meta["engine"]["n_max"] == 24
+    # other step counts keep the paper's fraction of them (33/50 on SD3, 24/28 on Flux)
+    record, _ = invert_image(sd3, square, engine="flowedit", steps=20, check=False)
+    assert record.meta["engine"]["n_max"] == 13
+    record, _ = invert_image(flux, square, engine="flowedit", steps=7, check=False)
+    assert record.meta["engine"]["n_max"] == 6
 
 
 @pytest.mark.parametrize("engine,fam,params,message", [

@@ -8,10 +8,16 @@ target network's (an EMA of the student) at the teacher's x_{t-20}; at the grid'
 the teacher's own clean estimate. The scale is an input of the student, so one model serves every w.
 Saved as a `LatentConsistencyModelPipeline` folder (LCMScheduler) that diffedit samples with
 consistency steps.
+
+With `lora_rank` the student is instead the teacher plus LoRA layers (LCM-LoRA, Luo et al. 2023b):
+no guidance input (the scale is distilled in), only the LoRA trained, and only the LoRA file saved
+(`pytorch_lora_weights.safetensors`, diffusers/PEFT names), to be fused into the teacher
+(`--lcm-lora`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,11 +26,17 @@ from diffusers import (
     DDPMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
 )
 
+from diffedit import lora
 from diffedit.families import guidance_embedding
 from diffedit.testing import SD_SCHEDULE
 from diffedit.toy.train import _checkpoint, _load, encode_dataset
 
 GRID = 50  # DDIM steps of the distillation grid (LCMScheduler's original_inference_steps)
+# The layers LCM-LoRA adapts: attention projections, feed-forwards, convolutions of the resnets and
+# resamplers, the resnets' time projections (not conv_in/conv_out or the time embedding).
+LCM_LORA_LAYERS = r"(to_[qkv]|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv[12]|conv_shortcut|samplers\.0\.conv|time_emb_proj)$"
+LCM_LORA_LR = 5e-4
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 
 
 @dataclass
@@ -38,6 +50,7 @@ class DistillConfig:
     w_min: float = 1.0  # CFG scales drawn uniformly from [w_min, w_max]; w = 1 is no guidance
     w_max: float = 8.0
     cond_dim: int = 64  # width of the guidance-scale embedding
+    lora_rank: int = 0  # > 0: distil an LCM-LoRA of this rank instead of a whole LCM
     huber_c: float = 1e-3
     dataset: int = 10_000
     checkpoint_every: int = 100
@@ -49,6 +62,14 @@ def student_from(teacher: UNet2DConditionModel, cond_dim: int) -> UNet2DConditio
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+def _student(teacher: UNet2DConditionModel, config: DistillConfig) -> UNet2DConditionModel:
+    if not config.lora_rank:
+        return student_from(teacher, config.cond_dim)
+    student = copy.deepcopy(teacher)
+    lora.attach(student, config.lora_rank, LCM_LORA_LAYERS)
     return student
 
 
@@ -66,9 +87,10 @@ def distill(teacher_path: str | Path, out: Path, work: Path, config: DistillConf
     for module in (teacher, vae, text_encoder):
         module.requires_grad_(False)
     latents, captions = encode_dataset(config, vae, vae.config.scaling_factor, work, tick)
-    student = student_from(teacher, config.cond_dim)
-    target = student_from(teacher, config.cond_dim).requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
+    student = _student(teacher, config)
+    target = copy.deepcopy(student).requires_grad_(False)
+    trained = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup))
     start = 0
     state = _load(work / "lcm.ckpt")
@@ -103,7 +125,7 @@ def distill(teacher_path: str | Path, out: Path, work: Path, config: DistillConf
             cond, uncond = both.chunk(2)
             eps_teacher = uncond + w.view(-1, 1, 1, 1) * (cond - uncond)
             x_prev = a_prev * _x0(eps_teacher, x_t, a, s) + s_prev * eps_teacher  # one DDIM step of the teacher
-            emb = guidance_embedding(w - 1, config.cond_dim)
+            emb = None if config.lora_rank else guidance_embedding(w - 1, config.cond_dim)
             at_end = (t_prev < 0).view(-1, 1, 1, 1)
             goal = target(x_prev, t_prev.clamp(min=0), encoder_hidden_states=text, timestep_cond=emb).sample
             goal = torch.where(at_end, x_prev, _x0(goal, x_prev, a_prev, s_prev))
@@ -111,7 +133,7 @@ def distill(teacher_path: str | Path, out: Path, work: Path, config: DistillConf
         loss = ((pred - goal).pow(2) + config.huber_c**2).sqrt().mean() - config.huber_c  # pseudo-Huber
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -121,6 +143,13 @@ def distill(teacher_path: str | Path, out: Path, work: Path, config: DistillConf
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             _checkpoint(work / "lcm.ckpt", student=student.state_dict(), target=target.state_dict(),
                         opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1)
+    if config.lora_rank:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.to(torch.float16).contiguous() for k, v in lora.state_dict(target, "unet").items()}
+        save_file(weights, str(out / LORA_FILE))
+        return {"teacher": str(teacher_path), "config": asdict(config), "lora_layers": len(weights) // 2}
     lcm = LatentConsistencyModelPipeline(
         vae=vae, unet=target.eval(), text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler=LCMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"},
