@@ -199,3 +199,40 @@ def test_shipped_toy_lcm_lora_draws_in_four_steps():
     batch = [(p, s, c, seed) for p, s, c in prompts for seed in (1, 2, 3)]
     images = generate_batch(model, [b[0] for b in batch], [b[3] for b in batch], steps=4, guidance_scale=1.0)
     assert all(all(judge(i, s, c)) for i, (_, s, c, _) in zip(images, batch))
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "sd3", "flux"])
+def test_fused_lora_equals_diffusers_loader_on_every_family(family, tmp_path):
+    """The network's first linear layers (and CLIP's, where the pipeline has CLIP encoders), in the
+    PEFT layout, as diffusers' own loader of that pipeline fuses them."""
+    pipe = tiny_pipeline(family)
+    net_name = "unet" if hasattr(pipe, "unet") else "transformer"
+    net = getattr(pipe, net_name)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    roots = [(net_name, net)] + [(c, getattr(pipe, c)) for c in ("text_encoder", "text_encoder_2")
+                                  if type(getattr(pipe, c, None)).__name__.startswith("CLIPText")]
+    for component, root in roots:
+        linears = [n for n, m in root.named_modules() if isinstance(m, torch.nn.Linear)][:6]
+        for name in linears:
+            w = root.get_submodule(name).weight
+            # files name CLIP layers under `text_model.`, which transformers 5 kept on CLIPTextModelWithProjection only
+            stored = name if component == net_name or name.startswith("text_model.") else f"text_model.{name}"
+            tensors[f"{component}.{stored}.lora_A.weight"] = 0.3 * torch.randn(4, w.shape[1], generator=gen)
+            tensors[f"{component}.{stored}.lora_B.weight"] = 0.3 * torch.randn(w.shape[0], 4, generator=gen)
+    save_file(tensors, str(tmp_path / "l.safetensors"))
+    reference = tiny_pipeline(family)
+    reference.load_lora_weights(str(tmp_path), weight_name="l.safetensors")
+    reference.fuse_lora(components=[c for c, _ in roots], lora_scale=0.5)  # Flux fuses its transformer only by default
+    ours = tiny_pipeline(family)
+    assert lora.fuse(ours, tmp_path / "l.safetensors", 0.5) == len(tensors) // 2
+    base = tiny_pipeline(family)
+    for component, _ in roots:
+        got, before = (dict(getattr(p, component).named_parameters()) for p in (ours, base))
+        # the reference keeps PEFT's wrappers after fusing: `x.base_layer.weight` is the fused `x.weight`
+        want = {n.replace(".base_layer", ""): p for n, p in getattr(reference, component).named_parameters()
+                if ".lora_" not in n}
+        assert want.keys() == got.keys()
+        for name, p in got.items():
+            assert torch.allclose(p, want[name], atol=1e-6), (component, name)
+        assert any(not torch.equal(p, before[n]) for n, p in got.items())
