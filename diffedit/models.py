@@ -301,4 +301,5 @@ def describe(model: Family) -> dict:
         "network": type(net).__name__,
         "network_parameters": sum(p.numel() for p in net.parameters()),
         "scheduler": type(model.pipe.scheduler).__name__,
+        **({"loras": model.loras} if model.loras else {}),
     }

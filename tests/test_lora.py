@@ -138,7 +138,7 @@ def test_lcm_lora_cli_records_and_errors(cli, tiny_folder, tmp_path):
     save_file(random_lora(tiny_pipeline("sd1"), "peft"), str(file))
     code, out, err = cli("models", "info", folder, "--lcm-lora", file, "--json")
     assert code == 0, err
-    assert '"scheduler": "LCMScheduler"' in out
+    assert '"scheduler": "LCMScheduler"' in out and f'"loras": [{{"path": "{file}", "scale": 1.0, "lcm": true}}]' in out
     Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "red.png")
     rec = tmp_path / "red.inv.safetensors"
     code, _, err = cli("invert", tmp_path / "red.png", "-m", folder, "--lora", f"{file}:0.5", "-p", "a red square",
