@@ -104,7 +104,7 @@ def distill_lcm(
 
     from diffedit.errors import DiffeditError
     from diffedit.models import _quiet_libraries
-    from diffedit.toy.lcm import LCM_LORA_LR, DistillConfig, distill
+    from diffedit.toy.lcm import DistillConfig, distill, lora_config
 
     _quiet_libraries()
     out = out or Path("samples/toy-lcm-lora" if lora_rank else "samples/toy-lcm")
@@ -114,9 +114,7 @@ def distill_lcm(
     if not resume and work.exists():
         shutil.rmtree(work)
     with training_progress() as tick:
-        config = DistillConfig(seed=seed, steps=steps)
-        if lora_rank:  # LoRA layers learn faster than whole weights move; one distilled scale
-            config = DistillConfig(seed=seed, steps=steps, lora_rank=lora_rank, lr=LCM_LORA_LR, w_min=5.0, w_max=5.0)
+        config = lora_config(seed, steps, lora_rank) if lora_rank else DistillConfig(seed=seed, steps=steps)
         summary = distill(teacher, out, work, config, tick)
     emit({"output": str(out), **summary}, False)
 

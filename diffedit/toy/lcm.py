@@ -35,7 +35,6 @@ GRID = 50  # DDIM steps of the distillation grid (LCMScheduler's original_infere
 # The layers LCM-LoRA adapts: attention projections, feed-forwards, convolutions of the resnets and
 # resamplers, the resnets' time projections (not conv_in/conv_out or the time embedding).
 LCM_LORA_LAYERS = r"(to_[qkv]|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv[12]|conv_shortcut|samplers\.0\.conv|time_emb_proj)$"
-LCM_LORA_LR = 5e-4
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 
 
@@ -54,6 +53,12 @@ class DistillConfig:
     huber_c: float = 1e-3
     dataset: int = 10_000
     checkpoint_every: int = 100
+
+
+def lora_config(seed: int = 0, steps: int = 1000, rank: int = 16) -> DistillConfig:
+    """LCM-LoRA settings: a higher learning rate (LoRA updates move slower than whole weights) and one
+    CFG scale, 5 (the toy model's tuned one): the student has no input to tell scales apart."""
+    return DistillConfig(seed=seed, steps=steps, lora_rank=rank, lr=5e-4, w_min=5.0, w_max=5.0)
 
 
 def student_from(teacher: UNet2DConditionModel, cond_dim: int) -> UNet2DConditionModel:
