@@ -37,7 +37,6 @@ class FlowTrainConfig:
     ema: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_every: int = 200
-    time_shift: float = 1.0  # SD3's timestep shift s: t -> s t / (1 + (s - 1) t), in training and sampling
 
 
 def make_transformer() -> SD3Transformer2DModel:
@@ -139,7 +138,6 @@ def train(out: Path, work: Path, config: FlowTrainConfig, tick, vae_from: str | 
         with torch.no_grad():
             text, pooled = text_conditioning(pipe, texts)
         t = torch.sigmoid(torch.randn(len(z0), generator=gen))  # logit-normal times, as SD3
-        t = config.time_shift * t / (1 + (config.time_shift - 1) * t)
         eps = torch.randn(z0.shape, generator=gen)
         tt = t.view(-1, 1, 1, 1)
         pred = net(hidden_states=(1 - tt) * z0 + tt * eps, timestep=t * 1000, encoder_hidden_states=text,
@@ -153,7 +151,7 @@ def train(out: Path, work: Path, config: FlowTrainConfig, tick, vae_from: str | 
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     transformer.set_attn_processor(JointAttnProcessor2_0())
-    pipe = assemble(vae, transformer, text_encoder, text_encoder_2, tokenizer, shift=config.time_shift)
+    pipe = assemble(vae, transformer, text_encoder, text_encoder_2, tokenizer)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     return {"config": asdict(config), "vae_from": str(vae_from), "scaling_factor": vae.config.scaling_factor}
 
