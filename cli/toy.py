@@ -26,6 +26,7 @@ def train(
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
     unet_steps: Annotated[int, typer.Option(help="UNet training steps (batch 48).")] = 3600,
     decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1500,
+    decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on plain MSE, encoder frozen (as `toy tune-decoder`).")] = 600,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
@@ -57,11 +58,35 @@ def train(
         train_model = lambda *args: toy_flow.train(*args, vae_from=vae_from)  # noqa: E731
     else:
         config = TrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
-                             dataset=dataset)
+                             decoder_mse_steps=decoder_mse_steps, dataset=dataset)
         train_model = run_training
     with training_progress() as tick:
         summary = train_model(out, work, config, tick)
     emit({"output": str(out), **summary}, False)
+
+
+@toy_app.command("tune-decoder")
+def tune_decoder(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Saved toy SD model whose VAE decoder is tuned in place.")] = Path("samples/toy-sd"),
+    work: Annotated[Path, typer.Option("--work", help="Checkpoints, resumable, kept out of git.")] = Path("runs/toy-sd"),
+    steps: Annotated[int, typer.Option(min=1, help="Decoder steps on plain MSE (batch 16).")] = 600,
+    seed: Annotated[int, typer.Option(help="Seed of the batches.")] = 0,
+):
+    """Tune a saved toy model's VAE decoder for PSNR (plain MSE, encoder frozen, so the latents and
+    every model trained on them stay valid): the last phase of `toy train`, on its own.
+
+    Example: diffedit toy tune-decoder -m samples/toy-sd --steps 600
+    """
+    from diffedit.errors import DiffeditError
+    from diffedit.models import _quiet_libraries
+    from diffedit.toy.train import TrainConfig, tune_decoder as run_tuning
+
+    _quiet_libraries()
+    if not (model / "vae" / "config.json").exists():
+        raise DiffeditError(f"{model}: no VAE folder (vae/config.json) to tune")
+    with training_progress() as tick:
+        summary = run_tuning(model, work, TrainConfig(seed=seed, decoder_mse_steps=steps), tick)
+    emit({"output": str(model), **summary}, False)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from diffedit.models import DEFAULT_MODEL, load_model
-from diffedit.toy.quality import generate_batch, judge, photos_64, vae_psnr
+from diffedit.toy.quality import ddim_round_trip_psnr, generate_batch, judge, photos_64, vae_psnr
 from diffedit.toy.shapes import make_scene
 
 GUIDANCE = 5.0
@@ -46,10 +46,14 @@ def test_draws_what_it_is_asked(toy):
 
 
 def test_vae_round_trips(toy):
-    # Issue 4 asks 30 dB on shapes; the shipped VAE reaches 27.3 (samples/toy-sd/README.md says what
-    # was tried). This guards what it does reach, so a regression shows.
-    assert vae_psnr(toy, [make_scene(10**8 + i).image for i in range(24)]) >= 26.5
+    # issue 4's bars: 30 dB on shapes scenes, 24 dB on the scikit-image photos at 64x64
+    assert vae_psnr(toy, [make_scene(10**8 + i).image for i in range(24)]) >= 30.0
     assert vae_psnr(toy, photos_64()) >= 24.0
+
+
+def test_ddim_round_trip_reaches_28_db(toy):
+    # issue 4's bar for DDIM invert -> reconstruct at 50 steps (the report averages 12 scenes)
+    assert ddim_round_trip_psnr(toy, scenes=4) >= 28.0
 
 
 def test_exact_engines_on_the_toy_model(toy):
@@ -76,7 +80,7 @@ def test_shapesbench_erase_task_with_the_shipped_adapter(toy):
 
     from diffedit.toy import bench
 
-    task = next(t for t in bench.load_tasks() if t["id"] == "erase-000")
+    task = next(t for t in bench.load_tasks() if t["id"] == "erase-002")
     source = Image.fromarray(bench.source_scene(task).image)
     image, result = bench.concept_erase(toy, task, source, {"engine": "ddim"})
     assert bench.judge(task, np.asarray(image))["success"] and result["nfe"] == 100
@@ -85,3 +89,35 @@ def test_shapesbench_erase_task_with_the_shipped_adapter(toy):
 
     kept, _, _ = edit_image(toy, source, source_prompt=task["source_prompt"], target_prompt=task["target_prompt"])
     assert not bench.judge(task, np.asarray(kept))["success"]
+
+
+def test_tune_decoder_keeps_the_latents(tmp_path):
+    """The last training phase (`toy tune-decoder`) changes the decoder only, in place, and resumes
+    only a tuning of the same starting weights."""
+    import json
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from diffedit.toy.train import TrainConfig, tune_decoder
+
+    shutil.copytree(DEFAULT_MODEL / "vae", tmp_path / "model" / "vae")
+    before = AutoencoderKL.from_pretrained(tmp_path / "model" / "vae")
+    config = TrainConfig(decoder_mse_steps=2, vae_batch=2, checkpoint_every=1)
+    tune_decoder(tmp_path / "model", tmp_path / "work", config, lambda *_: None)
+    after = AutoencoderKL.from_pretrained(tmp_path / "model" / "vae")
+    for part in ("encoder", "quant_conv", "decoder"):
+        old, new = getattr(before, part).state_dict(), getattr(after, part).state_dict()
+        same = all(torch.equal(old[k], new[k]) for k in old)
+        assert same == (part != "decoder"), part
+    saved = json.loads((tmp_path / "model" / "vae" / "config.json").read_text())
+    assert "_name_or_path" not in saved and saved["scaling_factor"] == before.config.scaling_factor
+    assert not (tmp_path / "model" / "vae.tmp").exists()
+    tune_decoder(tmp_path / "model", tmp_path / "work", config, lambda *_: None)  # other start: a new run
+    assert len(list((tmp_path / "work").glob("decoder_mse-*.ckpt"))) == 2
+
+
+def test_tune_decoder_cli_names_a_folder_without_a_vae(tmp_path, cli):
+    code, _, err = cli("toy", "tune-decoder", "-m", tmp_path, "--work", tmp_path / "work")
+    assert code == 1 and f"{tmp_path}: no VAE folder" in err
+    assert not (tmp_path / "work").exists()
