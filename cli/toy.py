@@ -26,7 +26,7 @@ def train(
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
     unet_steps: Annotated[int, typer.Option(help="UNet training steps (batch 48).")] = 3600,
     decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1500,
-    decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on plain MSE, encoder frozen (as `toy tune-decoder`).")] = 600,
+    decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on plain MSE, encoder frozen (as `toy tune-decoder`).")] = 300,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
@@ -69,7 +69,7 @@ def train(
 def tune_decoder(
     model: Annotated[Path, typer.Option("--model", "-m", help="Saved toy SD model whose VAE decoder is tuned in place.")] = Path("samples/toy-sd"),
     work: Annotated[Path, typer.Option("--work", help="Checkpoints, resumable, kept out of git.")] = Path("runs/toy-sd"),
-    steps: Annotated[int, typer.Option(min=1, help="Decoder steps on plain MSE (batch 16).")] = 600,
+    steps: Annotated[int, typer.Option(min=1, help="Decoder steps on plain MSE (batch 16).")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the batches.")] = 0,
 ):
     """Tune a saved toy model's VAE decoder for PSNR (plain MSE, encoder frozen, so the latents and

@@ -30,7 +30,7 @@ class TrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     decoder_steps: int = 1500
-    decoder_mse_steps: int = 600
+    decoder_mse_steps: int = 300
     photo_fraction: float = 0.3
     dataset: int = 20_000
     unet_steps: int = 3600
@@ -144,7 +144,7 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
     The earlier phases' loss (L1 plus object weights) learns objects fast and draws crisp edges, but
     where a sub-pixel edge is uncertain a crisp edge in the wrong place costs more squared error than
     the blend MSE settles on (most of the shapes' error sits on the 1-px band around edges): this
-    phase is worth about 5 dB. The latents do not change, so the UNet and every model sharing its latents
+    phase is worth about 4 dB. The latents do not change, so the UNet and every model sharing its latents
     (toy LCM, LCM-LoRA, SPM adapters, toy flow) stay valid. It starts from the saved (fp16) weights,
     so `diffedit toy tune-decoder` on a saved model is the same computation as this phase of `train`.
     """
