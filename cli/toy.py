@@ -75,7 +75,7 @@ def tune_decoder(
     """Tune a saved toy model's VAE decoder for PSNR (plain MSE, encoder frozen, so the latents and
     every model trained on them stay valid): the last phase of `toy train`, on its own.
 
-    Example: diffedit toy tune-decoder -m samples/toy-sd --steps 600
+    Example: diffedit toy tune-decoder -m samples/toy-sd --steps 300
     """
     from diffedit.errors import DiffeditError
     from diffedit.models import _quiet_libraries
