@@ -32,10 +32,11 @@ class InfEdit(Engine):
     def configure(self, model):
         if model.consistency:  # the paper's step count on latent-consistency models
             self.default_steps = 15
-        if model.consistency and not model.guidance_embedded:
-            # An LCM-LoRA has its guidance distilled in: CFG on top over-guides (toy LCM-LoRA,
-            # ShapesBench: target CFG 2 edits less often and keeps less background than 1).
-            self.default_guidance = (1.0, 1.0)
+            if not model.guidance_embedded:
+                # An LCM-LoRA has its guidance distilled in: CFG on top over-guides (toy LCM-LoRA,
+                # ShapesBench: target CFG 2 edits less often and keeps less background than 1).
+                self.default_guidance = (1.0, 1.0)
+
     def check(self, params, steps):
         P2PConfig(cross=params["cross_replace"], self_=params["self_replace"],
                   blend_threshold=params["blend_threshold"]).check()

@@ -127,14 +127,19 @@ def _fit_vae(config: TrainConfig, vae, params, steps: int, lr: float, checkpoint
             _checkpoint(checkpoint, vae=vae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1)
 
 
-def finetune_decoder(config: TrainConfig, vae, work: Path, tick):
-    """More decoder training with the encoder frozen: sharper images, same latents (the UNet stays valid)."""
+def _decoder_only(vae) -> list[torch.nn.Parameter]:
+    """Freeze the encoder side and put the VAE in training mode; the decoder's parameters to train."""
     vae.requires_grad_(False)
     decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in decoder:
         p.requires_grad_(True)
     vae.train()
-    _fit_vae(config, vae, decoder, config.decoder_steps, config.vae_lr / 2, work / "decoder.ckpt", 2, tick)
+    return decoder
+
+
+def finetune_decoder(config: TrainConfig, vae, work: Path, tick):
+    """More decoder training with the encoder frozen: sharper images, same latents (the UNet stays valid)."""
+    _fit_vae(config, vae, _decoder_only(vae), config.decoder_steps, config.vae_lr / 2, work / "decoder.ckpt", 2, tick)
     return vae.eval().requires_grad_(False)
 
 
@@ -153,12 +158,8 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
     work.mkdir(parents=True, exist_ok=True)
     weights = model_dir / "vae" / "diffusion_pytorch_model.safetensors"
     start = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]  # resume only a tuning of these weights
-    vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32).requires_grad_(False)
-    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    for p in decoder:
-        p.requires_grad_(True)
-    vae.train()
-    _fit_vae(config, vae, decoder, config.decoder_mse_steps, config.vae_lr * 0.3, work / f"decoder_mse-{start}.ckpt",
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32)
+    _fit_vae(config, vae, _decoder_only(vae), config.decoder_mse_steps, config.vae_lr * 0.3, work / f"decoder_mse-{start}.ckpt",
              3, tick, mse_only=True)
     tuned = AutoencoderKL.from_config({k: v for k, v in vae.config.items() if not k.startswith("_")})
     tuned.load_state_dict(vae.state_dict())  # a fresh module: its saved config names no local path
