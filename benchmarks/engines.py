@@ -18,7 +18,7 @@ from diffedit.benchmarks.overhead import _timed, mid_size_sd1
 from diffedit.families import Family, adapter_for
 from diffedit.images import to_tensor
 from diffedit.jobs import edit_record, invert_image
-from diffedit.testing import tiny_pipeline
+from diffedit.testing import tiny_lcm_pipeline, tiny_pipeline
 
 ENGINES = ("ddim", "ddpm-ef", "bdia", "direct", "ddim-p2p", "infedit")
 SOURCE, TARGET = "a red circle on a white background", "a blue circle on a white background"
@@ -33,18 +33,20 @@ def forward_seconds(model: Family, rows: int, size: int, repeats: int = 5) -> fl
         return statistics.median(_timed(lambda: model.forward(x, t, text)) for _ in range(repeats))
 
 
-def measure(model: Family, image: Image.Image, engine: str, steps: int, repeats: int) -> dict:
+def measure(model: Family, image: Image.Image, engine: str, steps: int, repeats: int,
+            params: dict | None = None, label: str = "") -> dict:
     size = image.height
     invert_t, edit_t = [], []
     for _ in range(repeats):  # the VAE's share (measured alone) is taken out of both
-        record, inv = invert_image(model, image, engine=engine, prompt=SOURCE, steps=steps, check=False)
+        record, inv = invert_image(model, image, engine=engine, prompt=SOURCE, steps=steps, check=False,
+                                   params=params)
         invert_t.append(inv["seconds"] - _encode_seconds(model, image))
-        _, ed = edit_record(model, record, TARGET)
+        _, ed = edit_record(model, record, TARGET, params=params)
         edit_t.append(ed["seconds"] - _decode_seconds(model, record))
     fwd = {rows: forward_seconds(model, rows, size) for rows in set(inv["forwards"]) | set(ed["forwards"])}
     cost = lambda forwards: sum(calls * fwd[rows] for rows, calls in forwards.items())  # noqa: E731
     inv_s, edit_s = statistics.median(invert_t), statistics.median(edit_t)
-    return {"engine": engine, "steps": steps, "invert_nfe": inv["nfe"], "edit_nfe": ed["nfe"],
+    return {"engine": engine + label, "steps": steps, "invert_nfe": inv["nfe"], "edit_nfe": ed["nfe"],
             "invert_s": round(inv_s, 4), "edit_s": round(edit_s, 4),
             "invert_over_forwards": round(inv_s / cost(inv["forwards"]), 3) if inv["nfe"] else None,
             "edit_over_forwards": round(edit_s / cost(ed["forwards"]), 3) if ed["nfe"] else None}
@@ -115,7 +117,23 @@ def run(repeats: int = 3, quick: bool = False) -> tuple[list[dict], list[dict]]:
     image = Image.fromarray(a)
     steps = 10 if quick else 20
     rows = [measure(model, image, engine, steps, repeats) for engine in ENGINES]
+    pnp = {"inject_features": 0.4}
+    rows += [measure(model, image, engine, steps, repeats, pnp, " + features 0.4") for engine in ("direct", "infedit")]
+    lcm = adapter_for(tiny_lcm_pipeline() if quick else mid_size_lcm(), "sd1")
+    lcm_steps = 4 if quick else 15  # InfEdit's paper runs LCMs at 15 steps
+    rows += [measure(lcm, image, "infedit", lcm_steps, repeats, label=" (LCM)"),
+             measure(lcm, image, "infedit", lcm_steps, repeats, pnp, " (LCM) + features 0.4")]
     return rows, [ledits_comparison(pipe, model, image, steps, repeats)]
+
+
+def mid_size_lcm():
+    """The mid-size SD1 with a guidance input (LCM-Dreamshaper's 256 wide) and diffusers' LCM scheduler."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    sd = mid_size_sd1(time_cond_proj_dim=256)
+    parts = {k: v for k, v in sd.components.items() if k != "scheduler"}
+    return LatentConsistencyModelPipeline(**parts, scheduler=LCMScheduler.from_config(sd.scheduler.config),
+                                          requires_safety_checker=False)
 
 
 def markdown(rows: list[dict], comparison: list[dict]) -> str:

@@ -22,15 +22,16 @@ from diffedit.testing import SD_SCHEDULE, tiny_pipeline
 PROMPT = "a red cat on a house"
 
 
-def mid_size_sd1() -> StableDiffusionPipeline:
-    """An SD1-shaped pipeline of about 1/10 of SD1.5's UNet width (random weights)."""
+def mid_size_sd1(time_cond_proj_dim: int | None = None) -> StableDiffusionPipeline:
+    """An SD1-shaped pipeline of about 1/10 of SD1.5's UNet width (random weights); with
+    `time_cond_proj_dim`, its UNet takes a guidance input as an LCM's does."""
     torch.manual_seed(0)
     small = tiny_pipeline("sd1")
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(64, 128, 256, 256), attention_head_dim=8, cross_attention_dim=32,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, time_cond_proj_dim=time_cond_proj_dim,
     ).eval()
     vae = AutoencoderKL(
         block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,

@@ -38,6 +38,8 @@ def edit(
     reweight: Annotated[list[str] | None, typer.Option("--reweight", help="direct/ddim-p2p: WORD=FACTOR, scale a target word's attention (repeatable).")] = None,
     blend: Annotated[list[str] | None, typer.Option("--blend", help="Local blend: edit only where WORD attends (repeatable).")] = None,
     blend_threshold: Annotated[float | None, typer.Option("--blend-threshold", help="Local blend mask threshold.")] = None,
+    inject_features: Annotated[float | None, typer.Option("--inject-features", help="direct/ddim-p2p/infedit: fraction of steps the target takes the source's decoder features (plug-and-play; 0.4 keeps layouts on the toy model).")] = None,
+    feature_layers: Annotated[str | None, typer.Option("--feature-layers", help="Comma-separated UNet modules for --inject-features (default: up_blocks.1.resnets.1, PnP's).")] = None,
     show_attention: Annotated[Path | None, typer.Option("--show-attention", help="Write a PNG grid of the target's cross-attention map per token.")] = None,
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
     fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
@@ -73,7 +75,9 @@ def edit(
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max,
                            n_min=n_min, n_avg=n_avg, cross_replace=cross_replace,
                            self_replace=self_replace, p2p_mode=p2p_mode, blend=blend or None,
-                           blend_threshold=blend_threshold, reweight=_reweights(reweight))
+                           blend_threshold=blend_threshold, reweight=_reweights(reweight),
+                           inject_features=inject_features,
+                           feature_layers=feature_layers.split(",") if feature_layers is not None else None)
     if show_attention is not None:
         check_writable(show_attention, overwrite)
     fk = fk_config(fk_particles, fk_lambda, fk_potential, fk_every, None)

@@ -10,10 +10,15 @@ belong to which branch (uncond / cond / perturbed / source / target ...):
 - `bias(call, q, k)`: an additive mask on the attention logits (PixelMan's leak-proof self-attention);
 - `out(call, out, q, k, v)`: replace the attention output before the output projection (PAG).
 
+A controller may also name other modules in `feature_layers` (e.g. a ResNet block of the UNet's
+decoder): while it is installed, `features(layer, out)` sees and may replace their outputs, knowing
+the step and branches from `begin` (plug-and-play feature injection).
+
 Processors are swapped by direct assignment on the modules (not `set_attn_processor`, which walks the
 whole network), so a Denoiser can install them around each forward and always restore the
 originals, even on error. UNet attention (SD1/SD2/SDXL) and SD3's joint attention are supported;
-other layers keep their own processors and are invisible to controllers.
+other layers keep their own processors and are invisible to controllers. Feature layers are
+reached with forward hooks, removed on exit like the processors.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+
+from diffedit.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class AttnCall:
 class Controller:
     """Leaves attention unchanged; subclasses override the hooks they need."""
 
+    feature_layers: tuple[str, ...] = ()  # modules whose outputs `features` sees
+
     def __init__(self):
         self.step, self.branches = 0, ("cond",)
 
@@ -65,6 +74,10 @@ class Controller:
         return None
 
     def out(self, call: AttnCall, out, q, k, v):
+        return out
+
+    def features(self, layer: str, out: torch.Tensor) -> torch.Tensor:
+        """Output of the module `layer` (one of `feature_layers`), batch rows as in `branches`."""
         return out
 
 
@@ -188,18 +201,30 @@ class AttentionControl:
             if kind is UNetProcessor and getattr(module, "added_kv_proj_dim", None):
                 continue  # attention with extra key/value projections is not ours to drive
             self.modules.append((module, kind(name, module, controller)))
+        self.feature_modules = []
+        for name in controller.feature_layers:
+            try:
+                self.feature_modules.append((name, network.get_submodule(name)))
+            except AttributeError:
+                raise UsageError(f"feature layer {name!r} is not a module of this network") from None
         self._saved: list = []
+        self._hooks: list = []
 
     def __enter__(self):
         self._saved = [module.processor for module, _ in self.modules]
         for module, processor in self.modules:
             module.processor = processor
+        for name, module in self.feature_modules:
+            hook = lambda _module, _args, out, name=name: self.controller.features(name, out)  # noqa: E731
+            self._hooks.append(module.register_forward_hook(hook))
         return self.controller
 
     def __exit__(self, *exc):
         for (module, _), original in zip(self.modules, self._saved):
             module.processor = original
-        self._saved = []
+        for handle in self._hooks:
+            handle.remove()
+        self._saved, self._hooks = [], []
 
 
 class Chain(Controller):
@@ -208,6 +233,7 @@ class Chain(Controller):
     def __init__(self, *controllers: Controller):
         super().__init__()
         self.controllers = controllers
+        self.feature_layers = tuple(dict.fromkeys(n for c in controllers for n in c.feature_layers))
 
     def begin(self, step, branches):
         super().begin(step, branches)
@@ -235,4 +261,10 @@ class Chain(Controller):
     def out(self, call, out, q, k, v):
         for c in self.controllers:
             out = c.out(call, out, q, k, v)
+        return out
+
+    def features(self, layer, out):
+        for c in self.controllers:
+            if layer in c.feature_layers:
+                out = c.features(layer, out)
         return out

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffedit.editing.attention import AttnCall, Controller
+from diffedit.editing.features import FEATURE_DEFAULTS, with_features
 from diffedit.errors import UsageError
 from diffedit.sampling import step
 
@@ -215,7 +216,7 @@ def build_p2p(tokenizer, source: str, target: str, config: P2PConfig, steps: int
 
 
 P2P_DEFAULTS = {"cross_replace": 0.4, "self_replace": 0.6, "p2p_mode": "auto", "reweight": {}, "blend": [],
-                "blend_threshold": 0.3}
+                "blend_threshold": 0.3, **FEATURE_DEFAULTS}
 
 
 def p2p_config(params: dict) -> P2PConfig:
@@ -239,7 +240,7 @@ def paired_edit(run, x_source: torch.Tensor, x_target: torch.Tensor, pinned: lis
     config = p2p_config(run.params)
     controller = build_p2p(run.model.pipe.tokenizer, source, target, config, len(schedule), (h, w),
                            store=run.show_attention)
-    denoise = run.denoiser_for([source, target], controller)
+    denoise = run.denoiser_for([source, target], with_features(controller, run.params, len(schedule)))
     x = torch.cat([x_source, x_target])
     blend_from = round(config.blend_start * len(schedule))
     for i in range(len(schedule)):

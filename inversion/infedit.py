@@ -15,6 +15,7 @@ default to 1: no CFG); ordinary models need more steps (50).
 
 import torch
 
+from diffedit.editing.features import FEATURE_DEFAULTS, with_features
 from diffedit.editing.p2p import LocalBlend, P2PConfig, align, blend_positions, check_length
 from diffedit.editing.uac import LAYOUT, SOURCE, TARGET, UnifiedAttentionControl, ddcm_step
 from diffedit.engines import Engine, Run, register
@@ -25,7 +26,8 @@ from diffedit.errors import UsageError
 class InfEdit(Engine):
     name = "infedit"
     exact = True
-    defaults = {"cross_replace": 0.7, "self_replace": 0.3, "eta": 1.0, "blend": [], "blend_threshold": 0.6}
+    defaults = {"cross_replace": 0.7, "self_replace": 0.3, "eta": 1.0, "blend": [], "blend_threshold": 0.6,
+                **FEATURE_DEFAULTS}
     default_steps = 50
     default_guidance = (1.0, 2.0)  # source and target CFG of the paper's demo
 
@@ -63,6 +65,7 @@ class InfEdit(Engine):
         mapper, alphas = align(tokenizer, source, target, "refine", tokenizer.model_max_length)
         control = UnifiedAttentionControl(len(sched), p["self_replace"], p["cross_replace"], mapper, alphas, blend)
         w_src, w_tgt = run.scales
+        control = with_features(control, p, len(sched), into=[TARGET])  # the layout row keeps its own
         denoise = run.denoiser_for([source, target, source], control, scales=[w_src, w_tgt, w_src])
         gen = torch.Generator("cpu").manual_seed(run.seed)
         noise = lambda: torch.randn(z0.shape, generator=gen).to(z0.device)  # noqa: E731

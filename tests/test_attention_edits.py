@@ -95,12 +95,55 @@ def test_reweight_and_blend_change_the_edit(tiny, square):
     ("direct", "a blue square", {"reweight": {"green": 2.0}}, "word 'green' is not in the target prompt"),
     ("infedit", "a blue square", {"blend": ["zebra"]}, "blend word 'zebra' is in neither"),
     ("direct", "a blue square", {"cross_replace": 1.5}, "--cross-replace 1.5"),
+    ("ddim-p2p", "a blue square", {"inject_features": 1.5}, "--inject-features 1.5"),
+    ("infedit", "a blue square", {"inject_features": 0.5, "feature_layers": ["up_blocks.9"]},
+     "feature layer 'up_blocks.9' is not a module of this network"),
 ])
 def test_bad_edit_inputs(tiny, square, engine, target, params, message):
     _, model = tiny("sd1")
     record, _ = invert_image(model, square, engine=engine, prompt="a red square", steps=4, check=False)
     with pytest.raises(UsageError, match=message):
         edit_record(model, record, target, params=params)
+
+
+def test_feature_injection_copies_the_source_rows_features_then_unhooks(tiny):
+    from diffedit.editing.attention import AttentionControl, Chain, Controller
+    from diffedit.editing.features import PNP_LAYERS, FeatureInjection
+
+    pipe, _ = tiny("sd1")
+    unet, layer = pipe.unet, PNP_LAYERS[0]
+    block = unet.get_submodule(layer)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=gen)  # chunks [uncond: source, target | cond: source, target]
+    text = torch.randn(4, 77, unet.config.cross_attention_dim, generator=gen)
+    reference = unet(x, 10, text).sample
+    seen = []
+    injection = FeatureInjection([layer], steps=10, fraction=0.3)
+    control = AttentionControl(unet, Chain(Controller(), injection))
+    for step in (0, 2, 3):
+        control.controller.begin(step, ("uncond", "cond"))
+        with control:
+            recorder = block.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+            edited = unet(x, 10, text).sample
+            recorder.remove()
+        copied = torch.equal(seen[-1][1], seen[-1][0]) and torch.equal(seen[-1][3], seen[-1][2])
+        assert copied == (step < 3), step  # round(0.3 * 10) = 3 steps injected
+        assert torch.equal(edited[[0, 2]], reference[[0, 2]])  # the source rows are untouched
+        assert torch.equal(edited[[1, 3]], reference[[1, 3]]) == (step >= 3)
+    assert not block._forward_hooks
+    assert torch.equal(unet(x, 10, text).sample, reference)
+
+
+def test_feature_injection_keeps_the_identity_and_changes_edits(tiny, square):
+    _, model = tiny("sd1")
+    pnp = {"inject_features": 0.5}
+    _, result = invert_image(model, square, engine="infedit", prompt="a red square", steps=6, params=pnp)
+    assert result["latent_max_abs"] <= 1e-4  # same prompt: the source's features are the target's own
+    for engine in ("direct", "ddim-p2p", "infedit"):
+        record, _ = invert_image(model, square, engine=engine, prompt="a red square", steps=6, check=False)
+        plain, _ = edit_record(model, record, "a blue square")
+        injected, _ = edit_record(model, record, "a blue square", params=pnp)
+        assert not np.array_equal(np.asarray(plain), np.asarray(injected)), engine
 
 
 def test_prompt_to_prompt_needs_a_unet(tiny, square):

@@ -1,0 +1,49 @@
+"""Plug-and-play feature injection (Tumanyan et al., CVPR 2023) on our attention-control mechanism.
+
+Cross- and self-attention maps do not carry all of an image's layout: the UNet's convolutions carry
+much of it (on the toy model most of it: its objects move even with every attention map taken from
+the source). PnP gives the target the source's spatial features instead: the output of a ResNet
+block of the UNet's decoder, for the first fraction of the steps. Here, in every branch chunk
+(uncond, cond, ...), the target rows take the source row's output of each named layer.
+
+PnP's layer is the second ResNet of the decoder's second level (`up_blocks.1.resnets.1`: 16x16 on
+SD at 512 px); deeper ones (`up_blocks.0`) change little, shallower ones copy texture as well.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffedit.editing.attention import Chain, Controller
+from diffedit.errors import UsageError
+
+PNP_LAYERS = ("up_blocks.1.resnets.1",)
+FEATURE_DEFAULTS = {"inject_features": 0.0, "feature_layers": list(PNP_LAYERS)}
+
+
+class FeatureInjection(Controller):
+    """For steps < `fraction * steps`, rows `into` of each branch chunk take row `source`'s features."""
+
+    def __init__(self, layers, steps: int, fraction: float, source: int = 0, into: list[int] | None = None):
+        super().__init__()
+        if not 0 <= fraction <= 1:
+            raise UsageError(f"--inject-features {fraction} must be in [0, 1]")
+        if not layers:
+            raise UsageError("--feature-layers: name at least one module, e.g. up_blocks.1.resnets.1")
+        self.feature_layers = tuple(layers)
+        self.end, self.source, self.into = round(fraction * steps), source, into
+
+    def features(self, layer, out):
+        if self.step >= self.end:
+            return out
+        chunks = out.clone().unflatten(0, (len(self.branches), -1))  # [branch, item, ...]
+        into = self.into or [i for i in range(chunks.shape[1]) if i != self.source]
+        chunks[:, into] = chunks[:, self.source : self.source + 1].clone()
+        return chunks.flatten(0, 1)
+
+
+def with_features(controller: Controller, params: dict, steps: int, into: list[int] | None = None) -> Controller:
+    """`controller`, chained with the feature injection `params` ask for (none at fraction 0)."""
+    fraction, layers = params["inject_features"], params["feature_layers"]
+    injection = FeatureInjection(layers, steps, fraction, into=into)  # checks the options even when off
+    return controller if fraction == 0 else Chain(controller, injection)
