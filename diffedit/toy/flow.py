@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -30,7 +29,7 @@ ZERO_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the
 class FlowTrainConfig:
     seed: int = 0
     dataset: int = 20_000
-    steps: int = 6000
+    steps: int = 10_000
     batch: int = 48
     lr: float = 8e-4
     warmup: int = 200
@@ -106,9 +105,12 @@ class SinkAttention:
         if attn.norm_added_q is not None:
             cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
         q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+        bias = torch.zeros(k.shape[2], device=q.device)
         bias[-1] = self.log_copies
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
+        # Written out rather than SDPA: under bf16 autocast on the CPU, SDPA's backward is several
+        # times slower than these two matmuls at this sequence length (~100 tokens).
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias
+        out = scores.float().softmax(-1).to(v.dtype) @ v
         out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1])
         image, text = out[:, :n_img], out[:, n_img:]
         if not attn.context_pre_only:
@@ -140,9 +142,10 @@ def train(out: Path, work: Path, config: FlowTrainConfig, tick, vae_from: str | 
         t = torch.sigmoid(torch.randn(len(z0), generator=gen))  # logit-normal times, as SD3
         eps = torch.randn(z0.shape, generator=gen)
         tt = t.view(-1, 1, 1, 1)
-        pred = net(hidden_states=(1 - tt) * z0 + tt * eps, timestep=t * 1000, encoder_hidden_states=text,
-                   pooled_projections=pooled).sample
-        return (pred - (eps - z0)).pow(2).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls: 1.5x faster steps on this CPU
+            pred = net(hidden_states=(1 - tt) * z0 + tt * eps, timestep=t * 1000, encoder_hidden_states=text,
+                       pooled_projections=pooled).sample
+        return (pred.float() - (eps - z0)).pow(2).mean()
 
     sink = SinkAttention(ZERO_TOKENS)
     transformer = fit_denoiser(config, make_transformer, lambda net: net.set_attn_processor(sink), loss, latents,
@@ -151,7 +154,9 @@ def train(out: Path, work: Path, config: FlowTrainConfig, tick, vae_from: str | 
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     transformer.set_attn_processor(JointAttnProcessor2_0())
-    pipe = assemble(vae, transformer, text_encoder, text_encoder_2, tokenizer)
+    # Sampled with SD3's timestep shift 3 (more of the steps at high noise, where layouts form):
+    # 87 % right shapes against 84.5 % at shift 1 (samples/toy-flow/README.md).
+    pipe = assemble(vae, transformer, text_encoder, text_encoder_2, tokenizer, shift=3.0)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     return {"config": asdict(config), "vae_from": str(vae_from), "scaling_factor": vae.config.scaling_factor}
 
