@@ -11,8 +11,8 @@ from PIL import Image
 from diffedit.jobs import invert_image, prompt_denoiser_for
 from diffedit.models import TOY_FLOW, load_model
 from diffedit.sampling import sample
-from diffedit.toy.quality import generate_batch, judge
 from diffedit.toy.flow import ZERO_TOKENS, SinkAttention, make_transformer
+from diffedit.toy.quality import generate_batch, judge
 from diffedit.toy.shapes import make_scene
 
 GUIDANCE = 5.0
