@@ -11,9 +11,10 @@ from PIL import Image
 from diffedit.jobs import invert_image, prompt_denoiser_for
 from diffedit.models import TOY_FLOW, load_model
 from diffedit.sampling import sample
-from diffedit.toy.flow import ZERO_TOKENS, SinkAttention, make_transformer
+from diffedit.toy.flow import (MAX_TOKENS, ZERO_TOKENS, CaptionCache, SinkAttention, make_tokenizer,
+                               make_transformer, text_conditioning)
 from diffedit.toy.quality import generate_batch, judge
-from diffedit.toy.shapes import make_scene
+from diffedit.toy.shapes import Obj, caption, make_scene
 
 GUIDANCE = 5.0
 
@@ -51,6 +52,23 @@ def test_training_attention_equals_diffusers_over_the_zero_tokens():
     assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
+def test_the_longest_caption_fits_the_tokenizer():
+    longest = caption([Obj("triangle", "purple", (0, 0), 1), Obj("triangle", "orange", (0, 0), 1),
+                       Obj("triangle", "yellow", (0, 0), 1)], ("white", "beige"))
+    ids = make_tokenizer()(longest).input_ids
+    assert len(ids) <= MAX_TOKENS and ids[-1] == make_tokenizer().eos_token_id
+
+
+def test_caption_cache_equals_encoding_each_batch(flow):
+    captions = [make_scene(seed).caption for seed in range(6)]
+    cache = CaptionCache(flow.pipe, captions, chunk=4)
+    texts = [captions[3], "", captions[0], captions[3]]
+    with torch.no_grad():
+        reference = text_conditioning(flow.pipe, texts)
+    for ours, theirs in zip(cache(texts), reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_our_sampler_is_diffusers_pipeline(flow):
     """Euler sampling with CFG equals StableDiffusion3Pipeline's on the shipped weights (its 256
     zero "T5" tokens included: the model was trained for them)."""
@@ -64,8 +82,9 @@ def test_our_sampler_is_diffusers_pipeline(flow):
 
 
 def test_draws_what_it_is_asked(flow):
-    """Colours are always right; shapes less often (87 % of 200 prompts, samples/toy-flow/README.md),
-    so this guards what the model does: every colour, the red circle on every seed, 8 of 12 shapes."""
+    """Colours are right; shapes on 93 % of 200 prompts (samples/toy-flow/README.md), stars least
+    often, so this guards what the model does: every colour, circles, squares and triangles on every
+    seed, 10 of the 12 shapes."""
     prompts = [("a red circle on a white background", "circle", "red"),
                ("a blue square on a white background", "square", "blue"),
                ("a green triangle on a grey background", "triangle", "green"),
@@ -74,8 +93,8 @@ def test_draws_what_it_is_asked(flow):
     images = generate_batch(flow, [b[0] for b in batch], [b[3] for b in batch], steps=25, guidance_scale=GUIDANCE)
     judged = [judge(image, shape, colour) for image, (_, shape, colour, _) in zip(images, batch)]
     assert all(colour for _, colour in judged), judged
-    assert all(shape for shape, _ in judged[:3]), judged[:3]
-    assert sum(shape for shape, _ in judged) >= 8, judged
+    assert all(shape for shape, _ in judged[:9]), judged[:9]
+    assert sum(shape for shape, _ in judged) >= 10, judged
 
 
 @pytest.mark.parametrize("engine", ["ddpm-ef", "bdia", "flowedit"])
