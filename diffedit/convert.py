@@ -26,41 +26,40 @@ def _rename(key: str, table: dict[str, str]) -> str:
     return key
 
 
-def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+def ldm_unet_name(unet, key: str) -> str:
+    """The original-layout name (after `model.diffusion_model.`) of a diffusers UNet weight or layer."""
     cfg, per = unet.config, unet.config.layers_per_block + 1
-    out = {}
-    for key, value in unet.state_dict().items():
-        head, _, rest = key.partition(".")
-        parts = key.split(".")
-        if any(key.startswith(k + ".") for k in _TOP):
-            new = _rename(key, _TOP)
-        elif head == "down_blocks":
-            b, kind = int(parts[1]), parts[2]
-            if kind == "downsamplers":
-                new = f"input_blocks.{1 + b * per + cfg.layers_per_block}.0.op." + ".".join(parts[5:])
-            else:
-                j, tail = int(parts[3]), ".".join(parts[4:])
-                slot = "0" if kind == "resnets" else "1"
-                tail = _rename(tail, _RESNET) if kind == "resnets" else tail
-                new = f"input_blocks.{1 + b * per + j}.{slot}.{tail}"
-        elif head == "mid_block":
-            kind, j, tail = parts[1], int(parts[2]), ".".join(parts[3:])
-            index = 1 if kind == "attentions" else 2 * j
-            new = f"middle_block.{index}." + (_rename(tail, _RESNET) if kind == "resnets" else tail)
-        elif head == "up_blocks":
-            b, kind = int(parts[1]), parts[2]
-            if kind == "upsamplers":
-                has_attention = hasattr(unet.up_blocks[b], "attentions")
-                new = f"output_blocks.{b * per + per - 1}.{2 if has_attention else 1}.conv." + ".".join(parts[5:])
-            else:
-                j, tail = int(parts[3]), ".".join(parts[4:])
-                slot = "0" if kind == "resnets" else "1"
-                tail = _rename(tail, _RESNET) if kind == "resnets" else tail
-                new = f"output_blocks.{b * per + j}.{slot}.{tail}"
-        else:
-            raise DiffeditError(f"cannot export UNet weight {key!r} to the original layout")
-        out["model.diffusion_model." + new] = value
-    return out
+    head, _, rest = key.partition(".")
+    parts = key.split(".")
+    if any(key.startswith(k + ".") or key == k for k in _TOP):
+        return _rename(key, _TOP)
+    if head == "down_blocks":
+        b, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":
+            return f"input_blocks.{1 + b * per + cfg.layers_per_block}.0.op" + "".join("." + p for p in parts[5:])
+        j, tail = int(parts[3]), ".".join(parts[4:])
+        slot = "0" if kind == "resnets" else "1"
+        tail = _rename(tail, _RESNET) if kind == "resnets" else tail
+        return f"input_blocks.{1 + b * per + j}.{slot}.{tail}"
+    if head == "mid_block":
+        kind, j, tail = parts[1], int(parts[2]), ".".join(parts[3:])
+        index = 1 if kind == "attentions" else 2 * j
+        return f"middle_block.{index}." + (_rename(tail, _RESNET) if kind == "resnets" else tail)
+    if head == "up_blocks":
+        b, kind = int(parts[1]), parts[2]
+        if kind == "upsamplers":
+            has_attention = hasattr(unet.up_blocks[b], "attentions")
+            return f"output_blocks.{b * per + per - 1}.{2 if has_attention else 1}.conv" + "".join(
+                "." + p for p in parts[5:])
+        j, tail = int(parts[3]), ".".join(parts[4:])
+        slot = "0" if kind == "resnets" else "1"
+        tail = _rename(tail, _RESNET) if kind == "resnets" else tail
+        return f"output_blocks.{b * per + j}.{slot}.{tail}"
+    raise DiffeditError(f"cannot export UNet weight {key!r} to the original layout")
+
+
+def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    return {"model.diffusion_model." + ldm_unet_name(unet, key): value for key, value in unet.state_dict().items()}
 
 
 def vae_to_ldm(vae) -> dict[str, torch.Tensor]:

@@ -5,8 +5,9 @@ nothing extra and attention controllers see ordinary layers. Two key layouts are
 - diffusers / PEFT: `unet.<module>.lora_A.weight` and `.lora_B.weight` (or `.lora.down/.lora.up`),
   optional `unet.<module>.alpha`; prefixes `unet`, `transformer`, `text_encoder`, `text_encoder_2`;
 - kohya: `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight`, `.alpha`; prefixes
-  `lora_unet`, `lora_te` / `lora_te1`, `lora_te2` (SD1/SD2 files name diffusers' modules this way).
-Files naming the original Stable Diffusion (LDM) layers (`input_blocks`, ...) are refused by name.
+  `lora_unet`, `lora_te` / `lora_te1`, `lora_te2`. The UNet's modules may be named as diffusers names
+  them (`down_blocks_1_attentions_0_...`) or as the original Stable Diffusion (LDM) code does
+  (`input_blocks_4_1_...`, the names of `diffedit.convert`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import re
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import nn
 
+from diffedit.convert import ldm_unet_name
 from diffedit.errors import DiffeditError, UsageError
 
 KOHYA_PREFIXES = {"lora_unet": "network", "lora_te": "text_encoder", "lora_te1": "text_encoder",
@@ -26,7 +29,6 @@ DIFFUSERS_PREFIXES = {"unet": "network", "transformer": "network", "text_encoder
                       "text_encoder_2": "text_encoder_2"}
 PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
          (".lora_down.weight", ".lora_up.weight"))
-LDM_NAMES = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 # The layers a trained LoRA adapts: every linear and convolution of the network's blocks.
 TRAINED_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -58,9 +60,6 @@ def read(path: str | Path) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
         raise DiffeditError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
-    if any(LDM_NAMES.match(k) for k in tensors):
-        raise DiffeditError(f"{path}: this LoRA names the original Stable Diffusion (LDM) layers "
-                            "(lora_unet_input_blocks_...); only diffusers-named LoRAs are supported")
     layers: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key, tensor in tensors.items():
         component, module, part = _split(key)
@@ -97,17 +96,26 @@ def _component(stem: str) -> tuple[str | None, str]:
     return DIFFUSERS_PREFIXES.get(prefix), rest
 
 
-def _modules_by_name(root: nn.Module) -> dict[str, nn.Module]:
-    """Every linear/conv layer by its dotted name and by its kohya name (dots as underscores).
+def _aliases(root: nn.Module, name: str) -> list[str]:
+    """Other names LoRA files use for the layer `name`: CLIP text encoders' `text_model.<name>` (a
+    level transformers 5 removed), a UNet's original-layout (LDM) name."""
+    if type(root).__name__.startswith("CLIPText") and not hasattr(root, "text_model"):
+        return [f"text_model.{name}"]
+    if isinstance(root, UNet2DConditionModel):
+        try:
+            return [ldm_unet_name(root, name)]
+        except DiffeditError:  # layers the original layout names otherwise (SDXL's add_embedding)
+            return []
+    return []
 
-    CLIP text encoders answer to `text_model.<name>` too: LoRA files name that level, which
-    transformers 5 removed.
-    """
-    clip = type(root).__name__.startswith("CLIPText") and not hasattr(root, "text_model")
+
+def _modules_by_name(root: nn.Module) -> dict[str, nn.Module]:
+    """Every linear/conv layer by its dotted name, its aliases, and each of those as kohya writes it
+    (dots as underscores)."""
     named = {}
     for name, module in root.named_modules():
         if isinstance(module, TRAINED_LAYERS):
-            for alias in (name, f"text_model.{name}") if clip else (name,):
+            for alias in (name, *_aliases(root, name)):
                 named[alias] = module
                 named.setdefault(alias.replace(".", "_"), module)
     return named

@@ -88,6 +88,46 @@ def test_kohya_layout_reads_as_diffusers_does(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+# UNET_LAYERS by the original Stable Diffusion code's names, for the tiny UNet (one ResNet per level):
+# input_blocks 0 = conv_in, 1-2 = level 0 (ResNet, downsampler), 3 = level 1 (ResNet + attention).
+LDM_NAMES = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+             "input_blocks.3.1.transformer_blocks.0.attn1.to_q",
+             "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v":
+             "input_blocks.3.1.transformer_blocks.0.attn2.to_v",
+             "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2":
+             "output_blocks.1.1.transformer_blocks.0.ff.net.2",
+             "down_blocks.1.attentions.0.proj_in": "input_blocks.3.1.proj_in",
+             "mid_block.resnets.0.conv1": "middle_block.0.in_layers.2"}
+
+
+def test_ldm_named_kohya_lora_equals_diffusers_named(tmp_path):
+    """A kohya file naming the original layout's UNet layers fuses as the same LoRA under diffusers'
+    names (diffusers' own loader refuses it on this tiny UNet, so the reference is ours, which equals
+    diffusers' loader above; the layout's names are `models export`'s, which diffusers' single-file
+    loader reads back exactly); on SDXL too, whose add_embedding has no such name."""
+    kohya = random_lora(tiny_pipeline("sd1"), "kohya")
+    renames = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + ldm.replace(".", "_")
+               for d, ldm in LDM_NAMES.items()}
+    ldm = {renames.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v for k, v in kohya.items()}
+    assert len(set(ldm) - set(kohya)) == 3 * len(LDM_NAMES)
+    for name, tensors in (("kohya", kohya), ("ldm", ldm)):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    ours, same = tiny_pipeline("sd1"), tiny_pipeline("sd1")
+    assert lora.fuse(ours, tmp_path / "ldm.safetensors", 0.7) == len(UNET_LAYERS) + len(TEXT_LAYERS)
+    lora.fuse(same, tmp_path / "kohya.safetensors", 0.7)
+    for (name, p), q in zip(ours.unet.named_parameters(), same.unet.parameters()):
+        assert torch.equal(p, q), name
+
+    sdxl = tiny_pipeline("sdxl")
+    layer = sdxl.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_k")
+    before = layer.weight.clone()
+    stem = "lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_k"
+    save_file({f"{stem}.lora_down.weight": torch.ones(2, before.shape[1]),
+               f"{stem}.lora_up.weight": torch.ones(before.shape[0], 2)}, str(tmp_path / "xl.safetensors"))
+    assert lora.fuse(sdxl, tmp_path / "xl.safetensors") == 1
+    torch.testing.assert_close(layer.weight, before + 2.0)
+
+
 def test_parse_spec():
     assert lora.parse_spec("style.safetensors") == ("style.safetensors", 1.0)
     assert lora.parse_spec("dir/style.safetensors:0.6") == ("dir/style.safetensors", 0.6)
@@ -100,8 +140,9 @@ def test_bad_lora_files_are_refused_by_name(tmp_path, tiny_folder):
     pipe = tiny_pipeline("sd1")
     good = random_lora(pipe, "kohya")
     cases = {
+        # input_blocks.1 is a ResNet block alone (the first level has no attention)
         "ldm": ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32),
-                 "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4)}, "original Stable Diffusion"),
+                 "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4)}, "not in this model"),
         "unknown": ({"model.weight": torch.zeros(2)}, "unrecognised LoRA key 'model.weight'"),
         "elsewhere": ({"lora_unet_no_such_layer.lora_down.weight": torch.zeros(4, 32),
                        "lora_unet_no_such_layer.lora_up.weight": torch.zeros(32, 4)}, "not in this model"),
