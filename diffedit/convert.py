@@ -26,21 +26,23 @@ def _rename(key: str, table: dict[str, str]) -> str:
     return key
 
 
+def _slot(kind: str, tail: str) -> str:
+    """A ResNet (slot 0, layers renamed) or attention (slot 1) layer inside an input/output block."""
+    return f"0.{_rename(tail, _RESNET)}" if kind == "resnets" else f"1.{tail}"
+
+
 def ldm_unet_name(unet, key: str) -> str:
     """The original-layout name (after `model.diffusion_model.`) of a diffusers UNet weight or layer."""
     cfg, per = unet.config, unet.config.layers_per_block + 1
-    head, _, rest = key.partition(".")
     parts = key.split(".")
+    head, suffix = parts[0], "".join("." + p for p in parts[5:])  # suffix: what follows a sampler's conv
     if any(key.startswith(k + ".") or key == k for k in _TOP):
         return _rename(key, _TOP)
     if head == "down_blocks":
         b, kind = int(parts[1]), parts[2]
         if kind == "downsamplers":
-            return f"input_blocks.{1 + b * per + cfg.layers_per_block}.0.op" + "".join("." + p for p in parts[5:])
-        j, tail = int(parts[3]), ".".join(parts[4:])
-        slot = "0" if kind == "resnets" else "1"
-        tail = _rename(tail, _RESNET) if kind == "resnets" else tail
-        return f"input_blocks.{1 + b * per + j}.{slot}.{tail}"
+            return f"input_blocks.{1 + b * per + cfg.layers_per_block}.0.op{suffix}"
+        return f"input_blocks.{1 + b * per + int(parts[3])}.{_slot(kind, '.'.join(parts[4:]))}"
     if head == "mid_block":
         kind, j, tail = parts[1], int(parts[2]), ".".join(parts[3:])
         index = 1 if kind == "attentions" else 2 * j
@@ -49,12 +51,8 @@ def ldm_unet_name(unet, key: str) -> str:
         b, kind = int(parts[1]), parts[2]
         if kind == "upsamplers":
             has_attention = hasattr(unet.up_blocks[b], "attentions")
-            return f"output_blocks.{b * per + per - 1}.{2 if has_attention else 1}.conv" + "".join(
-                "." + p for p in parts[5:])
-        j, tail = int(parts[3]), ".".join(parts[4:])
-        slot = "0" if kind == "resnets" else "1"
-        tail = _rename(tail, _RESNET) if kind == "resnets" else tail
-        return f"output_blocks.{b * per + j}.{slot}.{tail}"
+            return f"output_blocks.{b * per + per - 1}.{2 if has_attention else 1}.conv{suffix}"
+        return f"output_blocks.{b * per + int(parts[3])}.{_slot(kind, '.'.join(parts[4:]))}"
     raise DiffeditError(f"cannot export UNet weight {key!r} to the original layout")
 
 
