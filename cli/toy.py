@@ -24,14 +24,16 @@ def train(
                                                  "[default: runs/toy-sd or runs/toy-flow].")] = None,
     seed: Annotated[int, typer.Option(help="Everything is drawn from this seed.")] = 0,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
-    unet_steps: Annotated[int, typer.Option(help="UNet training steps (batch 48).")] = 3600,
+    unet_steps: Annotated[int, typer.Option(help="UNet and text encoder training steps (batch 48).")] = 4000,
     decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1500,
     decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on plain MSE, encoder frozen (as `toy tune-decoder`).")] = 300,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
     flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 12_000,
-    vae_from: Annotated[Path, typer.Option(help="Toy SD model whose VAE the flow model uses.")] = Path("samples/toy-sd"),
+    vae_from: Annotated[Optional[Path], typer.Option(help="Saved toy SD model whose VAE is used as it is (only the "
+                                                     "denoiser and text encoder are trained) [default with --flow: "
+                                                     "samples/toy-sd].")] = None,
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoints in --work.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ):
@@ -55,11 +57,11 @@ def train(
         shutil.rmtree(work)
     if flow:
         config = toy_flow.FlowTrainConfig(seed=seed, steps=flow_steps, dataset=dataset)
-        train_model = lambda *args: toy_flow.train(*args, vae_from=vae_from)  # noqa: E731
+        train_model = lambda *args: toy_flow.train(*args, vae_from=vae_from or Path("samples/toy-sd"))  # noqa: E731
     else:
         config = TrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
                              decoder_mse_steps=decoder_mse_steps, dataset=dataset)
-        train_model = run_training
+        train_model = lambda *args: run_training(*args, vae_from=vae_from)  # noqa: E731
     with training_progress() as tick:
         summary = train_model(out, work, config, tick)
     emit({"output": str(out), **summary}, False)

@@ -55,6 +55,19 @@ def caption(objects: list[Obj], background: tuple[str, ...]) -> str:
     return f"{things} on a {' and '.join(background)} background"
 
 
+def user_caption(caption: str, rng: np.random.Generator) -> str:
+    """A scene's caption as people type it: the objects in any order, with "a"/"an" or no article,
+    with or without the background phrase ("red circle and a blue star", "a blue star on a grey
+    background"). The model learns the short forms too, so a user's prompt is not out of distribution."""
+    things, _, background = caption.partition(" on a ")
+    nouns = [phrase.split(" ", 1)[1] for phrase in things.split(" and ")]  # "red circle", without its article
+    order = rng.permutation(len(nouns))
+    articles = rng.random() >= 0.2
+    text = " and ".join(f"{'an' if nouns[i][0] in 'aeiou' else 'a'} {nouns[i]}" if articles else nouns[i]
+                        for i in order)
+    return f"{text} on a {background}" if rng.random() < 0.5 else text
+
+
 def polygon(shape: str, center: tuple[float, float], size: float) -> np.ndarray | None:
     """Vertices of a shape (None for circles), upright, inscribed in a circle of radius `size`."""
     cx, cy = center

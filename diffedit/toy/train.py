@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from diffedit.testing import SD_SCHEDULE
 from diffedit.toy import model as toy
-from diffedit.toy.shapes import make_scene
+from diffedit.toy.shapes import make_scene, user_caption
 
 
 @dataclass
@@ -33,7 +33,7 @@ class TrainConfig:
     decoder_mse_steps: int = 300
     photo_fraction: float = 0.3
     dataset: int = 20_000
-    unet_steps: int = 3600
+    unet_steps: int = 4000
     unet_batch: int = 48
     unet_lr: float = 1e-3
     warmup: int = 200
@@ -200,9 +200,10 @@ def encode_dataset(config: TrainConfig, vae, scale: float, work: Path, tick):
 
 
 def fit_denoiser(config, make_net, prepare, loss_of, latents, captions, steps: int, batch: int, lr: float,
-                 checkpoint: Path, phase: str, tick):
+                 checkpoint: Path, phase: str, tick, rewrite=None):
     """Train a fresh `make_net()` (`prepare`d) for `steps` steps of `loss_of(net, gen, z0, texts)`,
-    resumably (`checkpoint`); AdamW with warm-up and cosine decay to lr/10, EMA weights returned."""
+    resumably (`checkpoint`); AdamW with warm-up and cosine decay to lr/10, EMA weights returned.
+    `rewrite(caption, rng)`, if given, turns each drawn caption into another form of it."""
     net, ema = make_net(), make_net().requires_grad_(False)
     prepare(net), prepare(ema)
     ema.load_state_dict(net.state_dict())
@@ -220,6 +221,9 @@ def fit_denoiser(config, make_net, prepare, loss_of, latents, captions, steps: i
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 7 * step + 1)
         idx = torch.randint(0, len(captions), (batch,), generator=gen)
         texts = [captions[i] if torch.rand(1, generator=gen) >= config.caption_dropout else "" for i in idx.tolist()]
+        if rewrite is not None:
+            rng = np.random.default_rng([config.seed, 4, step])
+            texts = [rewrite(text, rng) if text else "" for text in texts]
         loss = loss_of(net, gen, latents[idx], texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,45 +241,66 @@ def fit_denoiser(config, make_net, prepare, loss_of, latents, captions, steps: i
     return ema.eval()
 
 
-def train_unet(config: TrainConfig, latents, captions, tokenizer, text_encoder, work: Path, tick):
+class TextConditioned(torch.nn.Module):
+    """The UNet and its text encoder, trained (and averaged) together: word tokens learn embeddings
+    that the UNet's cross-attention can find the objects by, as CLIP's do for Stable Diffusion."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.unet = toy.make_unet()
+        self.text_encoder = toy.make_text_encoder(tokenizer).requires_grad_(True)
+
+
+def train_unet(config: TrainConfig, latents, captions, tokenizer, work: Path, tick):
+    """UNet and text encoder on the latents, with captions in the forms people write them."""
     from diffusers import DDPMScheduler
 
     abar = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}).alphas_cumprod
 
-    def loss_of(unet, gen, z0, texts):
-        with torch.no_grad():
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-            emb = text_encoder(ids)[0]
+    def loss_of(net, gen, z0, texts):
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        emb = net.text_encoder(ids)[0]
         t = torch.randint(0, 1000, (len(z0),), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
         ab = abar[t].view(-1, 1, 1, 1)
-        pred = unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t, encoder_hidden_states=emb).sample
+        pred = net.unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t, encoder_hidden_states=emb).sample
         snr = ab / (1 - ab)
         weight = torch.clamp(snr, max=5.0) / snr  # min-SNR weighting: faster, steadier training
         return (weight * (pred - eps).pow(2)).mean()
 
-    return fit_denoiser(config, toy.make_unet, lambda net: None, loss_of, latents, captions, config.unet_steps,
-                        config.unet_batch, config.unet_lr, work / "unet.ckpt", "unet", tick)
+    net = fit_denoiser(config, lambda: TextConditioned(tokenizer), lambda net: None, loss_of, latents, captions,
+                       config.unet_steps, config.unet_batch, config.unet_lr, work / "unet.ckpt", "unet", tick,
+                       rewrite=user_caption)
+    return net.unet, net.text_encoder.eval()
 
 
-def train(out: Path, work: Path, config: TrainConfig, tick) -> dict:
-    """Train everything and save the pipeline to `out`; returns what was done (for the README)."""
+def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | None = None) -> dict:
+    """Train everything and save the pipeline to `out`; returns what was done (for the README).
+
+    With `vae_from` (a saved toy model), its VAE is taken as it is and only the UNet and text encoder
+    are trained: the latent space, and every model that shares it, stays the same."""
+    from diffusers import AutoencoderKL
+
     torch.set_num_threads(2)
     torch.manual_seed(config.seed)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = toy.make_tokenizer()
-    text_encoder = toy.make_text_encoder(tokenizer)  # frozen at its seeded random initialisation
-    vae, scale = train_vae(config, work, tick)
-    vae.register_to_config(scaling_factor=scale)
+    if vae_from is not None:
+        vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", dtype=torch.float32).eval().requires_grad_(False)
+        scale = vae.config.scaling_factor
+    else:
+        vae, scale = train_vae(config, work, tick)
+        vae.register_to_config(scaling_factor=scale)
     latents, captions = encode_dataset(config, vae, scale, work, tick)
-    unet = train_unet(config, latents, captions, tokenizer, text_encoder, work, tick)
-    vae = finetune_decoder(config, vae, work, tick)
+    unet, text_encoder = train_unet(config, latents, captions, tokenizer, work, tick)
+    if vae_from is None:
+        vae = finetune_decoder(config, vae, work, tick)
     pipe = toy.assemble(vae, unet, text_encoder, tokenizer)
     toy.save(pipe, out)
-    if config.decoder_mse_steps:
+    if config.decoder_mse_steps and vae_from is None:
         tune_decoder(out, work, config, tick)
-    return {"config": asdict(config), "scaling_factor": scale}
+    return {"config": asdict(config), "scaling_factor": scale, "vae_from": str(vae_from) if vae_from else None}
 
 
 def finetune(source: str | Path, out: Path, *, steps: int = 300, seed: int = 1, batch: int = 32, lr: float = 2e-4,
