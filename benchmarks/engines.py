@@ -18,6 +18,7 @@ from diffedit.benchmarks.overhead import _timed, mid_size_sd1
 from diffedit.families import Family, adapter_for
 from diffedit.images import to_tensor
 from diffedit.jobs import edit_record, invert_image
+from diffedit.plan import plan_job
 from diffedit.testing import tiny_lcm_pipeline, tiny_pipeline
 
 ENGINES = ("ddim", "ddpm-ef", "bdia", "direct", "ddim-p2p", "infedit")
@@ -38,10 +39,10 @@ def measure(model: Family, image: Image.Image, engine: str, steps: int, repeats:
     size = image.height
     invert_t, edit_t = [], []
     for _ in range(repeats):  # the VAE's share (measured alone) is taken out of both
-        record, inv = invert_image(model, image, engine=engine, prompt=SOURCE, steps=steps, check=False,
-                                   params=params)
+        plan = plan_job(model, engine=engine, steps=steps, params=params)
+        record, inv = invert_image(model, image, plan, prompt=SOURCE, check=False)
         invert_t.append(inv["seconds"] - _encode_seconds(model, image))
-        _, ed = edit_record(model, record, TARGET, params=params)
+        _, ed = edit_record(model, record, TARGET, plan)
         edit_t.append(ed["seconds"] - _decode_seconds(model, record))
     fwd = {rows: forward_seconds(model, rows, size) for rows in set(inv["forwards"]) | set(ed["forwards"])}
     cost = lambda forwards: sum(calls * fwd[rows] for rows, calls in forwards.items())  # noqa: E731
@@ -92,9 +93,10 @@ def ledits_comparison(pipe, model: Family, image: Image.Image, steps: int, repea
         ledits(output_type="latent")
 
     def ours():
-        record, _ = invert_image(model, image, engine="ddpm-ef", prompt=SOURCE, steps=steps, guidance_scale=3.5,
-                                 check=False)
-        edit_record(model, record, "", guidance_scale=1.0, params={"skip": 0})  # all steps, as LEDITS++ here
+        plan = plan_job(model, engine="ddpm-ef", steps=steps, params={"skip": 0}, inversion_guidance_scale=3.5,
+                        guidance_scale=1.0)  # all steps, as LEDITS++ here
+        record, _ = invert_image(model, image, plan, prompt=SOURCE, check=False)
+        edit_record(model, record, "", plan)
 
     theirs(), ours()
     t_theirs, t_ours = [], []

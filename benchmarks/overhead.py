@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from diffedit.families import adapter_for
-from diffedit.jobs import branch_denoiser
+from diffedit.denoiser import branch_denoiser
 from diffedit.sampling import initial_noise, sample
 from diffedit.testing import SD_SCHEDULE, tiny_pipeline
 

@@ -1,4 +1,4 @@
-"""`diffedit batch`: run a JSONL manifest of jobs (see diffedit.batch)."""
+"""`diffedit batch`: run a JSONL manifest of jobs (see diffedit.cli.manifest)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def batch(
 
     Example: diffedit batch jobs.jsonl --out-dir out/ --resume
     """
-    from diffedit import batch as jobs_lib
+    from diffedit.cli import manifest as jobs_lib
     from diffedit.errors import DiffeditError
 
     if contact_sheet is not None and contact_sheet.exists() and not resume:

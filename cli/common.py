@@ -72,23 +72,12 @@ def guidance_spec(kind: str, pag_scale: float, pag_layers: str, pag_adaptive_sca
     from diffedit.guidance import GuidanceSpec
 
     layers = tuple(p.strip() for p in pag_layers.split(",") if p.strip())
-    spec = GuidanceSpec(kind, pag_scale, layers, pag_adaptive_scale, adaptive_threshold)
-    spec.build(1.0)  # a bad combination is a usage error before the model loads (1 suits CFG and CFG++)
-    return spec
+    return GuidanceSpec(kind, pag_scale, layers, pag_adaptive_scale, adaptive_threshold)  # checked before the model loads
 
 
 def engine_params(**params) -> dict:
     """The engine options the user gave (None = not given)."""
     return {k: v for k, v in params.items() if v is not None}
-
-
-def default_steps(engine: str, steps: int | None, model=None) -> int:
-    from diffedit.engines import get_engine
-
-    eng = get_engine(engine)
-    if model is not None:
-        eng.configure(model)
-    return steps or eng.default_steps
 
 
 # Commands that can run several jobs as one micro-batch: name -> (runner taking a list of the

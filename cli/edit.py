@@ -12,7 +12,7 @@ from diffedit.cli.common import (
     LcmStepsOpt,
     LoraOpt,
     AdaptiveGuidanceOpt, DeepCacheOpt, AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, FKEveryOpt, FKLambdaOpt, FKParticlesOpt, FKPotentialOpt, RewardOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
-    SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, default_steps, emit, fk_config, guidance_spec, engine_params, load, progress,
+    SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, emit, fk_config, guidance_spec, engine_params, load, progress,
     record_loras,
 )
 from diffedit.cli.invert import AlphaOpt, FitOpt
@@ -64,6 +64,7 @@ def edit(
     from diffedit.files import check_writable
     from diffedit.images import save_image
     from diffedit.jobs import ImageInput, edit_image, edit_record, image_params
+    from diffedit.plan import plan_job, plan_of_record
     from diffedit.records import load_record
 
     if not target:
@@ -89,28 +90,29 @@ def edit(
                  adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
                  lcm_lora=lcm_lora)
         rec.check_model(m, from_record)
-        with progress(rec.meta["steps"], f"edit ({rec.meta['engine']['name']})", quiet) as callback:
-            out, result = edit_record(m, rec, target, guidance_scale=guidance_scale, params=params,
-                                      callback=callback, show_attention=show_attention is not None,
+        plan = plan_of_record(m, rec.meta, edit=True, guidance_scale=guidance_scale, params=params)
+        with progress(plan.steps, f"edit ({plan.engine.name})", quiet) as callback:
+            out, result = edit_record(m, rec, target, plan, callback=callback, show_attention=show_attention is not None,
                                       fk=fk, reward=reward, adaptive_guidance=adaptive_guidance, deepcache=deepcache)
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
                  adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
                  lcm_lora=lcm_lora)
-        with progress(2 * default_steps(engine, steps, m), f"edit ({engine})", quiet) as callback:
+        plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec, guidance_scale=guidance_scale,
+                        inversion_guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed)
+        with progress(2 * plan.steps, f"edit ({engine})", quiet) as callback:
             out, result, _ = edit_image(
-                m, image, source_prompt=source, target_prompt=target, engine=engine, steps=steps,
-                guidance_scale=guidance_scale, inversion_guidance_scale=inversion_guidance_scale,
-                negative_prompt=negative_prompt, seed=seed, params=params,
-                image=ImageInput(fit=fit, alpha=alpha), guidance=spec, callback=callback,
+                m, image, plan, source_prompt=source, target_prompt=target,
+                image=ImageInput(fit=fit, alpha=alpha), callback=callback,
                 show_attention=show_attention is not None, fk=fk, reward=reward,
                 adaptive_guidance=adaptive_guidance, deepcache=deepcache,
             )
     meta = image_params("edit", m, image=str(image or from_record), source=source, target=target,
-                        engine=engine, steps=result["steps"], guidance_scale=guidance_scale,
-                        inversion_guidance_scale=inversion_guidance_scale, seed=seed, engine_params=params,
-                        guidance=spec.to_dict(), adaptive_guidance=adaptive_guidance, deepcache=deepcache)
+                        engine=engine, steps=plan.steps, guidance_scale=plan.edit_scale,
+                        inversion_guidance_scale=plan.inversion_scale, seed=plan.seed,
+                        engine_params=plan.params.to_dict(), guidance=plan.guidance.to_dict(),
+                        adaptive_guidance=adaptive_guidance, deepcache=deepcache)
     maps = result.pop("attention_maps", None), result.pop("attention_tokens", None)
     save_image(out, output, params=meta, overwrite=overwrite)
     if show_attention is not None:

@@ -12,7 +12,7 @@ from diffedit.cli.common import (
     LcmStepsOpt,
     LoraOpt,
     AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
-    SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, default_steps, emit, guidance_spec, engine_params, load, progress,
+    SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, emit, guidance_spec, engine_params, load, progress,
     record_loras,
 )
 from diffedit.cli.main import app
@@ -51,6 +51,7 @@ def invert(
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.jobs import ImageInput, invert_image
+    from diffedit.plan import plan_job
     from diffedit.records import save_record
 
     if output is None:
@@ -64,13 +65,11 @@ def invert(
     m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
              adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
              lcm_lora=lcm_lora)
-    with progress(default_steps(engine, steps, m) * (2 if check else 1), f"invert ({engine})", quiet) as callback:
-        record, result = invert_image(
-            m, image, engine=engine, prompt=prompt, steps=steps, guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt, seed=seed, image=ImageInput(fit=fit, alpha=alpha),
-            check=check, params=params, guidance=spec,
-            callback=callback,
-        )
+    plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec,
+                    inversion_guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed)
+    with progress(plan.steps * (2 if check else 1), f"invert ({engine})", quiet) as callback:
+        record, result = invert_image(m, image, plan, prompt=prompt, image=ImageInput(fit=fit, alpha=alpha),
+                                      check=check, callback=callback)
     save_record(output, record, overwrite)
     emit({"output": str(output), **result}, json)
 

@@ -2,24 +2,45 @@
 
 An engine turns a clean latent into the tensors of a record (`invert`) and turns those tensors
 back into a clean latent under the target branch (`edit`); reconstruction is an edit whose target
-is the source. Engines register themselves by name, so adding one adds only its file.
+is the source. Engines register themselves by name, so adding one adds only its file to
+`diffedit.inversion`, whose `get_engine` resolves a name.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
 from diffedit.errors import UsageError
-from diffedit.families import Family, Schedule
+from diffedit.denoiser import Denoiser
 from diffedit.editing.attention import Controller
-from diffedit.sampling import Callback, Denoiser
+from diffedit.families import Family
+from diffedit.sampling import Callback, Schedule
 
 ENGINES: dict[str, type[Engine]] = {}
+
+
+@dataclass(frozen=True)
+class Params:
+    """An engine's options: one frozen dataclass per engine, each field an option with the paper's
+    default. `check` raises a UsageError for values the engine cannot run with and changes nothing."""
+
+    def check(self, steps: int) -> None:
+        """Raise UsageError for values the engine cannot run with at `steps` steps."""
+
+    @classmethod
+    def from_options(cls, engine: str, options: dict | None) -> Params:
+        """The parameters from user options (None: not given, the default applies)."""
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UsageError(f"--{unknown[0].replace('_', '-')} does not apply to engine {engine}")
+        return cls(**given)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -30,7 +51,7 @@ class Run:
     schedule: Schedule
     source: Denoiser  # source prompt with the inversion guidance
     target: Denoiser  # target prompt with the editing guidance (the source, to reconstruct)
-    params: dict = field(default_factory=dict)
+    params: Params = field(default_factory=Params)
     seed: int = 0
     callback: Callback | None = None
     prompts: tuple[str, str] = ("", "")  # source and target prompt
@@ -74,16 +95,20 @@ class Engine:
     # its edit samples with `run.target` alone and retraces nothing, so DeepCache and adaptive guidance
     # may speed up the regeneration (exact engines must retrace their inversion: they refuse them)
     accelerable: bool = False
-    defaults: dict = {}  # engine parameters and their defaults
+    Params: type[Params] = Params  # the engine's options and their defaults
     default_steps: int = 50
     default_guidance: tuple[float, float] = (1.0, 7.5)  # CFG of the inversion and of the edit
 
-    def check(self, params: dict, steps: int) -> None:
-        """Raise UsageError for parameters the engine cannot run with."""
+    def model_defaults(self, model: Family) -> tuple[int, tuple[float, float]]:
+        """(steps, (inversion CFG, edit CFG)) on this model, or a UsageError for a model the engine
+        cannot run on."""
+        return self.default_steps, self.default_guidance
 
-    def configure(self, model) -> None:
-        """Adapt defaults to a model (its family, whether it is a latent-consistency model) or refuse
-        it (called before parameters are merged)."""
+    def resolve(self, params: Params, steps: int, model: Family) -> Params:
+        """The parameters a run uses: checked, with values that depend on the steps or the model
+        filled in (so records and results carry the numbers used)."""
+        params.check(steps)
+        return params
 
     def invert(self, run: Run, z0: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -95,18 +120,3 @@ class Engine:
 def register(cls: type[Engine]) -> type[Engine]:
     ENGINES[cls.name] = cls
     return cls
-
-
-def engine_names() -> list[str]:
-    """Names of all engines; importing every module of `inversion/` registers them."""
-    import diffedit.inversion as package
-
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
-    return sorted(ENGINES)
-
-
-def get_engine(name: str) -> Engine:
-    if name not in engine_names():
-        raise UsageError(f"unknown engine {name!r}; available: {', '.join(engine_names())}")
-    return ENGINES[name]()

@@ -1,4 +1,4 @@
-"""Errors a user sees as one line on stderr, with the exit code of DESIGN.md §8."""
+"""Errors a user sees as one line on stderr, with the exit codes of docs/design.md ("Errors")."""
 
 
 class DiffeditError(Exception):

@@ -2,7 +2,7 @@
 
 An adapter turns prompts into conditioning (once per job), runs one batched network forward,
 encodes/decodes images, and builds the schedule. Engines only ever see latents shaped
-[B, C, h, w], the `Schedule` and the `(x0, eps)` pairs of DESIGN.md §3.
+[B, C, h, w], the `Schedule` and the `(x0, eps)` pairs of `diffedit.sampling` (docs/design.md).
 """
 
 from __future__ import annotations
@@ -16,27 +16,7 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
 from diffedit.errors import DiffeditError, UsageError
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Noise levels from most noisy (index 0) to the end of sampling (index N).
-
-    `times[i]` is the network's time input at level i (N entries); `a[i]`, `s[i]` are the
-    coefficients of `x_i = a_i * x0 + s_i * eps` (N + 1 entries, Python floats so the loop
-    never syncs with the device).
-    """
-
-    times: torch.Tensor
-    a: tuple[float, ...]
-    s: tuple[float, ...]
-    t: tuple[float, ...] = field(init=False)  # `times` as Python floats, for guidance schedules
-
-    def __post_init__(self):
-        object.__setattr__(self, "t", tuple(float(v) for v in self.times.cpu()))
-
-    def __len__(self) -> int:
-        return len(self.times)
+from diffedit.sampling import Schedule
 
 
 @dataclass

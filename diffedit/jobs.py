@@ -1,7 +1,7 @@
 """What each command does, without the command line: invert, reconstruct, edit, generate.
 
 Each job returns its output (record or image) and a result dict with the stable field names of
-DESIGN.md §8 (`engine`, `steps`, `nfe`, `seconds`, `psnr`, `latent_max_abs`, ...). The CLI and
+docs/design.md ("Results") (`engine`, `steps`, `nfe`, `seconds`, `psnr`, `latent_max_abs`, ...). The CLI and
 `batch` only parse options, call these, and write what they return.
 """
 
@@ -10,21 +10,23 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
 from diffedit import __version__
-from diffedit.engines import Run, get_engine
+from diffedit.engines import Run
 from diffedit.errors import UsageError
 from diffedit.families import Family
 from diffedit.guidance import GuidanceSpec
 from diffedit.guidance.fk import FKConfig, load_reward, steer
 from diffedit.images import fit_to_multiple, load_image, load_mask, psnr, to_pil, to_tensor
+from diffedit.plan import Plan, plan_job, plan_of_record
 from diffedit.records import Record, model_meta
-from diffedit.sampling import Callback, Denoiser, prompt_denoiser, sample
+from diffedit.denoiser import branch_denoiser, prompt_denoiser_for
+from diffedit.sampling import Callback, sample
 
 
 @dataclass
@@ -42,89 +44,53 @@ def read_image(model: Family, source: str | Image.Image, how: ImageInput) -> Ima
     return fit_to_multiple(img, model.multiple, how.fit, max_side=how.max_side)
 
 
-def branch_denoiser(
-    model: Family, prompt: str, guidance_scale: float, height: int, width: int,
-    negative_prompt: str = "", guidance: GuidanceSpec | None = None,
-) -> Denoiser:
-    """One prompt's denoiser (see `prompt_denoiser_for`)."""
-    return prompt_denoiser_for(model, [prompt], guidance_scale, height, width, negative_prompt, guidance)
-
-
-def prompt_denoiser_for(
-    model: Family, prompts: list[str], guidance_scale: float, height: int, width: int,
-    negative_prompt: str = "", guidance: GuidanceSpec | None = None, controller=None,
-) -> Denoiser:
-    """A denoiser over prompts (one row each) with `guidance` (CFG by default) at `guidance_scale`
-    (a list gives each row its own scale) and an optional attention controller.
-
-    Guidance-distilled models (Flux, LCM) take the scale as a network input: their CFG branch is the
-    conditional one alone, and CFG++/PAG still apply on top of it.
-    """
-    guidance = guidance or GuidanceSpec()
-    if model.guidance_embedded:
-        if guidance.kind.startswith("cfgpp"):
-            raise UsageError("CFG++ needs an unconditional branch; guidance-distilled models (Flux, LCM) have none")
-        return prompt_denoiser(model, prompts, guidance.build(1.0), height, width, negative_prompt,
-                               embedded_guidance=guidance_scale, controller=controller)
-    return prompt_denoiser(model, prompts, guidance.build(guidance_scale), height, width, negative_prompt,
-                           controller=controller)
-
-
 def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> float:
     return psnr(to_pil(model.decode(latent)), reference)
 
 
-def engine_setup(engine: str, params: dict | None, steps: int | None, model: Family | None = None):
-    """The engine, its full parameters and step count, with the user's values checked."""
-    eng = get_engine(engine)
-    if model is not None:
-        eng.configure(model)
-    params = {k: v for k, v in (params or {}).items() if v is not None}
-    unknown = sorted(set(params) - set(eng.defaults))
-    if unknown:
-        raise UsageError(f"--{unknown[0].replace('_', '-')} does not apply to engine {engine}")
-    params = {**eng.defaults, **params}
-    steps = steps or eng.default_steps
-    eng.check(params, steps)
-    return eng, params, steps
+def _run(model: Family, plan: Plan, prompts: tuple[str, str], height: int, width: int,
+         callback: Callback | None, target_guidance: GuidanceSpec | None = None) -> Run:
+    """The engine's run of a plan: the schedule and the source and target denoisers (one and the same
+    when the target is the source with the source's scale: a reconstruction)."""
+    schedule = model.schedule(plan.steps, height, width)
+    negative = plan.negative_prompt
+    src = branch_denoiser(model, prompts[0], plan.inversion_scale, height, width, negative, plan.guidance)
+    same = prompts[1] == prompts[0] and plan.edit_scale == plan.inversion_scale and target_guidance is None
+    tgt = src if same else branch_denoiser(model, prompts[1], plan.edit_scale, height, width, negative,
+                                           target_guidance or plan.guidance)
+    pair = lambda prompts, controller, scales=None: prompt_denoiser_for(  # noqa: E731
+        model, prompts, scales or plan.edit_scale, height, width, negative, plan.guidance, controller)
+    return Run(model, schedule, src, tgt, plan.params, plan.seed, callback, prompts,
+               (plan.inversion_scale, plan.edit_scale), pair)
 
 
 def invert_image(
-    model: Family, source: str, *, engine: str = "ddim", prompt: str = "", steps: int | None = None,
-    guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
-    params: dict | None = None, image: ImageInput = ImageInput(), check: bool = True,
-    guidance: GuidanceSpec | None = None, callback: Callback | None = None,
+    model: Family, source: str | Image.Image, plan: Plan, *, prompt: str = "", image: ImageInput = ImageInput(),
+    check: bool = True, callback: Callback | None = None,
 ) -> tuple[Record, dict]:
     """Invert an image into a record; with `check`, reconstruct it and measure the error."""
     started = time.perf_counter()
-    eng, params, steps = engine_setup(engine, params, steps, model)
-    guidance_scale = eng.default_guidance[0] if guidance_scale is None else guidance_scale
     img = read_image(model, source, image)
     width, height = img.size
     z0 = model.encode_image(to_tensor(img))
-    schedule = model.schedule(steps, height, width)
-    guidance = guidance or GuidanceSpec()
-    src = branch_denoiser(model, prompt, guidance_scale, height, width, negative_prompt, guidance)
-    pair = lambda prompts, controller, scales=None: prompt_denoiser_for(  # noqa: E731
-        model, prompts, scales or guidance_scale, height, width, negative_prompt, guidance, controller)
-    run = Run(model, schedule, src, src, params, seed, callback, (prompt, prompt),
-              (guidance_scale, guidance_scale), pair)
-    tensors = {**eng.invert(run, z0), "latent": z0}
+    reconstruction = replace(plan, edit_scale=plan.inversion_scale)
+    run = _run(model, reconstruction, (prompt, prompt), height, width, callback)
+    tensors = {**plan.engine.invert(run, z0), "latent": z0}
     meta = {
         "model": model_meta(model),
-        "engine": {"name": engine, **params},
+        "engine": plan.engine_meta,
         "source_prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "guidance_scale": guidance_scale,
-        "guidance": guidance.to_dict(),
-        "steps": steps,
-        "seed": seed,
+        "negative_prompt": plan.negative_prompt,
+        "guidance_scale": plan.inversion_scale,
+        "guidance": plan.guidance.to_dict(),
+        "steps": plan.steps,
+        "seed": plan.seed,
         "size": [height, width],
         "image": source if isinstance(source, str) else "<memory>",
     }
-    result = {"engine": engine, "steps": steps, "seed": seed, "size": [height, width]}
+    result = {"engine": plan.engine.name, "steps": plan.steps, "seed": plan.seed, "size": [height, width]}
     if check:
-        z_rec = eng.edit(run, tensors)
+        z_rec = plan.engine.edit(run, tensors)
         result.update(
             psnr=_psnr_vs(model, z_rec, img),
             latent_max_abs=float((z_rec - z0).abs().max()),
@@ -134,40 +100,18 @@ def invert_image(
     return Record(tensors, meta), result
 
 
-def _run_from_record(model: Family, record: Record, target_prompt: str | None, target_scale: float | None,
-                     params: dict | None, callback: Callback | None, adaptive_guidance: float | None = None):
-    """The engine and run that regenerate a record (under a new target when one is given; adaptive
-    guidance, if asked, on the target's branch only)."""
-    meta = record.meta
-    recorded = {k: v for k, v in meta["engine"].items() if k != "name"}
-    eng, params, steps = engine_setup(meta["engine"]["name"], {**recorded, **(params or {})}, meta["steps"], model)
-    height, width = meta["size"]
-    schedule = model.schedule(steps, height, width)
-    negative = meta.get("negative_prompt", "")
-    guidance = GuidanceSpec.from_dict(meta.get("guidance"))
-    src = branch_denoiser(model, meta["source_prompt"], meta["guidance_scale"], height, width, negative, guidance)
-    same = target_prompt is None and target_scale is None
-    target_prompt = meta["source_prompt"] if target_prompt is None else target_prompt
-    scale = meta["guidance_scale"] if same else eng.default_guidance[1] if target_scale is None else target_scale
-    target_guidance = guidance if adaptive_guidance is None else GuidanceSpec.from_dict(
-        {**guidance.to_dict(), "adaptive_threshold": adaptive_guidance})
-    tgt = src if same else branch_denoiser(model, target_prompt, scale, height, width, negative, target_guidance)
-    pair = lambda prompts, controller, scales=None: prompt_denoiser_for(  # noqa: E731
-        model, prompts, scales or scale, height, width, negative, guidance, controller)
-    return eng, Run(model, schedule, src, tgt, params, meta.get("seed", 0), callback,
-                    (meta["source_prompt"], target_prompt), (meta["guidance_scale"], scale), pair)
-
-
 def reconstruct_record(model: Family, record: Record, *, reference: Image.Image | None = None,
                        callback: Callback | None = None) -> tuple[Image.Image, dict]:
     """Regenerate the record's image with its own prompt and guidance; report the error."""
     started = time.perf_counter()
-    eng, run = _run_from_record(model, record, None, None, None, callback)
-    z_rec = eng.edit(run, record.tensors)
+    meta = record.meta
+    plan = plan_of_record(model, meta)
+    run = _run(model, plan, (meta["source_prompt"], meta["source_prompt"]), *meta["size"], callback)
+    z_rec = plan.engine.edit(run, record.tensors)
     out = to_pil(model.decode(z_rec))
     z0 = record.tensors["latent"].to(z_rec.device)
     result = {
-        "engine": eng.name, "steps": len(run.schedule), "nfe": run.nfe,
+        "engine": plan.engine.name, "steps": plan.steps, "nfe": run.nfe,
         "latent_max_abs": float((z_rec - z0).abs().max()),
         # without the original at hand, compare with the decoded input latent
         "psnr": psnr(out, reference if reference is not None else to_pil(model.decode(z0))),
@@ -176,10 +120,8 @@ def reconstruct_record(model: Family, record: Record, *, reference: Image.Image 
     return out, result
 
 
-def _steered_edit(model: Family, eng, run: Run, record: Record, fk: FKConfig, reward: str):
+def _steered_edit(model: Family, run: Run, record: Record, fk: FKConfig, reward: str):
     """FK steering of an edit: K particles sampled stochastically from the inverted noise."""
-    if eng.name != "ddim":
-        raise UsageError(f"FK steering in edits samples from the inverted noise: use --engine ddim, not {eng.name}")
     noise = record.tensors["noise"]
     den = run.denoiser_for([run.prompts[1]] * fk.particles, scales=[run.scales[1]] * fk.particles)
     latents, rewards, stats = steer(den, run.schedule, tuple(noise.shape), run.seed, load_reward(reward),
@@ -188,40 +130,43 @@ def _steered_edit(model: Family, eng, run: Run, record: Record, fk: FKConfig, re
     return latents[best : best + 1], {**stats, "reward": float(rewards[best]), "rewards": rewards.tolist()}
 
 
-def _check_accelerators(engine: str, adaptive_guidance: float | None, deepcache: int | None,
+def _check_accelerators(plan: Plan, adaptive_guidance: float | None, deepcache: int | None,
                         fk: FKConfig | None) -> None:
-    if (adaptive_guidance is not None or deepcache) and not get_engine(engine).accelerable:
-        raise UsageError(f"--adaptive-guidance/--deepcache would change {engine}'s regeneration so that it no longer "
-                         "retraces the inversion (exactness lost); they apply to ddim and rf-inversion edits")
+    if (adaptive_guidance is not None or deepcache) and not plan.engine.accelerable:
+        raise UsageError(f"--adaptive-guidance/--deepcache would change {plan.engine.name}'s regeneration so that it "
+                         "no longer retraces the inversion (exactness lost); they apply to ddim and rf-inversion edits")
     if deepcache and fk is not None and fk.particles > 1:
         raise UsageError("--deepcache is not combined with FK steering")
+    if fk is not None and fk.particles > 1 and plan.engine.name != "ddim":
+        raise UsageError(f"FK steering in edits samples from the inverted noise: use --engine ddim, not {plan.engine.name}")
 
 
-def edit_record(model: Family, record: Record, target_prompt: str, *, guidance_scale: float | None = None,
-                params: dict | None = None, callback: Callback | None = None,
-                show_attention: bool = False, fk: FKConfig | None = None,
-                reward: str = "saturation", adaptive_guidance: float | None = None,
-                deepcache: int | None = None) -> tuple[Image.Image, dict]:
-    """Regenerate the record's image under a new prompt with the record's engine.
+def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *, callback: Callback | None = None,
+                show_attention: bool = False, fk: FKConfig | None = None, reward: str = "saturation",
+                adaptive_guidance: float | None = None, deepcache: int | None = None) -> tuple[Image.Image, dict]:
+    """Regenerate the record's image under a new prompt with the plan (`plan_of_record(..., edit=True)`).
 
     With `show_attention`, engines that control attention add `attention_maps` (per target token,
     on the latent grid) and `attention_tokens` to the result. `adaptive_guidance` and `deepcache`
     accelerate the regeneration of engines that allow it (not exact ones: they must retrace).
     """
     started = time.perf_counter()
-    _check_accelerators(record.meta["engine"]["name"], adaptive_guidance, deepcache, fk)
-    eng, run = _run_from_record(model, record, target_prompt, guidance_scale, params, callback, adaptive_guidance)
+    _check_accelerators(plan, adaptive_guidance, deepcache, fk)
+    meta = record.meta
+    target_guidance = None if adaptive_guidance is None else GuidanceSpec.from_dict(
+        {**plan.guidance.to_dict(), "adaptive_threshold": adaptive_guidance})
+    run = _run(model, plan, (meta["source_prompt"], target_prompt), *meta["size"], callback, target_guidance)
     if deepcache:
         from diffedit.deepcache import DeepCache
 
         run.target.deepcache = DeepCache(model.network, deepcache)
     run.show_attention = show_attention
-    result = {"engine": eng.name, "steps": len(run.schedule)}
+    result = {"engine": plan.engine.name, "steps": plan.steps}
     if fk is not None and fk.particles > 1:
-        z, steered = _steered_edit(model, eng, run, record, fk, reward)
+        z, steered = _steered_edit(model, run, record, fk, reward)
         result.update(steered)
     else:
-        z = eng.edit(run, record.tensors)
+        z = plan.engine.edit(run, record.tensors)
     out = to_pil(model.decode(z))
     result.update(nfe=run.nfe, forwards=run.forwards, seconds=time.perf_counter() - started)
     if deepcache:
@@ -318,26 +263,18 @@ def image_params(command: str, model: Family, **fields) -> dict:
 
 
 def edit_image(
-    model: Family, source: str, *, source_prompt: str, target_prompt: str, engine: str = "ddim",
-    steps: int | None = None, guidance_scale: float | None = None,
-    inversion_guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
-    params: dict | None = None, image: ImageInput = ImageInput(), guidance: GuidanceSpec | None = None,
-    callback: Callback | None = None, show_attention: bool = False, fk: FKConfig | None = None,
-    reward: str = "saturation", adaptive_guidance: float | None = None, deepcache: int | None = None,
+    model: Family, source: str | Image.Image, plan: Plan, *, source_prompt: str, target_prompt: str,
+    image: ImageInput = ImageInput(), callback: Callback | None = None, show_attention: bool = False,
+    fk: FKConfig | None = None, reward: str = "saturation", adaptive_guidance: float | None = None,
+    deepcache: int | None = None,
 ) -> tuple[Image.Image, dict, Record]:
     """Invert an image with the source prompt, then regenerate it under the target prompt."""
     started = time.perf_counter()
-    if fk is not None and fk.particles > 1 and engine != "ddim":  # fail before the inversion
-        raise UsageError(f"FK steering in edits samples from the inverted noise: use --engine ddim, not {engine}")
-    _check_accelerators(engine, adaptive_guidance, deepcache, fk)
-    record, inverted = invert_image(
-        model, source, engine=engine, prompt=source_prompt, steps=steps,
-        guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed,
-        params=params, image=image, check=False, guidance=guidance, callback=callback,
-    )
-    out, edited = edit_record(model, record, target_prompt, guidance_scale=guidance_scale, callback=callback,
-                              show_attention=show_attention, fk=fk, reward=reward,
-                              adaptive_guidance=adaptive_guidance, deepcache=deepcache)
+    _check_accelerators(plan, adaptive_guidance, deepcache, fk)  # fail before the inversion
+    record, inverted = invert_image(model, source, plan, prompt=source_prompt, image=image, check=False,
+                                    callback=callback)
+    out, edited = edit_record(model, record, target_prompt, plan, callback=callback, show_attention=show_attention,
+                              fk=fk, reward=reward, adaptive_guidance=adaptive_guidance, deepcache=deepcache)
     forwards = dict(inverted["forwards"])
     for rows, calls in edited["forwards"].items():
         forwards[rows] = forwards.get(rows, 0) + calls

@@ -1,4 +1,4 @@
-"""One attention-control mechanism for every edit that touches attention (DESIGN.md §5).
+"""One attention-control mechanism for every edit that touches attention (docs/design.md, "Attention control").
 
 Our processors replace diffusers' on every attention layer while a controller is active, and give
 the controller three hooks on each call, knowing the layer, the step and which rows of the batch

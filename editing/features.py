@@ -18,7 +18,6 @@ from diffedit.editing.attention import Chain, Controller
 from diffedit.errors import UsageError
 
 PNP_LAYERS = ("up_blocks.1.resnets.1",)
-FEATURE_DEFAULTS = {"inject_features": 0.0, "feature_layers": list(PNP_LAYERS)}
 
 
 class FeatureInjection(Controller):
@@ -42,8 +41,9 @@ class FeatureInjection(Controller):
         return chunks.flatten(0, 1)
 
 
-def with_features(controller: Controller, params: dict, steps: int, into: list[int] | None = None) -> Controller:
-    """`controller`, chained with the feature injection `params` ask for (none at fraction 0)."""
-    fraction, layers = params["inject_features"], params["feature_layers"]
+def with_features(controller: Controller, params, steps: int, into: list[int] | None = None) -> Controller:
+    """`controller`, chained with the feature injection `params` ask for (their `inject_features`
+    fraction and `feature_layers`; none at fraction 0)."""
+    fraction, layers = params.inject_features, params.feature_layers
     injection = FeatureInjection(layers, steps, fraction, into=into)  # checks the options even when off
     return controller if fraction == 0 else Chain(controller, injection)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffedit.editing.attention import AttnCall, Controller
-from diffedit.editing.features import FEATURE_DEFAULTS, with_features
+from diffedit.editing.features import with_features
 from diffedit.errors import UsageError
 from diffedit.sampling import step
 
@@ -215,14 +215,10 @@ def build_p2p(tokenizer, source: str, target: str, config: P2PConfig, steps: int
     return PromptToPrompt(config, steps, grid, mapper, alphas, equalizer, blend, store)
 
 
-P2P_DEFAULTS = {"cross_replace": 0.4, "self_replace": 0.6, "p2p_mode": "auto", "reweight": {}, "blend": [],
-                "blend_threshold": 0.3, **FEATURE_DEFAULTS}
-
-
-def p2p_config(params: dict) -> P2PConfig:
-    return P2PConfig(cross=params["cross_replace"], self_=params["self_replace"], mode=params["p2p_mode"],
-                     reweight=dict(params["reweight"]), blend=list(params["blend"]),
-                     blend_threshold=params["blend_threshold"])
+def p2p_config(params) -> P2PConfig:
+    """The controller settings of an engine's prompt-to-prompt parameters."""
+    return P2PConfig(cross=params.cross_replace, self_=params.self_replace, mode=params.p2p_mode,
+                     reweight=dict(params.reweight), blend=list(params.blend), blend_threshold=params.blend_threshold)
 
 
 @torch.inference_mode()

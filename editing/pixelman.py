@@ -154,7 +154,7 @@ def mask_from_prompt(model, pixels: torch.Tensor, prompt: str, word: str, seed: 
     of its tokens, summed over layers and five mid-noise levels of the noised image, normalised to
     [0, 1] and thresholded, at pixel resolution."""
     from diffedit.editing.p2p import find_word, word_tokens
-    from diffedit.jobs import prompt_denoiser_for
+    from diffedit.denoiser import prompt_denoiser_for
 
     tokenizer = model.pipe.tokenizer
     positions = find_word(tokenizer, word_tokens(tokenizer, prompt), word, "--prompt")

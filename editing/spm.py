@@ -470,7 +470,8 @@ def train(
     exactly the result of an uninterrupted run. `stop_after` ends early (tests of resuming).
     """
     from diffedit.guidance.cfg import CFG
-    from diffedit.sampling import prompt_denoiser, step as ddim_step
+    from diffedit.sampling import step as ddim_step
+    from diffedit.denoiser import prompt_denoiser
 
     check_concept(concept)
     prompts = list(prompts or [concept])

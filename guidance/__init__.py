@@ -30,12 +30,19 @@ def make_guidance(kind: str, scale: float, *, pag_scale: float = 3.0, pag_layers
 
 
 class GuidanceSpec:
-    """The user's choice of guidance, applied at whatever scale each branch of a job uses."""
+    """The user's choice of guidance, checked when made, applied at whatever scale each branch of a
+    job uses: `diffedit.denoiser.prompt_denoiser_for` is the one place that builds it."""
 
     def __init__(self, kind: str = "cfg", pag_scale: float = 3.0, pag_layers: tuple[str, ...] = ("mid",),
                  pag_adaptive_scale: float = 0.0, adaptive_threshold: float | None = None):
         if kind not in KINDS:
             raise UsageError(f"unknown guidance {kind!r}; use one of {', '.join(KINDS)}")
+        if "pag" in kind and (pag_scale < 0 or pag_adaptive_scale < 0):
+            raise UsageError(f"--pag-scale ({pag_scale}) and --pag-adaptive-scale ({pag_adaptive_scale}) must be >= 0")
+        if adaptive_threshold is not None and kind != "cfg":
+            raise UsageError(f"--adaptive-guidance works with --guidance cfg, not {kind}")
+        if adaptive_threshold is not None and not 0 < adaptive_threshold <= 1:
+            raise UsageError(f"--adaptive-guidance {adaptive_threshold} must be a cosine similarity in (0, 1]")
         self.kind, self.pag_scale = kind, float(pag_scale)
         self.pag_layers, self.pag_adaptive_scale = tuple(pag_layers), float(pag_adaptive_scale)
         self.adaptive_threshold = adaptive_threshold

@@ -1,7 +1,7 @@
 """Guidance as a small object: the branches it needs, and how it combines their predictions.
 
-Every branch runs in one batched forward (see `diffedit.sampling.Denoiser`). `combine` returns the
-`x0_hat` used to denoise and the `eps_hat` used to renoise (DESIGN.md §4); plain CFG uses the same
+Every branch runs in one batched forward (see `diffedit.denoiser.Denoiser`). `combine` returns the
+`x0_hat` used to denoise and the `eps_hat` used to renoise (docs/design.md, "Guidance"); plain CFG uses the same
 guided prediction for both, so both are the CFG combination of the branch predictions.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-Prediction = tuple[torch.Tensor, torch.Tensor]  # (x0_hat, eps_hat)
+from diffedit.sampling import Prediction
 
 
 def scales(scale: float | list[float]) -> tuple[float | list[float], float | torch.Tensor]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from diffedit.errors import DiffeditError, UsageError
-from diffedit.sampling import Denoiser, churn, step
+from diffedit.sampling import Denoise, churn, step
 
 Reward = Callable[[torch.Tensor, str], torch.Tensor]  # (images [K,3,H,W] in [0,1], prompt) -> [K]
 POTENTIALS = ("diff", "max", "sum")
@@ -64,7 +64,7 @@ def _systematic(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def steer(
-    denoise: Denoiser, schedule, shape: tuple[int, ...], seed: int, reward: Reward, prompt: str,
+    denoise: Denoise, schedule, shape: tuple[int, ...], seed: int, reward: Reward, prompt: str,
     decode: Callable[[torch.Tensor], torch.Tensor], config: FKConfig, device: torch.device,
     callback=None, start: torch.Tensor | None = None, refresh: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:

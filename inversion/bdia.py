@@ -15,9 +15,11 @@ As in the paper's editing code, only the last `strength` (0.8) of the steps are 
 regenerated: the noisiest ones would redraw the layout under a new prompt.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from diffedit.engines import Engine, Run, register
+from diffedit.engines import Engine, Params, Run, register
 from diffedit.errors import UsageError
 from diffedit.sampling import step
 
@@ -31,27 +33,33 @@ def first_level(steps: int, strength: float) -> int:
     return steps - int(steps * strength)
 
 
+@dataclass(frozen=True)
+class BDIAParams(Params):
+    gamma: float = 0.94
+    strength: float = 0.8
+
+    def check(self, steps: int) -> None:
+        if not 0 < self.gamma <= 1:
+            raise UsageError(f"--gamma {self.gamma} must be in (0, 1]: at 0 the update cannot be inverted")
+        if not 0 < self.strength <= 1:
+            raise UsageError(f"--strength {self.strength} must be in (0, 1]")
+        if int(steps * self.strength) < 2:
+            raise UsageError(f"bdia needs at least 2 steps to invert: --steps {steps} x --strength "
+                             f"{self.strength} leaves {int(steps * self.strength)}")
+
+
 @register
 class BDIA(Engine):
     name = "bdia"
     exact = True
-    defaults = {"gamma": 0.94, "strength": 0.8}
+    Params = BDIAParams
     default_steps = 50
     default_guidance = (3.0, 3.0)  # the paper's editing code: CFG 3 both ways
 
-    def check(self, params: dict, steps: int) -> None:
-        if not 0 < params["gamma"] <= 1:
-            raise UsageError(f"--gamma {params['gamma']} must be in (0, 1]: at 0 the update cannot be inverted")
-        if not 0 < params["strength"] <= 1:
-            raise UsageError(f"--strength {params['strength']} must be in (0, 1]")
-        if int(steps * params["strength"]) < 2:
-            raise UsageError(f"bdia needs at least 2 steps to invert: --steps {steps} x --strength "
-                             f"{params['strength']} leaves {int(steps * params['strength'])}")
-
     @torch.inference_mode()
     def invert(self, run: Run, z0):
-        sched, gamma, n = run.schedule, float(run.params["gamma"]), len(run.schedule)
-        start = first_level(n, float(run.params["strength"]))
+        sched, gamma, n = run.schedule, float(run.params.gamma), len(run.schedule)
+        start = first_level(n, float(run.params.strength))
         x_next = z0.double()  # level n: the clean latent
         x0, eps = run.source(x_next, sched, n - 1, level=n)
         x = _ddim_to(x0, eps, sched, n - 1)  # level n-1, by one DDIM inversion step
@@ -68,10 +76,10 @@ class BDIA(Engine):
 
     @torch.inference_mode()
     def edit(self, run: Run, tensors):
-        sched, gamma = run.schedule, float(run.params["gamma"])
+        sched, gamma = run.schedule, float(run.params.gamma)
         start = int(tensors["start"])
-        if start != first_level(len(sched), float(run.params["strength"])):
-            raise UsageError(f"--strength {run.params['strength']} differs from the inversion's; it is an "
+        if start != first_level(len(sched), float(run.params.strength)):
+            raise UsageError(f"--strength {run.params.strength} differs from the inversion's; it is an "
                              "inversion option: invert again")
         device = run.model.device
         x_prev, x = tensors["noise"].to(device, torch.float64), tensors["noise_next"].to(device, torch.float64)

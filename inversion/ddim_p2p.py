@@ -4,16 +4,46 @@ The source and target are sampled side by side from the DDIM-inverted noise unde
 control, without pinning the source to its inversion trajectory.
 """
 
-from diffedit.editing.p2p import P2P_DEFAULTS, paired_edit
-from diffedit.engines import Engine, Run, register
+from dataclasses import dataclass, field
+
+from diffedit.editing.features import PNP_LAYERS, FeatureInjection
+from diffedit.editing.p2p import p2p_config, paired_edit
+from diffedit.engines import Engine, Params, Run, register
 from diffedit.sampling import invert, sample
+
+
+@dataclass(frozen=True)
+class FeatureParams(Params):
+    """Plug-and-play feature injection, on the engines with attention control."""
+
+    inject_features: float = 0.0
+    feature_layers: list[str] = field(default_factory=lambda: list(PNP_LAYERS))
+
+    def check(self, steps: int) -> None:
+        FeatureInjection(self.feature_layers, steps, self.inject_features)
+
+
+@dataclass(frozen=True)
+class P2PParams(FeatureParams):
+    """Prompt-to-prompt control (PnP Inversion's defaults), shared with Direct Inversion."""
+
+    cross_replace: float = 0.4
+    self_replace: float = 0.6
+    p2p_mode: str = "auto"
+    reweight: dict[str, float] = field(default_factory=dict)
+    blend: list[str] = field(default_factory=list)
+    blend_threshold: float = 0.3
+
+    def check(self, steps: int) -> None:
+        super().check(steps)
+        p2p_config(self).check()
 
 
 @register
 class DDIMP2P(Engine):
     name = "ddim-p2p"
     exact = False
-    defaults = dict(P2P_DEFAULTS)
+    Params = P2PParams
     default_steps = 50
     default_guidance = (1.0, 7.5)
 

@@ -5,9 +5,11 @@ stochastic sampler (churn `eta`, 1 by default) land exactly on them. Regeneratin
 reproduces the image to float precision; with another prompt the maps carry the structure over.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from diffedit.engines import Engine, Run, register
+from diffedit.engines import Engine, Params, Run, register
 from diffedit.errors import UsageError
 from diffedit.sampling import churn, step
 
@@ -22,23 +24,29 @@ def default_skip(steps: int) -> int:
     return round(0.36 * steps)
 
 
+@dataclass(frozen=True)
+class DDPMParams(Params):
+    eta: float = 1.0
+    skip: int | None = None  # None: the paper's T_skip, 36 of 100 steps
+
+    def check(self, steps: int) -> None:
+        if self.skip is not None and not 0 <= self.skip < steps:
+            raise UsageError(f"--skip {self.skip} must be at least 0 and below --steps {steps}")
+        if not 0 < self.eta <= 1:
+            raise UsageError(f"eta {self.eta} must be in (0, 1]")
+
+
 @register
 class EditFriendlyDDPM(Engine):
     name = "ddpm-ef"
     exact = True
-    defaults = {"eta": 1.0, "skip": None}  # None: the paper's T_skip, 36 of 100 steps
+    Params = DDPMParams
     default_steps = 100
     default_guidance = (3.5, 15.0)  # source (inversion) and target CFG of the paper's code
 
-    def check(self, params: dict, steps: int) -> None:
-        if params["skip"] is not None and not 0 <= params["skip"] < steps:
-            raise UsageError(f"--skip {params['skip']} must be at least 0 and below --steps {steps}")
-        if not 0 < params["eta"] <= 1:
-            raise UsageError(f"eta {params['eta']} must be in (0, 1]")
-
     @torch.inference_mode()
     def invert(self, run: Run, z0):
-        sched, eta = run.schedule, float(run.params["eta"])
+        sched, eta = run.schedule, float(run.params.eta)
         a, s, n = sched.a, sched.s, len(sched)
         gen = torch.Generator("cpu").manual_seed(run.seed)
         xs = [None] * n
@@ -61,8 +69,8 @@ class EditFriendlyDDPM(Engine):
 
     @torch.inference_mode()
     def edit(self, run: Run, tensors):
-        sched, eta = run.schedule, float(run.params["eta"])
-        skip = default_skip(len(sched)) if run.params["skip"] is None else int(run.params["skip"])
+        sched, eta = run.schedule, float(run.params.eta)
+        skip = default_skip(len(sched)) if run.params.skip is None else int(run.params.skip)
         a, s = sched.a, sched.s
         xs = tensors["xs"].to(run.model.device, torch.float64)
         zs = tensors["zs"].to(run.model.device, torch.float64)

@@ -13,8 +13,9 @@ latent, exactly, with no network call.
 
 import torch
 
-from diffedit.editing.p2p import P2P_DEFAULTS, paired_edit
+from diffedit.editing.p2p import paired_edit
 from diffedit.engines import Engine, Run, register
+from diffedit.inversion.ddim_p2p import P2PParams
 from diffedit.sampling import invert
 
 
@@ -22,7 +23,7 @@ from diffedit.sampling import invert
 class DirectInversion(Engine):
     name = "direct"
     exact = True
-    defaults = dict(P2P_DEFAULTS)
+    Params = P2PParams
     default_steps = 50
     default_guidance = (1.0, 7.5)
 

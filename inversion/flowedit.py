@@ -9,9 +9,11 @@ scale) run in one batched forward. With the target prompt and scale equal to the
 velocities cancel and the output is the input.
 """
 
+from dataclasses import dataclass, replace
+
 import torch
 
-from diffedit.engines import Engine, Run, register
+from diffedit.engines import Engine, Params, Run, register
 from diffedit.errors import UsageError
 from diffedit.sampling import step
 
@@ -20,29 +22,39 @@ from diffedit.sampling import step
 FAMILY_DEFAULTS = {"sd3": (50, 33, (3.5, 13.5)), "flux": (28, 24, (1.5, 5.5))}
 
 
+@dataclass(frozen=True)
+class FlowEditParams(Params):
+    n_max: int | None = None  # None: the paper's fraction of the steps
+    n_min: int = 0
+    n_avg: int = 1
+
+    def check(self, steps: int) -> None:
+        if self.n_max is not None and not 0 <= self.n_min < self.n_max <= steps:
+            raise UsageError(f"flowedit needs 0 <= n_min < n_max <= steps (got {self.n_min}, {self.n_max}, {steps})")
+        if self.n_avg < 1:
+            raise UsageError("--n-avg must be at least 1")
+
+
 @register
 class FlowEdit(Engine):
     name = "flowedit"
     exact = True
-    defaults = {"n_max": None, "n_min": 0, "n_avg": 1}  # n_max None: the paper's fraction of the steps
+    Params = FlowEditParams
     default_steps = 50
     default_guidance = (3.5, 13.5)
-    n_max_fraction = 33 / 50
 
-    def configure(self, model):
+    def model_defaults(self, model):
         if model.name not in FAMILY_DEFAULTS:
             raise UsageError(f"flowedit needs a rectified-flow model (sd3, flux), not {model.name}")
-        self.default_steps, n_max, self.default_guidance = FAMILY_DEFAULTS[model.name]
-        self.n_max_fraction = n_max / self.default_steps
+        steps, _, guidance = FAMILY_DEFAULTS[model.name]
+        return steps, guidance
 
-    def check(self, params, steps):
-        if params["n_max"] is None:  # filled in here, so records and results carry the number used
-            params["n_max"] = max(1, round(self.n_max_fraction * steps))
-        if not 0 <= params["n_min"] < params["n_max"] <= steps:
-            raise UsageError(f"flowedit needs 0 <= n_min < n_max <= steps (got {params['n_min']}, "
-                             f"{params['n_max']}, {steps})")
-        if params["n_avg"] < 1:
-            raise UsageError("--n-avg must be at least 1")
+    def resolve(self, params, steps, model):
+        if params.n_max is None:  # the paper's fraction of the steps, written out so records carry it
+            paper_steps, paper_n_max, _ = FAMILY_DEFAULTS.get(model.name, FAMILY_DEFAULTS["sd3"])
+            params = replace(params, n_max=max(1, round(paper_n_max / paper_steps * steps)))
+        params.check(steps)
+        return params
 
     def invert(self, run: Run, z0):
         return {}  # inversion-free: the record's clean latent is all FlowEdit needs
@@ -50,7 +62,7 @@ class FlowEdit(Engine):
     @torch.inference_mode()
     def edit(self, run: Run, tensors):
         sched, p = run.schedule, run.params
-        n, n_max, n_min, n_avg = len(sched), int(p["n_max"]), int(p["n_min"]), int(p["n_avg"])
+        n, n_max, n_min, n_avg = len(sched), int(p.n_max), int(p.n_min), int(p.n_avg)
         a, s = sched.a, sched.s
         x_src = tensors["latent"].to(run.model.device, torch.float32)
         denoise = run.denoiser_for(list(run.prompts), scales=list(run.scales))

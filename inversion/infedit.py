@@ -15,35 +15,45 @@ default to 1: no CFG); ordinary models need more steps (50).
 
 import torch
 
-from diffedit.editing.features import FEATURE_DEFAULTS, with_features
+from dataclasses import dataclass, field
+
+from diffedit.editing.features import with_features
 from diffedit.editing.p2p import LocalBlend, P2PConfig, align, blend_positions, check_length
 from diffedit.editing.uac import LAYOUT, SOURCE, TARGET, UnifiedAttentionControl, ddcm_step
 from diffedit.engines import Engine, Run, register
 from diffedit.errors import UsageError
+from diffedit.inversion.ddim_p2p import FeatureParams
+
+
+@dataclass(frozen=True)
+class InfEditParams(FeatureParams):
+    cross_replace: float = 0.7
+    self_replace: float = 0.3
+    eta: float = 1.0
+    blend: list[str] = field(default_factory=list)
+    blend_threshold: float = 0.6
+
+    def check(self, steps: int) -> None:
+        super().check(steps)
+        P2PConfig(cross=self.cross_replace, self_=self.self_replace, blend_threshold=self.blend_threshold).check()
+        if not 0 < self.eta <= 1:
+            raise UsageError(f"--eta {self.eta} must be in (0, 1]")
 
 
 @register
 class InfEdit(Engine):
     name = "infedit"
     exact = True
-    defaults = {"cross_replace": 0.7, "self_replace": 0.3, "eta": 1.0, "blend": [], "blend_threshold": 0.6,
-                **FEATURE_DEFAULTS}
+    Params = InfEditParams
     default_steps = 50
     default_guidance = (1.0, 2.0)  # source and target CFG of the paper's demo
 
-    def configure(self, model):
+    def model_defaults(self, model):
         if model.consistency:  # the paper's step count on latent-consistency models
-            self.default_steps = 15
-            if not model.guidance_embedded:
-                # An LCM-LoRA has its guidance distilled in: CFG on top over-guides (toy LCM-LoRA,
-                # ShapesBench: target CFG 2 edits less often and keeps less background than 1).
-                self.default_guidance = (1.0, 1.0)
-
-    def check(self, params, steps):
-        P2PConfig(cross=params["cross_replace"], self_=params["self_replace"],
-                  blend_threshold=params["blend_threshold"]).check()
-        if not 0 < params["eta"] <= 1:
-            raise UsageError(f"--eta {params['eta']} must be in (0, 1]")
+            # An LCM-LoRA has its guidance distilled in: CFG on top over-guides (toy LCM-LoRA,
+            # ShapesBench: target CFG 2 edits less often and keeps less background than 1).
+            return 15, self.default_guidance if model.guidance_embedded else (1.0, 1.0)
+        return self.default_steps, self.default_guidance
 
     def invert(self, run: Run, z0):
         return {}  # nothing to invert: the record's clean latent is all InfEdit needs
@@ -59,11 +69,11 @@ class InfEdit(Engine):
         check_length(tokenizer, source, "source")
         check_length(tokenizer, target, "target")
         blend = None
-        if p["blend"]:  # the region the target's blend words attend to
-            positions = blend_positions(tokenizer, source, target, list(p["blend"]))[1]
-            blend = LocalBlend([positions], tuple(z0.shape[-2:]), p["blend_threshold"])
+        if p.blend:  # the region the target's blend words attend to
+            positions = blend_positions(tokenizer, source, target, list(p.blend))[1]
+            blend = LocalBlend([positions], tuple(z0.shape[-2:]), p.blend_threshold)
         mapper, alphas = align(tokenizer, source, target, "refine", tokenizer.model_max_length)
-        control = UnifiedAttentionControl(len(sched), p["self_replace"], p["cross_replace"], mapper, alphas, blend)
+        control = UnifiedAttentionControl(len(sched), p.self_replace, p.cross_replace, mapper, alphas, blend)
         w_src, w_tgt = run.scales
         control = with_features(control, p, len(sched), into=[TARGET])  # the layout row keeps its own
         denoise = run.denoiser_for([source, target, source], control, scales=[w_src, w_tgt, w_src])
@@ -78,7 +88,7 @@ class InfEdit(Engine):
             rows = []
             for row in (SOURCE, TARGET, LAYOUT):
                 rows.append(ddcm_step(x0[SOURCE], eps[SOURCE], x0[row], eps[row], z[SOURCE], z0[0],
-                                      a[i], s[i], a[i + 1], s[i + 1], p["eta"], xi[0]))
+                                      a[i], s[i], a[i + 1], s[i + 1], p.eta, xi[0]))
             z = torch.stack([r[0] for r in rows])
             x0_target = rows[TARGET][1][None]
             mask = blend.take_mask() if blend is not None else None

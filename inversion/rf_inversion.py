@@ -10,9 +10,11 @@ The network is evaluated as in every inversion here: at the destination's time (
 `diffedit.sampling.invert`).
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from diffedit.engines import Engine, Run, register
+from diffedit.engines import Engine, Params, Run, register
 from diffedit.errors import UsageError
 from diffedit.sampling import step
 
@@ -21,25 +23,33 @@ def _blend(pred, anchor, weight):
     return tuple(torch.lerp(p, q, weight) for p, q in zip(pred, anchor)) if weight else pred
 
 
+@dataclass(frozen=True)
+class RFInversionParams(Params):
+    gamma: float = 0.5
+    eta: float = 0.9
+    start: float = 0.0
+    stop: float = 0.25
+
+    def check(self, steps: int) -> None:
+        for key in ("gamma", "eta"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise UsageError(f"--{key} {getattr(self, key)} must be in [0, 1]")
+        if not 0 <= self.start <= self.stop <= 1:
+            raise UsageError("rf-inversion needs 0 <= start <= stop <= 1")
+
+
 @register
 class RFInversion(Engine):
     name = "rf-inversion"
     exact = False
     accelerable = True
-    defaults = {"gamma": 0.5, "eta": 0.9, "start": 0.0, "stop": 0.25}
+    Params = RFInversionParams
     default_steps = 28
     default_guidance = (0.0, 3.5)  # unconditional field for inversion, target guidance for the edit
 
-    def check(self, params, steps):
-        for key in ("gamma", "eta"):
-            if not 0 <= params[key] <= 1:
-                raise UsageError(f"--{key} {params[key]} must be in [0, 1]")
-        if not 0 <= params["start"] <= params["stop"] <= 1:
-            raise UsageError("rf-inversion needs 0 <= start <= stop <= 1")
-
     @torch.inference_mode()
     def invert(self, run: Run, z0):
-        sched, gamma = run.schedule, float(run.params["gamma"])
+        sched, gamma = run.schedule, float(run.params.gamma)
         a, s = sched.a, sched.s
         y1 = torch.randn(z0.shape, generator=torch.Generator("cpu").manual_seed(run.seed)).to(z0.device)
         x = z0
@@ -57,11 +67,11 @@ class RFInversion(Engine):
         a, s = sched.a, sched.s
         z0 = tensors["latent"].to(run.model.device)
         x = tensors["noise"].to(run.model.device)
-        first, last = round(p["start"] * len(sched)), round(p["stop"] * len(sched))
+        first, last = round(p.start * len(sched)), round(p.stop * len(sched))
         for i in range(len(sched)):
             pred = run.target(x, sched, i)
             towards_source = (z0, (x - a[i] * z0) / s[i])  # the prediction that lands on z0
-            x = step(*_blend(pred, towards_source, float(p["eta"]) if first <= i < last else 0.0), a[i + 1], s[i + 1])
+            x = step(*_blend(pred, towards_source, float(p.eta) if first <= i < last else 0.0), a[i + 1], s[i + 1])
             if run.callback:
                 run.callback(i, x, pred[0])
         return x

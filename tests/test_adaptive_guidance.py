@@ -8,6 +8,7 @@ import pytest
 from diffedit.errors import UsageError
 from diffedit.guidance import GuidanceSpec
 from diffedit.jobs import generate_image
+from diffedit.plan import plan_job
 
 
 def run(model, threshold):
@@ -86,8 +87,8 @@ def test_accelerators_on_edits(tiny, tmp_path):
     a = np.full((32, 32, 3), 200, np.uint8)
     a[8:20, 8:20] = (220, 20, 20)
     src = Image.fromarray(a)
-    edit = lambda **kw: edit_image(model, src, source_prompt="a red square", target_prompt="a blue square",  # noqa: E731
-                                   steps=12, **kw)
+    edit = lambda **kw: edit_image(model, src, plan_job(model, steps=12), source_prompt="a red square",  # noqa: E731
+                                   target_prompt="a blue square", **kw)
     plain, plain_result, _ = edit()
     assert plain_result["forwards"] == {1: 12, 2: 12}  # inversion at CFG 1, the edit at CFG 7.5
     fast, result, _ = edit(adaptive_guidance=0.2)
@@ -100,5 +101,4 @@ def test_accelerators_on_edits(tiny, tmp_path):
     assert np.array_equal(np.asarray(again), np.asarray(plain))  # the network is restored
     for engine in ("ddpm-ef", "bdia", "direct", "infedit"):
         with pytest.raises(UsageError, match="no longer retraces"):
-            edit_image(model, src, source_prompt="a red square", target_prompt="a blue square", engine=engine,
-                       steps=12, deepcache=3)
+            edit_image(model, src, plan_job(model, engine=engine, steps=12), source_prompt="a red square", target_prompt="a blue square", deepcache=3)

@@ -12,7 +12,9 @@ from PIL import Image
 from diffedit.editing.p2p import LocalBlend, align, word_tokens
 from diffedit.errors import UsageError
 from diffedit.jobs import edit_record, invert_image
-from diffedit.sampling import initial_noise, prompt_denoiser, sample
+from diffedit.plan import plan_job, plan_of_record
+from diffedit.sampling import initial_noise, sample
+from diffedit.denoiser import prompt_denoiser
 from diffedit.guidance.cfg import CFG
 
 
@@ -51,11 +53,11 @@ def test_local_blend_keeps_the_source_outside_the_mask():
 @pytest.mark.parametrize("engine", ["direct", "infedit"])
 def test_same_prompt_reconstructs_exactly(tiny, square, engine):
     _, model = tiny("sd1")
-    record, result = invert_image(model, square, engine=engine, prompt="a red square", steps=10)
+    record, result = invert_image(model, square, plan_job(model, engine=engine, steps=10), prompt="a red square")
     assert result["latent_max_abs"] <= 1e-4
     assert result["psnr"] == pytest.approx(result["vae_psnr"], abs=1e-6)
     # an edit whose target is the source, at the edit's own guidance, is the identity too
-    image, _ = edit_record(model, record, "a red square", guidance_scale=7.5)
+    image, _ = edit_record(model, record, "a red square", plan_of_record(model, record.meta, edit=True, guidance_scale=7.5))
     decoded_input = np.asarray(Image.open(square))
     assert np.abs(np.asarray(image).astype(int) - decoded_input).max() < 256  # a real image came back
     z_back = model.encode_image(torch.from_numpy(np.asarray(image) / 127.5 - 1).permute(2, 0, 1)[None].float())
@@ -70,8 +72,8 @@ def test_edits_change_the_target_and_leave_the_model_clean(tiny, square):
     reference = sample(denoise, x, model.schedule(4, 32, 32))
     images = {}
     for engine in ("ddim", "ddim-p2p", "direct", "infedit"):
-        record, _ = invert_image(model, square, engine=engine, prompt="a red square", steps=8)
-        images[engine], result = edit_record(model, record, "a blue square", guidance_scale=5.0)
+        record, _ = invert_image(model, square, plan_job(model, engine=engine, steps=8), prompt="a red square")
+        images[engine], result = edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True, guidance_scale=5.0))
         assert result["nfe"] == 8
     assert not np.array_equal(np.asarray(images["ddim"]), np.asarray(images["ddim-p2p"]))
     assert pipe.unet.attn_processors == before
@@ -81,11 +83,11 @@ def test_edits_change_the_target_and_leave_the_model_clean(tiny, square):
 
 def test_reweight_and_blend_change_the_edit(tiny, square):
     _, model = tiny("sd1")
-    record, _ = invert_image(model, square, engine="direct", prompt="a red square", steps=8)
-    plain, _ = edit_record(model, record, "a blue square")
-    heavy, _ = edit_record(model, record, "a blue square", params={"reweight": {"blue": 4.0}})
+    record, _ = invert_image(model, square, plan_job(model, engine="direct", steps=8), prompt="a red square")
+    plain, _ = edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True))
+    heavy, _ = edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True, params={"reweight": {"blue": 4.0}}))
     # a high threshold leaves part of the image outside the mask (random weights attend everywhere)
-    blended, _ = edit_record(model, record, "a blue square", params={"blend": ["square"], "blend_threshold": 0.95})
+    blended, _ = edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True, params={"blend": ["square"], "blend_threshold": 0.95}))
     assert not np.array_equal(np.asarray(plain), np.asarray(heavy))
     assert not np.array_equal(np.asarray(plain), np.asarray(blended))
 
@@ -101,9 +103,9 @@ def test_reweight_and_blend_change_the_edit(tiny, square):
 ])
 def test_bad_edit_inputs(tiny, square, engine, target, params, message):
     _, model = tiny("sd1")
-    record, _ = invert_image(model, square, engine=engine, prompt="a red square", steps=4, check=False)
+    record, _ = invert_image(model, square, plan_job(model, engine=engine, steps=4), prompt="a red square", check=False)
     with pytest.raises(UsageError, match=message):
-        edit_record(model, record, target, params=params)
+        edit_record(model, record, target, plan_of_record(model, record.meta, edit=True, params=params))
 
 
 def test_feature_injection_copies_the_source_rows_features_then_unhooks(tiny):
@@ -137,20 +139,20 @@ def test_feature_injection_copies_the_source_rows_features_then_unhooks(tiny):
 def test_feature_injection_keeps_the_identity_and_changes_edits(tiny, square):
     _, model = tiny("sd1")
     pnp = {"inject_features": 0.5}
-    _, result = invert_image(model, square, engine="infedit", prompt="a red square", steps=6, params=pnp)
+    _, result = invert_image(model, square, plan_job(model, engine="infedit", steps=6, params=pnp), prompt="a red square")
     assert result["latent_max_abs"] <= 1e-4  # same prompt: the source's features are the target's own
     for engine in ("direct", "ddim-p2p", "infedit"):
-        record, _ = invert_image(model, square, engine=engine, prompt="a red square", steps=6, check=False)
-        plain, _ = edit_record(model, record, "a blue square")
-        injected, _ = edit_record(model, record, "a blue square", params=pnp)
+        record, _ = invert_image(model, square, plan_job(model, engine=engine, steps=6), prompt="a red square", check=False)
+        plain, _ = edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True))
+        injected, _ = edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True, params=pnp))
         assert not np.array_equal(np.asarray(plain), np.asarray(injected)), engine
 
 
 def test_prompt_to_prompt_needs_a_unet(tiny, square):
     _, model = tiny("sd3")
-    record, _ = invert_image(model, square, engine="direct", prompt="a red square", steps=4, check=False)
+    record, _ = invert_image(model, square, plan_job(model, engine="direct", steps=4), prompt="a red square", check=False)
     with pytest.raises(UsageError, match="needs cross-attention layers"):
-        edit_record(model, record, "a blue square")
+        edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True))
 
 
 def test_cli_show_attention_grid(cli, tmp_path, tiny_folder, square):
@@ -176,10 +178,9 @@ def test_every_guidance_in_per_row_engines(tiny, square, kind):
     from diffedit.guidance import GuidanceSpec
 
     _, model = tiny("sd1")
-    record, result = invert_image(model, square, engine="infedit", prompt="a red square", steps=6,
-                                  guidance_scale=0.5, guidance=GuidanceSpec(kind))
+    record, result = invert_image(model, square, plan_job(model, engine="infedit", steps=6, guidance=GuidanceSpec(kind), inversion_guidance_scale=0.5), prompt="a red square")
     assert result["latent_max_abs"] <= 1e-4  # same prompt and scale: still the identity
-    image, edited = edit_record(model, record, "a blue square", guidance_scale=0.8)
+    image, edited = edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True, guidance_scale=0.8))
     assert edited["nfe"] == 6 and np.asarray(image).std() > 0
 
 
@@ -200,9 +201,7 @@ def test_feature_injection_keeps_the_toy_lcms_scenes_when_recolouring():
         runs[fraction] = []
         for task in tasks:
             source = Image.fromarray(bench.source_scene(task).image)
-            image, _, _ = edit_image(model, source, source_prompt=task["source_prompt"],
-                                     target_prompt=task["target_prompt"], engine="infedit",
-                                     params={"inject_features": fraction})
+            image, _, _ = edit_image(model, source, plan_job(model, engine="infedit", params={"inject_features": fraction}), source_prompt=task["source_prompt"], target_prompt=task["target_prompt"])
             runs[fraction].append(bench.judge(task, np.asarray(image)))
     plain, injected = runs[0.0], runs[0.4]
     assert all(b["bg_psnr"] > a["bg_psnr"] for a, b in zip(plain, injected))

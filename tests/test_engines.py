@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,19 +11,27 @@ import torch
 from diffusers import DDIMScheduler, LEditsPPPipelineStableDiffusion, LEditsPPPipelineStableDiffusionXL
 from PIL import Image
 
-from diffedit.engines import Run, engine_names
+from diffedit.engines import Run
+
+from diffedit.inversion import engine_names, get_engine
 from diffedit.errors import UsageError
 from diffedit.images import to_tensor
-from diffedit.jobs import branch_denoiser, engine_setup
+from diffedit.denoiser import branch_denoiser
 from diffedit.inversion.bdia import BDIA, first_level
 from diffedit.inversion.ddpm_ef import default_skip
 
 H = W = 32
 
 
+def resolved(engine, params, steps):
+    """The engine and its checked parameters, as a plan resolves them."""
+    eng = get_engine(engine)
+    return eng, eng.resolve(eng.Params.from_options(engine, params), steps, None), steps
+
+
 def round_trip(model, engine, steps, scale=3.0, params=None, prompt="a red cat"):
     z0 = model.encode_image(torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(1)) * 2 - 1)
-    eng, params, steps = engine_setup(engine, params, steps)
+    eng, params, steps = resolved(engine, params, steps)
     denoise = branch_denoiser(model, prompt, scale, H, W)
     run = Run(model, model.schedule(steps, H, W), denoise, denoise, params, seed=0)
     tensors = eng.invert(run, z0)
@@ -50,7 +59,7 @@ def test_bdia_strength_is_an_inversion_option(tiny):
     _, model = tiny("sd1")
     error, tensors, run = round_trip(model, "bdia", 20, params={"strength": 1.0})
     assert error <= 1e-4 and int(tensors["start"]) == 0 and run.nfe == 2 * 20 - 1  # from pure noise
-    run.params = {**run.params, "strength": 0.5}
+    run.params = replace(run.params, strength=0.5)
     with pytest.raises(UsageError, match="--strength 0.5 differs from the inversion's"):
         BDIA().edit(run, tensors)
 
@@ -92,7 +101,7 @@ def test_ddpm_ef_matches_diffusers_ledits_pp(tiny, family, prompt, extra):
     pipe.invert(image=image, source_prompt=prompt, source_guidance_scale=scale, num_inversion_steps=steps,
                 skip=0.0, generator=torch.Generator().manual_seed(0), **extra)
     z0 = model.encode_image(to_tensor(image))
-    eng, params, _ = engine_setup("ddpm-ef", None, steps)
+    eng, params, _ = resolved("ddpm-ef", None, steps)
     denoise = branch_denoiser(model, prompt, scale, H, W)
     ours = eng.invert(Run(model, model.schedule(steps, H, W), denoise, denoise, params, seed=0), z0)
     theirs = pipe.zs.reshape(ours["zs"].shape)
@@ -113,7 +122,7 @@ def test_ddpm_ef_matches_diffusers_ledits_pp(tiny, family, prompt, extra):
 ])
 def test_bad_engine_parameters(engine, params, steps, message):
     with pytest.raises(UsageError, match=message):
-        engine_setup(engine, params, steps)
+        resolved(engine, params, steps)
 
 
 def test_cli_exact_inversion_psnr_equals_vae(cli, tmp_path, tiny_folder):

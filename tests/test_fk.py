@@ -12,7 +12,8 @@ from diffedit.errors import DiffeditError, UsageError
 from diffedit.guidance.cfg import CFG
 from diffedit.guidance.fk import FKConfig, load_reward, steer
 from diffedit.jobs import generate_image
-from diffedit.sampling import prompt_denoiser, sample
+from diffedit.sampling import sample
+from diffedit.denoiser import prompt_denoiser
 
 H = W = 32
 

@@ -10,6 +10,7 @@ from PIL import Image
 from diffedit.errors import UsageError
 from diffedit.images import to_pil
 from diffedit.jobs import edit_record, invert_image
+from diffedit.plan import plan_job, plan_of_record
 
 
 @pytest.fixture
@@ -23,8 +24,8 @@ def square(tmp_path):
 @pytest.mark.parametrize("fam", ["sd3", "flux"])
 def test_rf_inversion_at_strength_zero_is_euler(tiny, square, fam):
     _, model = tiny(fam)
-    rf, rf_result = invert_image(model, square, engine="rf-inversion", steps=8, params={"gamma": 0.0, "eta": 0.0})
-    euler, euler_result = invert_image(model, square, engine="ddim", steps=8, guidance_scale=0.0)
+    rf, rf_result = invert_image(model, square, plan_job(model, engine="rf-inversion", steps=8, params={"gamma": 0.0, "eta": 0.0}))
+    euler, euler_result = invert_image(model, square, plan_job(model, engine="ddim", steps=8, inversion_guidance_scale=0.0))
     assert torch.equal(rf.tensors["noise"], euler.tensors["noise"])
     assert rf_result["latent_max_abs"] == euler_result["latent_max_abs"]
 
@@ -32,14 +33,14 @@ def test_rf_inversion_at_strength_zero_is_euler(tiny, square, fam):
 @pytest.mark.parametrize("fam", ["sd3", "flux"])
 def test_rf_inversion_controllers_act(tiny, square, fam):
     _, model = tiny(fam)
-    plain, _ = invert_image(model, square, engine="rf-inversion", steps=8, params={"gamma": 0.0}, check=False)
-    steered, _ = invert_image(model, square, engine="rf-inversion", steps=8, params={"gamma": 1.0}, check=False)
+    plain, _ = invert_image(model, square, plan_job(model, engine="rf-inversion", steps=8, params={"gamma": 0.0}), check=False)
+    steered, _ = invert_image(model, square, plan_job(model, engine="rf-inversion", steps=8, params={"gamma": 1.0}), check=False)
     y1 = torch.randn(plain.tensors["noise"].shape, generator=torch.Generator().manual_seed(0))
     # gamma = 1 follows the straight line to the fixed noise: it lands on it
     assert (steered.tensors["noise"] - y1).abs().max() <= 1e-4
     assert (plain.tensors["noise"] - y1).abs().max() > 0.1
     # eta = 1 over all steps pulls the edit onto the source latent
-    image, _ = edit_record(model, steered, "a blue square", params={"eta": 1.0, "start": 0.0, "stop": 1.0})
+    image, _ = edit_record(model, steered, "a blue square", plan_of_record(model, steered.meta, edit=True, params={"eta": 1.0, "start": 0.0, "stop": 1.0}))
     source = to_pil(model.decode(steered.tensors["latent"]))
     assert np.abs(np.asarray(image).astype(int) - np.asarray(source).astype(int)).max() <= 1
 
@@ -47,27 +48,26 @@ def test_rf_inversion_controllers_act(tiny, square, fam):
 @pytest.mark.parametrize("fam", ["sd3", "flux"])
 def test_flowedit_same_prompt_returns_the_source(tiny, square, fam):
     _, model = tiny(fam)
-    record, result = invert_image(model, square, engine="flowedit", prompt="a red square", steps=10,
-                                  params={"n_max": 8})
+    record, result = invert_image(model, square, plan_job(model, engine="flowedit", steps=10, params={"n_max": 8}), prompt="a red square")
     assert result["latent_max_abs"] <= 1e-5
     assert result["psnr"] == pytest.approx(result["vae_psnr"], abs=0.01)
     assert result["nfe"] == 8  # no inversion: only the n_max editing steps
-    _, edited = edit_record(model, record, "a blue square", params={"n_min": 2, "n_avg": 2})
+    _, edited = edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True, params={"n_min": 2, "n_avg": 2}))
     assert edited["nfe"] == 6 * 2 + 2
 
 
 def test_flowedit_defaults_follow_the_family(tiny, square):
     _, sd3 = tiny("sd3")
-    record, result = invert_image(sd3, square, engine="flowedit", check=False)
+    record, result = invert_image(sd3, square, plan_job(sd3, engine="flowedit"), check=False)
     assert record.meta["steps"] == 50 and record.meta["engine"]["n_max"] == 33
     assert record.meta["guidance_scale"] == 3.5
     _, flux = tiny("flux")
-    record, _ = invert_image(flux, square, engine="flowedit", check=False)
+    record, _ = invert_image(flux, square, plan_job(flux, engine="flowedit"), check=False)
     assert record.meta["steps"] == 28 and record.meta["engine"]["n_max"] == 24
     # other step counts keep the paper's fraction of them (33/50 on SD3, 24/28 on Flux)
-    record, _ = invert_image(sd3, square, engine="flowedit", steps=20, check=False)
+    record, _ = invert_image(sd3, square, plan_job(sd3, engine="flowedit", steps=20), check=False)
     assert record.meta["engine"]["n_max"] == 13
-    record, _ = invert_image(flux, square, engine="flowedit", steps=7, check=False)
+    record, _ = invert_image(flux, square, plan_job(flux, engine="flowedit", steps=7), check=False)
     assert record.meta["engine"]["n_max"] == 6
 
 
@@ -80,4 +80,4 @@ def test_flowedit_defaults_follow_the_family(tiny, square):
 def test_bad_flow_engine_options(tiny, square, engine, fam, params, message):
     _, model = tiny(fam)
     with pytest.raises(UsageError, match=message):
-        invert_image(model, square, engine=engine, params=params, check=False)
+        invert_image(model, square, plan_job(model, engine=engine, params=params), check=False)

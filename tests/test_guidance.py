@@ -10,7 +10,8 @@ from diffedit.editing.attention import AttentionControl, Controller
 from diffedit.errors import UsageError
 from diffedit.guidance import make_guidance
 from diffedit.guidance.cfg import CFG, Guidance
-from diffedit.sampling import initial_noise, invert, prompt_denoiser, sample
+from diffedit.sampling import initial_noise, invert, sample
+from diffedit.denoiser import prompt_denoiser
 
 from conftest import SEQ
 

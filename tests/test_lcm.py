@@ -10,7 +10,9 @@ from PIL import Image
 
 from diffedit.errors import UsageError
 from diffedit.families import adapter_for
-from diffedit.jobs import generate_images, invert_image, prompt_denoiser_for
+from diffedit.jobs import generate_images, invert_image
+from diffedit.plan import plan_job, plan_of_record
+from diffedit.denoiser import prompt_denoiser_for
 from diffedit.models import load_model
 from diffedit.sampling import sample
 from diffedit.testing import save_tiny_pipeline, tiny_lcm_pipeline
@@ -87,11 +89,11 @@ def test_infedit_on_an_lcm_reproduces_the_source_and_edits(lcm, tmp_path):
     a[8:20, 8:20] = (220, 20, 20)
     path = tmp_path / "square.png"
     Image.fromarray(a).save(path)
-    record, result = invert_image(model, str(path), engine="infedit", prompt="a red square", steps=4)
+    record, result = invert_image(model, str(path), plan_job(model, engine="infedit", steps=4), prompt="a red square")
     assert result["latent_max_abs"] <= 1e-4 and result["nfe"] == 4
     from diffedit.jobs import edit_record
 
-    edited, info = edit_record(model, record, "a blue square")
+    edited, info = edit_record(model, record, "a blue square", plan_of_record(model, record.meta, edit=True))
     assert info["nfe"] == 4  # source, target, layout: one batched forward per step, no CFG branch
     assert np.abs(np.asarray(edited).astype(int) - np.asarray(record_image(model, record))).max() > 0
 

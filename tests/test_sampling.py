@@ -6,10 +6,13 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler
 
-from diffedit.engines import Run, get_engine
+from diffedit.engines import Run
+
+from diffedit.inversion import get_engine
 from diffedit.guidance.cfg import CFG
-from diffedit.jobs import branch_denoiser
-from diffedit.sampling import churn, initial_noise, invert, prompt_denoiser, sample
+from diffedit.denoiser import branch_denoiser
+from diffedit.sampling import churn, initial_noise, invert, sample
+from diffedit.denoiser import prompt_denoiser
 
 from conftest import SEQ
 
@@ -72,8 +75,8 @@ def test_ddim_inversion_matches_diffusers_inverse_scheduler(tiny):
 
 def round_trip_error(model, steps, z0, prompt="a red square"):
     run_denoise = branch_denoiser(model, prompt, 1.0, H, W)
-    run = Run(model, model.schedule(steps, H, W), run_denoise, run_denoise)
     engine = get_engine("ddim")
+    run = Run(model, model.schedule(steps, H, W), run_denoise, run_denoise, engine.Params())
     z_rec = engine.edit(run, engine.invert(run, z0))
     return float((z_rec - z0).abs().max()), run.nfe
 

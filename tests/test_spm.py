@@ -14,6 +14,7 @@ from diffedit.editing import spm
 from diffedit.errors import DiffeditError, UsageError
 from diffedit.families import Cond
 from diffedit.jobs import generate_image
+from diffedit.plan import plan_job
 
 SHIPPED = Path(__file__).resolve().parents[1] / "samples" / "toy-sd-spm"
 H = W = 32
@@ -274,15 +275,13 @@ def test_engines_run_with_adapters_and_stay_exact(tiny, tmp_path, engine):
     Image.fromarray(a).save(path)
     spm.attach(model, [_random_up(spm.Membrane.new(model, "red"), scale=0.05)])
     try:
-        record, result = invert_image(model, str(path), engine=engine, prompt="a red square", steps=6)
+        record, result = invert_image(model, str(path), plan_job(model, engine=engine, steps=6), prompt="a red square")
         assert result["latent_max_abs"] <= 1e-4
         assert [x["concept"] for x in record.meta["model"]["adapters"]] == ["red"]
-        with_adapter, _, _ = edit_image(model, str(path), source_prompt="a red square", target_prompt="a red cat",
-                                        engine=engine, steps=6)
+        with_adapter, _, _ = edit_image(model, str(path), plan_job(model, engine=engine, steps=6), source_prompt="a red square", target_prompt="a red cat")
     finally:
         spm.detach(model)
-    without, _, _ = edit_image(model, str(path), source_prompt="a red square", target_prompt="a red cat",
-                               engine=engine, steps=6)
+    without, _, _ = edit_image(model, str(path), plan_job(model, engine=engine, steps=6), source_prompt="a red square", target_prompt="a red cat")
     assert not np.array_equal(np.asarray(with_adapter), np.asarray(without))
 
 

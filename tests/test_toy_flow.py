@@ -8,7 +8,10 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
-from diffedit.jobs import invert_image, prompt_denoiser_for
+from diffedit.jobs import invert_image
+from diffedit.plan import plan_job
+
+from diffedit.denoiser import prompt_denoiser_for
 from diffedit.models import TOY_FLOW, load_model
 from diffedit.sampling import sample
 from diffedit.toy.flow import (MAX_TOKENS, ZERO_TOKENS, CaptionCache, SinkAttention, make_tokenizer,
@@ -102,7 +105,6 @@ def test_draws_what_it_is_asked(flow):
 def test_exact_engines_on_the_toy_flow_model(flow, engine):
     scene = make_scene(10**8 + 5)
     params = {"n_max": 14} if engine == "flowedit" else None  # the paper's 33 of 50 steps, at 20
-    _, result = invert_image(flow, Image.fromarray(scene.image), engine=engine, prompt=scene.caption, steps=20,
-                             params=params)
+    _, result = invert_image(flow, Image.fromarray(scene.image), plan_job(flow, engine=engine, steps=20, params=params), prompt=scene.caption)
     assert result["latent_max_abs"] <= 1e-4
     assert result["psnr"] == pytest.approx(result["vae_psnr"], abs=0.01)

@@ -8,6 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from diffedit.models import DEFAULT_MODEL, load_model
+from diffedit.plan import plan_job
 from diffedit.toy.quality import ddim_round_trip_psnr, generate_batch, judge, photos_64, vae_psnr
 from diffedit.toy.shapes import make_scene
 
@@ -64,7 +65,7 @@ def test_exact_engines_on_the_toy_model(toy):
     scene = Image.fromarray(make_scene(10**8 + 5).image)
     errors = {}
     for engine in ("ddim", "ddpm-ef", "bdia", "direct", "infedit"):
-        _, result = invert_image(toy, scene, engine=engine, prompt=make_scene(10**8 + 5).caption, steps=20)
+        _, result = invert_image(toy, scene, plan_job(toy, engine=engine, steps=20), prompt=make_scene(10**8 + 5).caption)
         errors[engine] = result["latent_max_abs"]
         if engine != "ddim":
             assert result["latent_max_abs"] <= 1e-4, engine
@@ -87,7 +88,7 @@ def test_shapesbench_erase_task_with_the_shipped_adapter(toy):
     assert toy.membranes is None  # the adapter is detached afterwards
     from diffedit.jobs import edit_image
 
-    kept, _, _ = edit_image(toy, source, source_prompt=task["source_prompt"], target_prompt=task["target_prompt"])
+    kept, _, _ = edit_image(toy, source, plan_job(toy), source_prompt=task["source_prompt"], target_prompt=task["target_prompt"])
     assert not bench.judge(task, np.asarray(kept))["success"]
 
 

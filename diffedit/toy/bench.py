@@ -179,7 +179,7 @@ def _engine_task(runner: TaskRunner) -> TaskRunner:
     """A runner for registered engines only; other methods (PixelMan, the move baselines) skip it."""
 
     def run_if_engine(model, task, source, options):
-        from diffedit.engines import engine_names
+        from diffedit.inversion import engine_names
 
         return runner(model, task, source, options) if options["engine"] in engine_names() else None
 
@@ -190,9 +190,20 @@ def _engine_task(runner: TaskRunner) -> TaskRunner:
 def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
     from diffedit.jobs import edit_image
 
-    image, result, _ = edit_image(model, source, source_prompt=task["source_prompt"],
-                                  target_prompt=task["target_prompt"], **options)
+    rest = {k: v for k, v in options.items() if k not in PLAN_OPTIONS}  # adaptive guidance, DeepCache
+    image, result, _ = edit_image(model, source, _plan(model, options), source_prompt=task["source_prompt"],
+                                  target_prompt=task["target_prompt"], **rest)
     return image, result
+
+
+PLAN_OPTIONS = ("engine", "steps", "params", "guidance", "guidance_scale", "inversion_guidance_scale")
+
+
+def _plan(model: Family, options: dict):
+    """The plan of a task's edit from the benchmark's options (the engine's defaults where not given)."""
+    from diffedit.plan import plan_job
+
+    return plan_job(model, **{k: options[k] for k in PLAN_OPTIONS if options.get(k) is not None})
 
 
 @_engine_task
@@ -200,9 +211,7 @@ def reconstruction(model: Family, task: dict, source: Image.Image, options: dict
     """Invert and regenerate with the same prompt and guidance: the engine's round trip."""
     from diffedit.jobs import invert_image, reconstruct_record
 
-    keep = {k: options[k] for k in ("engine", "steps", "params") if k in options}
-    record, inverted = invert_image(model, source, prompt=task["source_prompt"], check=False,
-                                    guidance_scale=options.get("inversion_guidance_scale"), **keep)
+    record, inverted = invert_image(model, source, _plan(model, options), prompt=task["source_prompt"], check=False)
     image, result = reconstruct_record(model, record)
     return image, {**result, "nfe": inverted["nfe"] + result["nfe"]}
 
@@ -244,7 +253,7 @@ def object_move(model: Family, task: dict, source: Image.Image, options: dict) -
 def _ddim_move(model: Family, pixels, masks, centre, move, steps: int) -> tuple[Image.Image, dict]:
     from diffedit.editing.pixelman import at, warp
     from diffedit.images import to_pil
-    from diffedit.jobs import branch_denoiser
+    from diffedit.denoiser import branch_denoiser
     from diffedit.sampling import invert, sample
 
     height, width = pixels.shape[-2:]
@@ -265,12 +274,11 @@ def concept_erase(model: Family, task: dict, source: Image.Image, options: dict)
     caption with the task's SPM adapter attached: the concept should leave the image, the rest stay."""
     from diffedit.editing.spm import apply_files
     from diffedit.jobs import edit_record, invert_image
-    keep = {k: options[k] for k in ("engine", "steps", "params") if k in options}
-    record, inverted = invert_image(model, source, prompt=task["source_prompt"], check=False,
-                                    guidance_scale=options.get("inversion_guidance_scale"), **keep)
+    plan = _plan(model, options)
+    record, inverted = invert_image(model, source, plan, prompt=task["source_prompt"], check=False)
     apply_files(model, [str(TASKS.parent / task["adapter"])])
     try:
-        image, result = edit_record(model, record, task["target_prompt"], guidance_scale=options.get("guidance_scale"))
+        image, result = edit_record(model, record, task["target_prompt"], plan)
     finally:
         apply_files(model, None)
     return image, {**result, "nfe": inverted["nfe"] + result["nfe"]}

@@ -133,21 +133,3 @@ def check(image: np.ndarray, min_area: int = 12, threshold: float = 60.0) -> lis
             bbox=(px + ox, py + oy, pw, ph), area=int(part_stats[j, cv2.CC_STAT_AREA]), mask=mask,
         ))
     return sorted(found, key=lambda d: -d.area)
-
-
-def matches(image: np.ndarray, shape: str | None = None, colour: str | None = None) -> bool:
-    """Whether some object in the image has this shape and/or colour ("the image shows a red circle")."""
-    return any((shape is None or d.shape == shape) and (colour is None or d.colour == colour) for d in check(image))
-
-
-shows = matches
-
-
-def main_object(image: np.ndarray) -> Detected | None:
-    """The largest object, or None on an empty image."""
-    found = check(image)
-    return found[0] if found else None
-
-
-def background_names() -> list[str]:
-    return list(BACKGROUNDS)

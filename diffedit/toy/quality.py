@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffedit.engines import Run, get_engine
+from diffedit.engines import Run
+
+from diffedit.inversion import get_engine
 from diffedit.families import Family
 from diffedit.images import psnr, to_pil
-from diffedit.jobs import branch_denoiser, generate_images
+from diffedit.jobs import generate_images
+from diffedit.denoiser import branch_denoiser
 from diffedit.models import load_model
 from diffedit.toy.checker import check
 from diffedit.toy.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, caption, make_scene
@@ -84,7 +87,7 @@ def ddim_round_trip_psnr(model: Family, scenes: int = 12, steps: int = 50) -> fl
         scene = make_scene(10**8 + i)
         z0 = model.encode_image(to_pixels(scene.image[None]).to(model.device))
         denoise = branch_denoiser(model, scene.caption, 1.0, 64, 64)
-        run = Run(model, model.schedule(steps, 64, 64), denoise, denoise)
+        run = Run(model, model.schedule(steps, 64, 64), denoise, denoise, engine.Params())
         z = engine.edit(run, engine.invert(run, z0))
         values.append(psnr(to_pil(model.decode(z)), scene.image))
     return float(np.mean(values))

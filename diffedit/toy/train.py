@@ -2,7 +2,7 @@
 
 Reproducible (every batch is drawn from generators seeded by the seed and the step) and resumable
 (checkpoints every `checkpoint_every` steps in a work folder outside git). Facts behind the choices
-are in DESIGN.md §7: object pixels weighted x10 in the VAE loss (else it learns the background),
+are in samples/toy-sd/README.md: object pixels weighted x10 in the VAE loss (else it learns the background),
 photo crops mixed in so real photos round-trip, one process using both cores.
 """
 

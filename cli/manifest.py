@@ -1,4 +1,5 @@
-"""Batch jobs: a JSONL manifest of CLI commands run in one process, resumable, shardable.
+"""Batch jobs: a JSONL manifest of CLI commands run in one process, resumable, shardable. It lives in
+the CLI layer because it runs the commands themselves.
 
 Each manifest line is one job for any `diffedit` command, its keys the command's argument and option
 names (dashes as underscores). A job is turned into the command line it stands for and run in

@@ -1,0 +1,64 @@
+"""A job's plan: the engine, its parameters, steps, guidance and scales, resolved once.
+
+CLI options, a batch row and a record all become a `Plan` here, and everything downstream (the
+progress bar, the engine's run, the record, the result) reads it. This is the one place an engine
+name is resolved (`diffedit.inversion.get_engine`) and the engine's defaults meet the user's values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffedit.engines import Engine, Params
+from diffedit.errors import UsageError
+from diffedit.families import Family
+from diffedit.guidance import GuidanceSpec
+from diffedit.inversion import get_engine
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one inversion, reconstruction or edit runs with."""
+
+    engine: Engine
+    params: Params
+    steps: int
+    guidance: GuidanceSpec
+    inversion_scale: float  # CFG of the inversion (and of the source branch)
+    edit_scale: float  # CFG of the edit's target branch
+    negative_prompt: str = ""
+    seed: int = 0
+
+    @property
+    def engine_meta(self) -> dict:
+        """The engine as a record names it: its name and every parameter used."""
+        return {"name": self.engine.name, **self.params.to_dict()}
+
+
+def plan_job(model: Family, *, engine: str = "ddim", steps: int | None = None, params: dict | None = None,
+             guidance: GuidanceSpec | None = None, guidance_scale: float | None = None,
+             inversion_guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0) -> Plan:
+    """The plan of a job from user options (None: the engine's default on this model)."""
+    eng = get_engine(engine)
+    default_steps, (default_inversion, default_edit) = eng.model_defaults(model)
+    steps = default_steps if steps is None else steps
+    if steps < 1:
+        raise UsageError(f"--steps {steps} must be at least 1")
+    resolved = eng.resolve(eng.Params.from_options(engine, params), steps, model)
+    return Plan(eng, resolved, steps, guidance or GuidanceSpec(),
+                default_inversion if inversion_guidance_scale is None else float(inversion_guidance_scale),
+                default_edit if guidance_scale is None else float(guidance_scale), negative_prompt, seed)
+
+
+def plan_of_record(model: Family, meta: dict, *, edit: bool = False, guidance_scale: float | None = None,
+                   params: dict | None = None) -> Plan:
+    """The plan a record was made with. For a reconstruction the target scale is the inversion's; for
+    an `edit` it is `guidance_scale`, else the engine's default; `params` override the recorded
+    engine options."""
+    recorded = {k: v for k, v in meta["engine"].items() if k != "name"}
+    if guidance_scale is None and not edit:
+        guidance_scale = meta["guidance_scale"]
+    return plan_job(model, engine=meta["engine"]["name"], steps=meta["steps"], params={**recorded, **(params or {})},
+                    guidance=GuidanceSpec.from_dict(meta.get("guidance")), guidance_scale=guidance_scale,
+                    inversion_guidance_scale=meta["guidance_scale"], negative_prompt=meta.get("negative_prompt", ""),
+                    seed=meta.get("seed", 0))
