@@ -13,47 +13,60 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 stderr = Console(stderr=True)
 
+# Help panels: each command shows its own common options first, then these groups, in this order.
+ENGINE_PANEL = "Engine options (each applies to the engines it names)"
+GUIDANCE_PANEL = "Guidance"
+MODEL_PANEL = "Model loading"
+INPUT_PANEL = "Input image"
+FK_PANEL = "Feynman-Kac steering"
+
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, diffusers folder or .safetensors file (default: the shipped toy model).")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (the integrator stays fp32).")]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.ckpt/.bin) weights, which can run code.")]
-VaeTilingOpt = Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode large images in overlapping tiles (bounded VAE memory; tiles blend, so results differ slightly).")]
-ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers folder or hub id with the configs of a single-file checkpoint.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.", rich_help_panel=MODEL_PANEL)]
+DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (the integrator stays fp32).", rich_help_panel=MODEL_PANEL)]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.ckpt/.bin) weights, which can run code.", rich_help_panel=MODEL_PANEL)]
+VaeTilingOpt = Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode large images in overlapping tiles (bounded VAE memory; tiles blend, so results differ slightly).", rich_help_panel=MODEL_PANEL)]
+ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers folder or hub id with the configs of a single-file checkpoint.", rich_help_panel=MODEL_PANEL)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+# The engines of diffedit.inversion (tests/test_cli.py checks this list against the registry; the
+# CLI does not import the engines just to print help).
+ENGINES_HELP = "ddim, ddpm-ef, bdia, direct, ddim-p2p, infedit, rf-inversion or flowedit"
+EngineOpt = Annotated[str, typer.Option("--engine", "-e", help=f"Engine: {ENGINES_HELP} (see the README).")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", "-n", min=1, max=1000, help="Number of steps (default: the engine's; generate: 50).")]
 # Engine parameters: each applies to some engines only, and a wrong pairing is a usage error.
-SkipOpt = Annotated[int | None, typer.Option("--skip", min=0, help="ddpm-ef: start the edit this many steps late (keeps more of the input; default 36 % of the steps, as in the paper).")]
-EtaOpt = Annotated[float | None, typer.Option("--eta", help="ddpm-ef/infedit: churn (default 1); rf-inversion: edit controller strength (0.9).")]
-GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: backward weight in (0, 1] (0.94); rf-inversion: inversion controller strength (0.5).")]
-StrengthOpt = Annotated[float | None, typer.Option("--strength", help="bdia: fraction of the steps inverted and regenerated (0.8, as the paper's editing code; 1 = from pure noise).")]
-StartOpt = Annotated[float | None, typer.Option("--start", help="rf-inversion: first fraction of steps with the edit controller (0).")]
-StopOpt = Annotated[float | None, typer.Option("--stop", help="rf-inversion: fraction of steps where the edit controller stops (0.25).")]
-NMaxOpt = Annotated[int | None, typer.Option("--n-max", help="flowedit: edit over the last N steps (SD3 33 of 50, Flux 24 of 28; other step counts keep that fraction).")]
-NMinOpt = Annotated[int | None, typer.Option("--n-min", help="flowedit: finish with N steps of plain sampling (0).")]
-NAvgOpt = Annotated[int | None, typer.Option("--n-avg", help="flowedit: average N velocity differences per step (1).")]
-AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="SPM concept-erasure adapter (.spm.safetensors from `diffedit erase train`); repeatable: several concepts at once.")]
-TransportOpt = Annotated[str, typer.Option("--transport", help="SPM facilitated transport: calibrated (each adapter's strength per prompt from its similarity to the erased concept; the empty prompt gets 0), paper (the paper's raw cosine) or off (adapters always fully on).")]
-LcmStepsOpt = Annotated[int | None, typer.Option("--lcm-original-steps", min=1, max=1000, help="Latent-consistency models only: the distillation grid the steps are picked from (the scheduler's, usually 50).")]
-LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA file (.safetensors; diffusers/PEFT or kohya names) fused into the model; FILE:SCALE sets its strength (default 1); repeatable.")]
-LcmLoraOpt = Annotated[str | None, typer.Option("--lcm-lora", help="LCM-LoRA file: fused into the base model (SD1/SD2/SDXL), which then samples as a latent-consistency model (2-8 steps; its guidance is distilled in, so use -g 1 to 2).")]
+SkipOpt = Annotated[int | None, typer.Option("--skip", min=0, help="ddpm-ef: start the edit this many steps late (keeps more of the input; default 36 % of the steps, as in the paper).", rich_help_panel=ENGINE_PANEL)]
+EtaOpt = Annotated[float | None, typer.Option("--eta", help="ddpm-ef/infedit: churn (default 1); rf-inversion: edit controller strength (0.9).", rich_help_panel=ENGINE_PANEL)]
+GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: backward weight in (0, 1] (0.94); rf-inversion: inversion controller strength (0.5).", rich_help_panel=ENGINE_PANEL)]
+StrengthOpt = Annotated[float | None, typer.Option("--strength", help="bdia: fraction of the steps inverted and regenerated (0.8, as the paper's editing code; 1 = from pure noise).", rich_help_panel=ENGINE_PANEL)]
+StartOpt = Annotated[float | None, typer.Option("--start", help="rf-inversion: first fraction of steps with the edit controller (0).", rich_help_panel=ENGINE_PANEL)]
+StopOpt = Annotated[float | None, typer.Option("--stop", help="rf-inversion: fraction of steps where the edit controller stops (0.25).", rich_help_panel=ENGINE_PANEL)]
+NMaxOpt = Annotated[int | None, typer.Option("--n-max", help="flowedit: edit over the last N steps (SD3 33 of 50, Flux 24 of 28; other step counts keep that fraction).", rich_help_panel=ENGINE_PANEL)]
+NMinOpt = Annotated[int | None, typer.Option("--n-min", help="flowedit: finish with N steps of plain sampling (0).", rich_help_panel=ENGINE_PANEL)]
+NAvgOpt = Annotated[int | None, typer.Option("--n-avg", help="flowedit: average N velocity differences per step (1).", rich_help_panel=ENGINE_PANEL)]
+AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="SPM concept-erasure adapter (.spm.safetensors from `diffedit erase train`); repeatable: several concepts at once.", rich_help_panel=MODEL_PANEL)]
+TransportOpt = Annotated[str, typer.Option("--transport", help="SPM facilitated transport: calibrated (each adapter's strength per prompt from its similarity to the erased concept; the empty prompt gets 0), paper (the paper's raw cosine) or off (adapters always fully on).", rich_help_panel=MODEL_PANEL)]
+LcmStepsOpt = Annotated[int | None, typer.Option("--lcm-original-steps", min=1, max=1000, help="Latent-consistency models only: the distillation grid the steps are picked from (the scheduler's, usually 50).", rich_help_panel=MODEL_PANEL)]
+LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA file (.safetensors; diffusers/PEFT or kohya names) fused into the model; FILE:SCALE sets its strength (default 1); repeatable.", rich_help_panel=MODEL_PANEL)]
+LcmLoraOpt = Annotated[str | None, typer.Option("--lcm-lora", help="LCM-LoRA file: fused into the base model (SD1/SD2/SDXL), which then samples as a latent-consistency model (2-8 steps; its guidance is distilled in, so use -g 1 to 2).", rich_help_panel=MODEL_PANEL)]
+FitOpt = Annotated[str, typer.Option("--fit", help="Bring the image to the model's size multiple: resize, crop or pad.", rich_help_panel=INPUT_PANEL)]
+AlphaOpt = Annotated[str, typer.Option("--alpha", help="Transparent images: composite (on white) or refuse.", rich_help_panel=INPUT_PANEL)]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
 
 
-GuidanceOpt = Annotated[str, typer.Option("--guidance", help="cfg, cfgpp (scale = lambda in [0, 1]), pag or cfgpp+pag.")]
-PagScaleOpt = Annotated[float, typer.Option("--pag-scale", help="PAG scale s in u + w(c - u) + s(c - p).")]
-PagLayersOpt = Annotated[str, typer.Option("--pag-layers", help="Comma-separated regexes over self-attention layer names.")]
-AdaptiveGuidanceOpt = Annotated[float | None, typer.Option("--adaptive-guidance", help="Adaptive guidance: drop CFG's unconditional branch once its clean-image estimate's cosine similarity with the conditional one reaches this (e.g. 0.999).")]
-DeepCacheOpt = Annotated[int | None, typer.Option("--deepcache", help="DeepCache: run the whole UNet every N-th step, only its outer blocks in between (e.g. 3).")]
-PagAdaptiveOpt = Annotated[float, typer.Option("--pag-adaptive-scale", help="Lower the PAG scale by this much per unit of time.")]
+GuidanceOpt = Annotated[str, typer.Option("--guidance", help="cfg, cfgpp (scale = lambda in [0, 1]), pag or cfgpp+pag.", rich_help_panel=GUIDANCE_PANEL)]
+PagScaleOpt = Annotated[float, typer.Option("--pag-scale", help="PAG scale s in u + w(c - u) + s(c - p).", rich_help_panel=GUIDANCE_PANEL)]
+PagLayersOpt = Annotated[str, typer.Option("--pag-layers", help="Comma-separated regexes over self-attention layer names.", rich_help_panel=GUIDANCE_PANEL)]
+AdaptiveGuidanceOpt = Annotated[float | None, typer.Option("--adaptive-guidance", help="Adaptive guidance: drop CFG's unconditional branch once its clean-image estimate's cosine similarity with the conditional one reaches this (e.g. 0.999).", rich_help_panel=GUIDANCE_PANEL)]
+DeepCacheOpt = Annotated[int | None, typer.Option("--deepcache", help="DeepCache: run the whole UNet every N-th step, only its outer blocks in between (e.g. 3).", rich_help_panel=GUIDANCE_PANEL)]
+PagAdaptiveOpt = Annotated[float, typer.Option("--pag-adaptive-scale", help="Lower the PAG scale by this much per unit of time.", rich_help_panel=GUIDANCE_PANEL)]
 
 
-FKParticlesOpt = Annotated[int, typer.Option("--fk-particles", help="Feynman-Kac steering with K particles (1 = off).")]
-FKLambdaOpt = Annotated[float, typer.Option("--fk-lambda", help="FK: reward temperature lambda.")]
-FKPotentialOpt = Annotated[str, typer.Option("--fk-potential", help="FK: diff, max or sum.")]
-FKEveryOpt = Annotated[int, typer.Option("--fk-every", help="FK: resample every N steps (in the first 80 %).")]
-RewardOpt = Annotated[str, typer.Option("--reward", help="FK reward: saturation, brightness, checker (toy world) or module:function.")]
+FKParticlesOpt = Annotated[int, typer.Option("--fk-particles", help="Feynman-Kac steering with K particles (1 = off).", rich_help_panel=FK_PANEL)]
+FKLambdaOpt = Annotated[float, typer.Option("--fk-lambda", help="FK: reward temperature lambda.", rich_help_panel=FK_PANEL)]
+FKPotentialOpt = Annotated[str, typer.Option("--fk-potential", help="FK: diff, max or sum.", rich_help_panel=FK_PANEL)]
+FKEveryOpt = Annotated[int, typer.Option("--fk-every", help="FK: resample every N steps (in the first 80 %).", rich_help_panel=FK_PANEL)]
+RewardOpt = Annotated[str, typer.Option("--reward", help="FK reward: saturation, brightness, checker (toy world) or module:function.", rich_help_panel=FK_PANEL)]
 
 
 def fk_config(particles: int, lam: float, potential: str, every: int, eta: float | None):

@@ -8,17 +8,16 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    EngineOpt,
     LcmLoraOpt,
     LcmStepsOpt,
     LoraOpt,
-    AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
+    AlphaOpt, FitOpt, AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
     SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, emit, guidance_spec, engine_params, load, progress,
     record_loras,
 )
 from diffedit.cli.main import app
 
-FitOpt = Annotated[str, typer.Option("--fit", help="Bring the image to the model's size multiple: resize, crop or pad.")]
-AlphaOpt = Annotated[str, typer.Option("--alpha", help="Transparent images: composite (on white) or refuse.")]
 
 
 @app.command()
@@ -26,7 +25,7 @@ def invert(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Record file (default: IMAGE.inv.safetensors).")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Source prompt describing the image.")] = "",
-    engine: Annotated[str, typer.Option("--engine", "-e", help="Inversion engine.")] = "ddim",
+    engine: EngineOpt = "ddim",
     steps: StepsOpt = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale of the inversion (default: the engine's; 1 = no guidance).")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",

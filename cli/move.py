@@ -7,10 +7,9 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    AdapterOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, JsonOpt, ModelOpt, OverwriteOpt, PagAdaptiveOpt, PagLayersOpt,
+    AlphaOpt, FitOpt, AdapterOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, JsonOpt, ModelOpt, OverwriteOpt, PagAdaptiveOpt, PagLayersOpt,
     PagScaleOpt, PickleOpt, QuietOpt, TransportOpt, VaeTilingOpt, LcmLoraOpt, LoraOpt, emit, guidance_spec, load, progress,
 )
-from diffedit.cli.invert import AlphaOpt, FitOpt
 from diffedit.cli.main import app
 
 

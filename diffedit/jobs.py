@@ -23,7 +23,7 @@ from diffedit.families import Family
 from diffedit.guidance import GuidanceSpec
 from diffedit.guidance.fk import FKConfig, load_reward, steer
 from diffedit.images import fit_to_multiple, load_image, load_mask, psnr, to_pil, to_tensor
-from diffedit.plan import Plan, plan_job, plan_of_record
+from diffedit.plan import Plan, plan_of_record
 from diffedit.records import Record, model_meta
 from diffedit.denoiser import branch_denoiser, prompt_denoiser_for
 from diffedit.sampling import Callback, sample

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit.editing.p2p import LocalBlend, align, word_tokens
+from diffedit.editing.p2p import LocalBlend, align
 from diffedit.errors import UsageError
 from diffedit.jobs import edit_record, invert_image
 from diffedit.plan import plan_job, plan_of_record

@@ -216,3 +216,22 @@ def test_not_a_record(cli, tmp_path):
     (tmp_path / "fake.safetensors").write_bytes(b"garbage")
     code, _, err = cli("reconstruct", tmp_path / "fake.safetensors", "-o", tmp_path / "x.png", "-q")
     assert code == 1 and "fake.safetensors" in err and err.count("\n") == 1
+
+
+def test_edit_help_shows_its_common_options_on_one_screen(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, _ = cli("edit", "--help")
+    lines = out.splitlines()
+    panels = [i for i, line in enumerate(lines) if line.startswith("╭─")]
+    titles = [lines[i].strip("╭─╮ ") for i in panels]
+    assert titles[:3] == ["Arguments", "Options", "Engine options (each applies to the engines it names)"]
+    assert panels[2] <= 40  # usage, arguments and the common options before the engine panel
+    assert {"Guidance", "Model loading", "Input image"} <= set(titles)
+
+
+def test_engine_help_names_every_engine(cli):
+    from diffedit.inversion import engine_names
+
+    for command in ("edit", "invert"):
+        _, out, _ = cli(command, "--help")
+        assert all(name in " ".join(out.split()) for name in engine_names()), command

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit.errors import UsageError
 from diffedit.families import adapter_for
 from diffedit.jobs import generate_images, invert_image
 from diffedit.plan import plan_job, plan_of_record

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from diffedit.editing.spm.training import neutral_prompt
 from diffedit.editing import spm
 from diffedit.errors import DiffeditError, UsageError
-from diffedit.families import Cond
 from diffedit.jobs import generate_image
 from diffedit.plan import plan_job
 
@@ -192,8 +192,8 @@ def test_training_lowers_the_erase_loss_and_resumes_exactly(tiny, tmp_path):
         spm.train(model, "blue", config=config, checkpoint=ckpt)
     with pytest.raises(UsageError, match="does not name the concept"):
         spm.train(model, "red", prompts=["a hundred cats"], config=config)
-    assert spm._neutral("a Red cat on a red mat", "red", "") == "a cat on a mat"
-    assert spm._neutral("red", "red", "blue") == "blue"
+    assert neutral_prompt("a Red cat on a red mat", "red", "") == "a cat on a mat"
+    assert neutral_prompt("red", "red", "blue") == "blue"
 
 
 def test_cli_train_info_generate_and_records(cli, tmp_path, tiny_folder):

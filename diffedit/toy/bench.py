@@ -26,7 +26,6 @@ from PIL import Image
 
 from diffedit.errors import DiffeditError
 from diffedit.families import Family
-from diffedit.images import psnr
 from diffedit.toy.checker import check
 from diffedit.toy.shapes import COLOURS, SHAPES, make_scene, with_object
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from diffedit.toy.shapes import BACKGROUNDS, COLOURS
+from diffedit.toy.shapes import COLOURS
 
 _LAB = {name: cv2.cvtColor(np.uint8([[rgb]]), cv2.COLOR_RGB2LAB)[0, 0].astype(np.float32)
         for name, rgb in COLOURS.items()}

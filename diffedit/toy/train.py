@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffedit.testing import SD_SCHEDULE
 from diffedit.toy import model as toy
