@@ -46,7 +46,7 @@ def overhead(
 
     Example: diffedit bench overhead --save benchmarks/results/overhead
     """
-    from diffedit.benchmarks import overhead as bench
+    from lab.benchmarks import overhead as bench
 
     _measured(bench, repeats, quick, save, json)
 
@@ -73,7 +73,7 @@ def shapes(
     """
     from diffedit.cli.common import load
     from diffedit.errors import UsageError
-    from diffedit.toy import bench
+    from lab.toy import bench
 
     params = {}
     for item in param or []:
@@ -116,7 +116,7 @@ def toy_quality(
 
     Example: diffedit bench toy-quality
     """
-    from diffedit.toy.quality import report
+    from lab.toy.quality import report
 
     with stderr.status("measuring"):
         result = report(model, n=n, guidance_scale=guidance_scale)
@@ -134,7 +134,7 @@ def engines(
 
     Example: diffedit bench engines --save benchmarks/results/engines
     """
-    from diffedit.benchmarks import engines as bench
+    from lab.benchmarks import engines as bench
 
     with stderr.status("measuring"):
         rows, comparison = bench.run(repeats=repeats, quick=quick)
@@ -152,7 +152,7 @@ def speed(
 
     Example: diffedit bench speed --save benchmarks/results/speed
     """
-    from diffedit.benchmarks import speed as bench
+    from lab.benchmarks import speed as bench
 
     _measured(bench, repeats, quick, save, json)
 
@@ -168,7 +168,7 @@ def move(
 
     Example: diffedit bench move --save benchmarks/results/move
     """
-    from diffedit.benchmarks import move as bench
+    from lab.benchmarks import move as bench
 
     _measured(bench, repeats, quick, save, json)
 
@@ -184,7 +184,7 @@ def guidance(
 
     Example: diffedit bench guidance --save benchmarks/results/guidance
     """
-    from diffedit.benchmarks import guidance as bench
+    from lab.benchmarks import guidance as bench
 
     _measured(bench, repeats, quick, save, json)
 
@@ -201,7 +201,7 @@ def fk_toy(
     Example: diffedit bench fk-toy --n 50 --particles 4
     """
     from diffedit.models import load_model
-    from diffedit.toy.quality import fk_success
+    from lab.toy.quality import fk_success
 
     with stderr.status("measuring"):
         result = fk_success(load_model(model, device="cpu"), n=n, particles=particles)
@@ -219,7 +219,7 @@ def batch(
 
     Example: diffedit bench batch --save benchmarks/results/batch
     """
-    from diffedit.benchmarks import batch as bench
+    from lab.benchmarks import batch as bench
 
     with stderr.status("measuring"):
         row = bench.run(n=n, steps=steps)
@@ -238,7 +238,7 @@ def accelerators(
 
     Example: diffedit bench accelerators --n 50 --save benchmarks/results/accelerators
     """
-    from diffedit.benchmarks import accelerators as bench
+    from lab.benchmarks import accelerators as bench
     from diffedit.models import load_model
 
     with stderr.status("measuring"):
@@ -255,7 +255,7 @@ def memory(
 
     Example: diffedit bench memory --save benchmarks/results/memory
     """
-    from diffedit.benchmarks import memory as bench
+    from lab.benchmarks import memory as bench
 
     with stderr.status("measuring"):
         rows = bench.run()
@@ -277,7 +277,7 @@ def lcm(
 
     Example: diffedit bench lcm --lcm-lora samples/toy-lcm-lora/pytorch_lora_weights.safetensors --save benchmarks/results/lcm
     """
-    from diffedit.benchmarks import lcm as bench
+    from lab.benchmarks import lcm as bench
     from diffedit.errors import UsageError
     from diffedit.models import TOY_LCM, load_model
 
@@ -308,7 +308,7 @@ def erase(
 
     Example: diffedit bench erase --save benchmarks/results/erase
     """
-    from diffedit.benchmarks import erase as bench
+    from lab.benchmarks import erase as bench
     from diffedit.models import load_model
 
     shipped = Path(__file__).resolve().parents[1] / "samples" / "toy-sd-spm"

@@ -45,8 +45,8 @@ def train(
 
     from diffedit.errors import DiffeditError
     from diffedit.models import _quiet_libraries
-    from diffedit.toy import flow as toy_flow
-    from diffedit.toy.train import TrainConfig, train as run_training
+    from lab.toy import flow as toy_flow
+    from lab.toy.train import TrainConfig, train as run_training
 
     _quiet_libraries()
     name = "toy-flow" if flow else "toy-sd"
@@ -81,7 +81,7 @@ def tune_decoder(
     """
     from diffedit.errors import DiffeditError
     from diffedit.models import _quiet_libraries
-    from diffedit.toy.train import TrainConfig, tune_decoder as run_tuning
+    from lab.toy.train import TrainConfig, tune_decoder as run_tuning
 
     _quiet_libraries()
     if not (model / "vae" / "config.json").exists():
@@ -131,7 +131,7 @@ def distill_lcm(
 
     from diffedit.errors import DiffeditError
     from diffedit.models import _quiet_libraries
-    from diffedit.toy.lcm import DistillConfig, distill, lora_config
+    from lab.toy.lcm import DistillConfig, distill, lora_config
 
     _quiet_libraries()
     out = out or Path("samples/toy-lcm-lora" if lora_rank else "samples/toy-lcm")
@@ -158,7 +158,7 @@ def quality(
 
     Example: diffedit toy quality --n 200
     """
-    from diffedit.toy.quality import report
+    from lab.toy.quality import report
 
     with stderr.status("measuring"):
         result = report(str(model), n=n, steps=steps, guidance_scale=guidance_scale)
@@ -198,7 +198,7 @@ def make_bench(
     Example: diffedit toy make-bench --overwrite
     """
     from diffedit.files import atomic_output
-    from diffedit.toy.bench import make_tasks
+    from lab.toy.bench import make_tasks
 
     tasks = make_tasks()
     with atomic_output(output, overwrite) as tmp:
@@ -223,7 +223,7 @@ def finetune(
     """
     from diffedit.errors import DiffeditError
     from diffedit.models import _quiet_libraries
-    from diffedit.toy.train import finetune as run_finetune
+    from lab.toy.train import finetune as run_finetune
 
     _quiet_libraries()
     if out.exists() and not overwrite:

@@ -55,7 +55,7 @@ class Family:
         self._fingerprint: str | None = None
         self.compiled: torch.nn.Module | None = None  # torch.compile of the network, made on request
         self.use_compiled = False
-        self.membranes = None  # SPM concept-erasure adapters attached to the network (editing/spm.py)
+        self.membranes = None  # SPM concept-erasure adapters attached to the network (editing/spm/runtime.py)
         # Latent-consistency models (an LCMScheduler in the folder) sample by consistency steps:
         # x0 from the network, then all-fresh noise to the next level (`sample(refresh=True)`).
         self.consistency = isinstance(pipe.scheduler, LCMScheduler)

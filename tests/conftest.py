@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from diffedit.families import adapter_for
-from diffedit.testing import FAMILIES, save_tiny_pipeline, tiny_pipeline
+from lab.testing import FAMILIES, save_tiny_pipeline, tiny_pipeline
 
 # Short text sequences keep the T5 encoders of tiny SD3/Flux fast; diffusers gets the same value.
 SEQ = {"sd3": 16, "flux": 16}

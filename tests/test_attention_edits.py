@@ -192,7 +192,7 @@ def test_feature_injection_keeps_the_toy_lcms_scenes_when_recolouring():
 
     from diffedit.jobs import edit_image
     from diffedit.models import load_model
-    from diffedit.toy import bench
+    from lab.toy import bench
 
     model = load_model(Path(__file__).parents[1] / "samples" / "toy-lcm", device="cpu")
     tasks = [t for t in bench.load_tasks() if t["kind"] == "recolour"][:6]

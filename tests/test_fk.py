@@ -39,7 +39,7 @@ def test_on_an_lcm_particles_take_consistency_steps():
     """On a latent-consistency model each particle is the plain consistency sampler (all-fresh noise
     per step), not the churned ancestral step."""
     from diffedit.families import adapter_for
-    from diffedit.testing import tiny_lcm_pipeline
+    from lab.testing import tiny_lcm_pipeline
 
     model = adapter_for(tiny_lcm_pipeline(), "sd1")
     shape, schedule = model.latent_shape(1, H, W), model.schedule(4, H, W)

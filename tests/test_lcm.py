@@ -14,7 +14,7 @@ from diffedit.plan import plan_job, plan_of_record
 from diffedit.denoiser import prompt_denoiser_for
 from diffedit.models import load_model
 from diffedit.sampling import sample
-from diffedit.testing import save_tiny_pipeline, tiny_lcm_pipeline
+from lab.testing import save_tiny_pipeline, tiny_lcm_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def record_image(model, record):
 
 
 def test_distillation_resumes_exactly_and_saves_an_lcm(tmp_path):
-    from diffedit.toy.lcm import DistillConfig, distill
+    from lab.toy.lcm import DistillConfig, distill
 
     teacher = save_tiny_pipeline("sd1", tmp_path / "teacher")
     config = DistillConfig(steps=4, batch=2, dataset=16, checkpoint_every=2, cond_dim=16)
@@ -132,7 +132,7 @@ def test_shipped_toy_lcm_draws_in_four_steps():
     from diffusers import LatentConsistencyModelPipeline
 
     from diffedit.models import DEFAULT_MODEL, TOY_LCM
-    from diffedit.toy.quality import generate_batch, judge
+    from lab.toy.quality import generate_batch, judge
 
     pipe = LatentConsistencyModelPipeline.from_pretrained(TOY_LCM)
     assert pipe.unet.config.time_cond_proj_dim == 64

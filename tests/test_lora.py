@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from diffedit import lora
 from diffedit.errors import DiffeditError, UsageError
 from diffedit.models import load_model
-from diffedit.testing import save_tiny_pipeline, tiny_pipeline
+from lab.testing import save_tiny_pipeline, tiny_pipeline
 
 # A spread of layer kinds: attention projections, feed-forward, 1x1 and 3x3 convolutions, text encoder.
 UNET_LAYERS = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -202,7 +202,7 @@ def test_lcm_lora_cli_records_and_errors(cli, tiny_folder, tmp_path):
 def test_lcm_lora_distillation_saves_a_file_diffusers_loads(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from diffedit.toy.lcm import LORA_FILE, DistillConfig, distill
+    from lab.toy.lcm import LORA_FILE, DistillConfig, distill
 
     teacher = save_tiny_pipeline("sd1", tmp_path / "teacher")
     config = DistillConfig(steps=3, batch=2, dataset=16, lora_rank=4, lr=1e-2, w_min=5.0, w_max=5.0)
@@ -228,7 +228,7 @@ def test_shipped_toy_lcm_lora_draws_in_four_steps():
     from diffusers import StableDiffusionPipeline
 
     from diffedit.models import DEFAULT_MODEL, TOY_LCM_LORA
-    from diffedit.toy.quality import generate_batch, judge
+    from lab.toy.quality import generate_batch, judge
 
     assert TOY_LCM_LORA.stat().st_size <= 5 * 2**20
     pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None, requires_safety_checker=False)

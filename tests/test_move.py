@@ -230,7 +230,7 @@ def test_batch_runs_move_jobs(cli, files, tiny_folder):
 def test_toy_model_moves_shapes(toy_model):
     """ShapesBench move tasks on the shipped toy model: the checker finds the object at its new place,
     with its shape and colour, and nothing where it was."""
-    from diffedit.toy import bench
+    from lab.toy import bench
 
     tasks = {t["id"]: t for t in bench.load_tasks() if t["kind"] == "move"}
     for task_id in ("move-000", "move-003"):
@@ -258,7 +258,7 @@ def test_mask_from_prompt_finds_the_object(toy_model):
     it than of the rest of the scene (toy scenes of the move tasks)."""
     from diffedit.editing.pixelman import mask_from_prompt
     from diffedit.errors import UsageError
-    from diffedit.toy import bench
+    from lab.toy import bench
 
     inside = outside = 0.0
     tasks = [t for t in bench.load_tasks() if t["kind"] == "move"][:6]
@@ -275,7 +275,7 @@ def test_mask_from_prompt_finds_the_object(toy_model):
 
 
 def test_cli_move_with_mask_from_prompt(cli, tmp_path):
-    from diffedit.toy import bench
+    from lab.toy import bench
 
     task = next(t for t in bench.load_tasks() if t["id"] == "move-000")
     sc = bench.source_scene(task)
@@ -293,7 +293,7 @@ def test_move_with_spm_adapters(cli, tmp_path):
     """Adapters reach every pass of a move: with the null prompt facilitated transport leaves the
     circle adapter off (same image), with a prompt naming circles it changes the result."""
     from diffedit.images import read_params
-    from diffedit.toy import bench
+    from lab.toy import bench
 
     task = next(t for t in bench.load_tasks() if t["id"] == "move-001")  # a purple circle
     sc = bench.source_scene(task)

@@ -11,7 +11,7 @@ from diffedit.errors import DiffeditError
 from diffedit.images import to_tensor
 from diffedit.jobs import generate_image
 from diffedit.models import load_model
-from diffedit.testing import tiny_pipeline
+from lab.testing import tiny_pipeline
 
 # Stated tolerances on images in [-1, 1] (one 8-bit level is 2/255): fp16 within 2 levels everywhere;
 # bf16 (8 bits of mantissa) within 0.02 on average and 0.15 at worst.

@@ -127,7 +127,7 @@ def test_stochastic_step_matches_diffusers_ddim_eta(tiny):
 
 
 def test_half_precision_overflow_stops_at_the_step_that_overflowed(tmp_path, cli):
-    from diffedit.testing import tiny_pipeline
+    from lab.testing import tiny_pipeline
 
     pipe = tiny_pipeline("sd1")
     with torch.no_grad():  # activations past fp16's 65504 after the first convolution; fine in fp32

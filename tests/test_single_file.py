@@ -9,7 +9,7 @@ import torch
 
 from diffedit.errors import DiffeditError
 from diffedit.models import family_of_single_file, load_model
-from diffedit.testing import tiny_pipeline
+from lab.testing import tiny_pipeline
 
 
 def test_export_and_load_back_exactly(cli, tmp_path, tiny_folder, monkeypatch):

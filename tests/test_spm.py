@@ -239,7 +239,7 @@ def test_cli_train_info_generate_and_records(cli, tmp_path, tiny_folder):
 def test_shipped_adapter_erases_red_on_the_toy_model():
     """The shipped toy adapter: seeded red prompts are red without it and not red with it."""
     from diffedit.models import load_model
-    from diffedit.toy.quality import generate_batch, judge
+    from lab.toy.quality import generate_batch, judge
 
     model = load_model(None, device="cpu")
     red = ["a red circle on a white background", "a red square on a grey background",
@@ -338,7 +338,7 @@ def test_batch_passes_adapters_through(cli, tmp_path, tiny_folder):
 def test_toy_finetune_makes_a_different_loadable_copy(tmp_path):
     """The fine-tuned copy the transfer check uses: loadable, same family, other UNet weights, reproducible."""
     from diffedit.models import load_model
-    from diffedit.toy.train import finetune
+    from lab.toy.train import finetune
 
     source = Path(__file__).resolve().parents[1] / "samples" / "toy-sd"
     info = finetune(source, tmp_path / "ft", steps=2, seed=3, batch=4, scenes=16)

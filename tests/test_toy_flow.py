@@ -14,9 +14,9 @@ from diffedit.plan import plan_job
 from diffedit.denoiser import prompt_denoiser_for
 from diffedit.models import TOY_FLOW, load_model
 from diffedit.sampling import sample
-from diffedit.toy.flow import (MAX_TOKENS, ZERO_TOKENS, CaptionCache, SinkAttention, make_tokenizer,
+from lab.toy.flow import (MAX_TOKENS, ZERO_TOKENS, CaptionCache, SinkAttention, make_tokenizer,
                                make_transformer, text_conditioning)
-from diffedit.toy.quality import generate_batch, judge
+from lab.toy.quality import generate_batch, judge
 from diffedit.toy.shapes import Obj, caption, make_scene
 
 GUIDANCE = 5.0

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 
 from diffedit.models import DEFAULT_MODEL, load_model
 from diffedit.plan import plan_job
-from diffedit.toy.quality import ddim_round_trip_psnr, generate_batch, judge, photos_64, vae_psnr
+from lab.toy.quality import ddim_round_trip_psnr, generate_batch, judge, photos_64, vae_psnr
 from diffedit.toy.shapes import make_scene
 
 GUIDANCE = 5.0
@@ -79,7 +79,7 @@ def test_shapesbench_erase_task_with_the_shipped_adapter(toy):
     keeps the other one; without the adapter the same regeneration keeps the red object."""
     from PIL import Image
 
-    from diffedit.toy import bench
+    from lab.toy import bench
 
     task = next(t for t in bench.load_tasks() if t["id"] == "erase-002")
     source = Image.fromarray(bench.source_scene(task).image)
@@ -100,7 +100,7 @@ def test_tune_decoder_keeps_the_latents(tmp_path):
 
     from diffusers import AutoencoderKL
 
-    from diffedit.toy.train import TrainConfig, tune_decoder
+    from lab.toy.train import TrainConfig, tune_decoder
 
     shutil.copytree(DEFAULT_MODEL / "vae", tmp_path / "model" / "vae")
     before = AutoencoderKL.from_pretrained(tmp_path / "model" / "vae")

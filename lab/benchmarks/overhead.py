@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffedit.families import adapter_for
 from diffedit.denoiser import branch_denoiser
 from diffedit.sampling import initial_noise, sample
-from diffedit.testing import SD_SCHEDULE, tiny_pipeline
+from lab.testing import SD_SCHEDULE, tiny_pipeline
 
 PROMPT = "a red cat on a house"
 

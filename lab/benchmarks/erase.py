@@ -25,7 +25,7 @@ import numpy as np
 from diffedit.editing import spm
 from diffedit.images import psnr
 from diffedit.toy.checker import check
-from diffedit.toy.quality import generate_batch, judge, prompt_set
+from lab.toy.quality import generate_batch, judge, prompt_set
 
 CAP_DB = 100.0  # PSNR of identical images, so means stay finite
 
@@ -122,7 +122,7 @@ def run(model, adapters: list[str], n: int = 50, steps: int = 30, guidance_scale
     # transfer: the first adapter on a fine-tuned copy (made here unless given)
     with tempfile.TemporaryDirectory() as tmp:
         if finetuned is None:
-            from diffedit.toy.train import finetune
+            from lab.toy.train import finetune
 
             finetuned = str(Path(tmp) / "toy-sd-finetuned")
             info = finetune(model.source, Path(finetuned), steps=finetune_steps, seed=1)

@@ -15,7 +15,7 @@ from diffedit.denoiser import branch_denoiser
 from diffedit.models import load_model
 from diffedit.toy.checker import check
 from diffedit.toy.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, caption, make_scene
-from diffedit.toy.train import photo_sources, to_pixels
+from lab.toy.train import photo_sources, to_pixels
 
 
 def prompt_set(n: int, seed: int = 0) -> list[tuple[str, str, str]]:

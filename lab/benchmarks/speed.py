@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from diffedit.benchmarks import engines, guidance, move, overhead
+from lab.benchmarks import engines, guidance, move, overhead
 from diffedit.families import adapter_for
-from diffedit.testing import tiny_pipeline
+from lab.testing import tiny_pipeline
 
 
 def run(repeats: int = 3, quick: bool = False) -> list[dict]:

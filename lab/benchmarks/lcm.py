@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from diffedit.toy.quality import prompt_following
+from lab.toy.quality import prompt_following
 
 
 def run(students: list[tuple[str, object]], teacher, n: int = 100, steps: tuple[int, ...] = (1, 2, 4, 8),

@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 import torch
 
-from diffedit.testing import SD_SCHEDULE
-from diffedit.toy import model as toy
+from lab.testing import SD_SCHEDULE
+from lab.toy import model as toy
 from diffedit.toy.shapes import make_scene, user_caption
 
 

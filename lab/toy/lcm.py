@@ -28,8 +28,8 @@ from diffusers import (
 
 from diffedit import lora
 from diffedit.families import guidance_embedding
-from diffedit.testing import SD_SCHEDULE
-from diffedit.toy.train import _checkpoint, _load, encode_dataset
+from lab.testing import SD_SCHEDULE
+from lab.toy.train import _checkpoint, _load, encode_dataset
 
 GRID = 50  # DDIM steps of the distillation grid (LCMScheduler's original_inference_steps)
 # The layers LCM-LoRA adapts: attention projections, feed-forwards, convolutions of the resnets and

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffedit.testing import SD_SCHEDULE
+from lab.testing import SD_SCHEDULE
 from diffedit.tokenizers import clip_word_tokenizer
 from diffedit.toy.shapes import VOCAB
 

@@ -8,12 +8,12 @@ import statistics
 
 import torch
 
-from diffedit.benchmarks.overhead import PROMPT, _timed, mid_size_sd1
+from lab.benchmarks.overhead import PROMPT, _timed, mid_size_sd1
 from diffedit.families import adapter_for
 from diffedit.guidance.fk import FKConfig
 from diffedit.jobs import generate_image
 from diffedit.guidance import GuidanceSpec
-from diffedit.testing import tiny_pipeline
+from lab.testing import tiny_pipeline
 
 
 def run(repeats: int = 3, quick: bool = False, particles: int = 4) -> list[dict]:

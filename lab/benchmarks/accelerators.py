@@ -18,7 +18,7 @@ import numpy as np
 from diffedit.guidance import GuidanceSpec
 from diffedit.images import psnr
 from diffedit.jobs import generate_image
-from diffedit.toy.quality import judge, prompt_set
+from lab.toy.quality import judge, prompt_set
 
 
 def run(model, n: int = 50, steps: int = 50, guidance_scale: float = 5.0,
