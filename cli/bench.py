@@ -238,8 +238,8 @@ def accelerators(
 
     Example: diffedit bench accelerators --n 50 --save benchmarks/results/accelerators
     """
-    from lab.benchmarks import accelerators as bench
     from diffedit.models import load_model
+    from lab.benchmarks import accelerators as bench
 
     with stderr.status("measuring"):
         rows = bench.run(load_model(None, device="cpu"), n=n, steps=steps, guidance_scale=guidance_scale)
@@ -277,9 +277,9 @@ def lcm(
 
     Example: diffedit bench lcm --lcm-lora samples/toy-lcm-lora/pytorch_lora_weights.safetensors --save benchmarks/results/lcm
     """
-    from lab.benchmarks import lcm as bench
     from diffedit.errors import UsageError
     from diffedit.models import TOY_LCM, load_model
+    from lab.benchmarks import lcm as bench
 
     m, t = load_model(model or TOY_LCM, device="cpu"), load_model(teacher, device="cpu")
     if not m.consistency:
@@ -308,8 +308,8 @@ def erase(
 
     Example: diffedit bench erase --save benchmarks/results/erase
     """
-    from lab.benchmarks import erase as bench
     from diffedit.models import load_model
+    from lab.benchmarks import erase as bench
 
     shipped = Path(__file__).resolve().parents[1] / "samples" / "toy-sd-spm"
     files = [str(a) for a in adapter] if adapter else [str(shipped / "red.spm.safetensors"),

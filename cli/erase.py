@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from diffedit.cli.common import ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt, emit, load, stderr
+from diffedit.cli.common import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    OverwriteOpt,
+    PickleOpt,
+    QuietOpt,
+    emit,
+    load,
+    stderr,
+)
 from diffedit.cli.main import app
 
 erase_app = typer.Typer(help="Concept erasure with SPM adapters: train one per concept, inspect it.",
@@ -43,7 +55,8 @@ def train(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from diffedit.editing.spm import TrainConfig, check_concept, train as run_training
+    from diffedit.editing.spm import TrainConfig, check_concept
+    from diffedit.editing.spm import train as run_training
     from diffedit.files import check_writable
 
     check_concept(concept)

@@ -8,16 +8,45 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    AdapterOpt,
+    AlphaOpt,
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
     EngineOpt,
+    EtaOpt,
+    FitOpt,
+    GammaOpt,
+    GuidanceOpt,
+    JsonOpt,
     LcmLoraOpt,
     LcmStepsOpt,
     LoraOpt,
-    AlphaOpt, FitOpt, AdapterOpt, TransportOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, PagAdaptiveOpt, PagLayersOpt, PagScaleOpt, EtaOpt, GammaOpt, NAvgOpt, NMaxOpt, NMinOpt, StartOpt, StopOpt, JsonOpt, ModelOpt, OverwriteOpt, PickleOpt, QuietOpt,
-    SkipOpt, StepsOpt, StrengthOpt, VaeTilingOpt, emit, guidance_spec, engine_params, load, progress,
+    ModelOpt,
+    NAvgOpt,
+    NMaxOpt,
+    NMinOpt,
+    OverwriteOpt,
+    PagAdaptiveOpt,
+    PagLayersOpt,
+    PagScaleOpt,
+    PickleOpt,
+    QuietOpt,
+    SkipOpt,
+    StartOpt,
+    StepsOpt,
+    StopOpt,
+    StrengthOpt,
+    TransportOpt,
+    VaeTilingOpt,
+    emit,
+    engine_params,
+    guidance_spec,
+    load,
+    progress,
     record_loras,
 )
 from diffedit.cli.main import app
-
 
 
 @app.command()

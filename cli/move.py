@@ -7,8 +7,29 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    AlphaOpt, FitOpt, AdapterOpt, ConfigOpt, DeviceOpt, DtypeOpt, GuidanceOpt, JsonOpt, ModelOpt, OverwriteOpt, PagAdaptiveOpt, PagLayersOpt,
-    PagScaleOpt, PickleOpt, QuietOpt, TransportOpt, VaeTilingOpt, LcmLoraOpt, LoraOpt, emit, guidance_spec, load, progress,
+    AdapterOpt,
+    AlphaOpt,
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FitOpt,
+    GuidanceOpt,
+    JsonOpt,
+    LcmLoraOpt,
+    LoraOpt,
+    ModelOpt,
+    OverwriteOpt,
+    PagAdaptiveOpt,
+    PagLayersOpt,
+    PagScaleOpt,
+    PickleOpt,
+    QuietOpt,
+    TransportOpt,
+    VaeTilingOpt,
+    emit,
+    guidance_spec,
+    load,
+    progress,
 )
 from diffedit.cli.main import app
 

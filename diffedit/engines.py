@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from diffedit.errors import UsageError
 from diffedit.denoiser import Denoiser
 from diffedit.editing.attention import Controller
+from diffedit.errors import UsageError
 from diffedit.families import Family
 from diffedit.sampling import Callback, Schedule
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from diffedit import __version__
+from diffedit.denoiser import branch_denoiser, prompt_denoiser_for
 from diffedit.engines import Run
 from diffedit.errors import UsageError
 from diffedit.families import Family
@@ -25,7 +26,6 @@ from diffedit.guidance.fk import FKConfig, load_reward, steer
 from diffedit.images import fit_to_multiple, load_image, load_mask, psnr, to_pil, to_tensor
 from diffedit.plan import Plan, plan_of_record
 from diffedit.records import Record, model_meta
-from diffedit.denoiser import branch_denoiser, prompt_denoiser_for
 from diffedit.sampling import Callback, sample
 
 
@@ -310,7 +310,12 @@ def move_image(
     Without a mask, `mask_word` (words of `prompt`) finds the object by cross-attention.
     """
     from diffedit.editing.pixelman import (
-        FeatureEnergy, PixelManControl, manipulate, mask_from_prompt, move_latents, plan_move,
+        FeatureEnergy,
+        PixelManControl,
+        manipulate,
+        mask_from_prompt,
+        move_latents,
+        plan_move,
     )
 
     started = time.perf_counter()

@@ -60,12 +60,13 @@ def step(x0: torch.Tensor, eps: torch.Tensor, a_to: float, s_to: float,
 def sample(
     denoise: Denoise, x: torch.Tensor, schedule: Schedule, *, start: int = 0, eta: float = 0.0,
     noise: Callable[[int], torch.Tensor] | None = None, callback: Callback | None = None,
-    refresh: bool = False,
+    refresh: bool = False, after_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Denoise `x` from level `start` to the end of the schedule; `noise(i)` gives z at step i.
 
     `refresh` takes consistency steps (latent-consistency models): all of the next level's noise is
-    fresh, `x = a x0 + s z`.
+    fresh, `x = a x0 + s z`. `after_step(i, x, x0)` may replace the batch after each step (FK
+    steering resamples its particles there).
     """
     a, s = schedule.a, schedule.s
     for i in range(start, len(schedule)):
@@ -74,6 +75,8 @@ def sample(
         x = step(x0, eps, a[i + 1], s[i + 1], c, noise(i) if c else None)
         if callback is not None:
             callback(i, x, x0)
+        if after_step is not None:
+            x = after_step(i, x, x0)
     return x
 
 

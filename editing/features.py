@@ -12,7 +12,6 @@ SD at 512 px); deeper ones (`up_blocks.0`) change little, shallower ones copy te
 
 from __future__ import annotations
 
-
 from diffedit.editing.attention import Chain, Controller
 from diffedit.errors import UsageError
 

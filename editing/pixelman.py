@@ -153,8 +153,8 @@ def mask_from_prompt(model, pixels: torch.Tensor, prompt: str, word: str, seed: 
     """The object's mask from where `word` of `prompt` attends: the conditional cross-attention maps
     of its tokens, summed over layers and five mid-noise levels of the noised image, normalised to
     [0, 1] and thresholded, at pixel resolution."""
-    from diffedit.editing.p2p import find_word, word_tokens
     from diffedit.denoiser import prompt_denoiser_for
+    from diffedit.editing.p2p import find_word, word_tokens
 
     tokenizer = model.pipe.tokenizer
     positions = find_word(tokenizer, word_tokens(tokenizer, prompt), word, "--prompt")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from diffedit.errors import DiffeditError, UsageError
-from diffedit.sampling import Denoise, churn, step
+from diffedit.sampling import Denoise, sample
 
 Reward = Callable[[torch.Tensor, str], torch.Tensor]  # (images [K,3,H,W] in [0,1], prompt) -> [K]
 POTENTIALS = ("diff", "max", "sum")
@@ -81,37 +81,45 @@ def steer(
         x = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
     else:
         x = start.to(device, torch.float32).expand(k, *shape[1:]).clone()
-    resample_gen = torch.Generator("cpu").manual_seed(seed + 1_000_003)  # never touches particle noise
-    a, s = schedule.a, schedule.s
-    first, last = int(config.start * n), int(config.stop * n)
-    history: list[torch.Tensor] = []
-    log_g_prev = torch.zeros(k)
-    resamples = 0
-    for i in range(n):
-        x0, eps = denoise(x, schedule, i)
-        c = s[i + 1] if refresh else churn(a[i], s[i], a[i + 1], s[i + 1], config.eta)
-        z = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device) if c else None
-        x = step(x0, eps, a[i + 1], s[i + 1], c, z)
-        if callback is not None:
-            callback(i, x, x0)
-        if k == 1 or not (first <= i < last and (i - first) % config.every == config.every - 1):
-            continue
-        history.append(_judge(reward, decode(x0), prompt))
-        log_g = _potential(config.potential, config.lam, history)
+    resampler = _Resampler(config, n, reward, decode, prompt, seed)
+    draw = lambda i: torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)  # noqa: E731
+    x = sample(denoise, x, schedule, eta=config.eta, noise=draw, callback=callback, refresh=refresh,
+               after_step=resampler if k > 1 else None)
+    final = _judge(reward, decode(x), prompt)
+    return x, final, {"particles": k, "resamples": resampler.resamples}
+
+
+class _Resampler:
+    """FK's step hook: at the chosen steps, weigh the particles by the potential of their rewards
+    and resample them when the effective sample size falls below the threshold."""
+
+    def __init__(self, config: FKConfig, steps: int, reward: Reward, decode, prompt: str, seed: int):
+        self.config, self.reward, self.decode, self.prompt = config, reward, decode, prompt
+        self.first, self.last = int(config.start * steps), int(config.stop * steps)
+        self.gen = torch.Generator("cpu").manual_seed(seed + 1_000_003)  # never touches particle noise
+        self.history: list[torch.Tensor] = []
+        self.log_g_prev = torch.zeros(config.particles)
+        self.resamples = 0
+
+    def __call__(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if not (self.first <= i < self.last and (i - self.first) % config.every == config.every - 1):
+            return x
+        self.history.append(_judge(self.reward, self.decode(x0), self.prompt))
+        log_g = _potential(config.potential, config.lam, self.history)
         # incremental weight of this step: G_t over the potential already paid for
-        log_w = torch.nan_to_num(log_g - log_g_prev, nan=-math.inf)
+        log_w = torch.nan_to_num(log_g - self.log_g_prev, nan=-math.inf)
         if torch.isinf(log_w).all():
             raise DiffeditError(f"FK steering: every particle's reward is NaN at step {i}")
         w = torch.softmax(log_w, 0)
-        if 1.0 / float((w * w).sum()) < config.ess_threshold * k:
-            idx = _systematic(w, resample_gen)
-            x, history = x[idx.to(x.device)], [h[idx] for h in history]
-            log_g_prev = log_g[idx]
-            resamples += 1
-        else:
-            log_g_prev = log_g
-    final = _judge(reward, decode(x), prompt)
-    return x, final, {"particles": k, "resamples": resamples}
+        if 1.0 / float((w * w).sum()) >= config.ess_threshold * config.particles:
+            self.log_g_prev = log_g
+            return x
+        idx = _systematic(w, self.gen)
+        self.history = [h[idx] for h in self.history]
+        self.log_g_prev = log_g[idx]
+        self.resamples += 1
+        return x[idx.to(x.device)]
 
 
 def _judge(reward: Reward, images: torch.Tensor, prompt: str) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from diffedit.engines import Engine, Params, Run, register
 from diffedit.errors import UsageError
-from diffedit.sampling import step
+from diffedit.sampling import sample
 
 # Defaults of the paper's configurations: SD3 (true CFG) and Flux (guidance-distilled): steps, n_max,
 # source and target guidance. Other step counts keep the paper's fraction n_max / steps.
@@ -85,7 +85,4 @@ class FlowEdit(Engine):
         # the last n_min steps: ordinary sampling of the target from the noised edit
         i = n - n_min
         x = z_edit + (a[i] * x_src + s[i] * noise()) - x_src
-        for i in range(n - n_min, n):
-            x0, eps = run.target(x, sched, i)
-            x = step(x0, eps, a[i + 1], s[i + 1])
-        return x
+        return sample(run.target, x, sched, start=i, callback=run.callback)

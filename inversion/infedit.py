@@ -13,9 +13,9 @@ guidance scales are network inputs, not CFG; on an LCM-LoRA, whose guidance is d
 default to 1: no CFG); ordinary models need more steps (50).
 """
 
-import torch
-
 from dataclasses import dataclass, field
+
+import torch
 
 from diffedit.editing.features import with_features
 from diffedit.editing.p2p import LocalBlend, P2PConfig, align, blend_positions, check_length

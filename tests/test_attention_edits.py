@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from diffedit.denoiser import prompt_denoiser
 from diffedit.editing.p2p import LocalBlend, align
 from diffedit.errors import UsageError
+from diffedit.guidance.cfg import CFG
 from diffedit.jobs import edit_record, invert_image
 from diffedit.plan import plan_job, plan_of_record
 from diffedit.sampling import initial_noise, sample
-from diffedit.denoiser import prompt_denoiser
-from diffedit.guidance.cfg import CFG
 
 
 @pytest.fixture

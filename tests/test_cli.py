@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_subprocess
 from PIL import Image
 
-from conftest import run_subprocess
 from diffedit.images import load_image, psnr, read_params
 
 

@@ -11,12 +11,11 @@ import torch
 from diffusers import DDIMScheduler, LEditsPPPipelineStableDiffusion, LEditsPPPipelineStableDiffusionXL
 from PIL import Image
 
+from diffedit.denoiser import branch_denoiser
 from diffedit.engines import Run
-
-from diffedit.inversion import engine_names, get_engine
 from diffedit.errors import UsageError
 from diffedit.images import to_tensor
-from diffedit.denoiser import branch_denoiser
+from diffedit.inversion import engine_names, get_engine
 from diffedit.inversion.bdia import BDIA, first_level
 from diffedit.inversion.ddpm_ef import default_skip
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from diffedit.denoiser import prompt_denoiser
 from diffedit.errors import DiffeditError, UsageError
 from diffedit.guidance.cfg import CFG
 from diffedit.guidance.fk import FKConfig, load_reward, steer
 from diffedit.jobs import generate_image
 from diffedit.sampling import sample
-from diffedit.denoiser import prompt_denoiser
 
 H = W = 32
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SEQ
 from diffusers import StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
 
+from diffedit.denoiser import prompt_denoiser
 from diffedit.editing.attention import AttentionControl, Controller
 from diffedit.errors import UsageError
 from diffedit.guidance import make_guidance
 from diffedit.guidance.cfg import CFG, Guidance
 from diffedit.sampling import initial_noise, invert, sample
-from diffedit.denoiser import prompt_denoiser
-
-from conftest import SEQ
 
 H = W = 32
 

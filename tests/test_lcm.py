@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from diffedit.denoiser import prompt_denoiser_for
 from diffedit.families import adapter_for
 from diffedit.jobs import generate_images, invert_image
-from diffedit.plan import plan_job, plan_of_record
-from diffedit.denoiser import prompt_denoiser_for
 from diffedit.models import load_model
+from diffedit.plan import plan_job, plan_of_record
 from diffedit.sampling import sample
 from lab.testing import save_tiny_pipeline, tiny_lcm_pipeline
 

@@ -6,8 +6,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import run_subprocess
+
 from diffedit.errors import DiffeditError, UsageError
 from diffedit.models import family_of_folder, load_model, pick_device, pick_dtype
 from diffedit.records import FORMAT, Record, load_record, save_record

@@ -12,8 +12,17 @@ from PIL import Image
 
 from diffedit.editing.attention import AttnCall, _attend
 from diffedit.editing.pixelman import (
-    BLOCKED, SOURCE, TARGET, EnergyWeights, FeatureEnergy, MoveSpec, PixelManControl, guided_step, plan_move,
-    repeats, warp,
+    BLOCKED,
+    SOURCE,
+    TARGET,
+    EnergyWeights,
+    FeatureEnergy,
+    MoveSpec,
+    PixelManControl,
+    guided_step,
+    plan_move,
+    repeats,
+    warp,
 )
 from diffedit.images import to_pil, to_tensor
 from diffedit.jobs import move_image

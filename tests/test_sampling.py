@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SEQ
 from diffusers import DDIMInverseScheduler
 
+from diffedit.denoiser import branch_denoiser, prompt_denoiser
 from diffedit.engines import Run
-
-from diffedit.inversion import get_engine
 from diffedit.guidance.cfg import CFG
-from diffedit.denoiser import branch_denoiser
+from diffedit.inversion import get_engine
 from diffedit.sampling import churn, initial_noise, invert, sample
-from diffedit.denoiser import prompt_denoiser
-
-from conftest import SEQ
 
 H = W = 32
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffedit.editing.spm.training import neutral_prompt
 from diffedit.editing import spm
+from diffedit.editing.spm.training import neutral_prompt
 from diffedit.errors import DiffeditError, UsageError
 from diffedit.jobs import generate_image
 from diffedit.plan import plan_job

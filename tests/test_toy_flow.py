@@ -8,16 +8,22 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
-from diffedit.jobs import invert_image
-from diffedit.plan import plan_job
-
 from diffedit.denoiser import prompt_denoiser_for
+from diffedit.jobs import invert_image
 from diffedit.models import TOY_FLOW, load_model
+from diffedit.plan import plan_job
 from diffedit.sampling import sample
-from lab.toy.flow import (MAX_TOKENS, ZERO_TOKENS, CaptionCache, SinkAttention, make_tokenizer,
-                               make_transformer, text_conditioning)
-from lab.toy.quality import generate_batch, judge
 from diffedit.toy.shapes import Obj, caption, make_scene
+from lab.toy.flow import (
+    MAX_TOKENS,
+    ZERO_TOKENS,
+    CaptionCache,
+    SinkAttention,
+    make_tokenizer,
+    make_transformer,
+    text_conditioning,
+)
+from lab.toy.quality import generate_batch, judge
 
 GUIDANCE = 5.0
 

@@ -9,8 +9,8 @@ from diffusers import StableDiffusionPipeline
 
 from diffedit.models import DEFAULT_MODEL, load_model
 from diffedit.plan import plan_job
-from lab.toy.quality import ddim_round_trip_psnr, generate_batch, judge, photos_64, vae_psnr
 from diffedit.toy.shapes import make_scene
+from lab.toy.quality import ddim_round_trip_psnr, generate_batch, judge, photos_64, vae_psnr
 
 GUIDANCE = 5.0
 

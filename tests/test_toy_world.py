@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from lab.toy.bench import TASKS, expected_scene, judge, load_tasks, make_tasks, source_scene
 from diffedit.toy.checker import check, shows
-from lab.toy.model import make_tokenizer
 from diffedit.toy.shapes import COLOURS, SHAPES, VOCAB, Obj, make_scene, render
+from lab.toy.bench import TASKS, expected_scene, judge, load_tasks, make_tasks, source_scene
+from lab.toy.model import make_tokenizer
 
 
 def test_generator_is_deterministic():

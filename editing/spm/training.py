@@ -91,9 +91,9 @@ def train(
     With `checkpoint`, state is saved every `every` iterations and a run resumes from it, reaching
     exactly the result of an uninterrupted run. `stop_after` ends early (tests of resuming).
     """
+    from diffedit.denoiser import prompt_denoiser
     from diffedit.guidance.cfg import CFG
     from diffedit.sampling import step as ddim_step
-    from diffedit.denoiser import prompt_denoiser
 
     check_concept(concept)
     prompts = list(prompts or [concept])

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lab.benchmarks.overhead import _timed, mid_size_sd1
 from diffedit.families import Family, adapter_for
 from diffedit.images import to_tensor
 from diffedit.jobs import edit_record, invert_image
 from diffedit.plan import plan_job
+from lab.benchmarks.overhead import _timed, mid_size_sd1
 from lab.testing import tiny_lcm_pipeline, tiny_pipeline
 
 ENGINES = ("ddim", "ddpm-ef", "bdia", "direct", "ddim-p2p", "infedit")

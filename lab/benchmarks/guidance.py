@@ -8,11 +8,11 @@ import statistics
 
 import torch
 
-from lab.benchmarks.overhead import PROMPT, _timed, mid_size_sd1
 from diffedit.families import adapter_for
+from diffedit.guidance import GuidanceSpec
 from diffedit.guidance.fk import FKConfig
 from diffedit.jobs import generate_image
-from diffedit.guidance import GuidanceSpec
+from lab.benchmarks.overhead import PROMPT, _timed, mid_size_sd1
 from lab.testing import tiny_pipeline
 
 

@@ -88,8 +88,8 @@ def measure(name: str, model, size: int, repeats: int, steps: int = 16) -> dict:
 
 
 def run(repeats: int = 5, quick: bool = False) -> list[dict]:
-    from lab.benchmarks.overhead import mid_size_sd1
     from diffedit.models import DEFAULT_MODEL, load_model
+    from lab.benchmarks.overhead import mid_size_sd1
 
     rows = [measure("toy-sd", load_model(DEFAULT_MODEL, device="cpu"), 64, repeats)]
     if not quick:

@@ -14,8 +14,8 @@ import time
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from diffedit.families import adapter_for
 from diffedit.denoiser import branch_denoiser
+from diffedit.families import adapter_for
 from diffedit.sampling import initial_noise, sample
 from lab.testing import SD_SCHEDULE, tiny_pipeline
 

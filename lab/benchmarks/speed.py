@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from lab.benchmarks import engines, guidance, move, overhead
 from diffedit.families import adapter_for
+from lab.benchmarks import engines, guidance, move, overhead
 from lab.testing import tiny_pipeline
 
 

@@ -250,9 +250,9 @@ def object_move(model: Family, task: dict, source: Image.Image, options: dict) -
 
 
 def _ddim_move(model: Family, pixels, masks, centre, move, steps: int) -> tuple[Image.Image, dict]:
+    from diffedit.denoiser import branch_denoiser
     from diffedit.editing.pixelman import at, warp
     from diffedit.images import to_pil
-    from diffedit.denoiser import branch_denoiser
     from diffedit.sampling import invert, sample
 
     height, width = pixels.shape[-2:]

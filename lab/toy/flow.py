@@ -20,8 +20,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from diffedit.tokenizers import clip_word_tokenizer
-from lab.toy import model as toy
 from diffedit.toy.shapes import VOCAB
+from lab.toy import model as toy
 from lab.toy.train import encode_dataset, fit_denoiser
 
 ZERO_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero "T5" tokens

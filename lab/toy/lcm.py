@@ -23,7 +23,11 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    DDPMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
+    DDPMScheduler,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
 )
 
 from diffedit import lora

@@ -12,9 +12,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from lab.testing import SD_SCHEDULE
 from diffedit.tokenizers import clip_word_tokenizer
 from diffedit.toy.shapes import VOCAB
+from lab.testing import SD_SCHEDULE
 
 MAX_TOKENS = 32  # the longest caption has 19 tokens with the start and end tokens
 TEXT_DIM = 64

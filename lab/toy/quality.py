@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
+from diffedit.denoiser import branch_denoiser, prompt_denoiser_for
+from diffedit.editing.attention import Controller
 from diffedit.engines import Run
-
-from diffedit.inversion import get_engine
 from diffedit.families import Family
 from diffedit.images import psnr, to_pil
+from diffedit.inversion import get_engine
 from diffedit.jobs import generate_images
-from diffedit.denoiser import branch_denoiser
 from diffedit.models import load_model
+from diffedit.sampling import invert, step
 from diffedit.toy.checker import check
-from diffedit.toy.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, caption, make_scene
+from diffedit.toy.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, caption, make_scene, user_caption
 from lab.toy.train import photo_sources, to_pixels
 
 
-def prompt_set(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """n seeded single-object prompts: (prompt, shape, colour)."""
+def prompt_set(n: int, seed: int = 0, forms: str = "canonical") -> list[tuple[str, str, str]]:
+    """n seeded single-object prompts: (prompt, shape, colour). `forms="user"` writes each as people
+    type it (`user_caption`: "red circle", "a red circle", "a red circle on a grey background", ...)."""
     rng = np.random.default_rng(seed)
+    forms_rng = np.random.default_rng([seed, 1])
     out = []
     for _ in range(n):
         shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
         background = (list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],)
-        out.append((caption([Obj(shape, colour, (0, 0), 1)], background), shape, colour))
+        text = caption([Obj(shape, colour, (0, 0), 1)], background)
+        out.append((user_caption(text, forms_rng) if forms == "user" else text, shape, colour))
     return out
 
 
@@ -35,6 +41,22 @@ def judge(image: np.ndarray, shape: str | None, colour: str | None) -> tuple[boo
     if not found:
         return False, False
     return shape is None or found[0].shape == shape, colour is None or found[0].colour == colour
+
+
+def palette_colour(image: np.ndarray, threshold: float = 60.0) -> str | None:
+    """The object colour without the checker: the palette colour that most pixels far from both border
+    colours (top and bottom half, for two-tone backgrounds) are nearest to; None if no such pixels."""
+    h = image.shape[0]
+    img = image.astype(np.float32)
+    borders = [np.median(np.concatenate([img[0], img[: h // 2, 0], img[: h // 2, -1]]), 0),
+               np.median(np.concatenate([img[-1], img[h // 2 :, 0], img[h // 2 :, -1]]), 0)]
+    far = np.all([np.linalg.norm(img - b, axis=-1) > threshold for b in borders], axis=0)
+    if far.sum() < 12:
+        return None
+    names = list(COLOURS)
+    palette = np.array([COLOURS[c] for c in names], np.float32)
+    nearest = np.linalg.norm(img[far][:, None] - palette[None], axis=-1).argmin(1)
+    return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
 
 
 def generate_batch(model: Family, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
@@ -47,10 +69,11 @@ def generate_batch(model: Family, prompts: list[str], seeds: list[int], steps: i
 
 
 def prompt_following(model: Family, n: int, steps: int, guidance_scale: float, batch: int = 50,
-                     seed: int = 0) -> dict:
-    """Checker scores (% right shape, colour, both) of images of `n` seeded prompts (`prompt_set`)."""
-    prompts = prompt_set(n, seed)
-    shape_ok = colour_ok = both = 0
+                     seed: int = 0, forms: str = "canonical") -> dict:
+    """Checker scores (% right shape, colour, both) of images of `n` seeded prompts (`prompt_set`),
+    and the % whose palette colour (`palette_colour`, no checker) is the asked one."""
+    prompts = prompt_set(n, seed, forms)
+    shape_ok = colour_ok = both = palette_ok = 0
     for start in range(0, n, batch):
         chunk = prompts[start : start + batch]
         images = generate_batch(model, [p for p, _, _ in chunk], list(range(start, start + len(chunk))),
@@ -58,7 +81,9 @@ def prompt_following(model: Family, n: int, steps: int, guidance_scale: float, b
         for image, (_, shape, colour) in zip(images, chunk):
             s, c = judge(image, shape, colour)
             shape_ok, colour_ok, both = shape_ok + s, colour_ok + c, both + (s and c)
-    return {"shape_pct": 100 * shape_ok / n, "colour_pct": 100 * colour_ok / n, "both_pct": 100 * both / n}
+            palette_ok += palette_colour(image) == colour
+    return {"shape_pct": 100 * shape_ok / n, "colour_pct": 100 * colour_ok / n, "both_pct": 100 * both / n,
+            "palette_colour_pct": 100 * palette_ok / n}
 
 
 @torch.inference_mode()
@@ -66,6 +91,24 @@ def vae_psnr(model: Family, images: list[np.ndarray]) -> float:
     x = to_pixels(np.stack(images)).to(model.device)
     back = model.decode(model.encode_image(x))
     return float(np.mean([psnr(to_pil(b), img) for b, img in zip(back, images)]))
+
+
+@torch.inference_mode()
+def plain_background_error(model: Family, colours=((255, 255, 255), (0, 0, 0), (245, 245, 245), (200, 60, 90))) -> dict:
+    """Largest error, in levels, of the VAE round trip's background (mean over the background pixels, per
+    channel) for scenes put on each plain colour; by colour."""
+    out = {}
+    for colour in colours:
+        errors = []
+        for i in range(8):
+            scene = make_scene(10**8 + i)
+            background = ~np.any(scene.masks, 0)
+            image = scene.image.copy()
+            image[background] = colour
+            back = np.asarray(to_pil(model.decode(model.encode_image(to_pixels(image[None]).to(model.device)))))
+            errors.append(float(np.abs(back[background].astype(np.float32).mean(0) - np.array(colour)).max()))
+        out["-".join(map(str, colour))] = round(max(errors), 2)
+    return out
 
 
 def photos_64() -> list[np.ndarray]:
@@ -98,9 +141,12 @@ def report(model_path: str, n: int = 200, steps: int = 50, guidance_scale: float
     torch.manual_seed(0)
     result = {"model": model_path, "prompts": n, "steps": steps, "guidance_scale": guidance_scale}
     result.update(prompt_following(model, n, steps, guidance_scale))
+    user = prompt_following(model, n, steps, guidance_scale, forms="user")
+    result.update({f"user_{k}": v for k, v in user.items()})
     result["vae_psnr_shapes"] = vae_psnr(model, [make_scene(10**8 + i).image for i in range(100)])
     result["vae_psnr_photos"] = vae_psnr(model, photos_64())
     result["ddim_round_trip_psnr"] = ddim_round_trip_psnr(model)
+    result["plain_background_error_levels"] = plain_background_error(model)
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
 
 
@@ -123,3 +169,48 @@ def fk_success(model: Family, n: int = 50, particles: int = 4, steps: int = 50, 
             wins[k] += all(judge(np.asarray(image), shape, colour))
     return {"prompts": n, "particles": particles, "success_k1_pct": 100 * wins[1] / n,
             f"success_k{particles}_pct": 100 * wins[particles] / n}
+
+
+class SourceMaps(Controller):
+    """Every attention map of every target row (all branches, self and cross, all steps) replaced by
+    the source row's: what is left to the target is its own values, its text and its convolutions."""
+
+    def wants_maps(self, call):
+        return not call.joint
+
+    def maps(self, call, probs):
+        chunks = probs.unflatten(0, (len(call.branches), -1))  # [branch, item, heads, queries, keys], a view
+        chunks[:, 1:] = chunks[:, :1]
+        return probs
+
+
+@torch.inference_mode()
+def layout_in_attention(model: Family, tasks: list[dict], steps: int = 50, guidance_scale: float = 7.5,
+                        tolerance: float = 2.0) -> dict:
+    """The layout-in-attention diagnostic: each recolour task's source is DDIM-inverted and regenerated
+    as source and target side by side, the source pinned to its inversion (Direct Inversion's exact
+    branch) and the target taking every attention map from it (`SourceMaps`). On a model whose layout
+    follows its attention maps, every object stays where it was: % of tasks whose every object's
+    centre (by the checker) is within `tolerance` px of the source's."""
+    from lab.toy.bench import source_scene
+
+    kept, moved = 0, []
+    for task in tasks:
+        scene = source_scene(task)
+        z0 = model.encode_image(to_pixels(scene.image[None]).to(model.device))
+        schedule = model.schedule(steps, *scene.image.shape[:2])
+        source = branch_denoiser(model, task["source_prompt"], 1.0, *scene.image.shape[:2])
+        trajectory = invert(source, z0, schedule)[::-1]
+        pair = prompt_denoiser_for(model, [task["source_prompt"], task["target_prompt"]], guidance_scale,
+                                   *scene.image.shape[:2], controller=SourceMaps())
+        x = torch.cat([trajectory[0], trajectory[0]])
+        for i in range(steps):
+            x0, eps = pair(x, schedule, i)
+            x = step(x0, eps, schedule.a[i + 1], schedule.s[i + 1])
+            x[:1] = trajectory[i + 1]
+        found = check(np.asarray(to_pil(model.decode(x[1:]))))
+        worst = max(min((math.dist(d.centroid, o.center) for d in found), default=math.inf) for o in scene.objects)
+        kept += worst <= tolerance
+        moved.append(worst)
+    return {"tasks": len(tasks), "kept_pct": 100 * kept / len(tasks),
+            "median_shift_px": float(np.median(moved)) if moved else None}

@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import torch
 
+from diffedit.toy.shapes import make_scene, user_caption
 from lab.testing import SD_SCHEDULE
 from lab.toy import model as toy
-from diffedit.toy.shapes import make_scene, user_caption
 
 
 @dataclass
@@ -31,6 +31,7 @@ class TrainConfig:
     decoder_steps: int = 1500
     decoder_mse_steps: int = 300
     photo_fraction: float = 0.3
+    plain_fraction: float = 0.2  # of the scenes: on a random plain colour, pure white and black included
     dataset: int = 20_000
     unet_steps: int = 4000
     unet_batch: int = 48
@@ -64,6 +65,16 @@ def photo_crop(photos: list[np.ndarray], rng: np.random.Generator, size: int = 6
     return cv2.resize(img[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA)
 
 
+def plain_colour(rng: np.random.Generator) -> np.ndarray:
+    """Pure white, pure black or any RGB colour: the backgrounds the world's palette does not have."""
+    kind = rng.random()
+    if kind < 0.25:
+        return np.array([255, 255, 255], np.uint8)
+    if kind < 0.5:
+        return np.array([0, 0, 0], np.uint8)
+    return rng.integers(0, 256, 3).astype(np.uint8)
+
+
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
@@ -88,8 +99,12 @@ def _vae_batch(config: TrainConfig, photos, phase: int, step: int):
             weights.append(np.full((64, 64), 3.0, np.float32))
         else:
             scene = make_scene(int(rng.integers(2**31)))
-            images.append(scene.image)
             objects = np.any(scene.masks, 0) if scene.masks else np.zeros((64, 64), bool)
+            image = scene.image
+            if rng.random() < config.plain_fraction:  # users' scenes come on any plain colour
+                image = image.copy()
+                image[~objects] = plain_colour(rng)
+            images.append(image)
             weights.append(1.0 + 9.0 * objects.astype(np.float32))
     return to_pixels(np.stack(images)), torch.from_numpy(np.stack(weights))[:, None]
 
