@@ -133,3 +133,8 @@ def check(image: np.ndarray, min_area: int = 12, threshold: float = 60.0) -> lis
             bbox=(px + ox, py + oy, pw, ph), area=int(part_stats[j, cv2.CC_STAT_AREA]), mask=mask,
         ))
     return sorted(found, key=lambda d: -d.area)
+
+
+def shows(image: np.ndarray, shape: str | None = None, colour: str | None = None) -> bool:
+    """Whether some object in the image has this shape and/or colour ("the image shows a red circle")."""
+    return any((shape is None or d.shape == shape) and (colour is None or d.colour == colour) for d in check(image))

@@ -6,15 +6,15 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffedit.denoiser import branch_denoiser, prompt_denoiser_for
 from diffedit.editing.attention import Controller
-from diffedit.engines import Run
 from diffedit.families import Family
 from diffedit.images import psnr, to_pil
-from diffedit.inversion import get_engine
-from diffedit.jobs import generate_images
+from diffedit.jobs import generate_images, invert_image, reconstruct_record
 from diffedit.models import load_model
+from diffedit.plan import plan_job
 from diffedit.sampling import invert, step
 from diffedit.toy.checker import check
 from diffedit.toy.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, caption, make_scene, user_caption
@@ -125,14 +125,12 @@ def photos_64() -> list[np.ndarray]:
 
 
 def ddim_round_trip_psnr(model: Family, scenes: int = 12, steps: int = 50) -> float:
-    engine, values = get_engine("ddim"), []
+    plan, values = plan_job(model, engine="ddim", steps=steps, inversion_guidance_scale=1.0), []
     for i in range(scenes):
         scene = make_scene(10**8 + i)
-        z0 = model.encode_image(to_pixels(scene.image[None]).to(model.device))
-        denoise = branch_denoiser(model, scene.caption, 1.0, 64, 64)
-        run = Run(model, model.schedule(steps, 64, 64), denoise, denoise, engine.Params())
-        z = engine.edit(run, engine.invert(run, z0))
-        values.append(psnr(to_pil(model.decode(z)), scene.image))
+        record, _ = invert_image(model, Image.fromarray(scene.image), plan, prompt=scene.caption, check=False)
+        image, _ = reconstruct_record(model, record)
+        values.append(psnr(image, scene.image))
     return float(np.mean(values))
 
 
