@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from typing import Annotated
 
 import typer
@@ -131,6 +134,65 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
     apply_files(m, adapters, transport)  # set on every call too: a batch's next job may name other adapters
     m.use_lcm_grid(lcm_original_steps)
     return m
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model options of every command that loads a model (`--model` and the "Model loading"
+    panel), as `with_model_options` collects them."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_pickle: bool = False
+    model_config: str | None = None
+    vae_tiling: bool = False
+    adapter: list[str] | None = None
+    transport: str = "calibrated"
+    lcm_original_steps: int | None = None
+    lora: list[str] | None = None
+    lcm_lora: str | None = None
+
+    @classmethod
+    def of(cls, params: dict) -> ModelChoice:
+        """The choice among a command's parameters (a batch hands them over as one dict)."""
+        return cls(**{f.name: params[f.name] for f in fields(cls)})
+
+    def load(self, record=None, compile: bool = False):
+        """The model; with a record, its model and LoRAs unless the options name others."""
+        source, loras, lcm_lora = self.model, self.lora, self.lcm_lora
+        if record is not None:
+            source = source or record.meta["model"]["source"]
+            loras, lcm_lora = record_loras(record, loras, lcm_lora)
+        return load(source, self.device, self.dtype, self.allow_pickle, self.model_config, self.vae_tiling, compile,
+                    self.adapter, self.transport, self.lcm_original_steps, loras, lcm_lora)
+
+
+MODEL_OPTIONS = {  # name: (option, default): the fields of ModelChoice as command parameters
+    "model": (ModelOpt, None), "device": (DeviceOpt, "auto"), "dtype": (DtypeOpt, "auto"),
+    "allow_pickle": (PickleOpt, False), "model_config": (ConfigOpt, None), "vae_tiling": (VaeTilingOpt, False),
+    "adapter": (AdapterOpt, None), "transport": (TransportOpt, "calibrated"),
+    "lcm_original_steps": (LcmStepsOpt, None), "lora": (LoraOpt, None), "lcm_lora": (LcmLoraOpt, None),
+}
+
+
+def with_model_options(command):
+    """Give a command the model options, defined once here: its `models: ModelChoice` parameter
+    becomes the options (Typer reads the signature) and is handed back as one `ModelChoice`."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "models"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option, default=default)
+             for name, (option, default) in MODEL_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def run(**params):
+        models = ModelChoice(**{name: params.pop(name) for name in MODEL_OPTIONS})
+        return command(**params, models=models)
+
+    del run.__wrapped__  # Typer must read the new signature, not the command's
+    run.__signature__ = signature.replace(parameters=[*own, *added])
+    run.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+    return run
 
 
 def record_loras(rec, loras: list[str] | None, lcm_lora: str | None) -> tuple[list[str] | None, str | None]:

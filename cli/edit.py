@@ -10,13 +10,9 @@ import typer
 from diffedit.cli.common import (
     ENGINE_PANEL,
     GUIDANCE_PANEL,
-    AdapterOpt,
     AdaptiveGuidanceOpt,
     AlphaOpt,
-    ConfigOpt,
     DeepCacheOpt,
-    DeviceOpt,
-    DtypeOpt,
     EngineOpt,
     EtaOpt,
     FitOpt,
@@ -27,10 +23,7 @@ from diffedit.cli.common import (
     GammaOpt,
     GuidanceOpt,
     JsonOpt,
-    LcmLoraOpt,
-    LcmStepsOpt,
-    LoraOpt,
-    ModelOpt,
+    ModelChoice,
     NAvgOpt,
     NMaxOpt,
     NMinOpt,
@@ -38,7 +31,6 @@ from diffedit.cli.common import (
     PagAdaptiveOpt,
     PagLayersOpt,
     PagScaleOpt,
-    PickleOpt,
     QuietOpt,
     RewardOpt,
     SkipOpt,
@@ -46,20 +38,18 @@ from diffedit.cli.common import (
     StepsOpt,
     StopOpt,
     StrengthOpt,
-    TransportOpt,
-    VaeTilingOpt,
     emit,
     engine_params,
     fk_config,
     guidance_spec,
-    load,
     progress,
-    record_loras,
+    with_model_options,
 )
 from diffedit.cli.main import app
 
 
 @app.command()
+@with_model_options
 def edit(
     image: Annotated[str | None, typer.Argument(help="Image file, or - for stdin (omit with --from).")] = None,
     target: Annotated[str, typer.Option("--target", "-t", help="Prompt describing the edited image.")] = "",
@@ -70,7 +60,6 @@ def edit(
     steps: StepsOpt = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale of the edit (default: the engine's).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for engines that draw noise.")] = 0,
-    model: ModelOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
     stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
@@ -88,13 +77,10 @@ def edit(
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     adaptive_guidance: AdaptiveGuidanceOpt = None, deepcache: DeepCacheOpt = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
-    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
-    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     fit: FitOpt = "resize", alpha: AlphaOpt = "composite",
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
     fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
+    *, models: ModelChoice,
 ):
     """Edit an image by inverting it under --source and regenerating it under --target.
 
@@ -125,10 +111,7 @@ def edit(
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     if from_record is not None:
         rec = load_record(from_record)
-        lora, lcm_lora = record_loras(rec, lora, lcm_lora)
-        m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling,
-                 adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
-                 lcm_lora=lcm_lora)
+        m = models.load(rec)
         rec.check_model(m, from_record)
         plan = plan_of_record(m, rec.meta, edit=True, guidance_scale=guidance_scale, params=params)
         with progress(plan.steps, f"edit ({plan.engine.name})", quiet) as callback:
@@ -136,9 +119,7 @@ def edit(
                                       fk=fk, reward=reward, adaptive_guidance=adaptive_guidance, deepcache=deepcache)
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
-        m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
-                 adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
-                 lcm_lora=lcm_lora)
+        m = models.load()
         plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec, guidance_scale=guidance_scale,
                         inversion_guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed)
         with progress(2 * plan.steps, f"edit ({engine})", quiet) as callback:

@@ -2,49 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
 from diffedit.cli.common import (
     BATCHED,
-    AdapterOpt,
     AdaptiveGuidanceOpt,
-    ConfigOpt,
     DeepCacheOpt,
-    DeviceOpt,
-    DtypeOpt,
     FKEveryOpt,
     FKLambdaOpt,
     FKParticlesOpt,
     FKPotentialOpt,
     GuidanceOpt,
     JsonOpt,
-    LcmLoraOpt,
-    LcmStepsOpt,
-    LoraOpt,
-    ModelOpt,
+    ModelChoice,
     OverwriteOpt,
     PagAdaptiveOpt,
     PagLayersOpt,
     PagScaleOpt,
-    PickleOpt,
     QuietOpt,
     RewardOpt,
     SeedOpt,
     StepsOpt,
-    TransportOpt,
-    VaeTilingOpt,
     emit,
     fk_config,
     guidance_spec,
-    load,
     progress,
+    with_model_options,
 )
 from diffedit.cli.main import app
 
 
 @app.command()
+@with_model_options
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")],
@@ -61,17 +53,15 @@ def generate(
     pag_adaptive_scale: PagAdaptiveOpt = 0.0, adaptive_guidance: AdaptiveGuidanceOpt = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (a slow first call; pays off over many steps or batch jobs).")] = False,
     deepcache: DeepCacheOpt = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
-    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
-    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice,
 ):
     """Draw an image from a prompt (DDIM / Euler with classifier-free guidance).
 
     Example: diffedit generate "a red circle on a white background" --seed 1 -o circle.png
     """
-    generate_many([dict(locals())])
+    job = {name: value for name, value in locals().items() if name != "models"}
+    generate_many([{**job, **asdict(models)}])  # as a batch hands its jobs over: one flat dict each
 
 
 def generate_many(jobs: list[dict]) -> list[dict]:
@@ -96,9 +86,7 @@ def generate_many(jobs: list[dict]) -> list[dict]:
                          "modules between steps")
     if first["compile"] and first["adapter"]:
         raise UsageError("--compile cannot be combined with --adapter: SPM adapters hook into the network's layers")
-    m = load(first["model"], first["device"], first["dtype"], first["allow_pickle"], first["model_config"],
-             first["vae_tiling"], first["compile"], first["adapter"], first["transport"],
-             first["lcm_original_steps"], first["lora"], first["lcm_lora"])
+    m = ModelChoice.of(first).load(compile=first["compile"])
     steps = first["steps"] or 50
     common = dict(steps=steps, guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
                   width=first["width"], height=first["height"], guidance=spec, eta=first["eta"],

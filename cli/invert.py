@@ -8,21 +8,14 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    AdapterOpt,
     AlphaOpt,
-    ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
     EngineOpt,
     EtaOpt,
     FitOpt,
     GammaOpt,
     GuidanceOpt,
     JsonOpt,
-    LcmLoraOpt,
-    LcmStepsOpt,
-    LoraOpt,
-    ModelOpt,
+    ModelChoice,
     NAvgOpt,
     NMaxOpt,
     NMinOpt,
@@ -30,26 +23,23 @@ from diffedit.cli.common import (
     PagAdaptiveOpt,
     PagLayersOpt,
     PagScaleOpt,
-    PickleOpt,
     QuietOpt,
     SkipOpt,
     StartOpt,
     StepsOpt,
     StopOpt,
     StrengthOpt,
-    TransportOpt,
-    VaeTilingOpt,
     emit,
     engine_params,
     guidance_spec,
-    load,
     progress,
-    record_loras,
+    with_model_options,
 )
 from diffedit.cli.main import app
 
 
 @app.command()
+@with_model_options
 def invert(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Record file (default: IMAGE.inv.safetensors).")] = None,
@@ -66,11 +56,8 @@ def invert(
     stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
-    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
-    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice,
 ):
     """Invert IMAGE to its noise and save a record; reports the round-trip error.
 
@@ -90,9 +77,7 @@ def invert(
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
                            n_avg=n_avg)
-    m = load(model, device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
-             lcm_lora=lcm_lora)
+    m = models.load()
     plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec,
                     inversion_guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed)
     with progress(plan.steps * (2 if check else 1), f"invert ({engine})", quiet) as callback:
@@ -103,14 +88,12 @@ def invert(
 
 
 @app.command()
+@with_model_options
 def reconstruct(
     record: Annotated[Path, typer.Argument(help="Record made by `diffedit invert`.")],
     output: Annotated[str | None, typer.Option("--output", "-o", help="Image file or - for stdout (default: RECORD.rec.png).")] = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
-    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lcm_original_steps: LcmStepsOpt = None,
-    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice,
 ):
     """Regenerate the image of a record and report its error against the inverted input.
 
@@ -125,10 +108,7 @@ def reconstruct(
     output = output or str(record.with_name(record.name.split(".")[0] + ".rec.png"))
     if output != "-":
         check_writable(output, overwrite)
-    lora, lcm_lora = record_loras(rec, lora, lcm_lora)
-    m = load(model or rec.meta["model"]["source"], device, dtype, allow_pickle, model_config, vae_tiling,
-             adapters=adapter, transport=transport, lcm_original_steps=lcm_original_steps, loras=lora,
-             lcm_lora=lcm_lora)
+    m = models.load(rec)
     rec.check_model(m, record)
     with progress(rec.meta["steps"], "reconstruct", quiet) as callback:
         image, result = reconstruct_record(m, rec, callback=callback)

@@ -7,34 +7,26 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
-    AdapterOpt,
     AlphaOpt,
-    ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
     FitOpt,
     GuidanceOpt,
     JsonOpt,
-    LcmLoraOpt,
-    LoraOpt,
-    ModelOpt,
+    ModelChoice,
     OverwriteOpt,
     PagAdaptiveOpt,
     PagLayersOpt,
     PagScaleOpt,
-    PickleOpt,
     QuietOpt,
-    TransportOpt,
-    VaeTilingOpt,
     emit,
     guidance_spec,
-    load,
     progress,
+    with_model_options,
 )
 from diffedit.cli.main import app
 
 
 @app.command()
+@with_model_options
 def move(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     mask: Annotated[str | None, typer.Option("--mask", help="The object: a PNG of the image's size, white (or opaque) where the object is.")] = None,
@@ -56,10 +48,8 @@ def move(
     alpha: AlphaOpt = "composite",
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
-    adapter: AdapterOpt = None, transport: TransportOpt = "calibrated", lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    allow_pickle: PickleOpt = False, model_config: ConfigOpt = None, vae_tiling: VaeTilingOpt = False,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice,
 ):
     """Move the masked object by (--dx, --dy) or --to X,Y; inversion-free, 16 steps (PixelMan).
 
@@ -80,8 +70,7 @@ def move(
     weights = _weights(energy_weights, energy_scale)
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     where = MoveSpec(dx or 0.0, dy or 0.0, scale, keep_source, None if to is None else _point(to))
-    m = load(model, device, dtype, allow_pickle, model_config, vae_tiling, adapters=adapter, transport=transport,
-             loras=lora, lcm_lora=lcm_lora)
+    m = models.load()
     with progress(steps, "move (pixelman)", quiet) as callback:
         out, result = move_image(
             m, image, mask, where,
