@@ -235,3 +235,13 @@ def test_engine_help_names_every_engine(cli):
     for command in ("edit", "invert"):
         _, out, _ = cli(command, "--help")
         assert all(name in " ".join(out.split()) for name in engine_names()), command
+
+
+def test_every_model_command_takes_the_same_model_options(cli, monkeypatch):
+    from diffedit.cli.common import MODEL_OPTIONS
+
+    monkeypatch.setenv("COLUMNS", "200")  # no option name cut short
+    flags = {"--" + name.replace("_", "-") for name in MODEL_OPTIONS}
+    for command in ("generate", "invert", "reconstruct", "edit", "move"):
+        code, out, _ = cli(command, "--help")
+        assert code == 0 and all(flag in out for flag in flags), command
