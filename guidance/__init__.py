@@ -11,22 +11,7 @@ def make_guidance(kind: str, scale: float, *, pag_scale: float = 3.0, pag_layers
                   pag_adaptive_scale: float = 0.0, adaptive_threshold: float | None = None):
     """`kind` with guidance scale `scale` (CFG's w, or CFG++'s lambda in [0, 1]); a list of scales
     gives each prompt of the batch its own (engines that sample a source and a target together)."""
-    from diffedit.guidance.cfg import CFG
-    from diffedit.guidance.cfgpp import CFGpp
-    from diffedit.guidance.pag import PAG
-
-    if kind not in KINDS:
-        raise UsageError(f"unknown guidance {kind!r}; use one of {', '.join(KINDS)}")
-    base = CFGpp(scale) if kind.startswith("cfgpp") else CFG(scale)
-    if adaptive_threshold is not None:
-        from diffedit.guidance.adaptive import AdaptiveCFG
-
-        if kind != "cfg":
-            raise UsageError(f"--adaptive-guidance works with --guidance cfg, not {kind}")
-        return AdaptiveCFG(base, adaptive_threshold)
-    if kind.endswith("pag") and (pag_scale or pag_adaptive_scale):
-        return PAG(base, pag_scale, pag_layers, pag_adaptive_scale)
-    return base  # a PAG scale of 0 is the base guidance itself, without the extra branch
+    return GuidanceSpec(kind, pag_scale, pag_layers, pag_adaptive_scale, adaptive_threshold).build(scale)
 
 
 class GuidanceSpec:
@@ -48,8 +33,19 @@ class GuidanceSpec:
         self.adaptive_threshold = adaptive_threshold
 
     def build(self, scale: float):
-        return make_guidance(self.kind, scale, pag_scale=self.pag_scale, pag_layers=self.pag_layers,
-                             pag_adaptive_scale=self.pag_adaptive_scale, adaptive_threshold=self.adaptive_threshold)
+        """The guidance at `scale` (the options were checked when the spec was made)."""
+        from diffedit.guidance.cfg import CFG
+        from diffedit.guidance.cfgpp import CFGpp
+        from diffedit.guidance.pag import PAG
+
+        base = CFGpp(scale) if self.kind.startswith("cfgpp") else CFG(scale)
+        if self.adaptive_threshold is not None:
+            from diffedit.guidance.adaptive import AdaptiveCFG
+
+            return AdaptiveCFG(base, self.adaptive_threshold)
+        if self.kind.endswith("pag") and (self.pag_scale or self.pag_adaptive_scale):
+            return PAG(base, self.pag_scale, self.pag_layers, self.pag_adaptive_scale)
+        return base  # a PAG scale of 0 is the base guidance itself, without the extra branch
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from diffedit.errors import UsageError
 from diffedit.guidance.cfg import CFG, Guidance
 
 
@@ -21,8 +20,6 @@ class AdaptiveCFG(Guidance):
     name = "adaptive-cfg"
 
     def __init__(self, base: CFG, threshold: float):
-        if not 0 < threshold <= 1:
-            raise UsageError(f"--adaptive-guidance {threshold} must be a cosine similarity in (0, 1]")
         self.base, self.threshold = base, float(threshold)
         self.branches = base.branches
         self.converged_at: float | None = None  # network time at which CFG was dropped

@@ -76,8 +76,6 @@ class PAG(Guidance):
 
     def __init__(self, base: CFG | CFGpp, scale: float = 3.0, layers: tuple[str, ...] = ("mid",),
                  adaptive_scale: float = 0.0):
-        if scale < 0 or adaptive_scale < 0:
-            raise UsageError(f"--pag-scale ({scale}) and --pag-adaptive-scale ({adaptive_scale}) must be >= 0")
         self.base, self.scale, self.layers, self.adaptive = base, float(scale), tuple(layers), float(adaptive_scale)
         self.branches = (*base.branches, "perturbed")
         self.name = "cfgpp+pag" if isinstance(base, CFGpp) else "pag"
