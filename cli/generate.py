@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Annotated
 
+import click
 import typer
 
 from diffedit.cli.common import (
@@ -60,8 +60,7 @@ def generate(
 
     Example: diffedit generate "a red circle on a white background" --seed 1 -o circle.png
     """
-    job = {name: value for name, value in locals().items() if name != "models"}
-    generate_many([{**job, **asdict(models)}])  # as a batch hands its jobs over: one flat dict each
+    generate_many([dict(click.get_current_context().params)])  # the parsed options, as a batch hands a job over
 
 
 def generate_many(jobs: list[dict]) -> list[dict]:

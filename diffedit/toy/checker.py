@@ -40,11 +40,16 @@ class Detected:
         return math.sqrt(self.area / math.pi)
 
 
-def _border_colours(image: np.ndarray) -> list[np.ndarray]:
+def border_medians(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median colours of the top and the bottom half's border pixels (backgrounds may be two-tone)."""
     h = image.shape[0]
     top = np.concatenate([image[0], image[: h // 2, 0], image[: h // 2, -1]])
     bottom = np.concatenate([image[-1], image[h // 2 :, 0], image[h // 2 :, -1]])
-    a, b = np.median(top, 0).astype(np.float32), np.median(bottom, 0).astype(np.float32)
+    return np.median(top, 0).astype(np.float32), np.median(bottom, 0).astype(np.float32)
+
+
+def _border_colours(image: np.ndarray) -> list[np.ndarray]:
+    a, b = border_medians(image)
     return [a] if np.abs(a - b).max() < 40 else [a, b]
 
 

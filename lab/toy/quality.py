@@ -16,7 +16,7 @@ from diffedit.jobs import generate_images, invert_image, reconstruct_record
 from diffedit.models import load_model
 from diffedit.plan import plan_job
 from diffedit.sampling import invert, step
-from diffedit.toy.checker import check
+from diffedit.toy.checker import border_medians, check
 from diffedit.toy.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, caption, make_scene, user_caption
 from lab.toy.train import photo_sources, to_pixels
 
@@ -46,10 +46,8 @@ def judge(image: np.ndarray, shape: str | None, colour: str | None) -> tuple[boo
 def palette_colour(image: np.ndarray, threshold: float = 60.0) -> str | None:
     """The object colour without the checker: the palette colour that most pixels far from both border
     colours (top and bottom half, for two-tone backgrounds) are nearest to; None if no such pixels."""
-    h = image.shape[0]
     img = image.astype(np.float32)
-    borders = [np.median(np.concatenate([img[0], img[: h // 2, 0], img[: h // 2, -1]]), 0),
-               np.median(np.concatenate([img[-1], img[h // 2 :, 0], img[h // 2 :, -1]]), 0)]
+    borders = border_medians(img)
     far = np.all([np.linalg.norm(img - b, axis=-1) > threshold for b in borders], axis=0)
     if far.sum() < 12:
         return None
