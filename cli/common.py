@@ -8,6 +8,7 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,6 +23,7 @@ GUIDANCE_PANEL = "Guidance"
 MODEL_PANEL = "Model loading"
 INPUT_PANEL = "Input image"
 FK_PANEL = "Feynman-Kac steering"
+MASK_PANEL = "Edit mask (a local edit: the rest of the image is kept)"
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, diffusers folder or .safetensors file (default: the shipped toy model).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.", rich_help_panel=MODEL_PANEL)]
@@ -54,6 +56,12 @@ LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA file (.s
 LcmLoraOpt = Annotated[str | None, typer.Option("--lcm-lora", help="LCM-LoRA file: fused into the base model (SD1/SD2/SDXL), which then samples as a latent-consistency model (2-8 steps; its guidance is distilled in, so use -g 1 to 2).", rich_help_panel=MODEL_PANEL)]
 FitOpt = Annotated[str, typer.Option("--fit", help="Bring the image to the model's size multiple: resize, crop or pad.", rich_help_panel=INPUT_PANEL)]
 AlphaOpt = Annotated[str, typer.Option("--alpha", help="Transparent images: composite (on white) or refuse.", rich_help_panel=INPUT_PANEL)]
+MaskOpt = Annotated[str | None, typer.Option("--mask", help="PNG of the image's size: white (or opaque) where the image may change.", rich_help_panel=MASK_PANEL)]
+MaskWordsOpt = Annotated[str | None, typer.Option("--mask-from-prompt", help="Instead of --mask: the region where WORD(S) of the source prompt attend (cross-attention); check it with `diffedit mask`.", rich_help_panel=MASK_PANEL)]
+MaskDilateOpt = Annotated[int, typer.Option("--mask-dilate", min=0, max=512, help="Grow the mask by this many pixels.", rich_help_panel=MASK_PANEL)]
+MaskFeatherOpt = Annotated[int, typer.Option("--mask-feather", min=0, max=512, help="Fade the edit into the image over this many pixels outside the mask (0: a hard edge).", rich_help_panel=MASK_PANEL)]
+InvertMaskOpt = Annotated[bool, typer.Option("--invert-mask", help="Change the image outside the mask instead.", rich_help_panel=MASK_PANEL)]
+ShowMaskOpt = Annotated[Path | None, typer.Option("--show-mask", help="Write the input with the (feathered) mask tinted over it to this PNG.", rich_help_panel=MASK_PANEL)]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
 
 
@@ -176,23 +184,27 @@ MODEL_OPTIONS = {  # name: (option, default): the fields of ModelChoice as comma
 }
 
 
-def with_model_options(command):
-    """Give a command the model options, defined once here: its `models: ModelChoice` parameter
-    becomes the options (Typer reads the signature) and is handed back as one `ModelChoice`."""
-    signature = inspect.signature(command, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "models"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option, default=default)
-             for name, (option, default) in MODEL_OPTIONS.items()]
+def option_group(parameter: str, group: type, options: dict):
+    """A decorator that gives a command a group of options defined once: its `parameter` (typed as
+    the dataclass `group`) becomes the `options` (name: (option, default); Typer reads the signature)
+    and is handed back to the command as one `group`."""
 
-    @functools.wraps(command)
-    def run(**params):
-        models = ModelChoice(**{name: params.pop(name) for name in MODEL_OPTIONS})
-        return command(**params, models=models)
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != parameter]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option, default=default)
+                 for name, (option, default) in options.items()]
 
-    del run.__wrapped__  # Typer must read the new signature, not the command's
-    run.__signature__ = signature.replace(parameters=[*own, *added])
-    run.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
-    return run
+        @functools.wraps(command)
+        def run(**params):
+            return command(**params, **{parameter: group(**{name: params.pop(name) for name in options})})
+
+        del run.__wrapped__  # Typer must read the new signature, not the command's
+        run.__signature__ = signature.replace(parameters=[*own, *added])
+        run.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+        return run
+
+    return decorate
 
 
 def record_loras(rec, loras: list[str] | None, lcm_lora: str | None) -> tuple[list[str] | None, str | None]:
@@ -253,3 +265,45 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "inf" if math.isinf(v) else f"{v:.4g}"
     return str(v)
+
+
+with_model_options = option_group("models", ModelChoice, MODEL_OPTIONS)
+
+
+@dataclass(frozen=True)
+class MaskChoice:
+    """The edit-mask options of `invert` and `edit` (the "Edit mask" panel), as `with_mask_options`
+    collects them."""
+
+    mask: str | None = None
+    mask_from_prompt: str | None = None
+    mask_dilate: int = 0
+    mask_feather: int = 8
+    invert_mask: bool = False
+    show_mask: Path | None = None
+
+    def given(self) -> bool:
+        return self.mask is not None or self.mask_from_prompt is not None
+
+    def input(self, paste_back: bool = True):
+        """The job's MaskInput, or None without a mask; a usage error for contradicting options."""
+        from diffedit.errors import UsageError
+        from diffedit.jobs import MaskInput
+        from diffedit.masks import MaskOptions
+
+        if self.mask is not None and self.mask_from_prompt is not None:
+            raise UsageError("give either --mask FILE or --mask-from-prompt WORDS, not both")
+        if not self.given():
+            if self.show_mask is not None:
+                raise UsageError("--show-mask needs --mask or --mask-from-prompt")
+            return None
+        options = MaskOptions(self.mask_dilate, self.mask_feather, self.invert_mask)
+        options.check()
+        return MaskInput(self.mask, self.mask_from_prompt, options, paste_back)
+
+
+MASK_OPTIONS = {  # name: (option, default): the fields of MaskChoice as command parameters
+    "mask": (MaskOpt, None), "mask_from_prompt": (MaskWordsOpt, None), "mask_dilate": (MaskDilateOpt, 0),
+    "mask_feather": (MaskFeatherOpt, 8), "invert_mask": (InvertMaskOpt, False), "show_mask": (ShowMaskOpt, None),
+}
+with_mask_options = option_group("masking", MaskChoice, MASK_OPTIONS)

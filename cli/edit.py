@@ -10,6 +10,7 @@ import typer
 from diffedit.cli.common import (
     ENGINE_PANEL,
     GUIDANCE_PANEL,
+    MASK_PANEL,
     AdaptiveGuidanceOpt,
     AlphaOpt,
     DeepCacheOpt,
@@ -23,6 +24,7 @@ from diffedit.cli.common import (
     GammaOpt,
     GuidanceOpt,
     JsonOpt,
+    MaskChoice,
     ModelChoice,
     NAvgOpt,
     NMaxOpt,
@@ -43,6 +45,7 @@ from diffedit.cli.common import (
     fk_config,
     guidance_spec,
     progress,
+    with_mask_options,
     with_model_options,
 )
 from diffedit.cli.main import app
@@ -50,6 +53,7 @@ from diffedit.cli.main import app
 
 @app.command()
 @with_model_options
+@with_mask_options
 def edit(
     image: Annotated[str | None, typer.Argument(help="Image file, or - for stdin (omit with --from).")] = None,
     target: Annotated[str, typer.Option("--target", "-t", help="Prompt describing the edited image.")] = "",
@@ -80,7 +84,8 @@ def edit(
     fit: FitOpt = "resize", alpha: AlphaOpt = "composite",
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
     fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
-    *, models: ModelChoice,
+    paste_back: Annotated[bool, typer.Option("--paste-back/--no-paste-back", help="Outside the mask, the input's own pixels (a VAE round trip costs detail), blended over the feathered seam.", rich_help_panel=MASK_PANEL)] = True,
+    *, models: ModelChoice, masking: MaskChoice,
 ):
     """Edit an image by inverting it under --source and regenerating it under --target.
 
@@ -89,7 +94,7 @@ def edit(
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import save_image
-    from diffedit.jobs import ImageInput, edit_image, edit_record, image_params
+    from diffedit.jobs import ImageInput, edit_image, edit_record, image_params, mask_for_record, record_mask, show_mask
     from diffedit.plan import plan_job, plan_of_record
     from diffedit.records import load_record
 
@@ -105,8 +110,10 @@ def edit(
                            blend_threshold=blend_threshold, reweight=_reweights(reweight),
                            inject_features=inject_features,
                            feature_layers=feature_layers.split(",") if feature_layers is not None else None)
-    if show_attention is not None:
-        check_writable(show_attention, overwrite)
+    for path in (show_attention, masking.show_mask):
+        if path is not None:
+            check_writable(path, overwrite)
+    mask = masking.input(paste_back)
     fk = fk_config(fk_particles, fk_lambda, fk_potential, fk_every, None)
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     if from_record is not None:
@@ -114,28 +121,36 @@ def edit(
         m = models.load(rec)
         rec.check_model(m, from_record)
         plan = plan_of_record(m, rec.meta, edit=True, guidance_scale=guidance_scale, params=params)
+        edit_mask = mask_for_record(m, rec, mask) if mask is not None else record_mask(rec)
         with progress(plan.steps, f"edit ({plan.engine.name})", quiet) as callback:
             out, result = edit_record(m, rec, target, plan, callback=callback, show_attention=show_attention is not None,
-                                      fk=fk, reward=reward, adaptive_guidance=adaptive_guidance, deepcache=deepcache)
+                                      fk=fk, reward=reward, adaptive_guidance=adaptive_guidance, deepcache=deepcache,
+                                      mask=edit_mask, paste_back=paste_back)
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = models.load()
         plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec, guidance_scale=guidance_scale,
                         inversion_guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed)
         with progress(2 * plan.steps, f"edit ({engine})", quiet) as callback:
-            out, result, _ = edit_image(
+            out, result, rec = edit_image(
                 m, image, plan, source_prompt=source, target_prompt=target,
                 image=ImageInput(fit=fit, alpha=alpha), callback=callback,
                 show_attention=show_attention is not None, fk=fk, reward=reward,
-                adaptive_guidance=adaptive_guidance, deepcache=deepcache,
+                adaptive_guidance=adaptive_guidance, deepcache=deepcache, mask=mask,
             )
+        edit_mask = record_mask(rec)
     meta = image_params("edit", m, image=str(image or from_record), source=source, target=target,
                         engine=engine, steps=plan.steps, guidance_scale=plan.edit_scale,
                         inversion_guidance_scale=plan.inversion_scale, seed=plan.seed,
                         engine_params=plan.params.to_dict(), guidance=plan.guidance.to_dict(),
-                        adaptive_guidance=adaptive_guidance, deepcache=deepcache)
+                        adaptive_guidance=adaptive_guidance, deepcache=deepcache,
+                        mask=masking.mask, mask_from_prompt=masking.mask_from_prompt,
+                        mask_dilate=masking.mask_dilate, mask_feather=masking.mask_feather,
+                        invert_mask=masking.invert_mask, paste_back=paste_back if edit_mask is not None else None)
     maps = result.pop("attention_maps", None), result.pop("attention_tokens", None)
     save_image(out, output, params=meta, overwrite=overwrite)
+    if masking.show_mask is not None:
+        save_image(show_mask(m, rec, edit_mask), masking.show_mask, overwrite=overwrite)
     if show_attention is not None:
         from diffedit.editing.p2p import attention_grid
 

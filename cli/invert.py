@@ -15,6 +15,7 @@ from diffedit.cli.common import (
     GammaOpt,
     GuidanceOpt,
     JsonOpt,
+    MaskChoice,
     ModelChoice,
     NAvgOpt,
     NMaxOpt,
@@ -33,6 +34,7 @@ from diffedit.cli.common import (
     engine_params,
     guidance_spec,
     progress,
+    with_mask_options,
     with_model_options,
 )
 from diffedit.cli.main import app
@@ -40,6 +42,7 @@ from diffedit.cli.main import app
 
 @app.command()
 @with_model_options
+@with_mask_options
 def invert(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Record file (default: IMAGE.inv.safetensors).")] = None,
@@ -57,7 +60,7 @@ def invert(
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
-    *, models: ModelChoice,
+    *, models: ModelChoice, masking: MaskChoice,
 ):
     """Invert IMAGE to its noise and save a record; reports the round-trip error.
 
@@ -65,7 +68,8 @@ def invert(
     """
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
-    from diffedit.jobs import ImageInput, invert_image
+    from diffedit.images import save_image
+    from diffedit.jobs import ImageInput, invert_image, record_mask, show_mask
     from diffedit.plan import plan_job
     from diffedit.records import save_record
 
@@ -74,6 +78,9 @@ def invert(
             raise UsageError("reading the image from stdin needs --output for the record")
         output = Path(image).with_suffix(".inv.safetensors")
     check_writable(output, overwrite)
+    if masking.show_mask is not None:
+        check_writable(masking.show_mask, overwrite)
+    mask = masking.input()
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
                            n_avg=n_avg)
@@ -82,8 +89,10 @@ def invert(
                     inversion_guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed)
     with progress(plan.steps * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(m, image, plan, prompt=prompt, image=ImageInput(fit=fit, alpha=alpha),
-                                      check=check, callback=callback)
+                                      mask=mask, check=check, callback=callback)
     save_record(output, record, overwrite)
+    if masking.show_mask is not None:
+        save_image(show_mask(m, record, record_mask(record)), masking.show_mask, overwrite=overwrite)
     emit({"output": str(output), **result}, json)
 
 

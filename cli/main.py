@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each command module adds its verbs to `app`; imported here so `--help` lists them all.
-    from diffedit.cli import batch, bench, edit, erase, generate, invert, models, move, toy  # noqa: F401
+    from diffedit.cli import batch, bench, edit, erase, generate, invert, mask, models, move, toy  # noqa: F401
 
 
 @functools.cache

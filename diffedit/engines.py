@@ -61,6 +61,9 @@ class Run:
     # target side by side use it (see `denoiser_for`).
     make_denoiser: Callable[..., Denoiser] | None = None
     show_attention: bool = False  # engines with attention control leave maps in `extras`
+    # An edit mask on the latent grid ([1, 1, h, w], 1 = may change); outside it every engine keeps
+    # the source at each level (`keep`): its inversion trajectory, or the source branch.
+    region: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
     _made: list = field(default_factory=list)
 
@@ -70,6 +73,26 @@ class Run:
         denoiser = self.make_denoiser(prompts, controller, scales)
         self._made.append(denoiser)
         return denoiser
+
+    def keep(self, x: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        """`x` inside the edit region, `background` (the source at the same level) outside it."""
+        if self.region is None:
+            return x
+        return torch.where(self.region.bool(), x, background.to(x.dtype))
+
+    def trajectory_if_masked(self, trajectory: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """For a record: the source's inversion path (noisiest first) when the edit is masked, since
+        a masked edit follows it outside the mask; nothing otherwise (records stay small)."""
+        return {"trajectory": torch.cat(trajectory[::-1])} if self.region is not None else {}
+
+    def background(self, tensors: dict[str, torch.Tensor], engine: str) -> torch.Tensor | None:
+        """The source's inversion path kept by `trajectory_if_masked` (None for an unmasked edit)."""
+        if self.region is None:
+            return None
+        if "trajectory" not in tensors:
+            raise UsageError(f"a masked {engine} edit follows the source's inversion path outside the mask, which a "
+                             "record keeps only when inverted with a mask: invert again with --mask")
+        return tensors["trajectory"].to(self.model.device)
 
     @property
     def denoisers(self) -> list[Denoiser]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -18,12 +18,14 @@ from PIL import Image
 
 from diffedit import __version__
 from diffedit.denoiser import branch_denoiser, prompt_denoiser_for
+from diffedit.editing.word_mask import mask_from_prompt
 from diffedit.engines import Run
 from diffedit.errors import UsageError
 from diffedit.families import Family
 from diffedit.guidance import GuidanceSpec
 from diffedit.guidance.fk import FKConfig, load_reward, steer
 from diffedit.images import fit_to_multiple, load_image, load_mask, psnr, to_pil, to_tensor
+from diffedit.masks import EditMask, MaskOptions
 from diffedit.plan import Plan, plan_of_record
 from diffedit.records import Record, model_meta
 from diffedit.sampling import Callback, sample
@@ -38,10 +40,98 @@ class ImageInput:
     max_side: int | None = None
 
 
+@dataclass(frozen=True)
+class MaskInput:
+    """Where an edit may change the image: a mask (file or image, white = edit, of the input's size)
+    or words of the source prompt whose cross-attention finds the region; how the mask is shaped;
+    whether the input's own pixels are pasted back outside it."""
+
+    file: str | Image.Image | None = None
+    words: str | None = None
+    options: MaskOptions = MaskOptions()
+    paste_back: bool = True
+
+    def name(self) -> str:
+        if self.words is not None:
+            return f"--mask-from-prompt {self.words!r}"
+        return self.file if isinstance(self.file, str) else "mask"
+
+
 def read_image(model: Family, source: str | Image.Image, how: ImageInput) -> Image.Image:
     """A file (or "-", or an image already in memory) at a size the model accepts."""
+    return _read_raw_and_fitted(model, source, how)[1]
+
+
+def _read_raw_and_fitted(model: Family, source: str | Image.Image, how: ImageInput) -> tuple[Image.Image, Image.Image]:
     img = source.convert("RGB") if isinstance(source, Image.Image) else load_image(source, alpha=how.alpha)
-    return fit_to_multiple(img, model.multiple, how.fit, max_side=how.max_side)
+    return img, fit_to_multiple(img, model.multiple, how.fit, max_side=how.max_side)
+
+
+def read_edit_mask(model: Family, raw: Image.Image, img: Image.Image, mask: MaskInput, how: ImageInput,
+                   prompt: str, seed: int) -> EditMask:
+    """The edit region of an image: its mask file brought to the model's size as the image was (same
+    --fit), or found from words of `prompt`; then dilated, inverted and feathered as asked."""
+    if (mask.file is None) == (mask.words is None):
+        raise UsageError("give either a mask file or words of the prompt to find the region by")
+    if mask.file is not None:
+        fitted = fit_to_multiple(load_mask(mask.file, raw.size), model.multiple, how.fit, max_side=how.max_side)
+        return EditMask.from_image(fitted, mask.options, mask.name())
+    found = mask_from_prompt(model, to_tensor(img).to(model.device), prompt, mask.words, seed)
+    return EditMask.from_image(Image.fromarray(found.numpy().astype(np.uint8) * 255), mask.options, mask.name())
+
+
+def word_mask(model: Family, source: str | Image.Image, prompt: str, mask: MaskInput, how: ImageInput,
+              seed: int = 0) -> tuple[Image.Image, Image.Image, dict]:
+    """(mask at the input's own size, the fitted input with the mask tinted over it, result) for the
+    region where `mask.words` of `prompt` attend."""
+    started = time.perf_counter()
+    raw, img = _read_raw_and_fitted(model, source, how)
+    found = read_edit_mask(model, raw, img, mask, how, prompt, seed)
+    hard = Image.fromarray(((found.weights > 0) * 255).astype(np.uint8), "L")
+    result = {"words": mask.words, "edited_fraction": found.edited_fraction, "size": list(raw.size),
+              "seconds": time.perf_counter() - started}
+    return _unfit_mask(hard, raw.size, how), found.overlay(img), result
+
+
+def _unfit_mask(mask: Image.Image, raw: tuple[int, int], how: ImageInput) -> Image.Image:
+    """A mask made on the fitted image brought back to the input's own size (undoing `fit_to_multiple`)."""
+    w, h = raw
+    if how.max_side and max(w, h) > how.max_side:
+        k = how.max_side / max(w, h)
+        w, h = max(1, round(w * k)), max(1, round(h * k))
+    if how.fit == "crop" and mask.size != (w, h):  # the fitted image is the centre of the scaled one
+        canvas = Image.new("L", (w, h), 0)
+        canvas.paste(mask, ((w - mask.width) // 2, (h - mask.height) // 2))
+        mask = canvas
+    elif how.fit == "pad":  # the scaled image is the fitted one's top-left corner
+        mask = mask.crop((0, 0, w, h))
+    return mask.resize(raw, Image.Resampling.NEAREST)
+
+
+def record_image(model: Family, record: Record) -> Image.Image:
+    """The image a record was inverted from: its own pixels when it keeps them, else its latent decoded."""
+    if "pixels" in record.tensors:
+        return Image.fromarray(record.tensors["pixels"].numpy())
+    return to_pil(model.decode(record.tensors["latent"].to(model.device)))
+
+
+def mask_for_record(model: Family, record: Record, mask: MaskInput) -> EditMask:
+    """A new edit mask for a record's image (a mask file must have the record's image size)."""
+    img = record_image(model, record)
+    return read_edit_mask(model, img, img, mask, ImageInput(), record.meta["source_prompt"], record.meta["seed"])
+
+
+def show_mask(model: Family, record: Record, mask: EditMask | None) -> Image.Image:
+    """The record's image with the edit mask tinted over it (a usage error without a mask)."""
+    if mask is None:
+        raise UsageError("--show-mask: the record has no edit mask")
+    return mask.overlay(record_image(model, record))
+
+
+def record_mask(record: Record) -> EditMask | None:
+    """The edit mask a record was inverted with (None: it has none)."""
+    levels = record.tensors.get("mask")
+    return None if levels is None else EditMask.of_levels(levels.numpy())
 
 
 def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> float:
@@ -49,7 +139,7 @@ def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> flo
 
 
 def _run(model: Family, plan: Plan, prompts: tuple[str, str], height: int, width: int,
-         callback: Callback | None, target_guidance: GuidanceSpec | None = None) -> Run:
+         callback: Callback | None, target_guidance: GuidanceSpec | None = None, mask: EditMask | None = None) -> Run:
     """The engine's run of a plan: the schedule and the source and target denoisers (one and the same
     when the target is the source with the source's scale: a reconstruction)."""
     schedule = model.schedule(plan.steps, height, width)
@@ -60,22 +150,29 @@ def _run(model: Family, plan: Plan, prompts: tuple[str, str], height: int, width
                                            target_guidance or plan.guidance)
     pair = lambda prompts, controller, scales=None: prompt_denoiser_for(  # noqa: E731
         model, prompts, scales or plan.edit_scale, height, width, negative, plan.guidance, controller)
+    region = None if mask is None else mask.latent(model.latent_shape(1, height, width)[-2:], model.device)
     return Run(model, schedule, src, tgt, plan.params, plan.seed, callback, prompts,
-               (plan.inversion_scale, plan.edit_scale), pair)
+               (plan.inversion_scale, plan.edit_scale), pair, region=region)
 
 
 def invert_image(
     model: Family, source: str | Image.Image, plan: Plan, *, prompt: str = "", image: ImageInput = ImageInput(),
-    check: bool = True, callback: Callback | None = None,
+    mask: MaskInput | None = None, check: bool = True, callback: Callback | None = None,
 ) -> tuple[Record, dict]:
-    """Invert an image into a record; with `check`, reconstruct it and measure the error."""
+    """Invert an image into a record; with `check`, reconstruct it and measure the error.
+
+    With a `mask` the record keeps the edit mask, the input's pixels (for pasting back) and, for
+    engines that need it, the source's inversion path: later edits of the record are local."""
     started = time.perf_counter()
-    img = read_image(model, source, image)
+    raw, img = _read_raw_and_fitted(model, source, image)
     width, height = img.size
+    edit_mask = None if mask is None else read_edit_mask(model, raw, img, mask, image, prompt, plan.seed)
     z0 = model.encode_image(to_tensor(img))
     reconstruction = replace(plan, edit_scale=plan.inversion_scale)
-    run = _run(model, reconstruction, (prompt, prompt), height, width, callback)
+    run = _run(model, reconstruction, (prompt, prompt), height, width, callback, mask=edit_mask)
     tensors = {**plan.engine.invert(run, z0), "latent": z0}
+    if edit_mask is not None:
+        tensors.update(mask=torch.from_numpy(edit_mask.levels()), pixels=torch.from_numpy(np.array(img)))
     meta = {
         "model": model_meta(model),
         "engine": plan.engine_meta,
@@ -88,6 +185,8 @@ def invert_image(
         "size": [height, width],
         "image": source if isinstance(source, str) else "<memory>",
     }
+    if mask is not None:
+        meta["mask"] = {"source": mask.name(), **asdict(mask.options), "edited_fraction": edit_mask.edited_fraction}
     result = {"engine": plan.engine.name, "steps": plan.steps, "seed": plan.seed, "size": [height, width]}
     if check:
         z_rec = plan.engine.edit(run, tensors)
@@ -143,19 +242,25 @@ def _check_accelerators(plan: Plan, adaptive_guidance: float | None, deepcache: 
 
 def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *, callback: Callback | None = None,
                 show_attention: bool = False, fk: FKConfig | None = None, reward: str = "saturation",
-                adaptive_guidance: float | None = None, deepcache: int | None = None) -> tuple[Image.Image, dict]:
+                adaptive_guidance: float | None = None, deepcache: int | None = None,
+                mask: EditMask | None = None, paste_back: bool = True) -> tuple[Image.Image, dict]:
     """Regenerate the record's image under a new prompt with the plan (`plan_of_record(..., edit=True)`).
 
     With `show_attention`, engines that control attention add `attention_maps` (per target token,
     on the latent grid) and `attention_tokens` to the result. `adaptive_guidance` and `deepcache`
     accelerate the regeneration of engines that allow it (not exact ones: they must retrace).
+    A `mask` (else the record's own) keeps the source outside it; with `paste_back` the output there
+    is the input's own pixels, blended over the feathered seam.
     """
     started = time.perf_counter()
     _check_accelerators(plan, adaptive_guidance, deepcache, fk)
     meta = record.meta
+    mask = mask if mask is not None else record_mask(record)
+    if mask is not None:
+        _check_mask(mask, record, fk, paste_back)
     target_guidance = None if adaptive_guidance is None else GuidanceSpec.from_dict(
         {**plan.guidance.to_dict(), "adaptive_threshold": adaptive_guidance})
-    run = _run(model, plan, (meta["source_prompt"], target_prompt), *meta["size"], callback, target_guidance)
+    run = _run(model, plan, (meta["source_prompt"], target_prompt), *meta["size"], callback, target_guidance, mask)
     if deepcache:
         from diffedit.deepcache import DeepCache
 
@@ -168,12 +273,28 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
     else:
         z = plan.engine.edit(run, record.tensors)
     out = to_pil(model.decode(z))
+    if mask is not None:
+        if paste_back:
+            out = mask.paste(out, Image.fromarray(record.tensors["pixels"].numpy()))
+        result.update(edited_fraction=mask.edited_fraction, paste_back=paste_back)
     result.update(nfe=run.nfe, forwards=run.forwards, seconds=time.perf_counter() - started)
     if deepcache:
         result["full_steps"] = run.target.deepcache.full_steps
     if "attention" in run.extras:
         result.update(attention_maps=run.extras["attention"], attention_tokens=run.extras["tokens"])
     return out, result
+
+
+def _check_mask(mask: EditMask, record: Record, fk: FKConfig | None, paste_back: bool) -> None:
+    size = list(mask.weights.shape)
+    if size != list(record.meta["size"]):
+        raise UsageError(f"the mask is {size[1]}x{size[0]} pixels but the record's image is "
+                         f"{record.meta['size'][1]}x{record.meta['size'][0]}; give a mask of the record's size")
+    if fk is not None and fk.particles > 1:
+        raise UsageError("FK steering is not combined with an edit mask")
+    if paste_back and "pixels" not in record.tensors:
+        raise UsageError("pasting the input back needs its pixels, which a record keeps only when inverted with a "
+                         "mask: invert with --mask, or edit with --no-paste-back")
 
 
 def generate_image(
@@ -266,15 +387,19 @@ def edit_image(
     model: Family, source: str | Image.Image, plan: Plan, *, source_prompt: str, target_prompt: str,
     image: ImageInput = ImageInput(), callback: Callback | None = None, show_attention: bool = False,
     fk: FKConfig | None = None, reward: str = "saturation", adaptive_guidance: float | None = None,
-    deepcache: int | None = None,
+    deepcache: int | None = None, mask: MaskInput | None = None,
 ) -> tuple[Image.Image, dict, Record]:
-    """Invert an image with the source prompt, then regenerate it under the target prompt."""
+    """Invert an image with the source prompt, then regenerate it under the target prompt (only inside
+    `mask`, when given)."""
     started = time.perf_counter()
     _check_accelerators(plan, adaptive_guidance, deepcache, fk)  # fail before the inversion
-    record, inverted = invert_image(model, source, plan, prompt=source_prompt, image=image, check=False,
+    if mask is not None and fk is not None and fk.particles > 1:
+        raise UsageError("FK steering is not combined with an edit mask")
+    record, inverted = invert_image(model, source, plan, prompt=source_prompt, image=image, mask=mask, check=False,
                                     callback=callback)
     out, edited = edit_record(model, record, target_prompt, plan, callback=callback, show_attention=show_attention,
-                              fk=fk, reward=reward, adaptive_guidance=adaptive_guidance, deepcache=deepcache)
+                              fk=fk, reward=reward, adaptive_guidance=adaptive_guidance, deepcache=deepcache,
+                              paste_back=mask.paste_back if mask is not None else True)
     forwards = dict(inverted["forwards"])
     for rows, calls in edited["forwards"].items():
         forwards[rows] = forwards.get(rows, 0) + calls
@@ -313,7 +438,6 @@ def move_image(
         FeatureEnergy,
         PixelManControl,
         manipulate,
-        mask_from_prompt,
         move_latents,
         plan_move,
     )

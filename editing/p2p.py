@@ -222,12 +222,14 @@ def p2p_config(params) -> P2PConfig:
 
 
 @torch.inference_mode()
-def paired_edit(run, x_source: torch.Tensor, x_target: torch.Tensor, pinned: list[torch.Tensor] | None = None):
+def paired_edit(run, x_source: torch.Tensor, x_target: torch.Tensor, pinned: list[torch.Tensor] | None = None,
+                background: list[torch.Tensor] | None = None):
     """Sample a source and a target image in one batch under prompt-to-prompt control.
 
     With `pinned` (the source's inversion trajectory, noisiest first), the source row is put back on
     it after every step: Direct Inversion's exact source branch, whose attention the target follows.
-    Returns the final [source, target] latents.
+    With `background` (a trajectory in the same order), the target row keeps it outside the run's
+    edit mask. Returns the final [source, target] latents.
     """
     if not hasattr(run.model.pipe, "unet"):
         raise UsageError(f"prompt-to-prompt needs cross-attention layers (sd1, sd2, sdxl), not {run.model.name}")
@@ -244,6 +246,8 @@ def paired_edit(run, x_source: torch.Tensor, x_target: torch.Tensor, pinned: lis
         x = step(x0, eps, schedule.a[i + 1], schedule.s[i + 1])
         if pinned is not None:
             x[:1] = pinned[i + 1]
+        if background is not None:
+            x[1:] = run.keep(x[1:], background[i + 1])
         if controller.blend is not None:
             x = controller.blend.apply(x, active=i >= blend_from)
         if run.callback:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from diffedit.editing.attention import AttnCall, Controller
+from diffedit.editing.word_mask import unit_range
 from diffedit.errors import DiffeditError, UsageError
 
 SOURCE, ANCHOR, TARGET = 0, 1, 2  # rows of each branch chunk
@@ -141,57 +142,6 @@ def manipulate(pixels: torch.Tensor, mask: torch.Tensor, move: MoveSpec, centre)
     alpha = warp(mask[None, None].float(), centre, move, 1.0).clamp(0, 1)
     moved = warp(pixels, centre, move, 1.0)
     return pixels * (1 - alpha) + moved * alpha
-
-
-def unit_range(m: torch.Tensor) -> torch.Tensor:
-    """`m` rescaled to [0, 1] (min-max), as both masks from attention maps threshold it."""
-    return (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
-
-
-def mask_from_prompt(model, pixels: torch.Tensor, prompt: str, word: str, seed: int = 0,
-                     threshold: float = 0.5) -> torch.Tensor:
-    """The object's mask from where `word` of `prompt` attends: the conditional cross-attention maps
-    of its tokens, summed over layers and five mid-noise levels of the noised image, normalised to
-    [0, 1] and thresholded, at pixel resolution."""
-    from diffedit.denoiser import prompt_denoiser_for
-    from diffedit.editing.p2p import find_word, word_tokens
-
-    tokenizer = model.pipe.tokenizer
-    positions = find_word(tokenizer, word_tokens(tokenizer, prompt), word, "--prompt")
-    height, width = pixels.shape[-2:]
-    z0 = model.encode_image(pixels)
-    recorder = CrossAttentionRecorder(tuple(z0.shape[-2:]))
-    denoise = prompt_denoiser_for(model, [prompt], 1.0, height, width, controller=recorder)
-    schedule = model.schedule(10, height, width)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
-        for i in range(3, 8):
-            eps = torch.randn(z0.shape, generator=generator).to(z0.device)
-            denoise(schedule.a[i] * z0 + schedule.s[i] * eps, schedule, i)
-    m = recorder.sum[0, positions].sum(0)[None, None]
-    m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    return (unit_range(m) > threshold).cpu()
-
-
-# -- attention -----------------------------------------------------------------------------------------
-
-
-class CrossAttentionRecorder(Controller):
-    """Sums the conditional branch's cross-attention maps, head-averaged, on the latent grid."""
-
-    def __init__(self, grid: tuple[int, int]):
-        super().__init__()
-        self.grid, self.sum = grid, None
-
-    def wants_maps(self, call):
-        return call.cross and not call.joint and "cond" in call.branches
-
-    def maps(self, call, probs):
-        from diffedit.editing.p2p import grid_maps
-
-        maps = grid_maps(probs[call.rows(probs.shape[0], "cond")], self.grid)
-        self.sum = maps if self.sum is None else self.sum + maps
-        return probs
 
 
 class PixelManControl(Controller):

@@ -63,16 +63,18 @@ class BDIA(Engine):
         x_next = z0.double()  # level n: the clean latent
         x0, eps = run.source(x_next, sched, n - 1, level=n)
         x = _ddim_to(x0, eps, sched, n - 1)  # level n-1, by one DDIM inversion step
+        path = [x_next, x]  # levels n, n-1, ..., start
         if run.callback:
             run.callback(n - 1, x, x0)
         for i in range(n - 1, start, -1):  # from (x_i, x_{i+1}) to x_{i-1}
             x0, eps = run.source(x, sched, i)
             x_prev = _ddim_to(x0, eps, sched, i - 1) + (x_next - _ddim_to(x0, eps, sched, i + 1)) / gamma
             x, x_next = x_prev, x
+            path.append(x)
             if run.callback:
                 run.callback(i, x, x0)
         # float64, kept so by the record, with the level the pair starts at
-        return {"noise": x, "noise_next": x_next, "start": torch.tensor(start)}
+        return {"noise": x, "noise_next": x_next, "start": torch.tensor(start), **run.trajectory_if_masked(path)}
 
     @torch.inference_mode()
     def edit(self, run: Run, tensors):
@@ -83,9 +85,12 @@ class BDIA(Engine):
                              "inversion option: invert again")
         device = run.model.device
         x_prev, x = tensors["noise"].to(device, torch.float64), tensors["noise_next"].to(device, torch.float64)
+        background = run.background(tensors, self.name)  # levels start, ..., n
         for i in range(start + 1, len(sched)):  # levels start, start + 1 are the stored pair
             x0, eps = run.target(x, sched, i)
             x_next = _ddim_to(x0, eps, sched, i + 1) + gamma * (x_prev - _ddim_to(x0, eps, sched, i - 1))
+            if background is not None:
+                x_next = run.keep(x_next, background[i + 1 - start : i + 2 - start])
             x_prev, x = x, x_next
             if run.callback:
                 run.callback(i, x, x0)

@@ -16,7 +16,9 @@ class DDIM(Engine):
 
     def invert(self, run: Run, z0):
         trajectory = invert(run.source, z0, run.schedule, callback=run.callback)
-        return {"noise": trajectory[-1]}
+        return {"noise": trajectory[-1], **run.trajectory_if_masked(trajectory)}
 
     def edit(self, run: Run, tensors):
-        return sample(run.target, tensors["noise"], run.schedule, callback=run.callback)
+        background = run.background(tensors, self.name)  # blended-latent style: the inverted path outside
+        keep = None if background is None else lambda i, x, x0: run.keep(x, background[i + 1 : i + 2])
+        return sample(run.target, tensors["noise"], run.schedule, callback=run.callback, after_step=keep)

@@ -48,10 +48,14 @@ class DDIMP2P(Engine):
     default_guidance = (1.0, 7.5)
 
     def invert(self, run: Run, z0):
-        return {"noise": invert(run.source, z0, run.schedule, callback=run.callback)[-1]}
+        trajectory = invert(run.source, z0, run.schedule, callback=run.callback)
+        return {"noise": trajectory[-1], **run.trajectory_if_masked(trajectory)}
 
     def edit(self, run: Run, tensors):
         noise = tensors["noise"].to(run.model.device)
+        background = run.background(tensors, self.name)
         if run.prompts[0] == run.prompts[1]:  # no edit: plain DDIM reconstruction
-            return sample(run.target, noise, run.schedule, callback=run.callback)
-        return paired_edit(run, noise, noise)[1:]
+            keep = None if background is None else lambda i, x, x0: run.keep(x, background[i + 1 : i + 2])
+            return sample(run.target, noise, run.schedule, callback=run.callback, after_step=keep)
+        path = None if background is None else list(background.split(1))
+        return paired_edit(run, noise, noise, background=path)[1:]

@@ -74,11 +74,13 @@ class EditFriendlyDDPM(Engine):
         a, s = sched.a, sched.s
         xs = tensors["xs"].to(run.model.device, torch.float64)
         zs = tensors["zs"].to(run.model.device, torch.float64)
+        levels = [*xs, tensors["latent"].to(xs)]  # the source at every level, the clean latent last
         x = xs[skip]
         for i in range(skip, len(sched)):
             x0, eps = run.target(x, sched, i)
             c = _noise_scale(run, i, eta)
             x = step(x0, eps, a[i + 1], s[i + 1], c, zs[i]) if c > 0 else step(x0, eps, a[i + 1], s[i + 1]) + zs[i]
+            x = run.keep(x, levels[i + 1])
             if run.callback:
                 run.callback(i, x, x0)
         return x.float()

@@ -34,5 +34,7 @@ class DirectInversion(Engine):
         trajectory = tensors["trajectory"].to(run.model.device)
         if run.prompts[0] == run.prompts[1]:
             return trajectory[-1:].clone()
-        x = paired_edit(run, trajectory[:1], trajectory[:1], pinned=list(trajectory.unbind(0)))
+        path = list(trajectory.split(1))
+        x = paired_edit(run, trajectory[:1], trajectory[:1], pinned=path,
+                        background=path if run.region is not None else None)
         return x[1:]

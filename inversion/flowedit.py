@@ -77,12 +77,17 @@ class FlowEdit(Engine):
                 x0, eps = denoise(torch.cat([z_src, z_tar]), sched, i)
                 v = eps - x0  # flow velocity of each row
                 v_delta += (v[1:] - v[:1]) / n_avg
-            z_edit = z_edit + (s[i + 1] - s[i]) * v_delta
+            z_edit = run.keep(z_edit + (s[i + 1] - s[i]) * v_delta, x_src)  # an edit mask: the source outside
             if run.callback:
                 run.callback(i, z_edit, x0)
         if n_min == 0:
             return z_edit
         # the last n_min steps: ordinary sampling of the target from the noised edit
-        i = n - n_min
-        x = z_edit + (a[i] * x_src + s[i] * noise()) - x_src
-        return sample(run.target, x, sched, start=i, callback=run.callback)
+        i, z = n - n_min, noise()
+        x = z_edit + (a[i] * x_src + s[i] * z) - x_src
+
+        def keep(j, x, x0):  # an edit mask: outside it, the source's straight path to its clean latent
+            return run.keep(x, a[j + 1] * x_src + s[j + 1] * z)
+
+        return sample(run.target, x, sched, start=i, callback=run.callback,
+                      after_step=keep if run.region is not None else None)

@@ -95,6 +95,8 @@ class InfEdit(Engine):
             if mask is not None:  # outside where the blend words attend, the target follows the layout
                 mask = mask.to(z)[0]
                 z[TARGET] = z[LAYOUT] + mask * (z[TARGET] - z[LAYOUT])
+            if run.region is not None:  # an edit mask: the source outside it
+                z[TARGET : TARGET + 1] = run.keep(z[TARGET : TARGET + 1], z[SOURCE : SOURCE + 1])
             if run.callback:
                 run.callback(i, z, x0)
-        return x0_target  # the paper decodes the target's final clean estimate
+        return run.keep(x0_target, z0)  # the paper decodes the target's final clean estimate

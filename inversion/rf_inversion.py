@@ -52,14 +52,15 @@ class RFInversion(Engine):
         sched, gamma = run.schedule, float(run.params.gamma)
         a, s = sched.a, sched.s
         y1 = torch.randn(z0.shape, generator=torch.Generator("cpu").manual_seed(run.seed)).to(z0.device)
-        x = z0
+        x, path = z0, [z0]
         for i in reversed(range(len(sched))):
             pred = run.source(x, sched, i, level=i + 1, inverse=True)
             towards_noise = ((x - s[i + 1] * y1) / a[i + 1], y1)  # the prediction that lands on y1
             x = step(*_blend(pred, towards_noise, gamma), a[i], s[i])
+            path.append(x)
             if run.callback:
                 run.callback(i, x, pred[0])
-        return {"noise": x}
+        return {"noise": x, **run.trajectory_if_masked(path)}
 
     @torch.inference_mode()
     def edit(self, run: Run, tensors):
@@ -68,10 +69,13 @@ class RFInversion(Engine):
         z0 = tensors["latent"].to(run.model.device)
         x = tensors["noise"].to(run.model.device)
         first, last = round(p.start * len(sched)), round(p.stop * len(sched))
+        background = run.background(tensors, self.name)
         for i in range(len(sched)):
             pred = run.target(x, sched, i)
             towards_source = (z0, (x - a[i] * z0) / s[i])  # the prediction that lands on z0
             x = step(*_blend(pred, towards_source, float(p.eta) if first <= i < last else 0.0), a[i + 1], s[i + 1])
+            if background is not None:
+                x = run.keep(x, background[i + 1 : i + 2])
             if run.callback:
                 run.callback(i, x, pred[0])
         return x

@@ -265,7 +265,7 @@ def test_guidance_modules_compose_with_move(tiny, kind, rows):
 def test_mask_from_prompt_finds_the_object(toy_model):
     """Cross-attention of the object's words lands on the object: the found mask covers far more of
     it than of the rest of the scene (toy scenes of the move tasks)."""
-    from diffedit.editing.pixelman import mask_from_prompt
+    from diffedit.editing.word_mask import mask_from_prompt
     from diffedit.errors import UsageError
     from lab.toy import bench
 

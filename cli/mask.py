@@ -1,0 +1,61 @@
+"""`diffedit mask`: the region words of a prompt attend to, as a mask file a person can check and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffedit.cli.common import (
+    AlphaOpt,
+    FitOpt,
+    InvertMaskOpt,
+    JsonOpt,
+    MaskDilateOpt,
+    ModelChoice,
+    OverwriteOpt,
+    QuietOpt,
+    ShowMaskOpt,
+    emit,
+    with_model_options,
+)
+from diffedit.cli.main import app
+
+
+@app.command()
+@with_model_options
+def mask(
+    image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt describing the image.")],
+    words: Annotated[str, typer.Option("--words", "-w", help="Word(s) of --prompt naming the region, e.g. \"red circle\".")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Mask PNG (white = the region), at the image's own size.")],
+    mask_dilate: MaskDilateOpt = 0,
+    invert_mask: InvertMaskOpt = False,
+    show_mask: ShowMaskOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise the image is seen through.")] = 0,
+    fit: FitOpt = "resize", alpha: AlphaOpt = "composite",
+    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice,
+):
+    """Write the mask of where WORDS of the prompt attend in IMAGE, to check before `edit --mask`.
+
+    Example: diffedit mask photo.png -p "a red circle and a blue square" -w "red circle" -o circle.png
+    """
+    from diffedit.files import check_writable
+    from diffedit.images import save_image
+    from diffedit.jobs import ImageInput, MaskInput, word_mask
+    from diffedit.masks import MaskOptions
+
+    options = MaskOptions(dilate=mask_dilate, feather=0, invert=invert_mask)
+    options.check()
+    for path in (output, show_mask):
+        if path is not None:
+            check_writable(path, overwrite)
+    m = models.load()
+    found, overlay, result = word_mask(m, image, prompt, MaskInput(words=words, options=options),
+                                       ImageInput(fit=fit, alpha=alpha), seed)
+    save_image(found, output, overwrite=overwrite)
+    if show_mask is not None:
+        save_image(overlay, show_mask, overwrite=overwrite)
+    emit({"output": str(output), **result}, json)
