@@ -197,7 +197,8 @@ def option_group(parameter: str, group: type, options: dict):
 
         @functools.wraps(command)
         def run(**params):
-            return command(**params, **{parameter: group(**{name: params.pop(name) for name in options})})
+            chosen = group(**{name: params.pop(name) for name in options})
+            return command(**params, **{parameter: chosen})
 
         del run.__wrapped__  # Typer must read the new signature, not the command's
         run.__signature__ = signature.replace(parameters=[*own, *added])

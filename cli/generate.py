@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import click
 import typer
 
 from diffedit.cli.common import (
@@ -38,6 +37,7 @@ from diffedit.cli.main import app
 @app.command()
 @with_model_options
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")],
     seed: SeedOpt = None,
@@ -60,7 +60,7 @@ def generate(
 
     Example: diffedit generate "a red circle on a white background" --seed 1 -o circle.png
     """
-    generate_many([dict(click.get_current_context().params)])  # the parsed options, as a batch hands a job over
+    generate_many([dict(ctx.params)])  # the parsed options, as a batch hands a job over
 
 
 def generate_many(jobs: list[dict]) -> list[dict]:
