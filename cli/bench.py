@@ -64,6 +64,8 @@ def shapes(
     param: Annotated[list[str] | None, typer.Option("--param", help="Engine parameter KEY=VALUE (JSON value), repeatable.")] = None,
     adaptive_guidance: Annotated[float | None, typer.Option("--adaptive-guidance", help="Text edits: adaptive guidance on the regeneration (ddim, rf-inversion).")] = None,
     deepcache: Annotated[int | None, typer.Option("--deepcache", help="Text edits: DeepCache interval on the regeneration (ddim, rf-inversion).")] = None,
+    mask: Annotated[str | None, typer.Option("--mask", help="Text edits with an edit mask: object (the object's own region, as a drawn mask file) or words (--mask-from-prompt with its colour and shape).")] = None,
+    paste_back: Annotated[bool, typer.Option("--paste-back/--no-paste-back", help="With --mask: the input's pixels outside it.")] = True,
     save: Annotated[Path | None, typer.Option(help="Folder for rows.jsonl, results.json and results.md.")] = None,
     json: JsonOpt = False,
 ):
@@ -85,6 +87,9 @@ def shapes(
     m = load(model, "auto", "auto", False, None, loras=lora, lcm_lora=lcm_lora)
     options = {"steps": steps, "guidance_scale": guidance_scale, "inversion_guidance_scale": inversion_guidance_scale,
                "params": params}
+    if mask not in (None, "object", "words"):
+        raise UsageError(f"--mask {mask!r}: object or words")
+    options.update(mask=mask, paste_back=paste_back)
     accelerators = {"adaptive_guidance": adaptive_guidance, "deepcache": deepcache}
     options.update({k: v for k, v in accelerators.items() if v is not None})  # text edits take them
     rows = []
@@ -139,6 +144,22 @@ def engines(
     with stderr.status("measuring"):
         rows, comparison = bench.run(repeats=repeats, quick=quick)
     _report(rows + comparison, bench.markdown(rows, comparison), save, json)
+
+
+@bench_app.command("masks")
+def masks(
+    repeats: RepeatsOpt = 5,
+    quick: Annotated[bool, typer.Option(help="Tiny models, 10 steps.")] = False,
+    save: SaveOpt = None,
+    json: JsonOpt = False,
+):
+    """Masked edit time ÷ the same edit unmasked, every engine, side by side.
+
+    Example: diffedit bench masks --save benchmarks/results/masks
+    """
+    from lab.benchmarks import masks as bench
+
+    _measured(bench, repeats, quick, save, json)
 
 
 @bench_app.command("speed")

@@ -59,7 +59,7 @@ AlphaOpt = Annotated[str, typer.Option("--alpha", help="Transparent images: comp
 MaskOpt = Annotated[str | None, typer.Option("--mask", help="PNG of the image's size: white (or opaque) where the image may change.", rich_help_panel=MASK_PANEL)]
 MaskWordsOpt = Annotated[str | None, typer.Option("--mask-from-prompt", help="Instead of --mask: the region where WORD(S) of the source prompt attend (cross-attention); check it with `diffedit mask`.", rich_help_panel=MASK_PANEL)]
 MaskDilateOpt = Annotated[int, typer.Option("--mask-dilate", min=0, max=512, help="Grow the mask by this many pixels.", rich_help_panel=MASK_PANEL)]
-MaskFeatherOpt = Annotated[int, typer.Option("--mask-feather", min=0, max=512, help="Fade the edit into the image over this many pixels outside the mask (0: a hard edge).", rich_help_panel=MASK_PANEL)]
+MaskFeatherOpt = Annotated[int | None, typer.Option("--mask-feather", min=0, max=512, help="Fade the edit into the image over this many pixels outside the mask (0: a hard edge; default: one latent cell, 8 px on Stable Diffusion).", rich_help_panel=MASK_PANEL)]
 InvertMaskOpt = Annotated[bool, typer.Option("--invert-mask", help="Change the image outside the mask instead.", rich_help_panel=MASK_PANEL)]
 ShowMaskOpt = Annotated[Path | None, typer.Option("--show-mask", help="Write the input with the (feathered) mask tinted over it to this PNG.", rich_help_panel=MASK_PANEL)]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
@@ -279,7 +279,7 @@ class MaskChoice:
     mask: str | None = None
     mask_from_prompt: str | None = None
     mask_dilate: int = 0
-    mask_feather: int = 8
+    mask_feather: int | None = None
     invert_mask: bool = False
     show_mask: Path | None = None
 
@@ -305,6 +305,6 @@ class MaskChoice:
 
 MASK_OPTIONS = {  # name: (option, default): the fields of MaskChoice as command parameters
     "mask": (MaskOpt, None), "mask_from_prompt": (MaskWordsOpt, None), "mask_dilate": (MaskDilateOpt, 0),
-    "mask_feather": (MaskFeatherOpt, 8), "invert_mask": (InvertMaskOpt, False), "show_mask": (ShowMaskOpt, None),
+    "mask_feather": (MaskFeatherOpt, None), "invert_mask": (InvertMaskOpt, False), "show_mask": (ShowMaskOpt, None),
 }
 with_mask_options = option_group("masking", MaskChoice, MASK_OPTIONS)

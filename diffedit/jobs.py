@@ -75,9 +75,10 @@ def read_edit_mask(model: Family, raw: Image.Image, img: Image.Image, mask: Mask
         raise UsageError("give either a mask file or words of the prompt to find the region by")
     if mask.file is not None:
         fitted = fit_to_multiple(load_mask(mask.file, raw.size), model.multiple, how.fit, max_side=how.max_side)
-        return EditMask.from_image(fitted, mask.options, mask.name())
+        return EditMask.from_image(fitted, mask.options, mask.name(), model.vae_scale)
     found = mask_from_prompt(model, to_tensor(img).to(model.device), prompt, mask.words, seed)
-    return EditMask.from_image(Image.fromarray(found.numpy().astype(np.uint8) * 255), mask.options, mask.name())
+    return EditMask.from_image(Image.fromarray(found.numpy().astype(np.uint8) * 255), mask.options, mask.name(),
+                               model.vae_scale)
 
 
 def word_mask(model: Family, source: str | Image.Image, prompt: str, mask: MaskInput, how: ImageInput,

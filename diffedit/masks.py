@@ -25,13 +25,15 @@ class MaskOptions:
     """How a user mask becomes the edit region (the command-line `--mask-*` options)."""
 
     dilate: int = 0  # pixels added around the mask
-    feather: int = 8  # width in pixels of the seam where the edit fades into the input
+    feather: int | None = None  # width in pixels of the seam where the edit fades into the input (None: one
+    # latent cell, the model's VAE scale: the finest step the latent blend can make)
     invert: bool = False  # edit outside the mask instead
 
     def check(self) -> None:
         for name in ("dilate", "feather"):
-            if not 0 <= getattr(self, name) <= 512:
-                raise UsageError(f"--mask-{name} {getattr(self, name)} must be between 0 and 512 pixels")
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 512:
+                raise UsageError(f"--mask-{name} {value} must be between 0 and 512 pixels")
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,12 @@ class EditMask:
     weights: np.ndarray
 
     @classmethod
-    def from_image(cls, mask: Image.Image, options: MaskOptions = MaskOptions(), name: str = "mask") -> EditMask:
+    def from_image(cls, mask: Image.Image, options: MaskOptions = MaskOptions(), name: str = "mask",
+                   cell: int = 8) -> EditMask:
         """From a black/white mask image of the input's (fitted) size; refuses a mask that leaves
-        nothing to edit or nothing to keep."""
+        nothing to edit or nothing to keep. `cell`: pixels per latent cell (the default feather)."""
         options.check()
+        feather = cell if options.feather is None else options.feather
         hard = np.asarray(mask.convert("L")) > 127
         if options.invert:
             hard = ~hard
@@ -55,10 +59,10 @@ class EditMask:
             hard = cv2.dilate(hard.astype(np.uint8), kernel) > 0
         if hard.all():
             raise DiffeditError(f"{name}: the mask covers the whole image; edit without a mask instead")
-        if options.feather:
+        if feather:
             # distance of each outside pixel to the nearest mask pixel, falling to weight 0 at `feather`
             distance = cv2.distanceTransform((~hard).astype(np.uint8), cv2.DIST_L2, 5)
-            weights = np.clip(1.0 - distance / (options.feather + 1), 0.0, 1.0)
+            weights = np.clip(1.0 - distance / (feather + 1), 0.0, 1.0)
         else:
             weights = hard.astype(np.float32)
         return cls.of_levels(np.round(weights * 255).astype(np.uint8))

@@ -44,6 +44,11 @@ def test_feather_fades_over_its_width_outside_the_mask():
     assert (mask.weights[:, 27:] == 0).all() and (mask.weights[25:] == 0).all()
 
 
+def test_the_default_feather_is_one_latent_cell():
+    mask = EditMask.from_image(box_mask(), MaskOptions(), cell=4)
+    assert mask.weights[14, 25] > 0 and mask.weights[14, 26] == 0
+
+
 def test_dilate_and_invert():
     grown = EditMask.from_image(box_mask(), MaskOptions(dilate=2, feather=0))
     assert (grown.weights > 0).sum() > (np.asarray(box_mask()) > 0).sum()

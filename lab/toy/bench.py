@@ -189,13 +189,33 @@ def _engine_task(runner: TaskRunner) -> TaskRunner:
 def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
     from diffedit.jobs import edit_image
 
-    rest = {k: v for k, v in options.items() if k not in PLAN_OPTIONS}  # adaptive guidance, DeepCache
+    rest = {k: v for k, v in options.items() if k not in PLAN_OPTIONS + MASK_OPTIONS}  # adaptive guidance, DeepCache
     image, result, _ = edit_image(model, source, _plan(model, options), source_prompt=task["source_prompt"],
-                                  target_prompt=task["target_prompt"], **rest)
+                                  target_prompt=task["target_prompt"], mask=task_mask(task, options), **rest)
     return image, result
 
 
 PLAN_OPTIONS = ("engine", "steps", "params", "guidance", "guidance_scale", "inversion_guidance_scale")
+MASK_OPTIONS = ("mask", "paste_back")
+
+
+def task_mask(task: dict, options: dict):
+    """The edit mask a user would give for a text-edit task (`options["mask"]`): "object" draws the
+    edited object where it is and where it will be (a file), "words" names it by the source prompt's
+    words (`--mask-from-prompt`); None: no mask."""
+    from diffedit.jobs import MaskInput
+
+    how = options.get("mask")
+    if how is None:
+        return None
+    paste_back = options.get("paste_back", True)
+    if how == "words":
+        obj = source_scene(task).objects[task["object"]]
+        return MaskInput(words=f"{obj.colour} {obj.shape}", paste_back=paste_back)
+    if how != "object":
+        raise ValueError(f"unknown mask kind {how!r}: object or words")
+    region = source_scene(task).masks[task["object"]] | expected_scene(task).masks[task["object"]]
+    return MaskInput(Image.fromarray(region.astype(np.uint8) * 255), paste_back=paste_back)
 
 
 def _plan(model: Family, options: dict):
@@ -299,19 +319,22 @@ def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: in
                 kept.append(task)
         tasks = kept
     rows = []
+    label = engine  # a masked run is its own row group in the tables
+    if (options or {}).get("mask"):
+        label += f" (mask: {options['mask']}{'' if options.get('paste_back', True) else ', no paste-back'})"
     for task in tasks:
         runner = RUNNERS.get(task["kind"])
         if runner is None:
-            rows.append({"id": task["id"], "kind": task["kind"], "engine": engine, "status": "skipped"})
+            rows.append({"id": task["id"], "kind": task["kind"], "engine": label, "status": "skipped"})
             continue
         source = Image.fromarray(source_scene(task).image)
         started = time.perf_counter()
         done = runner(model, task, source, {"engine": engine, **(options or {})})
         if done is None:  # this engine does not do this kind of task
-            rows.append({"id": task["id"], "kind": task["kind"], "engine": engine, "status": "skipped"})
+            rows.append({"id": task["id"], "kind": task["kind"], "engine": label, "status": "skipped"})
             continue
         image, result = done
-        row = {"id": task["id"], "kind": task["kind"], "engine": engine, "status": "ok",
+        row = {"id": task["id"], "kind": task["kind"], "engine": label, "status": "ok",
                "nfe": result["nfe"], "seconds": time.perf_counter() - started, **judge(task, np.asarray(image))}
         rows.append(row)
         if progress:
