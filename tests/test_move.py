@@ -263,22 +263,22 @@ def test_guidance_modules_compose_with_move(tiny, kind, rows):
 
 
 def test_mask_from_prompt_finds_the_object(toy_model):
-    """Cross-attention of the object's words lands on the object: the found mask covers far more of
-    it than of the rest of the scene (toy scenes of the move tasks)."""
+    """The object found by its words on the move tasks' scenes: mean IoU with the true mask at least
+    0.6 (measured 0.67: four of six objects exactly, two missed where the toy model's words attend to
+    the background; cross-attention alone covered 0.59 of the object and 0.19 of the rest)."""
     from diffedit.editing.word_mask import mask_from_prompt
     from diffedit.errors import UsageError
     from lab.toy import bench
 
-    inside = outside = 0.0
+    ious = []
     tasks = [t for t in bench.load_tasks() if t["kind"] == "move"][:6]
     for task in tasks:
         sc = bench.source_scene(task)
         obj = sc.objects[0]
         found = mask_from_prompt(toy_model, to_tensor(Image.fromarray(sc.image)), task["source_prompt"],
                                  f"{obj.colour} {obj.shape}").numpy()
-        inside += found[sc.masks[0]].mean() / len(tasks)
-        outside += found[~sc.masks[0]].mean() / len(tasks)
-    assert inside > 0.4 and inside > 2 * outside  # measured: 0.59 of the object, 0.19 of the rest
+        ious.append((found & sc.masks[0]).sum() / (found | sc.masks[0]).sum())
+    assert np.mean(ious) >= 0.6
     with pytest.raises(UsageError, match="not in the --prompt prompt"):
         mask_from_prompt(toy_model, to_tensor(Image.fromarray(sc.image)), task["source_prompt"], "zebra")
 
