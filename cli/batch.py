@@ -22,6 +22,7 @@ def batch(
     resume: Annotated[bool, typer.Option("--resume", help="Skip jobs already done (result row ok and outputs present).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Run up to N consecutive generate jobs that differ only in prompt, seed and output as one batch.")] = 1,
     contact_sheet: Annotated[Path | None, typer.Option("--contact-sheet", help="Write a PNG with each job's input and outputs side by side (after the merge).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let jobs replace files in the out dir that this batch did not write.")] = False,
     json: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Run every job of MANIFEST, loading each model once; exit code 3 when some jobs failed.
@@ -50,7 +51,8 @@ def batch(
                 typer.echo(jsonlib.dumps(row))
             advance(failures)
 
-        rows, merged = jobs_lib.run_batch(jobs, out_dir, resume=resume, batch_size=batch_size, on_row=on_row)
+        rows, merged = jobs_lib.run_batch(jobs, out_dir, resume=resume, batch_size=batch_size,
+                                           overwrite=overwrite, on_row=on_row)
 
     if not quiet:
         _summary(rows, merged, rank, world)

@@ -17,6 +17,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 stderr = Console(stderr=True)
 
+SEED_MAX = 2**64 - 1  # diffusers' generators take seeds in [0, 2^64)
+SCALE_LIMIT = 1000.0  # any guidance scale beyond this is a typo, and overflows half precision
+
+
+def finite_scale(value: float | None) -> float | None:
+    """Typer callback: a guidance scale must be a finite number of sensible size (checked before any
+    model loads)."""
+    if value is not None and not (math.isfinite(value) and abs(value) <= SCALE_LIMIT):
+        raise typer.BadParameter(f"{value} is not a guidance scale: give a finite number within ±{SCALE_LIMIT:g}")
+    return value
+
+
 # Help panels: each command shows its own common options first, then these groups, in this order.
 ENGINE_PANEL = "Engine options (each applies to the engines it names)"
 GUIDANCE_PANEL = "Guidance"
@@ -62,11 +74,11 @@ MaskDilateOpt = Annotated[int, typer.Option("--mask-dilate", min=0, max=512, hel
 MaskFeatherOpt = Annotated[int | None, typer.Option("--mask-feather", min=0, max=512, help="Fade the edit into the image over this many pixels outside the mask (0: a hard edge; default: one latent cell, 8 px on Stable Diffusion).", rich_help_panel=MASK_PANEL)]
 InvertMaskOpt = Annotated[bool, typer.Option("--invert-mask", help="Change the image outside the mask instead.", rich_help_panel=MASK_PANEL)]
 ShowMaskOpt = Annotated[Path | None, typer.Option("--show-mask", help="Write the input with the (feathered) mask tinted over it to this PNG.", rich_help_panel=MASK_PANEL)]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (noise drawn on the CPU like diffusers).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed (noise drawn on the CPU like diffusers).")]
 
 
 GuidanceOpt = Annotated[str, typer.Option("--guidance", help="cfg, cfgpp (scale = lambda in [0, 1]), pag or cfgpp+pag.", rich_help_panel=GUIDANCE_PANEL)]
-PagScaleOpt = Annotated[float, typer.Option("--pag-scale", help="PAG scale s in u + w(c - u) + s(c - p).", rich_help_panel=GUIDANCE_PANEL)]
+PagScaleOpt = Annotated[float, typer.Option("--pag-scale", callback=finite_scale, help="PAG scale s in u + w(c - u) + s(c - p).", rich_help_panel=GUIDANCE_PANEL)]
 PagLayersOpt = Annotated[str, typer.Option("--pag-layers", help="Comma-separated regexes over self-attention layer names.", rich_help_panel=GUIDANCE_PANEL)]
 AdaptiveGuidanceOpt = Annotated[float | None, typer.Option("--adaptive-guidance", help="Adaptive guidance: drop CFG's unconditional branch once its clean-image estimate's cosine similarity with the conditional one reaches this (e.g. 0.999).", rich_help_panel=GUIDANCE_PANEL)]
 DeepCacheOpt = Annotated[int | None, typer.Option("--deepcache", help="DeepCache: run the whole UNet every N-th step, only its outer blocks in between (e.g. 3).", rich_help_panel=GUIDANCE_PANEL)]

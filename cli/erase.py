@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    SEED_MAX,
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
@@ -17,6 +18,7 @@ from diffedit.cli.common import (
     PickleOpt,
     QuietOpt,
     emit,
+    finite_scale,
     load,
     stderr,
 )
@@ -37,11 +39,11 @@ def train(
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (paper: 1e-4).")] = 1e-4,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up iterations, then cosine with 3 restarts (paper: 500).")] = 500,
     steps: Annotated[int, typer.Option("--steps", "-n", min=2, help="DDIM schedule x_t is sampled on (paper: 30).")] = 30,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g", help="CFG while sampling x_t with the adapter on (paper: 3).")] = 3.0,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG while sampling x_t with the adapter on (paper: 3).")] = 3.0,
     erase_guidance: Annotated[float, typer.Option("--erase-guidance", help="g in neutral - g (concept - neutral) (paper: 1).")] = 1.0,
     anchors: Annotated[int, typer.Option("--anchors", min=0, help="Latent anchors per iteration (paper: 4; 0 = no anchoring).")] = 4,
     anchor_weight: Annotated[float, typer.Option("--anchor-weight", help="Weight of the anchoring loss (paper: 1000).")] = 1000.0,
-    seed: Annotated[int, typer.Option("--seed", help="Everything is drawn from this seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Everything is drawn from this seed.")] = 0,
     work: Annotated[Path | None, typer.Option("--work", help="Checkpoint folder (default: runs/spm/<output name>).")] = None,
     every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Save a checkpoint every N iterations.")] = 50,
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoint in --work.")] = True,

@@ -26,12 +26,16 @@ from diffedit.cli.common import (
     SeedOpt,
     StepsOpt,
     emit,
+    finite_scale,
     fk_config,
     guidance_spec,
     progress,
     with_model_options,
 )
 from diffedit.cli.main import app
+
+MAX_SIDE = 16384  # pixels; and at most MAX_PIXELS in all, as for input images
+MAX_PIXELS = 64_000_000
 
 
 @app.command()
@@ -42,13 +46,13 @@ def generate(
     output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")],
     seed: SeedOpt = None,
     steps: StepsOpt = 50,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g", help="CFG scale (embedded guidance for Flux).")] = 7.5,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale (embedded guidance for Flux).")] = 7.5,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     eta: Annotated[float, typer.Option("--eta", help="Churn: 0 = deterministic DDIM/Euler, 1 = DDPM-like.")] = 0.0,
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
     fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
-    width: Annotated[int | None, typer.Option("--width", "-W", min=8)] = None,
-    height: Annotated[int | None, typer.Option("--height", "-H", min=8)] = None,
+    width: Annotated[int | None, typer.Option("--width", "-W", min=8, max=MAX_SIDE)] = None,
+    height: Annotated[int | None, typer.Option("--height", "-H", min=8, max=MAX_SIDE)] = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0, adaptive_guidance: AdaptiveGuidanceOpt = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (a slow first call; pays off over many steps or batch jobs).")] = False,
@@ -74,6 +78,8 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     from diffedit.jobs import generate_image, generate_images, image_params
 
     first = jobs[0]
+    if (first["width"] or 0) * (first["height"] or 0) > MAX_PIXELS:
+        raise UsageError(f"-W {first['width']} -H {first['height']} is more than {MAX_PIXELS} pixels")
     for job in jobs:
         if job["output"] != "-":
             check_writable(job["output"], job["overwrite"])

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    SEED_MAX,
     AlphaOpt,
     EngineOpt,
     EtaOpt,
@@ -32,6 +33,7 @@ from diffedit.cli.common import (
     StrengthOpt,
     emit,
     engine_params,
+    finite_scale,
     guidance_spec,
     progress,
     with_mask_options,
@@ -49,9 +51,9 @@ def invert(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Source prompt describing the image.")] = "",
     engine: EngineOpt = "ddim",
     steps: StepsOpt = None,
-    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale of the inversion (default: the engine's; 1 = no guidance).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale of the inversion (default: the engine's; 1 = no guidance).")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
-    seed: Annotated[int, typer.Option("--seed", help="Seed for engines that draw noise.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for engines that draw noise.")] = 0,
     fit: FitOpt = "resize",
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,

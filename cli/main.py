@@ -43,7 +43,35 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         return 130
+    except Exception as err:  # noqa: BLE001 - the last resort: a user never sees a traceback
+        typer.echo(f"error: {_one_line(err)} (this is a bug in diffedit; the traceback is in {_crash_log()})",
+                   err=True)
+        return 1
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.strerror:  # e.g. a full disk: the system's words, not a repr
+        text = f"{err.filename + ': ' if err.filename else ''}{err.strerror}"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _crash_log() -> str:
+    """Write the current exception's traceback to a log file and return its path."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    folder = os.environ.get("DIFFEDIT_LOG_DIR") or tempfile.gettempdir()
+    path = os.path.join(folder, f"diffedit-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    try:
+        with open(path, "w") as f:
+            f.write(f"diffedit {' '.join(sys.argv)}\n\n{traceback.format_exc()}")
+    except OSError:
+        return "(no log: it could not be written)"
+    return path
 
 
 def main() -> None:

@@ -116,7 +116,20 @@ def plan(entries: list[dict], base: Path, out_dir: Path, manifest: str) -> list[
         except DiffeditError as e:
             job.error = str(e)
         jobs.append(job)
+    _refuse_shared_outputs(jobs)
     return jobs
+
+
+def _refuse_shared_outputs(jobs: list[Job]) -> None:
+    """Two jobs writing one file would both report ok and one result would be lost: both fail."""
+    owners: dict[Path, Job] = {}
+    for job in jobs:
+        for path in job.outputs:
+            other = owners.setdefault(path, job)
+            if other is not job:
+                message = f"output {path.name} is also written by job {{}}; give each job its own output"
+                job.error = job.error or message.format(repr(other.id))
+                other.error = other.error or message.format(repr(job.id))
 
 
 def _command_line(job: Job, command, base: Path, out_dir: Path, name: str) -> tuple[list[str], list[Path]]:
@@ -155,16 +168,50 @@ def _command_line(job: Job, command, base: Path, out_dir: Path, name: str) -> tu
             for item in value if isinstance(value, list) else [value]:
                 options += [p.opts[0], str(item)]
     argv = [job.command, *positional, *options, "--json", "--quiet"]
-    if "overwrite" in params:  # a rerun replaces what a killed run may have left
+    if "overwrite" in params:  # files are checked against the batch's ledger before the job runs
         argv.append("--overwrite")
     return argv, outputs
 
 
+def ledger(out_dir: Path) -> set[str]:
+    """Outputs (relative to the out dir) that this batch's runs wrote, from every results file."""
+    written = set()
+    for path in [out_dir / RESULTS, *sorted(out_dir.glob("results.rank*.jsonl"))]:
+        for row in read_rows(path):
+            outputs = row.get("outputs")
+            written.update(o for o in outputs if isinstance(o, str)) if isinstance(outputs, list) else None
+    return written
+
+
+def refuse_foreign_files(jobs: list[Job], out_dir: Path, overwrite: bool) -> None:
+    """A job whose output exists but was not written by a run of this batch fails instead of replacing
+    it (unless the batch runs with --overwrite)."""
+    if overwrite:
+        return
+    written = ledger(out_dir)
+    for job in jobs:
+        for path in job.outputs:
+            if job.error is None and path.exists() and str(path.relative_to(out_dir.resolve())) not in written:
+                job.error = f"{path}: already exists and was not written by this batch; pass --overwrite to replace it"
+
+
+LOCK = ".diffedit-batch.lock"
+
+
+def _reserved(name: str) -> bool:
+    """The batch's own bookkeeping files, which no job may write."""
+    return name == RESULTS or name == LOCK or re.fullmatch(r"results\.rank\d+\.jsonl|\.rank\d+\.done|\.merge\.lock",
+                                                           name) is not None
+
+
 def inside(out_dir: Path, value, key: str) -> Path:
-    """`value` as a path inside `out_dir`; anything that would leave it is refused."""
+    """`value` as a path inside `out_dir`; anything that would leave it, or name the batch's own
+    bookkeeping files, is refused."""
     rel = Path(str(value))
     if rel.is_absolute() or ".." in rel.parts or not rel.parts:
         raise UsageError(f"{key} {str(value)!r} must be a relative path inside the out dir")
+    if len(rel.parts) == 1 and _reserved(safe_name(rel.parts[0])):
+        raise UsageError(f"{key} {str(value)!r} is a file the batch keeps for itself; choose another name")
     path = out_dir.joinpath(*(safe_name(part) for part in rel.parts))
     if not path.resolve().is_relative_to(out_dir):  # e.g. through a symlink already in the out dir
         raise UsageError(f"{key} {str(value)!r} leads outside the out dir")
@@ -190,14 +237,16 @@ def results_path(out_dir: Path, rank: int, world: int) -> Path:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a results file; a line cut short by a kill is ignored."""
+    """Rows of a results file; a line cut short by a kill (or not a row at all) is ignored."""
     rows = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict) and isinstance(row.get("id"), str):
+                rows.append(row)
     return rows
 
 
@@ -331,18 +380,49 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def run_batch(jobs: list[Job], out_dir: Path, *, resume: bool, batch_size: int = 1,
+def run_batch(jobs: list[Job], out_dir: Path, *, resume: bool, batch_size: int = 1, overwrite: bool = False,
               on_row: Callable[[dict, bool], None] | None = None) -> tuple[list[dict], Path | None]:
     """Run this rank's share of `jobs`; returns its rows (skipped ones included) and the merged file.
 
     `on_row(row, skipped)` is called after each job. Without `resume`, existing results in the out dir
     are an error (nothing is silently redone or lost). With `batch_size` > 1, consecutive jobs of a
     command that supports it (generate) and equal but for prompt, seed and output share forwards.
+    Outputs that exist but were not written by a run of this batch are not replaced without `overwrite`.
     """
-    from diffedit.cli.common import reuse_models
-
     rank, world = shard()
     out_dir.mkdir(parents=True, exist_ok=True)
+    with out_dir_lock(out_dir, rank):
+        return _run_locked(jobs, out_dir, rank, world, resume, batch_size, overwrite, on_row)
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: Path, rank: int):
+    """An exclusive lock on the out dir for one batch process (per rank): a second process fails at
+    once, naming the holder's PID. The kernel releases it when the holder dies, so no stale lock."""
+    import fcntl
+
+    path = out_dir / (LOCK if rank == 0 else f"{LOCK}.{rank}")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise DiffeditError(f"{out_dir}: another batch (PID {holder}) is running on this out dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def _run_locked(jobs, out_dir, rank, world, resume, batch_size, overwrite, on_row):
+    from diffedit.cli.common import reuse_models
+
     done = finished(out_dir) if resume else {}
     if resume and world == 1:  # temporary files of writes a kill interrupted (others' may be live)
         for tmp in out_dir.rglob(".*.tmp*"):
@@ -351,6 +431,7 @@ def run_batch(jobs: list[Job], out_dir: Path, *, resume: bool, batch_size: int =
     if not resume and any(p.exists() for p in {out_dir / RESULTS, path}):  # not other ranks' new files
         raise DiffeditError(f"{out_dir}: holds results of an earlier batch; pass --resume to continue it or choose another --out-dir")
     mine = [job for job in jobs if job.index % world == rank]
+    refuse_foreign_files([job for job in mine if job.id not in done], out_dir, overwrite)
     kept = [done[job.id] for job in mine if job.id in done]
     write_rows(path, kept)  # rows of jobs that will rerun are dropped: every id once
     (out_dir / f".rank{rank}.done").unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    SEED_MAX,
     AlphaOpt,
     FitOpt,
     InvertMaskOpt,
@@ -33,7 +34,7 @@ def mask(
     mask_dilate: MaskDilateOpt = 0,
     invert_mask: InvertMaskOpt = False,
     show_mask: ShowMaskOpt = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise the image is seen through.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the noise the image is seen through.")] = 0,
     fit: FitOpt = "resize", alpha: AlphaOpt = "composite",
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
     *, models: ModelChoice,

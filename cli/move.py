@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    SEED_MAX,
     AlphaOpt,
     FitOpt,
     GuidanceOpt,
@@ -18,6 +19,7 @@ from diffedit.cli.common import (
     PagScaleOpt,
     QuietOpt,
     emit,
+    finite_scale,
     guidance_spec,
     progress,
     with_model_options,
@@ -39,11 +41,11 @@ def move(
     keep_source: Annotated[bool, typer.Option("--keep-source", help="Duplicate: leave the object where it was too.")] = False,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Optional prompt (the paper uses none).")] = "",
     steps: Annotated[int, typer.Option("--steps", "-n", min=2, max=1000, help="Sampling steps (the paper's 16).")] = 16,
-    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", help="CFG scale (default: 1 without a prompt, 4 with one).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale (default: 1 without a prompt, 4 with one).")] = None,
     energy_scale: Annotated[float, typer.Option("--energy-scale", help="Energy guidance strength (the paper's 0.5; 0 = off).")] = 0.5,
     energy_weights: Annotated[str, typer.Option("--energy-weights", help="EDIT,CONTENT,CONTRAST,INPAINT energy weights.")] = "4,6,0.2,0.8",
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the per-step noise.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the per-step noise.")] = 0,
     fit: FitOpt = "resize",
     alpha: AlphaOpt = "composite",
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",

@@ -12,10 +12,16 @@ from diffedit.errors import DiffeditError
 
 
 def check_writable(path: str | Path, overwrite: bool) -> None:
-    """Fail early if `path` cannot be written: it exists (without overwrite) or its folder is missing."""
+    """Fail early if `path` cannot be written: it exists (without overwrite), it is not a regular file
+    (a folder, a device, a FIFO, a socket, or a symlink, which --overwrite would replace with a file
+    and so not write where it points), or its folder is missing."""
     path = Path(path)
+    if path.is_symlink():
+        raise DiffeditError(f"{path}: is a symbolic link; outputs are written only as regular files (remove it first)")
     if path.is_dir():
         raise DiffeditError(f"{path}: is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise DiffeditError(f"{path}: is not a regular file (a device, FIFO or socket); refusing to replace it")
     if path.exists() and not overwrite:
         raise DiffeditError(f"{path}: already exists; pass --overwrite to replace it")
     parent = path.parent
@@ -31,6 +37,7 @@ def atomic_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
     """
     path = Path(path)
     check_writable(path, overwrite)
+    remove_stale_temps(path.parent)
     tmp = _reserve_temp(path)
     try:
         yield tmp
@@ -43,6 +50,30 @@ def atomic_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+STALE_SECONDS = 3600
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove our own temporary files (`.NAME.HEX.tmp.SUFFIX`) that a killed run left in `folder` more
+    than an hour ago (younger ones may belong to a run still writing)."""
+    import re
+    import time
+
+    pattern = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.[^.]+)?$")
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        try:
+            if pattern.match(entry.name) and entry.is_file(follow_symlinks=False) and \
+                    now - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
+                os.unlink(entry.path)
+        except OSError:
+            continue
 
 
 def _reserve_temp(path: Path) -> Path:

@@ -1,0 +1,170 @@
+"""A hostile user's inputs: outputs that are not plain files, absurd numbers, unexpected errors, batches
+that collide with their own bookkeeping, with each other or with the user's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_subprocess
+
+
+def _generate(model, output, *extra):
+    return ["generate", "a red circle", "-m", model, "-n", "2", "--seed", "1", "-o", output, *extra]
+
+
+# -- outputs --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "dangling-symlink"])
+def test_outputs_that_are_not_regular_files_are_refused_even_with_overwrite(cli, tmp_path, tiny_folder, kind):
+    target = tmp_path / "target.png"
+    target.write_bytes(b"keep me")
+    out = tmp_path / "out.png"
+    if kind == "symlink":
+        out.symlink_to(target)
+    elif kind == "dangling-symlink":
+        out.symlink_to(tmp_path / "nowhere.png")
+    else:
+        os.mkfifo(out)
+    code, _, err = cli(*_generate(tiny_folder("sd1"), out, "--overwrite"))
+    assert code == 1 and "Traceback" not in err
+    assert ("symbolic link" in err) if "symlink" in kind else ("not a regular file" in err)
+    assert target.read_bytes() == b"keep me" and (out.is_symlink() or out.is_fifo())
+
+
+def test_stale_temporary_files_are_cleaned_up_by_the_next_write(cli, tmp_path, tiny_folder):
+    stale = tmp_path / ".old.png.0123abcd.tmp.png"  # what a SIGKILL during a write leaves
+    fresh = tmp_path / ".other.png.89abcdef.tmp.png"  # a write that may still be running
+    stale.write_bytes(b"x"), fresh.write_bytes(b"y")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    code, _, err = cli(*_generate(tiny_folder("sd1"), tmp_path / "new.png"))
+    assert code == 0, err
+    assert not stale.exists() and fresh.exists()
+
+
+# -- numbers checked before anything loads ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", str(2**64)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["-g", "nan"], "not a guidance scale"),
+    (["-g", "inf"], "not a guidance scale"),
+    (["-g", "1e308"], "not a guidance scale"),
+    (["--pag-scale", "nan", "--guidance", "pag"], "not a guidance scale"),
+    (["-W", "100000", "-H", "8"], "-W"),
+    (["-W", "16000", "-H", "16000"], "more than 64000000 pixels"),
+])
+def test_absurd_numbers_are_usage_errors_before_the_model_loads(cli, tmp_path, args, message):
+    # the model does not exist: an option error must come first
+    code, _, err = cli(*_generate(tmp_path / "no-such-model", tmp_path / "o.png", *args))
+    assert code == 2, err
+    assert message in err and "no-such-model" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_seeds_up_to_two_to_the_64_work(cli, tmp_path, tiny_folder):
+    code, out, err = cli(*_generate(tiny_folder("sd1"), tmp_path / "o.png", "--json"), "--seed", str(2**64 - 1))
+    assert code == 0, err
+    assert json.loads(out)["seed"] == 2**64 - 1
+
+
+# -- the last resort --------------------------------------------------------------------------------------
+
+
+def test_an_unexpected_error_is_one_line_with_a_log_not_a_traceback(tmp_path, tiny_folder):
+    """A bug (here: a record whose JSON header has an object where the engine's name belongs, a path
+    no check covers yet) prints one line that says it is a bug and where the traceback went."""
+    env = {"DIFFEDIT_LOG_DIR": str(tmp_path)}
+    code = ("import sys; from diffedit.cli import main; import diffedit.jobs as jobs\n"
+            "def broken(*a, **k): raise ZeroDivisionError('boom')\n"
+            "jobs.generate_images = broken\n"
+            "sys.exit(main.run(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, _generate(tiny_folder("sd1"), tmp_path / "o.png"))],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "ZeroDivisionError: boom" in lines[0] and "this is a bug" in lines[0]
+    logs = list(tmp_path.glob("diffedit-crash-*.log"))
+    assert len(logs) == 1 and "Traceback" in logs[0].read_text() and str(logs[0]) in lines[0]
+
+
+# -- batches ----------------------------------------------------------------------------------------------
+
+
+def _manifest(path: Path, jobs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    return path
+
+
+def test_a_job_cannot_write_the_batch_bookkeeping(cli, tmp_path, tiny_folder):
+    model = str(tiny_folder("sd1"))
+    manifest = _manifest(tmp_path / "jobs.jsonl", [
+        {"id": "evil", "command": "generate", "prompt": "a red circle", "model": model, "steps": 2,
+         "output": "results.jsonl"},
+        {"id": "fine", "command": "generate", "prompt": "a red circle", "model": model, "steps": 2}])
+    code, _, err = cli("batch", manifest, "--out-dir", tmp_path / "out", "-q")
+    assert code == 3
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["failed", "ok"] and "keeps for itself" in rows[0]["error"]
+    code, _, err = cli("batch", manifest, "--out-dir", tmp_path / "out", "--resume", "-q")
+    assert code == 3  # the bookkeeping still parses: the good job is not run again, the bad one fails again
+
+
+def test_two_jobs_with_one_output_both_fail_before_anything_runs(cli, tmp_path, tiny_folder):
+    model = str(tiny_folder("sd1"))
+    job = {"command": "generate", "prompt": "a red circle", "model": model, "steps": 2, "output": "same.png"}
+    manifest = _manifest(tmp_path / "jobs.jsonl", [{**job, "id": "a"}, {**job, "id": "b", "seed": 2}])
+    code, _, _ = cli("batch", manifest, "--out-dir", tmp_path / "out", "-q")
+    assert code == 3 and not (tmp_path / "out" / "same.png").exists()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert all(r["status"] == "failed" and "also written by job" in r["error"] for r in rows)
+
+
+def test_a_batch_does_not_replace_a_file_it_did_not_write(cli, tmp_path, tiny_folder):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.png").write_bytes(b"the user's own file")
+    manifest = _manifest(tmp_path / "jobs.jsonl", [{"id": "j", "command": "generate", "prompt": "a red circle",
+                                                     "model": str(tiny_folder("sd1")), "steps": 2,
+                                                     "output": "mine.png"}])
+    code, _, _ = cli("batch", manifest, "--out-dir", out, "-q")
+    assert code == 3 and (out / "mine.png").read_bytes() == b"the user's own file"
+    code, _, err = cli("batch", manifest, "--out-dir", out, "--resume", "--overwrite", "-q")
+    assert code == 0, err
+    assert (out / "mine.png").read_bytes() != b"the user's own file"
+
+
+def test_a_second_batch_on_the_same_out_dir_fails_at_once(tmp_path, tiny_folder):
+    model = str(tiny_folder("sd1"))
+    manifest = _manifest(tmp_path / "jobs.jsonl", [
+        {"id": f"j{i}", "command": "generate", "prompt": "a red circle", "model": model, "steps": 30, "seed": i}
+        for i in range(6)])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "from diffedit.cli.main import main; main()", "batch", str(manifest),
+           "--out-dir", str(out), "--resume", "-q"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (out / ".diffedit-batch.lock").exists() or not (out / ".diffedit-batch.lock").read_text():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        started = time.perf_counter()
+        second = run_subprocess(["batch", manifest, "--out-dir", out, "--resume", "-q"])
+        assert second.returncode == 1
+        assert f"another batch (PID {first.pid})" in second.stderr.decode()
+        assert time.perf_counter() - started < 60  # refused at once, not after the first's jobs
+    finally:
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [f"j{i}" for i in range(6)]
