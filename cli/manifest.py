@@ -398,18 +398,27 @@ def run_batch(jobs: list[Job], out_dir: Path, *, resume: bool, batch_size: int =
 @contextlib.contextmanager
 def out_dir_lock(out_dir: Path, rank: int):
     """An exclusive lock on the out dir for one batch process (per rank): a second process fails at
-    once, naming the holder's PID. The kernel releases it when the holder dies, so no stale lock."""
+    once, naming the holder's PID. The kernel drops the lock when its holder dies (a file left by a
+    killed batch locks nothing); a finished batch removes the file."""
     import fcntl
 
     path = out_dir / (LOCK if rank == 0 else f"{LOCK}.{rank}")
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise DiffeditError(f"{out_dir}: another batch (PID {holder}) is running on this out dir") from None
+        try:  # the file may have been removed by a finishing holder between our open and our lock
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         handle.close()
-        raise DiffeditError(f"{out_dir}: another batch (PID {holder}) is running on this out dir") from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -417,6 +426,7 @@ def out_dir_lock(out_dir: Path, rank: int):
     try:
         yield
     finally:
+        path.unlink(missing_ok=True)  # while still locked, so no one locks a file about to vanish
         handle.close()
 
 

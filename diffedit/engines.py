@@ -15,7 +15,7 @@ import torch
 
 from diffedit.denoiser import Denoiser
 from diffedit.editing.attention import Controller
-from diffedit.errors import UsageError
+from diffedit.errors import DiffeditError, UsageError
 from diffedit.families import Family
 from diffedit.sampling import Callback, Schedule
 
@@ -132,6 +132,31 @@ class Engine:
         filled in (so records and results carry the numbers used)."""
         params.check(steps)
         return params
+
+    def record_tensors(self, steps: int, params: Params, latent: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """The tensors `invert` returns for a latent of shape `latent`, with their shapes (a record is
+        checked against them before use)."""
+        return {}
+
+    def path_levels(self, steps: int, params: Params) -> int:
+        """How many levels the source's inversion path holds (`Run.trajectory_if_masked`)."""
+        return steps + 1
+
+    def check_record(self, tensors: dict[str, torch.Tensor], steps: int, params: Params, name: str) -> None:
+        """A record's tensors against what this engine wrote at these steps: one line naming the tensor."""
+        latent = tuple(tensors["latent"].shape)
+        expected = self.record_tensors(steps, params, latent)
+        if "trajectory" in tensors and "trajectory" not in expected:
+            expected["trajectory"] = (self.path_levels(steps, params), *latent[1:])
+        for key, shape in expected.items():
+            if key not in tensors:
+                raise DiffeditError(f"{name}: a {self.name} record holds tensor {key!r}, which is missing")
+            found = tuple(tensors[key].shape)
+            if found != shape:
+                raise DiffeditError(f"{name}: tensor {key!r} is {list(found)} but a {self.name} record of {steps} "
+                                    f"steps and latent {list(latent)} holds {list(shape)}")
+            if not tensors[key].is_floating_point() and shape:
+                raise DiffeditError(f"{name}: tensor {key!r} must hold floats, not {tensors[key].dtype}")
 
     def invert(self, run: Run, z0: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -20,7 +20,7 @@ from diffedit import __version__
 from diffedit.denoiser import branch_denoiser, prompt_denoiser_for
 from diffedit.editing.word_mask import mask_from_prompt
 from diffedit.engines import Run
-from diffedit.errors import UsageError
+from diffedit.errors import DiffeditError, UsageError
 from diffedit.families import Family
 from diffedit.guidance import GuidanceSpec
 from diffedit.guidance.fk import FKConfig, load_reward, steer
@@ -206,6 +206,7 @@ def reconstruct_record(model: Family, record: Record, *, reference: Image.Image 
     started = time.perf_counter()
     meta = record.meta
     plan = plan_of_record(model, meta)
+    check_record(model, record, plan)
     run = _run(model, plan, (meta["source_prompt"], meta["source_prompt"]), *meta["size"], callback)
     z_rec = plan.engine.edit(run, record.tensors)
     out = to_pil(model.decode(z_rec))
@@ -255,6 +256,7 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
     """
     started = time.perf_counter()
     _check_accelerators(plan, adaptive_guidance, deepcache, fk)
+    check_record(model, record, plan)
     meta = record.meta
     mask = mask if mask is not None else record_mask(record)
     if mask is not None:
@@ -284,6 +286,16 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
     if "attention" in run.extras:
         result.update(attention_maps=run.extras["attention"], attention_tokens=run.extras["tokens"])
     return out, result
+
+
+def check_record(model: Family, record: Record, plan: Plan) -> None:
+    """The record's tensors against its header, its engine and the model: one line naming what is off."""
+    latent = tuple(record.tensors["latent"].shape)
+    expected = model.latent_shape(1, *record.meta["size"])
+    if latent != tuple(expected):
+        raise DiffeditError(f"{record.name}: tensor 'latent' is {list(latent)} but an image of "
+                            f"{record.meta['size'][1]}x{record.meta['size'][0]} has latents {list(expected)} on this model")
+    plan.engine.check_record(record.tensors, plan.steps, plan.params, record.name)
 
 
 def _check_mask(mask: EditMask, record: Record, fk: FKConfig | None, paste_back: bool) -> None:

@@ -7,7 +7,9 @@ so `reconstruct` and `edit` can rebuild the exact job from the file alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from diffedit import __version__
 from diffedit.errors import DiffeditError
 from diffedit.files import atomic_output
 
-FORMAT = 1  # bump when a record written by this version cannot be read by older ones
+FORMAT = 2  # bump when a record written by this version cannot be read by older ones (2: checksummed)
 META_KEY = "diffedit"
 
 
@@ -27,6 +29,7 @@ META_KEY = "diffedit"
 class Record:
     tensors: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
+    name: str = "record"  # its file, for messages
 
     def check_model(self, model, path: str | Path) -> None:
         """Refuse to use the record with a model other than the one that made it."""
@@ -66,10 +69,23 @@ def model_meta(model) -> dict:
     return meta
 
 
+def checksum(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the header (without its checksum) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True,
+                                       default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_record(path: str | Path, record: Record, overwrite: bool = False) -> None:
     meta = {"format": FORMAT, "version": __version__, **record.meta}
     tensors = {k: v.detach().cpu().contiguous() for k, v in record.tensors.items()}  # dtypes kept
-    data = save(tensors, metadata={META_KEY: json.dumps(meta, default=str)})
+    meta = json.loads(json.dumps(meta, default=str))  # as it will be read back
+    meta["checksum"] = checksum(meta, tensors)
+    data = save(tensors, metadata={META_KEY: json.dumps(meta)})
     with atomic_output(path, overwrite) as tmp:
         tmp.write_bytes(data)  # into the file atomic_output made, so it keeps normal permissions
 
@@ -90,9 +106,58 @@ def load_record(path: str | Path) -> Record:
         meta = json.loads(header)
     except ValueError:
         raise DiffeditError(f"{path}: record metadata is not valid JSON") from None
-    if meta.get("format", 0) > FORMAT:
+    if not isinstance(meta, dict):
+        raise DiffeditError(f"{path}: record metadata is not a JSON object")
+    fmt = meta.get("format", 0)
+    if isinstance(fmt, int) and fmt > FORMAT:
         raise DiffeditError(
             f"{path}: record format {meta.get('format')} is newer than this diffedit "
             f"({__version__}, format {FORMAT}) reads; upgrade diffedit"
         )
-    return Record(tensors, meta)
+    if "checksum" not in meta and isinstance(fmt, int) and fmt >= 2:
+        raise DiffeditError(f"{path}: record has no checksum, which every record of format {fmt} carries")
+    if "checksum" in meta and meta["checksum"] != checksum(meta, tensors):
+        raise DiffeditError(f"{path}: record was changed after it was written (its checksum does not match its "
+                            "header and tensors)")
+    check_fields(meta, tensors, str(path))
+    return Record(tensors, meta, str(path))
+
+
+def check_fields(meta: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """The header's fields that every record has, and the clean latent; one line naming the field."""
+
+    def bad(name: str, wanted: str, value) -> DiffeditError:
+        return DiffeditError(f"{path}: record field {name!r} must be {wanted} (found {json.dumps(value, default=str)[:60]})")
+
+    model = meta.get("model")
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("source", "fingerprint")):
+        raise bad("model", "an object with its source and fingerprint", model)
+    engine = meta.get("engine")
+    if not isinstance(engine, dict) or not isinstance(engine.get("name"), str):
+        raise bad("engine", "an object with the engine's name", engine)
+    for key in ("source_prompt", "negative_prompt"):
+        if not isinstance(meta.get(key, ""), str):
+            raise bad(key, "a string", meta.get(key))
+    steps = meta.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+        raise bad("steps", "an integer from 1 to 1000", steps)
+    seed = meta.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise bad("seed", "an integer in [0, 2^64)", seed)
+    scale = meta.get("guidance_scale")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise bad("guidance_scale", "a finite number", scale)
+    size = meta.get("size")
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 8 <= s <= 16384 for s in size)):
+        raise bad("size", "[height, width] in pixels", size)
+    latent = tensors.get("latent")
+    if latent is None:
+        raise DiffeditError(f"{path}: record has no tensor 'latent' (the clean latent of the input)")
+    if latent.dim() != 4 or latent.shape[0] != 1 or not latent.is_floating_point():
+        raise DiffeditError(f"{path}: record tensor 'latent' must be one float latent [1, C, h, w], "
+                            f"not {latent.dtype} {list(latent.shape)}")
+    for name, shape in (("mask", size), ("pixels", [*size, 3])):
+        if name in tensors and (list(tensors[name].shape) != shape or tensors[name].dtype != torch.uint8):
+            raise DiffeditError(f"{path}: record tensor {name!r} must be uint8 {shape}, "
+                                f"not {tensors[name].dtype} {list(tensors[name].shape)}")

@@ -56,6 +56,19 @@ class BDIA(Engine):
     default_steps = 50
     default_guidance = (3.0, 3.0)  # the paper's editing code: CFG 3 both ways
 
+    def record_tensors(self, steps, params, latent):
+        return {"noise": latent, "noise_next": latent, "start": ()}
+
+    def check_record(self, tensors, steps, params, name):
+        super().check_record(tensors, steps, params, name)
+        start, expected = int(tensors["start"]), first_level(steps, float(params.strength))
+        if start != expected:
+            raise UsageError(f"{name}: the inversion started at level {start}, but {steps} steps at strength "
+                             f"{params.strength} start at {expected}; --strength is an inversion option: invert again")
+
+    def path_levels(self, steps, params):
+        return steps - first_level(steps, float(params.strength)) + 1
+
     @torch.inference_mode()
     def invert(self, run: Run, z0):
         sched, gamma, n = run.schedule, float(run.params.gamma), len(run.schedule)
@@ -79,10 +92,7 @@ class BDIA(Engine):
     @torch.inference_mode()
     def edit(self, run: Run, tensors):
         sched, gamma = run.schedule, float(run.params.gamma)
-        start = int(tensors["start"])
-        if start != first_level(len(sched), float(run.params.strength)):
-            raise UsageError(f"--strength {run.params.strength} differs from the inversion's; it is an "
-                             "inversion option: invert again")
+        start = int(tensors["start"])  # checked against the steps and strength with the record (`check_record`)
         device = run.model.device
         x_prev, x = tensors["noise"].to(device, torch.float64), tensors["noise_next"].to(device, torch.float64)
         background = run.background(tensors, self.name)  # levels start, ..., n

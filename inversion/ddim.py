@@ -14,6 +14,9 @@ class DDIM(Engine):
     exact = False
     accelerable = True
 
+    def record_tensors(self, steps, params, latent):
+        return {"noise": latent}
+
     def invert(self, run: Run, z0):
         trajectory = invert(run.source, z0, run.schedule, callback=run.callback)
         return {"noise": trajectory[-1], **run.trajectory_if_masked(trajectory)}

@@ -47,6 +47,9 @@ class DDIMP2P(Engine):
     default_steps = 50
     default_guidance = (1.0, 7.5)
 
+    def record_tensors(self, steps, params, latent):
+        return {"noise": latent}
+
     def invert(self, run: Run, z0):
         trajectory = invert(run.source, z0, run.schedule, callback=run.callback)
         return {"noise": trajectory[-1], **run.trajectory_if_masked(trajectory)}

@@ -44,6 +44,9 @@ class EditFriendlyDDPM(Engine):
     default_steps = 100
     default_guidance = (3.5, 15.0)  # source (inversion) and target CFG of the paper's code
 
+    def record_tensors(self, steps, params, latent):
+        return {"xs": (steps, *latent), "zs": (steps, *latent)}
+
     @torch.inference_mode()
     def invert(self, run: Run, z0):
         sched, eta = run.schedule, float(run.params.eta)
@@ -74,13 +77,15 @@ class EditFriendlyDDPM(Engine):
         a, s = sched.a, sched.s
         xs = tensors["xs"].to(run.model.device, torch.float64)
         zs = tensors["zs"].to(run.model.device, torch.float64)
-        levels = [*xs, tensors["latent"].to(xs)]  # the source at every level, the clean latent last
+        # an edit mask keeps the source at every level, the clean latent last
+        levels = [*xs, tensors["latent"].to(xs)] if run.region is not None else None
         x = xs[skip]
         for i in range(skip, len(sched)):
             x0, eps = run.target(x, sched, i)
             c = _noise_scale(run, i, eta)
             x = step(x0, eps, a[i + 1], s[i + 1], c, zs[i]) if c > 0 else step(x0, eps, a[i + 1], s[i + 1]) + zs[i]
-            x = run.keep(x, levels[i + 1])
+            if levels is not None:
+                x = run.keep(x, levels[i + 1])
             if run.callback:
                 run.callback(i, x, x0)
         return x.float()

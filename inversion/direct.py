@@ -27,6 +27,9 @@ class DirectInversion(Engine):
     default_steps = 50
     default_guidance = (1.0, 7.5)
 
+    def record_tensors(self, steps, params, latent):
+        return {"trajectory": (steps + 1, *latent[1:])}
+
     def invert(self, run: Run, z0):
         return {"trajectory": torch.cat(invert(run.source, z0, run.schedule, callback=run.callback)[::-1])}
 

@@ -47,6 +47,9 @@ class RFInversion(Engine):
     default_steps = 28
     default_guidance = (0.0, 3.5)  # unconditional field for inversion, target guidance for the edit
 
+    def record_tensors(self, steps, params, latent):
+        return {"noise": latent}
+
     @torch.inference_mode()
     def invert(self, run: Run, z0):
         sched, gamma = run.schedule, float(run.params.gamma)

@@ -58,9 +58,11 @@ def test_bdia_strength_is_an_inversion_option(tiny):
     _, model = tiny("sd1")
     error, tensors, run = round_trip(model, "bdia", 20, params={"strength": 1.0})
     assert error <= 1e-4 and int(tensors["start"]) == 0 and run.nfe == 2 * 20 - 1  # from pure noise
-    run.params = replace(run.params, strength=0.5)
-    with pytest.raises(UsageError, match="--strength 0.5 differs from the inversion's"):
-        BDIA().edit(run, tensors)
+    recorded = {**tensors, "latent": tensors["noise"].float()}
+    BDIA().check_record(recorded, 20, run.params, "rec")
+    with pytest.raises(UsageError, match="rec: the inversion started at level 0, but 20 steps at strength 0.5 start "
+                                         "at 10; --strength is an inversion option"):
+        BDIA().check_record(recorded, 20, replace(run.params, strength=0.5), "rec")
 
 
 def test_ddpm_ef_skip_starts_late_and_stays_exact(tiny):

@@ -95,7 +95,9 @@ def test_record_round_trip_and_newer_format(tmp_path):
     import torch
 
     path = tmp_path / "r.safetensors"
-    save_record(path, Record({"noise": torch.ones(1, 4, 2, 2)}, {"steps": 3}))
+    meta = {"model": {"source": "m", "fingerprint": "f"}, "engine": {"name": "ddim"}, "source_prompt": "",
+            "steps": 3, "seed": 0, "guidance_scale": 1.0, "size": [16, 16]}
+    save_record(path, Record({"noise": torch.ones(1, 4, 2, 2), "latent": torch.zeros(1, 4, 2, 2)}, meta))
     rec = load_record(path)
     assert rec.meta["steps"] == 3 and rec.meta["format"] == FORMAT
     assert torch.equal(rec.tensors["noise"], torch.ones(1, 4, 2, 2))
