@@ -99,6 +99,8 @@ def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
 
 def _open_source(source: str | Path) -> tuple[str, io.BytesIO | Path]:
     if str(source) == "-":
+        if sys.stdin.isatty():  # nothing is piped in: reading would wait for the user forever
+            raise DiffeditError("<stdin>: no image piped in (standard input is a terminal)")
         data = sys.stdin.buffer.read()
         if not data:
             raise DiffeditError("<stdin>: no data on standard input")

@@ -168,3 +168,27 @@ def test_a_second_batch_on_the_same_out_dir_fails_at_once(tmp_path, tiny_folder)
     assert first.returncode == 0, err
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == [f"j{i}" for i in range(6)]
+
+
+# -- conventions --------------------------------------------------------------------------------------------
+
+
+def test_version_and_short_help(cli):
+    from diffedit import __version__
+
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip() == f"diffedit {__version__}"
+    code, out, _ = cli("edit", "-h")
+    assert code == 0 and "Usage" in out and "--mask" in out
+
+
+def test_reading_stdin_from_a_terminal_fails_at_once(tmp_path):
+    """`invert -` with nothing piped in would wait forever for the user to type an image."""
+    main, terminal = os.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-c", "from diffedit.cli.main import main; main()", "invert", "-",
+                               "-o", str(tmp_path / "r.safetensors")], stdin=terminal, capture_output=True,
+                              timeout=120)
+    finally:
+        os.close(main), os.close(terminal)
+    assert done.returncode == 1 and b"standard input is a terminal" in done.stderr
