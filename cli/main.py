@@ -58,6 +58,9 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         return 130
+    except OSError as err:  # the system's own failures (a full disk, a permission): not a bug
+        typer.echo(f"error: {_one_line(err)}", err=True)
+        return 1
     except Exception as err:  # noqa: BLE001 - the last resort: a user never sees a traceback
         typer.echo(f"error: {_one_line(err)} (this is a bug in diffedit; the traceback is in {_crash_log()})",
                    err=True)

@@ -167,10 +167,10 @@ def _command_line(job: Job, command, base: Path, out_dir: Path, name: str) -> tu
         else:
             for item in value if isinstance(value, list) else [value]:
                 options += [p.opts[0], str(item)]
-    argv = [job.command, *positional, *options, "--json", "--quiet"]
+    argv = [job.command, *options, "--json", "--quiet"]
     if "overwrite" in params:  # files are checked against the batch's ledger before the job runs
         argv.append("--overwrite")
-    return argv, outputs
+    return [*argv, "--", *positional], outputs  # after "--": a prompt like "-a cat" is not an option
 
 
 def ledger(out_dir: Path) -> set[str]:

@@ -67,8 +67,14 @@ class Denoiser:
         self.calls += 1
         self.forwards[len(cond)] = self.forwards.get(len(cond), 0) + 1
         if not torch.isfinite(out).all():  # stop here, naming the step, rather than write a black image
+            if not torch.isfinite(x_in).all():
+                cause = "its input was already NaN/Inf (a corrupt record or latent?)"
+            elif self.dtype in (torch.float16, torch.bfloat16):
+                cause = "half-precision overflow? try --dtype fp32"
+            else:
+                cause = "in full precision: the model's weights may hold NaN/Inf"
             raise DiffeditError(f"step {i + 1} of {len(schedule)}: the network returned NaN/Inf in {self.dtype} "
-                                "(half-precision overflow? try --dtype fp32 or bf16)")
+                                f"({cause})")
         x0, eps = self.model.to_x0_eps(out.float(), x_in, schedule.a[level], schedule.s[level])
         preds = dict(zip(branches, zip(x0.chunk(n), eps.chunk(n))))
         combine = self.guidance.combine_inverse if inverse else self.guidance.combine

@@ -177,7 +177,9 @@ class Family:
 
 def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
     if not torch.isfinite(t).all():  # fp16 VAEs without force_upcast overflow on some images
-        raise DiffeditError(f"the VAE overflowed {what} in {dtype} (NaN/Inf); use --dtype fp32 or bf16")
+        if dtype in (torch.float16, torch.bfloat16):
+            raise DiffeditError(f"the VAE overflowed {what} in {dtype} (NaN/Inf); use --dtype fp32")
+        raise DiffeditError(f"the VAE gave NaN/Inf {what} in {dtype}: its input or its weights hold NaN/Inf")
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

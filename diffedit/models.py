@@ -203,13 +203,10 @@ def load_model(
     path = Path(spec).expanduser()
     dev = pick_device(device)
     if path.is_file():
-        if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
-            raise DiffeditError(
-                f"{path}: pickled checkpoints can run arbitrary code; pass --allow-pickle if you trust it"
-            )
-        family = family_of_single_file(path) if path.suffix == ".safetensors" else None
-        if family is None:
-            raise DiffeditError(f"{path}: single-file checkpoints must be .safetensors")
+        if path.suffix != ".safetensors":  # pickled single files (.ckpt, .bin, .pt) are not read at all
+            raise DiffeditError(f"{path}: single-file checkpoints must be .safetensors (pickled checkpoints can run "
+                                "code; convert it to safetensors where you trust it)")
+        family = family_of_single_file(path)
         files = [path]
         pipe = _load_single_file(path, family, pick_dtype(dtype, dev, family), config)
     elif path.is_dir():
@@ -267,6 +264,12 @@ def _load_folder(folder: Path, family: str, dtype: torch.dtype, allow_pickle: bo
     # Components saved as absent ([null, null], e.g. an SD3 without its T5) must be passed as None.
     index = _read_json(folder / "model_index.json")
     kwargs.update({k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]})
+    wanted = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v != [None, None]
+              and k not in kwargs]
+    missing = [k for k in wanted if not (folder / k).is_dir()]
+    if missing:  # diffusers would build some of them from defaults (a tokenizer without vocabulary)
+        raise DiffeditError(f"{folder}: model_index.json lists {', '.join(missing)}, but the folder has no "
+                            f"{missing[0]}/ subfolder")
     try:
         return cls.from_pretrained(folder, dtype=dtype, use_safetensors=not allow_pickle, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:

@@ -196,10 +196,14 @@ def test_missing_model(cli, tmp_path):
 
 
 def test_pickled_checkpoint_refused(cli, tmp_path):
+    """A pickled single file is never read, --allow-pickle or not (that option is for model folders), so
+    the message does not suggest it."""
     scene(tmp_path / "in.png")
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04not really a pickle")
-    code, _, err = cli("invert", tmp_path / "in.png", "-m", tmp_path / "model.ckpt", "-q")
-    assert code == 1 and "model.ckpt" in err and "--allow-pickle" in err and err.count("\n") == 1
+    for extra in ([], ["--allow-pickle"]):
+        code, _, err = cli("invert", tmp_path / "in.png", "-m", tmp_path / "model.ckpt", "-q", *extra)
+        assert code == 1 and "model.ckpt" in err and "must be .safetensors" in err and err.count("\n") == 1
+        assert "--allow-pickle" not in err
     assert not (tmp_path / "in.inv.safetensors").exists()
 
 

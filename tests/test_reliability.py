@@ -192,3 +192,40 @@ def test_reading_stdin_from_a_terminal_fails_at_once(tmp_path):
     finally:
         os.close(main), os.close(terminal)
     assert done.returncode == 1 and b"standard input is a terminal" in done.stderr
+
+
+# -- small lies ---------------------------------------------------------------------------------------------
+
+
+def test_a_model_folder_missing_a_component_is_named(cli, tmp_path, tiny_folder):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_folder("sd1"), broken)
+    shutil.rmtree(broken / "tokenizer")
+    code, _, err = cli(*_generate(broken, tmp_path / "o.png"))
+    assert code == 1 and "lists tokenizer, but the folder has no tokenizer/" in err and "bug" not in err
+
+
+def test_nan_weights_in_full_precision_are_not_blamed_on_half_precision(cli, tmp_path):
+    import torch
+
+    from lab.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd1")
+    with torch.no_grad():
+        pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    pipe.save_pretrained(tmp_path / "nan-model", safe_serialization=True)
+    code, _, err = cli(*_generate(tmp_path / "nan-model", tmp_path / "o.png", "--dtype", "fp32"))
+    assert code == 1 and "weights may hold NaN/Inf" in err and "half" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_batch_prompt_may_begin_with_a_dash(cli, tmp_path, tiny_folder):
+    manifest = _manifest(tmp_path / "jobs.jsonl", [{"id": "dash", "command": "generate", "prompt": "-a red circle",
+                                                    "model": str(tiny_folder("sd1")), "steps": 2}])
+    code, _, err = cli("batch", manifest, "--out-dir", tmp_path / "out", "-q")
+    assert code == 0, err
+    from PIL import Image
+
+    assert json.loads(Image.open(tmp_path / "out" / "dash.png").info["diffedit"])["prompt"] == "-a red circle"
