@@ -261,6 +261,17 @@ def progress(total: int, label: str, quiet: bool):
         yield lambda i, x, x0: bar.advance(task)
 
 
+def warn_prompts(model, prompts: list[str], quiet: bool) -> None:
+    """Warn (on stderr, unless quiet) about words the model's tokenizer cannot read as written."""
+    from diffedit.tokenizers import prompt_warnings
+
+    if quiet:
+        return
+    for prompt in dict.fromkeys(p for p in prompts if p):
+        for line in prompt_warnings(getattr(model.pipe, "tokenizer", None), prompt):
+            stderr.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
 def emit(result: dict, as_json: bool, to_stderr: bool = False) -> None:
     """Print a result: JSON for scripts, one readable line otherwise (stderr when stdout holds data)."""
     if as_json:

@@ -47,6 +47,7 @@ from diffedit.cli.common import (
     fk_config,
     guidance_spec,
     progress,
+    warn_prompts,
     with_mask_options,
     with_model_options,
 )
@@ -121,6 +122,7 @@ def edit(
     if from_record is not None:
         rec = load_record(from_record)
         m = models.load(rec)
+        warn_prompts(m, [target], quiet)
         rec.check_model(m, from_record)
         plan = plan_of_record(m, rec.meta, edit=True, guidance_scale=guidance_scale, params=params)
         edit_mask = mask_for_record(m, rec, mask) if mask is not None else record_mask(rec)
@@ -131,6 +133,7 @@ def edit(
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
         m = models.load()
+        warn_prompts(m, [source, target, negative_prompt], quiet)
         plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec, guidance_scale=guidance_scale,
                         inversion_guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed)
         with progress(2 * plan.steps, f"edit ({engine})", quiet) as callback:

@@ -30,6 +30,7 @@ from diffedit.cli.common import (
     fk_config,
     guidance_spec,
     progress,
+    warn_prompts,
     with_model_options,
 )
 from diffedit.cli.main import app
@@ -92,6 +93,7 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     if first["compile"] and first["adapter"]:
         raise UsageError("--compile cannot be combined with --adapter: SPM adapters hook into the network's layers")
     m = ModelChoice.of(first).load(compile=first["compile"])
+    warn_prompts(m, [job["prompt"] for job in jobs] + [first["negative_prompt"]], first["quiet"])
     steps = first["steps"] or 50
     common = dict(steps=steps, guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
                   width=first["width"], height=first["height"], guidance=spec, eta=first["eta"],

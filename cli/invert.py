@@ -36,6 +36,7 @@ from diffedit.cli.common import (
     finite_scale,
     guidance_spec,
     progress,
+    warn_prompts,
     with_mask_options,
     with_model_options,
 )
@@ -87,6 +88,7 @@ def invert(
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
                            n_avg=n_avg)
     m = models.load()
+    warn_prompts(m, [prompt, negative_prompt], quiet)
     plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec,
                     inversion_guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed)
     with progress(plan.steps * (2 if check else 1), f"invert ({engine})", quiet) as callback:

@@ -22,6 +22,7 @@ from diffedit.cli.common import (
     finite_scale,
     guidance_spec,
     progress,
+    warn_prompts,
     with_model_options,
 )
 from diffedit.cli.main import app
@@ -73,6 +74,7 @@ def move(
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     where = MoveSpec(dx or 0.0, dy or 0.0, scale, keep_source, None if to is None else _point(to))
     m = models.load()
+    warn_prompts(m, [prompt], quiet)
     with progress(steps, "move (pixelman)", quiet) as callback:
         out, result = move_image(
             m, image, mask, where,

@@ -61,3 +61,26 @@ def t5_word_tokenizer(words: list[str], model_max_length: int = 77) -> T5Tokeniz
     pieces += [("\u2581" + w.lower(), -1.0) for w in sorted(set(words))]
     pieces += [(c, -10.0) for c in LETTERS] + [("\u2581", -5.0)]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+CLOSED_VOCABULARY = 5000  # tokens: fewer means a word list's tokenizer (toy and tiny models), not CLIP's 49408
+
+
+def prompt_warnings(tokenizer, prompt: str) -> list[str]:
+    """What the text encoder will not read as written: words outside a closed word vocabulary (such a
+    tokenizer spells an unknown word letter by letter, which the model never saw), and tokens past the
+    encoder's length (CLIP drops them)."""
+    warnings = []
+    if tokenizer is None or not prompt:
+        return warnings
+    if len(tokenizer) < CLOSED_VOCABULARY:
+        unknown = [w for w in dict.fromkeys(prompt.lower().replace(",", " ").split())
+                   if len(tokenizer.tokenize(w)) > 1]
+        if unknown:
+            warnings.append(f"prompt {prompt!r}: this model knows no {', '.join(repr(w) for w in unknown)} "
+                            "(its vocabulary is closed); expect formless output")
+    length = len(tokenizer(prompt).input_ids)
+    if length > tokenizer.model_max_length:
+        warnings.append(f"prompt {prompt[:40]!r}...: {length} tokens; the text encoder reads the first "
+                        f"{tokenizer.model_max_length}, the rest is ignored")
+    return warnings

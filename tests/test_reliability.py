@@ -229,3 +229,16 @@ def test_a_batch_prompt_may_begin_with_a_dash(cli, tmp_path, tiny_folder):
     from PIL import Image
 
     assert json.loads(Image.open(tmp_path / "out" / "dash.png").info["diffedit"])["prompt"] == "-a red circle"
+
+
+def test_unknown_words_and_overlong_prompts_are_warned_about(cli, tmp_path):
+    """On the toy model (a closed word vocabulary): a word it never saw, and a prompt past its 32 tokens."""
+    out = tmp_path / "o.png"
+    code, _, err = cli("generate", "a red zebra on a white background", "-n", "2", "-o", out)
+    assert code == 0 and "knows no 'zebra'" in err
+    code, _, err = cli("generate", "a red circle " * 20, "-n", "2", "-o", out, "--overwrite")
+    assert code == 0 and "the text encoder reads the first 32" in err
+    code, _, err = cli("generate", "a red zebra", "-n", "2", "-o", out, "--overwrite", "-q")
+    assert code == 0 and "zebra" not in err  # -q: errors only
+    code, _, err = cli("generate", "a red circle on a white background", "-n", "2", "-o", out, "--overwrite")
+    assert code == 0 and "warning" not in err
