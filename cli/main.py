@@ -48,10 +48,24 @@ def commands() -> dict:
 def run(argv: list[str] | None = None) -> int:
     """Run the app on `argv` and return the exit code (errors as one line on stderr)."""
     _register()
+    args = sys.argv[1:] if argv is None else argv
     try:
-        app(args=argv)  # standalone: usage errors print themselves and exit with code 2
+        # not standalone: Click's errors come here, to be printed as one line like ours
+        done = typer.main.get_command(app).main(args=args, prog_name="diffedit", standalone_mode=False)
+        return done if isinstance(done, int) else 0
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except typer.TyperException as err:  # Click's usage errors: which option, what is wrong, where help is
+        if not err.format_message().strip():  # `diffedit` alone: the help is the answer
+            err.show()
+            return getattr(err, "exit_code", 2)
+        command = next((a for a in args if not a.startswith("-")), "")
+        hint = f" (see diffedit {command} -h)" if command in commands() else " (see diffedit -h)"
+        typer.echo(f"error: {' '.join(err.format_message().split())}{hint}", err=True)
+        return getattr(err, "exit_code", 2)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        return 130
     except DiffeditError as err:
         typer.echo(f"error: {err}", err=True)
         return err.exit_code

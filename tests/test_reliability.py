@@ -242,3 +242,16 @@ def test_unknown_words_and_overlong_prompts_are_warned_about(cli, tmp_path):
     assert code == 0 and "zebra" not in err  # -q: errors only
     code, _, err = cli("generate", "a red circle on a white background", "-n", "2", "-o", out, "--overwrite")
     assert code == 0 and "warning" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "-n", "0", "-o", "o.png"], "'--steps' / '-n'"),
+    (["generate"], "Missing argument 'prompt'"),
+    (["gen"], "No such command 'gen'"),
+    (["edit", "in.png", "--no-such-option"], "No such option"),
+])
+def test_usage_errors_are_one_line_too(cli, args, message):
+    code, out, err = cli(*args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and lines[0].startswith("error: ")
+    assert "-h)" in lines[0]  # where to read on
