@@ -174,3 +174,27 @@ def test_the_reported_step_counts_are_refused(cli, records, tmp_path, steps):
         return
     assert code == 1 and "record field 'steps' must be an integer from 1 to 1000" in err
     assert not (tmp_path / "out.png").exists()
+
+
+OPTION_VALUES = st.one_of(st.integers(min_value=-3, max_value=2**65), st.floats(allow_nan=True, allow_infinity=True),
+                          st.sampled_from(["", "-", "nan", "x", "cfgpp", "pag", "ddim", "1e308", "-1"]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(options=st.dictionaries(st.sampled_from(["--seed", "-n", "-g", "--eta", "--guidance", "--pag-scale",
+                                                "--negative-prompt", "--dtype", "--engine"]),  # sizes: tested above
+                               OPTION_VALUES, max_size=3))
+def test_any_option_set_is_run_or_refused_in_one_line(cli, tiny_folder, tmp_path, options):
+    """`generate` with hostile option values: exit 0 with an image, or 1/2 with one line and nothing written."""
+    out = tmp_path / "o.png"
+    out.unlink(missing_ok=True)
+    args = [a for key, value in options.items() for a in (key, str(value))]
+    if "-n" not in options:
+        args += ["-n", "2"]
+    code, _, err = cli("generate", "a red circle", "-m", tiny_folder("sd1"), "-o", out, "-q", *args)
+    assert "Traceback" not in err and "this is a bug" not in err
+    if code == 0:
+        assert out.exists()
+    else:
+        assert code in (1, 2) and not out.exists()
+        assert err.strip().splitlines()[-1].startswith("error: ")
