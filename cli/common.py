@@ -275,6 +275,9 @@ def warn_prompts(model, prompts: list[str], quiet: bool) -> None:
 def emit(result: dict, as_json: bool, to_stderr: bool = False) -> None:
     """Print a result: JSON for scripts, one readable line otherwise (stderr when stdout holds data)."""
     if as_json:
+        identical = [k for k, v in result.items() if isinstance(v, float) and math.isinf(v) and v > 0]
+        if identical:  # JSON has no infinity: say what its null means
+            result = {**result, "identical": identical}
         text = json.dumps({k: _jsonable(v) for k, v in result.items()})
     else:
         text = "  ".join(f"{k}={_fmt(v)}" for k, v in result.items())

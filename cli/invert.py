@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -94,6 +95,8 @@ def invert(
     with progress(plan.steps * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(m, image, plan, prompt=prompt, image=ImageInput(fit=fit, alpha=alpha),
                                       mask=mask, check=check, callback=callback)
+    if image != "-":  # relative to the record, so record and image can move together
+        record.meta["image"] = os.path.relpath(Path(image).resolve(), Path(output).resolve().parent)
     save_record(output, record, overwrite)
     if masking.show_mask is not None:
         save_image(show_mask(m, record, record_mask(record)), masking.show_mask, overwrite=overwrite)
@@ -105,16 +108,19 @@ def invert(
 def reconstruct(
     record: Annotated[Path, typer.Argument(help="Record made by `diffedit invert`.")],
     output: Annotated[str | None, typer.Option("--output", "-o", help="Image file or - for stdout (default: RECORD.rec.png).")] = None,
+    against: Annotated[str | None, typer.Option("--against", help="The inverted image, to report the error against (default: the one the record names, if it is still there and unchanged).")] = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
     *, models: ModelChoice,
 ):
-    """Regenerate the image of a record and report its error against the inverted input.
+    """Regenerate the image of a record and report its error: `psnr` against the inverted image,
+    `vae_psnr` the VAE's own round trip of it, `psnr_vs_vae` against the decoded record latent.
 
     Example: diffedit reconstruct photo.inv.safetensors -o back.png
     """
     from diffedit.files import check_writable
     from diffedit.images import save_image
-    from diffedit.jobs import image_params, reconstruct_record
+    from diffedit.errors import DiffeditError
+    from diffedit.jobs import image_params, reconstruct_record, record_input
     from diffedit.records import load_record
 
     rec = load_record(record)
@@ -123,8 +129,20 @@ def reconstruct(
         check_writable(output, overwrite)
     m = models.load(rec)
     rec.check_model(m, record)
+    reference, note = None, "the record names no input image file (it came from stdin)"
+    if against is not None:
+        reference = record_input(m, rec, against)
+    elif isinstance(rec.meta.get("image"), str) and rec.meta["image"] not in ("-", "<memory>"):
+        named = record.resolve().parent / rec.meta["image"]
+        note = f"{named} is not there"
+        try:
+            reference = record_input(m, rec, str(named)) if named.is_file() else None
+        except DiffeditError:
+            note = f"{named} changed since the inversion"
     with progress(rec.meta["steps"], "reconstruct", quiet) as callback:
-        image, result = reconstruct_record(m, rec, callback=callback)
+        image, result = reconstruct_record(m, rec, reference=reference, callback=callback)
+    if "psnr" not in result:
+        result["note"] = f"{note}: no psnr against the input (--against IMAGE gives it)"
     params = image_params("reconstruct", m, record=str(record), engine=rec.meta["engine"],
                           prompt=rec.meta["source_prompt"], steps=rec.meta["steps"])
     save_image(image, output, params=params, overwrite=overwrite)

@@ -185,6 +185,8 @@ def invert_image(
         "seed": plan.seed,
         "size": [height, width],
         "image": source if isinstance(source, str) else "<memory>",
+        # what `reconstruct` compares with: the input as the network saw it (after --fit), by content
+        "input": {"sha256": pixels_digest(img), "fit": image.fit, "alpha": image.alpha},
     }
     if mask is not None:
         meta["mask"] = {"source": mask.name(), **asdict(mask.options), "edited_fraction": edit_mask.edited_fraction}
@@ -200,9 +202,32 @@ def invert_image(
     return Record(tensors, meta), result
 
 
+def pixels_digest(img: Image.Image) -> str:
+    """SHA-256 of an image's RGB pixels and size: the same picture gives the same digest in any file format."""
+    import hashlib
+
+    rgb = img.convert("RGB")
+    return hashlib.sha256(f"{rgb.width}x{rgb.height}|".encode() + rgb.tobytes()).hexdigest()
+
+
+def record_input(model: Family, record: Record, source: str | Image.Image) -> Image.Image:
+    """The record's input image read from `source` as the inversion read it (same --fit); a
+    DiffeditError when it is not the image that was inverted (its pixels differ)."""
+    how = record.meta.get("input") or {}
+    img = read_image(model, source, ImageInput(fit=how.get("fit", "resize"), alpha=how.get("alpha", "composite")))
+    if how.get("sha256") not in (None, pixels_digest(img)):
+        name = source if isinstance(source, str) else "the image"
+        raise DiffeditError(f"{name}: not the image {record.name} was inverted from (its pixels differ)")
+    return img
+
+
 def reconstruct_record(model: Family, record: Record, *, reference: Image.Image | None = None,
                        callback: Callback | None = None) -> tuple[Image.Image, dict]:
-    """Regenerate the record's image with its own prompt and guidance; report the error."""
+    """Regenerate the record's image with its own prompt and guidance; report the error.
+
+    `psnr` compares with the input image (`reference`, as `record_input` reads it; else the pixels a
+    masked record keeps), `vae_psnr` is the VAE's own round trip of it (the ceiling), `psnr_vs_vae`
+    compares with the decoded input latent (all a record alone can tell)."""
     started = time.perf_counter()
     meta = record.meta
     plan = plan_of_record(model, meta)
@@ -211,12 +236,14 @@ def reconstruct_record(model: Family, record: Record, *, reference: Image.Image 
     z_rec = plan.engine.edit(run, record.tensors)
     out = to_pil(model.decode(z_rec))
     z0 = record.tensors["latent"].to(z_rec.device)
-    result = {
-        "engine": plan.engine.name, "steps": plan.steps, "nfe": run.nfe,
-        "latent_max_abs": float((z_rec - z0).abs().max()),
-        # without the original at hand, compare with the decoded input latent
-        "psnr": psnr(out, reference if reference is not None else to_pil(model.decode(z0))),
-    }
+    decoded = to_pil(model.decode(z0))
+    if reference is None and "pixels" in record.tensors:
+        reference = Image.fromarray(record.tensors["pixels"].numpy())
+    result = {"engine": plan.engine.name, "steps": plan.steps, "nfe": run.nfe,
+              "latent_max_abs": float((z_rec - z0).abs().max())}
+    if reference is not None:
+        result.update(psnr=psnr(out, reference), vae_psnr=psnr(decoded, reference))
+    result["psnr_vs_vae"] = psnr(out, decoded)
     result["seconds"] = time.perf_counter() - started
     return out, result
 

@@ -40,8 +40,19 @@ def test_invert_reconstruct_round_trip(cli, tmp_path, sd1):
     code, out, err = cli("reconstruct", record, "-o", tmp_path / "back.png", "--json", "-q")
     assert code == 0, err
     rec = json.loads(out)
-    # reconstruct repeats the round trip invert measured
+    # reconstruct repeats the round trip invert measured, against the same input image (found by the record)
     assert rec["latent_max_abs"] == pytest.approx(result["latent_max_abs"], rel=1e-5)
+    assert rec["psnr"] == pytest.approx(result["psnr"]) and rec["vae_psnr"] == pytest.approx(result["vae_psnr"])
+    assert rec["psnr_vs_vae"] > rec["psnr"]  # the regeneration is nearer the VAE's picture than the photo
+    image.rename(tmp_path / "moved.png")  # without the image: no psnr, and a note that says why
+    code, out, err = cli("reconstruct", record, "-o", tmp_path / "b2.png", "--json", "-q")
+    assert code == 0 and "psnr" not in json.loads(out) and "is not there" in json.loads(out)["note"]
+    code, out, err = cli("reconstruct", record, "-o", tmp_path / "b3.png", "--json", "-q", "--against",
+                         tmp_path / "moved.png")
+    assert code == 0 and json.loads(out)["psnr"] == pytest.approx(result["psnr"])
+    Image.new("RGB", (40, 32), (0, 200, 0)).save(tmp_path / "other.png")
+    code, _, err = cli("reconstruct", record, "-o", tmp_path / "b4.png", "-q", "--against", tmp_path / "other.png")
+    assert code == 1 and "not the image" in err
     back = load_image(tmp_path / "back.png")
     assert back.size == (40, 32)
     params = read_params(tmp_path / "back.png")
@@ -96,7 +107,8 @@ def test_pipes_stdin_and_stdout(tmp_path, sd1):
     done = run_subprocess(["reconstruct", record, "-o", "-", "-q"])
     assert done.returncode == 0, done.stderr.decode()
     assert Image.open(io.BytesIO(done.stdout)).size == (40, 32)
-    assert b"psnr=" in done.stderr  # results go to stderr when stdout carries the image
+    assert b"psnr_vs_vae=" in done.stderr  # results go to stderr when stdout carries the image
+    assert b"no psnr against the input" in done.stderr  # the input came from stdin: nothing to compare with
 
 
 def test_usage_error_exit_code_2(tmp_path):
