@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from diffedit.denoiser import prompt_denoiser_for
 from diffedit.editing.attention import Controller
 from diffedit.editing.p2p import find_word, grid_maps, word_tokens
+from diffedit.errors import UsageError
 
 
 def unit_range(m: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,9 @@ def mask_from_prompt(model, pixels: torch.Tensor, prompt: str, word: str, seed: 
     - snapped to the image's edges: GrabCut (OpenCV), started from that mask as probable
       foreground and the rest as probable background.
     """
+    if not hasattr(model.pipe, "unet"):
+        raise UsageError(f"masks from words read UNet cross-attention (sd1, sd2, sdxl), not {model.name}: "
+                         "give a --mask file")
     tokenizer = model.pipe.tokenizer
     positions = find_word(tokenizer, word_tokens(tokenizer, prompt), word, "--prompt")
     height, width = pixels.shape[-2:]

@@ -282,3 +282,10 @@ def test_masks_from_words_find_the_object_on_the_toy_model():
                                  f"{obj.colour} {obj.shape}").numpy()
         ious.append((found & truth).sum() / (found | truth).sum())
     assert np.mean(ious) >= 0.6
+
+
+def test_masks_from_words_on_a_flow_model_are_refused_in_one_line(cli, files, tiny_folder):
+    code, _, err = cli("edit", files / "in.png", "-s", "a red circle", "-t", "a blue square", "-m",
+                       tiny_folder("sd3"), "-e", "flowedit", "-n", "3", "--mask-from-prompt", "circle", "-o",
+                       files / "out.png", "-q")
+    assert code == 2 and "give a --mask file" in err and not (files / "out.png").exists()
