@@ -146,6 +146,17 @@ def engines(
     _report(rows + comparison, bench.markdown(rows, comparison), save, json)
 
 
+@bench_app.command("docs")
+def docs():
+    """Write docs/benchmarks.md from the tables in benchmarks/results (run from the repository root).
+
+    Example: diffedit bench docs
+    """
+    from lab.benchmarks import docs as generator
+
+    typer.echo(str(generator.write()))
+
+
 @bench_app.command("masks")
 def masks(
     repeats: RepeatsOpt = 5,

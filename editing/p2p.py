@@ -155,7 +155,11 @@ class LocalBlend:
 
     def take_mask(self) -> torch.Tensor | None:
         """[1, 1, h, w] union over items of their words' normalised, dilated, thresholded maps, from
-        the maps recorded during this step (which are then cleared); None if none were recorded."""
+        the maps recorded during this step (which are then cleared); None if none were recorded.
+
+        Normalised from the map's floor to its peak, not by its peak alone: every position gives a
+        word some attention, and on a map whose floor is most of its peak (the toy model's, and SD's
+        at high noise) dividing by the peak put the whole grid above the threshold."""
         maps, self.sum = self.sum, None
         if maps is None:
             return None
@@ -165,7 +169,7 @@ class LocalBlend:
                 continue
             m = maps[item, pos].sum(0, keepdim=True)[None]
             m = F.max_pool2d(m, 3, stride=1, padding=1)
-            masks.append(m / m.max().clamp_min(1e-8) > self.threshold)
+            masks.append((m - m.min()) / (m.max() - m.min()).clamp_min(1e-8) > self.threshold)
         return torch.stack(masks).any(0).float()
 
     def apply(self, x: torch.Tensor, active: bool = True) -> torch.Tensor:

@@ -81,6 +81,17 @@ def test_edits_change_the_target_and_leave_the_model_clean(tiny, square):
     assert torch.equal(again, reference)  # bit-identical after every engine
 
 
+def test_local_blend_ignores_the_attention_floor():
+    """A word that gets some attention everywhere (a floor of 0.5) and more at one spot (0.6): the mask
+    is the spot, not the whole grid as normalising by the peak alone made it."""
+    blend = LocalBlend([[1]], (6, 6), threshold=0.3)
+    maps = torch.full((1, 3, 6, 6), 0.5)
+    maps[0, 1, 2, 2] = 0.6
+    blend.add(maps)
+    mask = blend.take_mask()[0, 0]
+    assert mask[1:4, 1:4].all() and mask.sum() == 9  # the spot, dilated by one cell
+
+
 def test_reweight_and_blend_change_the_edit(tiny, square):
     _, model = tiny("sd1")
     record, _ = invert_image(model, square, plan_job(model, engine="direct", steps=8), prompt="a red square")
