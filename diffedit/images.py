@@ -99,7 +99,7 @@ def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
 
 def _open_source(source: str | Path) -> tuple[str, io.BytesIO | Path]:
     if str(source) == "-":
-        if sys.stdin.isatty():  # nothing is piped in: reading would wait for the user forever
+        if getattr(sys.stdin, "isatty", lambda: False)():  # nothing piped in: reading would wait forever
             raise DiffeditError("<stdin>: no image piped in (standard input is a terminal)")
         data = sys.stdin.buffer.read()
         if not data:
@@ -235,7 +235,7 @@ def save_image(
         raise DiffeditError(
             f"{path}: unsupported output format {path.suffix or '(no suffix)'}; use .png, .jpg, .webp or .tif"
         )
-    options = _png_options(params) if fmt == "PNG" else _SAVE_OPTIONS.get(fmt, {})
+    options = _png_options(params) if fmt == "PNG" else {**_SAVE_OPTIONS.get(fmt, {}), **_exif_options(fmt, params)}
     if fmt == "JPEG" and img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     try:
@@ -251,7 +251,51 @@ def _png_options(params: dict | None) -> dict:
     info = PngImagePlugin.PngInfo()
     # iTXt is UTF-8, so prompts in any language survive; default=str covers Paths and the like.
     info.add_itxt(PARAMS_KEY, json.dumps(params, ensure_ascii=False, default=str))
+    info.add_itxt(A1111_KEY, a1111_text(params))  # what "PNG Info" of A1111 and ComfyUI shows
     return {"pnginfo": info}
+
+
+A1111_KEY = "parameters"
+_IMAGE_DESCRIPTION, _EXIF_IFD, _USER_COMMENT = 0x010E, 0x8769, 0x9286
+
+
+def _exif_options(fmt: str, params: dict | None) -> dict:
+    """JPEG/WebP/TIFF: the parameters as JSON in the image description, and A1111's text in the EXIF
+    UserComment (UTF-16, as A1111 writes it) where the format has EXIF."""
+    if params is None:
+        return {}
+    description = json.dumps(params, ensure_ascii=True, default=str)
+    if fmt == "TIFF":
+        return {"tiffinfo": {_IMAGE_DESCRIPTION: description}}
+    exif = Image.Exif()
+    exif[_IMAGE_DESCRIPTION] = description
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + a1111_text(params).encode("utf-16-be")
+    return {"exif": exif.tobytes()}
+
+
+def a1111_text(params: dict) -> str:
+    """The parameters as A1111 writes them ("prompt\nNegative prompt: ...\nSteps: 50, Sampler: ..."),
+    so tools that read that format show them; the full record stays in the `diffedit` JSON."""
+    prompt = params.get("prompt") or params.get("target") or ""
+    lines = [str(prompt)]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    model = params.get("model") or {}
+    size = params.get("size")
+    fields = {
+        "Steps": params.get("steps"),
+        "Sampler": params.get("engine") or "DDIM",
+        "CFG scale": params.get("guidance_scale"),
+        "Seed": params.get("seed"),
+        "Size": f"{size[1]}x{size[0]}" if isinstance(size, list) and len(size) == 2 else None,
+        "Model hash": str(model.get("fingerprint", ""))[:10] or None,
+        "Model": Path(str(model["source"])).name if model.get("source") else None,
+        "Source prompt": params.get("source"),
+        "Version": f"diffedit {params.get('diffedit', '')}".strip(),
+        "Command": params.get("command"),
+    }
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v not in (None, "")))
+    return "\n".join(lines)
 
 
 def read_params(path: str | Path) -> dict | None:
@@ -261,6 +305,10 @@ def read_params(path: str | Path) -> dict | None:
         with Image.open(fp) as img:
             text = getattr(img, "text", None) or img.info
             raw = text.get(PARAMS_KEY)
+            if raw is None:  # JPEG, WebP, TIFF: the image description
+                raw = img.getexif().get(_IMAGE_DESCRIPTION)
+                if raw is not None and not str(raw).lstrip().startswith("{"):
+                    raw = None  # some other program's description
     except UnidentifiedImageError:
         raise DiffeditError(f"{name}: not an image file (unknown or unsupported format)") from None
     except (OSError, SyntaxError, ValueError) as e:

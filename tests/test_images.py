@@ -366,3 +366,27 @@ def test_check_writable(tmp_path):
     p.write_bytes(b"x")
     error_for(check_writable, p, False, name="x.png")
     check_writable(p, overwrite=True)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+def test_parameters_travel_in_every_output_format_and_in_a1111_form(tmp_path, suffix):
+    from diffedit.images import read_params, save_image
+
+    params = {"command": "generate", "diffedit": "0.1.0", "prompt": "a red circle", "negative_prompt": "blur",
+              "steps": 50, "guidance_scale": 7.5, "seed": 3, "size": [32, 40],
+              "model": {"source": "samples/toy-sd", "fingerprint": "abcdef1234567"}}
+    path = tmp_path / f"out{suffix}"
+    save_image(Image.new("RGB", (40, 32), (10, 20, 30)), path, params=params)
+    assert read_params(path) == params
+    with Image.open(path) as img:
+        if suffix == ".png":  # A1111's "PNG Info" reads this text chunk
+            text = img.info["parameters"]
+        elif suffix in (".jpg", ".webp"):  # and this EXIF UserComment, UTF-16 after an 8-byte prefix
+            raw = img.getexif().get_ifd(0x8769)[0x9286]
+            assert raw[:8] == b"UNICODE\0"
+            text = raw[8:].decode("utf-16-be")
+        else:
+            return
+    prompt, negative, settings = text.split("\n")
+    assert prompt == "a red circle" and negative == "Negative prompt: blur"
+    assert "Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 40x32, Model hash: abcdef1234" in settings
