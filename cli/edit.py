@@ -96,7 +96,7 @@ def edit(
     """
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
-    from diffedit.images import save_image
+    from diffedit.images import made_from, save_image
     from diffedit.jobs import ImageInput, edit_image, edit_record, image_params, mask_for_record, record_mask, show_mask
     from diffedit.plan import plan_job, plan_of_record
     from diffedit.records import load_record
@@ -144,8 +144,8 @@ def edit(
                 adaptive_guidance=adaptive_guidance, deepcache=deepcache, mask=mask,
             )
         edit_mask = record_mask(rec)
-    meta = image_params("edit", m, image=str(image or from_record), source=source, target=target,
-                        engine=engine, steps=plan.steps, guidance_scale=plan.edit_scale,
+    meta = image_params("edit", m, image=str(image or from_record), made_from=made_from(image), source=source,
+                        target=target, engine=engine, steps=plan.steps, guidance_scale=plan.edit_scale,
                         inversion_guidance_scale=plan.inversion_scale, seed=plan.seed,
                         engine_params=plan.params.to_dict(), guidance=plan.guidance.to_dict(),
                         adaptive_guidance=adaptive_guidance, deepcache=deepcache,

@@ -61,7 +61,7 @@ def move(
     from diffedit.editing.pixelman import MoveSpec
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
-    from diffedit.images import save_image
+    from diffedit.images import made_from, save_image
     from diffedit.jobs import ImageInput, image_params, move_image
 
     if (to is None) == (dx is None and dy is None):
@@ -82,7 +82,7 @@ def move(
             energy=weights, image=ImageInput(fit=fit, alpha=alpha), guidance=spec, callback=callback,
             mask_word=mask_from_prompt,
         )
-    meta = image_params("move", m, image=image, mask=mask, mask_from_prompt=mask_from_prompt, dx=dx, dy=dy, to=to,
+    meta = image_params("move", m, image=image, made_from=made_from(image), mask=mask, mask_from_prompt=mask_from_prompt, dx=dx, dy=dy, to=to,
                         scale=scale, keep_source=keep_source, prompt=prompt, steps=steps,
                         guidance_scale=result["guidance_scale"], seed=seed, energy_scale=energy_scale,
                         energy_weights=energy_weights, guidance=spec.to_dict())

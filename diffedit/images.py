@@ -99,12 +99,14 @@ def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
 
 def _open_source(source: str | Path) -> tuple[str, io.BytesIO | Path]:
     if str(source) == "-":
-        if getattr(sys.stdin, "isatty", lambda: False)():  # nothing piped in: reading would wait forever
-            raise DiffeditError("<stdin>: no image piped in (standard input is a terminal)")
-        data = sys.stdin.buffer.read()
-        if not data:
+        global _stdin_read
+        if _stdin_read is None or _stdin_read[0] is not sys.stdin:  # read once: image and parameters
+            if getattr(sys.stdin, "isatty", lambda: False)():  # nothing piped in: reading would wait forever
+                raise DiffeditError("<stdin>: no image piped in (standard input is a terminal)")
+            _stdin_read = (sys.stdin, sys.stdin.buffer.read())
+        if not _stdin_read[1]:
             raise DiffeditError("<stdin>: no data on standard input")
-        return "<stdin>", io.BytesIO(data)
+        return "<stdin>", io.BytesIO(_stdin_read[1])
     path = Path(source)
     if not path.exists():
         raise DiffeditError(f"{path}: no such file")
@@ -113,6 +115,19 @@ def _open_source(source: str | Path) -> tuple[str, io.BytesIO | Path]:
     if path.stat().st_size == 0:
         raise DiffeditError(f"{path}: empty file")
     return str(path), path
+
+
+_stdin_read: tuple | None = None  # (the stream, its bytes) that "-" read, kept for `read_params("-")`
+
+
+def made_from(source) -> dict | None:
+    """The parameters an input image carries (a diffedit output earlier in a pipe chain), or None."""
+    if not isinstance(source, (str, Path)):
+        return None
+    try:
+        return read_params(source)
+    except DiffeditError:
+        return None
 
 
 def _one_line(e: Exception) -> str:

@@ -261,3 +261,15 @@ def test_every_model_command_takes_the_same_model_options(cli, monkeypatch):
     for command in ("generate", "invert", "reconstruct", "edit", "move"):
         code, out, _ = cli(command, "--help")
         assert code == 0 and all(flag in out for flag in flags), command
+
+
+def test_a_pipe_chain_keeps_every_step_s_parameters(tmp_path, sd1):
+    """generate | edit: the edited PNG carries the edit's parameters and, nested, the generation's."""
+    made = run_subprocess(["generate", "a red square", "-m", sd1, "-n", 2, "--seed", 5, "-o", "-", "-q"])
+    assert made.returncode == 0, made.stderr.decode()
+    done = run_subprocess(["edit", "-", "-s", "a red square", "-t", "a blue square", "-m", sd1, "-n", 2,
+                           "-o", tmp_path / "out.png", "-q"], stdin=made.stdout)
+    assert done.returncode == 0, done.stderr.decode()
+    params = read_params(tmp_path / "out.png")
+    assert params["command"] == "edit" and params["made_from"]["command"] == "generate"
+    assert params["made_from"]["seed"] == 5 and params["made_from"]["prompt"] == "a red square"
