@@ -47,7 +47,7 @@ def generate(
     output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")],
     seed: SeedOpt = None,
     steps: StepsOpt = 50,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale (embedded guidance for Flux).")] = 7.5,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale (embedded guidance for Flux); default 7.5, CFG++'s lambda 0.6.")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     eta: Annotated[float, typer.Option("--eta", help="Churn: 0 = deterministic DDIM/Euler, 1 = DDPM-like.")] = 0.0,
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
@@ -95,7 +95,8 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     m = ModelChoice.of(first).load(compile=first["compile"])
     warn_prompts(m, [job["prompt"] for job in jobs] + [first["negative_prompt"]], first["quiet"])
     steps = first["steps"] or 50
-    common = dict(steps=steps, guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
+    scale = spec.default_scale(7.5) if first["guidance_scale"] is None else first["guidance_scale"]
+    common = dict(steps=steps, guidance_scale=scale, negative_prompt=first["negative_prompt"],
                   width=first["width"], height=first["height"], guidance=spec, eta=first["eta"],
                   deepcache=first["deepcache"])
     with progress(steps, "generate", first["quiet"]) as callback:
@@ -109,7 +110,7 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     results = []
     for job, (image, result) in zip(jobs, outs):
         params = image_params("generate", m, prompt=job["prompt"], negative_prompt=job["negative_prompt"],
-                              seed=result["seed"], steps=steps, guidance_scale=job["guidance_scale"],
+                              seed=result["seed"], steps=steps, guidance_scale=scale,
                               guidance=spec.to_dict(), eta=job["eta"], fk_particles=job["fk_particles"],
                               reward=job["reward"] if job["fk_particles"] > 1 else None,
                               size=[image.height, image.width])

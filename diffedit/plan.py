@@ -45,9 +45,12 @@ def plan_job(model: Family, *, engine: str = "ddim", steps: int | None = None, p
     if steps < 1:
         raise UsageError(f"--steps {steps} must be at least 1")
     resolved = eng.resolve(eng.Params.from_options(engine, params), steps, model)
-    return Plan(eng, resolved, steps, guidance or GuidanceSpec(),
-                default_inversion if inversion_guidance_scale is None else float(inversion_guidance_scale),
-                default_edit if guidance_scale is None else float(guidance_scale), negative_prompt, seed)
+    guidance = guidance or GuidanceSpec()
+    return Plan(eng, resolved, steps, guidance,
+                guidance.default_scale(default_inversion) if inversion_guidance_scale is None
+                else float(inversion_guidance_scale),
+                guidance.default_scale(default_edit) if guidance_scale is None else float(guidance_scale),
+                negative_prompt, seed)
 
 
 def plan_of_record(model: Family, meta: dict, *, edit: bool = False, guidance_scale: float | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from diffedit.errors import UsageError
 
 KINDS = ("cfg", "cfgpp", "pag", "cfgpp+pag")
+CFGPP_DEFAULT = 0.6  # CFG++'s lambda where a CFG scale above 1 was the default (its paper's text-to-image setting)
 
 
 def make_guidance(kind: str, scale: float, *, pag_scale: float = 3.0, pag_layers: tuple[str, ...] = ("mid",),
@@ -31,6 +32,11 @@ class GuidanceSpec:
         self.kind, self.pag_scale = kind, float(pag_scale)
         self.pag_layers, self.pag_adaptive_scale = tuple(pag_layers), float(pag_adaptive_scale)
         self.adaptive_threshold = adaptive_threshold
+
+    def default_scale(self, cfg_default: float) -> float:
+        """This guidance's default in place of a default CFG scale: CFG++ takes a lambda in [0, 1], so a
+        CFG default above 1 becomes `CFGPP_DEFAULT` (1, no guidance, stays as it is)."""
+        return CFGPP_DEFAULT if self.kind.startswith("cfgpp") and cfg_default > 1 else cfg_default
 
     def build(self, scale: float):
         """The guidance at `scale` (the options were checked when the spec was made)."""

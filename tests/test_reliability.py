@@ -255,3 +255,21 @@ def test_usage_errors_are_one_line_too(cli, args, message):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0] and lines[0].startswith("error: ")
     assert "-h)" in lines[0]  # where to read on
+
+
+def test_each_guidance_has_a_default_scale_that_runs(cli, tmp_path, tiny_folder):
+    """`--guidance cfgpp` alone used to be refused (7.5, CFG's default, is no CFG++ lambda)."""
+    from diffedit.images import read_params
+
+    model = tiny_folder("sd1")
+    for guidance, expected in (("cfg", 7.5), ("cfgpp", 0.6), ("pag", 7.5), ("cfgpp+pag", 0.6)):
+        out = tmp_path / f"{guidance}.png"
+        code, _, err = cli("generate", "a red circle", "-m", model, "-n", "2", "--guidance", guidance, "-o", out, "-q")
+        assert code == 0, err
+        assert read_params(out)["guidance_scale"] == expected
+    image = tmp_path / "cfg.png"
+    code, _, err = cli("edit", image, "-s", "a red circle", "-t", "a blue circle", "-m", model, "-n", "2",
+                       "-e", "ddpm-ef", "--guidance", "cfgpp", "-o", tmp_path / "e.png", "-q")
+    assert code == 0, err
+    params = read_params(tmp_path / "e.png")
+    assert params["guidance_scale"] == 0.6 and params["inversion_guidance_scale"] == 0.6  # ddpm-ef: 15 and 3.5
