@@ -101,7 +101,8 @@ def _masked_edit(model, engine, feather=2, steps=6):
     return img, record, run, z, pasted, bare, result
 
 
-@pytest.mark.parametrize("family, engine", [("sd1", e) for e in UNET_ENGINES] + [("sd3", e) for e in FLOW_ENGINES])
+@pytest.mark.parametrize("family, engine", [("sd1", e) for e in UNET_ENGINES] + [("sd3", e) for e in FLOW_ENGINES]
+                         + [("sdxl", "ddpm-ef"), ("sd2", "direct"), ("flux", "flowedit"), ("flux", "rf-inversion")])
 def test_outside_the_mask_every_engine_returns_the_input(tiny, family, engine):
     """The final latent equals the input's latent exactly outside the mask's cells (and changes inside);
     with paste-back the pixels outside the feathered mask are the input's own, bit for bit."""
