@@ -114,9 +114,10 @@ def load_record(path: str | Path) -> Record:
             f"{path}: record format {meta.get('format')} is newer than this diffedit "
             f"({__version__}, format {FORMAT}) reads; upgrade diffedit"
         )
-    if "checksum" not in meta and isinstance(fmt, int) and fmt >= 2:
-        raise DiffeditError(f"{path}: record has no checksum, which every record of format {fmt} carries")
-    if "checksum" in meta and meta["checksum"] != checksum(meta, tensors):
+    if "checksum" not in meta:  # format 1 had none: nothing would tell a changed header from a true one
+        raise DiffeditError(f"{path}: record has no checksum (written by diffedit before format 2, or stripped); "
+                            "invert the image again")
+    if meta["checksum"] != checksum(meta, tensors):
         raise DiffeditError(f"{path}: record was changed after it was written (its checksum does not match its "
                             "header and tensors)")
     check_fields(meta, tensors, str(path))

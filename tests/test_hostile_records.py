@@ -64,20 +64,24 @@ def test_a_tampered_header_is_refused_in_one_line(cli, records, tmp_path, engine
     if meta.get(field) == value:
         return
     meta[field] = value
-    if not keep_checksum:  # a forger who also drops the checksum must claim the old, unchecked format
+    if not keep_checksum:  # a forger who also drops the checksum
         meta.pop("checksum")
-        meta["format"] = 1
     bad = tmp_path / "bad.safetensors"
     _rewrite(made[engine], bad, meta=meta)
     out = tmp_path / "out.png"
     out.unlink(missing_ok=True)
     code, _, err = _reconstruct(cli, bad, model, out)
     assert "Traceback" not in err and "this is a bug" not in err
-    if keep_checksum:
-        assert code == 1 and "changed after it was written" in err and not out.exists()
-    elif code != 0:
-        assert str(bad) in err.strip().splitlines()[-1] or "--" in err
-        assert not out.exists()
+    assert code == 1 and not out.exists() and str(bad) in err
+    assert ("changed after it was written" if keep_checksum else "has no checksum") in err
+
+
+def _unchecked(meta: dict, tensors: dict) -> dict:
+    """The header with a checksum made for these (changed) tensors: what the schema alone must catch."""
+    from diffedit.records import checksum
+
+    meta = {k: v for k, v in meta.items() if k != "checksum"}
+    return {**meta, "checksum": checksum(meta, tensors)}
 
 
 @pytest.mark.parametrize("engine, change, message", [
@@ -91,10 +95,9 @@ def test_a_tampered_header_is_refused_in_one_line(cli, records, tmp_path, engine
 def test_tensors_that_disagree_with_the_header_are_named(cli, records, tmp_path, engine, change, message):
     made, model = records
     record = load_record(made[engine])
-    meta = {k: v for k, v in record.meta.items() if k != "checksum"}
-    meta["format"] = 1  # unchecked, so the schema itself must catch it
+    tensors = change(dict(record.tensors))
     bad = tmp_path / "bad.safetensors"
-    _rewrite(made[engine], bad, meta=meta, tensors=change(dict(record.tensors)))
+    _rewrite(made[engine], bad, meta=_unchecked(record.meta, tensors), tensors=tensors)
     code, _, err = _reconstruct(cli, bad, model, tmp_path / "out.png")
     assert code == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "out.png").exists()
@@ -103,10 +106,9 @@ def test_tensors_that_disagree_with_the_header_are_named(cli, records, tmp_path,
 def test_steps_that_disagree_with_stored_levels_are_refused(cli, records, tmp_path):
     """The defect seen: an edit-friendly record whose header said one step fewer wrote a wrong image."""
     made, model = records
-    meta = {k: v for k, v in load_record(made["ddpm-ef"]).meta.items() if k != "checksum"}
-    meta.update(steps=3, format=1)
+    record = load_record(made["ddpm-ef"])
     bad = tmp_path / "bad.safetensors"
-    _rewrite(made["ddpm-ef"], bad, meta=meta)
+    _rewrite(made["ddpm-ef"], bad, meta=_unchecked({**record.meta, "steps": 3}, record.tensors))
     code, _, err = _reconstruct(cli, bad, model, tmp_path / "out.png")
     assert code == 1 and "tensor 'xs' is [4," in err and "of 3 steps" in err
 
@@ -159,17 +161,17 @@ def test_hostile_manifests_never_crash_the_batch(rows):
                 assert output.name != "results.jsonl"
 
 
-@pytest.mark.parametrize("steps", [-1, -5, 0, 40, "five", 10**12, None, 2.5])
+@pytest.mark.parametrize("steps", [-1, -5, 0, 40, "five", 10**12, None, 2.5])  # 40: ten times the true 4
 def test_the_reported_step_counts_are_refused(cli, records, tmp_path, steps):
-    """The report's probes: each named in one line, exit 1, nothing written (ddim: no tensor holds its
-    step count, so only the header check stands between these and a wrong image)."""
+    """The report's probes, with a checksum forged to match (else the checksum names the change): each
+    named in one line, exit 1, nothing written. 40 is a valid count that no ddim tensor contradicts:
+    only the checksum catches that one (test_a_tampered_header_is_refused_in_one_line)."""
     made, model = records
-    meta = {k: v for k, v in load_record(made["ddim"]).meta.items() if k != "checksum"}
-    meta.update(steps=steps, format=1)
+    record = load_record(made["ddim"])
     bad = tmp_path / "bad.safetensors"
-    _rewrite(made["ddim"], bad, meta=meta)
+    _rewrite(made["ddim"], bad, meta=_unchecked({**record.meta, "steps": steps}, record.tensors))
     code, _, err = _reconstruct(cli, bad, model, tmp_path / "out.png")
-    if steps == 40:  # a valid count the header cannot be checked against: only the checksum would tell
+    if steps == 40:
         assert code == 0
         return
     assert code == 1 and "record field 'steps' must be an integer from 1 to 1000" in err
