@@ -261,6 +261,14 @@ def progress(total: int, label: str, quiet: bool):
         yield lambda i, x, x0: bar.advance(task)
 
 
+def inputs_exist(*paths) -> None:
+    """Answer a missing or empty input file at once, before the heavy imports and the model load."""
+    from diffedit.files import check_readable
+
+    for path in paths:
+        check_readable(path)
+
+
 def warn_prompts(model, prompts: list[str], quiet: bool) -> None:
     """Warn (on stderr, unless quiet) about words the model's tokenizer cannot read as written."""
     from diffedit.tokenizers import prompt_warnings

@@ -46,6 +46,7 @@ from diffedit.cli.common import (
     finite_scale,
     fk_config,
     guidance_spec,
+    inputs_exist,
     progress,
     warn_prompts,
     with_mask_options,
@@ -94,6 +95,7 @@ def edit(
 
     Example: diffedit edit photo.png -s "a red circle" -t "a blue circle" -o blue.png
     """
+    inputs_exist(image, from_record, masking.mask)  # before the heavy imports: a typo is answered at once
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import made_from, save_image

@@ -36,6 +36,7 @@ from diffedit.cli.common import (
     engine_params,
     finite_scale,
     guidance_spec,
+    inputs_exist,
     progress,
     warn_prompts,
     with_mask_options,
@@ -70,6 +71,7 @@ def invert(
 
     Example: diffedit invert photo.png -p "a photo of a cat" -o photo.inv.safetensors
     """
+    inputs_exist(image, masking.mask)
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import save_image
@@ -117,9 +119,10 @@ def reconstruct(
 
     Example: diffedit reconstruct photo.inv.safetensors -o back.png
     """
+    inputs_exist(record, against)
+    from diffedit.errors import DiffeditError
     from diffedit.files import check_writable
     from diffedit.images import save_image
-    from diffedit.errors import DiffeditError
     from diffedit.jobs import image_params, reconstruct_record, record_input
     from diffedit.records import load_record
 

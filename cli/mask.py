@@ -19,6 +19,7 @@ from diffedit.cli.common import (
     QuietOpt,
     ShowMaskOpt,
     emit,
+    inputs_exist,
     with_model_options,
 )
 from diffedit.cli.main import app
@@ -43,6 +44,7 @@ def mask(
 
     Example: diffedit mask photo.png -p "a red circle and a blue square" -w "red circle" -o circle.png
     """
+    inputs_exist(image)
     from diffedit.files import check_writable
     from diffedit.images import save_image
     from diffedit.jobs import ImageInput, MaskInput, word_mask

@@ -21,6 +21,7 @@ from diffedit.cli.common import (
     emit,
     finite_scale,
     guidance_spec,
+    inputs_exist,
     progress,
     warn_prompts,
     with_model_options,
@@ -58,6 +59,7 @@ def move(
 
     Example: diffedit move photo.png --mask cup.png --dx 40 --dy -10 -o moved.png
     """
+    inputs_exist(image, mask)
     from diffedit.editing.pixelman import MoveSpec
     from diffedit.errors import UsageError
     from diffedit.files import check_writable

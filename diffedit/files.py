@@ -11,6 +11,20 @@ from pathlib import Path
 from diffedit.errors import DiffeditError
 
 
+def check_readable(path: str | Path | None) -> None:
+    """Fail at once (before any model loads) if an input file is missing, a folder or empty; "-" and
+    None pass ("-" is stdin, read later)."""
+    if path is None or str(path) == "-":
+        return
+    path = Path(path)
+    if not path.exists():
+        raise DiffeditError(f"{path}: no such file")
+    if path.is_dir():
+        raise DiffeditError(f"{path}: is a folder, not a file")
+    if path.stat().st_size == 0:
+        raise DiffeditError(f"{path}: empty file")
+
+
 def check_writable(path: str | Path, overwrite: bool) -> None:
     """Fail early if `path` cannot be written: it exists (without overwrite), it is not a regular file
     (a folder, a device, a FIFO, a socket, or a symlink, which --overwrite would replace with a file

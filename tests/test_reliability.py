@@ -273,3 +273,17 @@ def test_each_guidance_has_a_default_scale_that_runs(cli, tmp_path, tiny_folder)
     assert code == 0, err
     params = read_params(tmp_path / "e.png")
     assert params["guidance_scale"] == 0.6 and params["inversion_guidance_scale"] == 0.6  # ddpm-ef: 15 and 3.5
+
+
+@pytest.mark.parametrize("args", [["edit", "nope.png", "-t", "x"], ["invert", "nope.png"], ["reconstruct", "nope.rec"],
+                                  ["move", "nope.png", "--mask", "m.png", "--dx", "1"], ["generate", "x", "-n", "0"],
+                                  ["mask", "nope.png", "-p", "a", "-w", "a", "-o", "m.png"]])
+def test_typos_are_answered_before_torch_is_imported(tmp_path, args):
+    """A missing file or a bad option is answered without importing torch or diffusers (tens of seconds
+    on a busy machine); `diffedit bench` measures the time itself."""
+    code = ("import sys; from diffedit.cli import main; rc = main.run(sys.argv[1:]); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode in (1, 2) and done.stderr.startswith("error: ")
+    assert done.stdout.strip() == "[]"
