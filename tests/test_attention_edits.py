@@ -198,7 +198,7 @@ def test_every_guidance_in_per_row_engines(tiny, square, kind):
 def test_feature_injection_keeps_the_toy_lcms_scenes_when_recolouring():
     """InfEdit on the shipped toy LCM, first six ShapesBench recolour tasks: the source's decoder
     features for the first 40 % of the steps keep every background better and succeed more often
-    (the README's 40-task table: 20 → 35 % success, 21.2 → 32.0 dB)."""
+    (docs/engines.md, the 40-task table: 20 → 35 % success, 21.2 → 32.0 dB)."""
     from pathlib import Path
 
     from diffedit.jobs import edit_image
