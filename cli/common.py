@@ -44,7 +44,7 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .
 VaeTilingOpt = Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode large images in overlapping tiles (bounded VAE memory; tiles blend, so results differ slightly).", rich_help_panel=MODEL_PANEL)]
 ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers folder or hub id with the configs of a single-file checkpoint.", rich_help_panel=MODEL_PANEL)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no progress bar, spinner or warnings.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 # The engines of diffedit.inversion (tests/test_cli.py checks this list against the registry; the
 # CLI does not import the engines just to print help).
@@ -126,7 +126,7 @@ _loaded: dict | None = None  # models kept for reuse while a batch runs
 def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None,
          vae_tiling: bool = False, compile: bool = False, adapters: list[str] | None = None,
          transport: str = "calibrated", lcm_original_steps: int | None = None,
-         loras: list[str] | None = None, lcm_lora: str | None = None):
+         loras: list[str] | None = None, lcm_lora: str | None = None, quiet: bool = False):
     """The model of a command, with its LoRAs fused and SPM adapters attached (or none: a reused
     model keeps none)."""
     from diffedit import lora
@@ -137,7 +137,7 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
     key = (model, device, dtype, allow_pickle, config, tuple(fused), lcm_lora)
     m = _loaded.get(key) if _loaded is not None else None
     if m is None:
-        with stderr.status("loading model", spinner="dots") if stderr.is_terminal else _nothing():
+        with stderr.status("loading model", spinner="dots") if stderr.is_terminal and not quiet else _nothing():
             m = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
                            loras=fused, lcm_lora=lcm_lora)
         if _loaded is not None:
@@ -178,14 +178,15 @@ class ModelChoice:
         """The choice among a command's parameters (a batch hands them over as one dict)."""
         return cls(**{f.name: params[f.name] for f in fields(cls)})
 
-    def load(self, record=None, compile: bool = False):
-        """The model; with a record, its model and LoRAs unless the options name others."""
+    def load(self, record=None, compile: bool = False, quiet: bool = False):
+        """The model; with a record, its model and LoRAs unless the options name others (`quiet`: no
+        spinner while it loads)."""
         source, loras, lcm_lora = self.model, self.lora, self.lcm_lora
         if record is not None:
             source = source or record.meta["model"]["source"]
             loras, lcm_lora = record_loras(record, loras, lcm_lora)
         return load(source, self.device, self.dtype, self.allow_pickle, self.model_config, self.vae_tiling, compile,
-                    self.adapter, self.transport, self.lcm_original_steps, loras, lcm_lora)
+                    self.adapter, self.transport, self.lcm_original_steps, loras, lcm_lora, quiet)
 
 
 MODEL_OPTIONS = {  # name: (option, default): the fields of ModelChoice as command parameters

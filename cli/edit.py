@@ -123,7 +123,7 @@ def edit(
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     if from_record is not None:
         rec = load_record(from_record)
-        m = models.load(rec)
+        m = models.load(rec, quiet=quiet)
         warn_prompts(m, [target], quiet)
         rec.check_model(m, from_record)
         plan = plan_of_record(m, rec.meta, edit=True, guidance_scale=guidance_scale, params=params)
@@ -134,7 +134,7 @@ def edit(
                                       mask=edit_mask, paste_back=paste_back)
         source, engine = rec.meta["source_prompt"], rec.meta["engine"]["name"]
     else:
-        m = models.load()
+        m = models.load(quiet=quiet)
         warn_prompts(m, [source, target, negative_prompt], quiet)
         plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec, guidance_scale=guidance_scale,
                         inversion_guidance_scale=inversion_guidance_scale, negative_prompt=negative_prompt, seed=seed)

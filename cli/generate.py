@@ -92,7 +92,7 @@ def generate_many(jobs: list[dict]) -> list[dict]:
                          "modules between steps")
     if first["compile"] and first["adapter"]:
         raise UsageError("--compile cannot be combined with --adapter: SPM adapters hook into the network's layers")
-    m = ModelChoice.of(first).load(compile=first["compile"])
+    m = ModelChoice.of(first).load(compile=first["compile"], quiet=first["quiet"])
     warn_prompts(m, [job["prompt"] for job in jobs] + [first["negative_prompt"]], first["quiet"])
     steps = first["steps"] or 50
     scale = spec.default_scale(7.5) if first["guidance_scale"] is None else first["guidance_scale"]

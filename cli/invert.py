@@ -90,7 +90,7 @@ def invert(
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
                            n_avg=n_avg)
-    m = models.load()
+    m = models.load(quiet=quiet)
     warn_prompts(m, [prompt, negative_prompt], quiet)
     plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec,
                     inversion_guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed)
@@ -130,7 +130,7 @@ def reconstruct(
     output = output or str(record.with_name(record.name.split(".")[0] + ".rec.png"))
     if output != "-":
         check_writable(output, overwrite)
-    m = models.load(rec)
+    m = models.load(rec, quiet=quiet)
     rec.check_model(m, record)
     reference, note = None, "the record names no input image file (it came from stdin)"
     if against is not None:

@@ -55,7 +55,7 @@ def mask(
     for path in (output, show_mask):
         if path is not None:
             check_writable(path, overwrite)
-    m = models.load()
+    m = models.load(quiet=quiet)
     found, overlay, result = word_mask(m, image, prompt, MaskInput(words=words, options=options),
                                        ImageInput(fit=fit, alpha=alpha), seed)
     save_image(found, output, overwrite=overwrite)

@@ -75,7 +75,7 @@ def move(
     weights = _weights(energy_weights, energy_scale)
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     where = MoveSpec(dx or 0.0, dy or 0.0, scale, keep_source, None if to is None else _point(to))
-    m = models.load()
+    m = models.load(quiet=quiet)
     warn_prompts(m, [prompt], quiet)
     with progress(steps, "move (pixelman)", quiet) as callback:
         out, result = move_image(
