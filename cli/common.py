@@ -262,6 +262,26 @@ def progress(total: int, label: str, quiet: bool):
         yield lambda i, x, x0: bar.advance(task)
 
 
+def default_output(source, command: str, suffix: str = ".png") -> str:
+    """The one naming rule for outputs not given with -o: beside the input, `STEM.COMMAND.png` (a
+    record's stem is its image's: `photo.inv.safetensors` -> `photo.reconstruct.png`); from stdin, -o
+    is needed."""
+    from diffedit.errors import UsageError
+
+    if source is None or str(source) == "-":
+        raise UsageError("reading from stdin: give the output with -o (a file, or - for stdout)")
+    path = Path(source)
+    return str(path.with_name(f"{path.name.split('.')[0]}.{command}{suffix}"))
+
+
+def generated_name(prompt: str, seed: int | None) -> str:
+    """`generate`'s default output: a slug of the prompt and the seed, in the current folder."""
+    import re
+
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-") or "image"
+    return f"{slug}-{seed}.png"
+
+
 def inputs_exist(*paths) -> None:
     """Answer a missing or empty input file at once, before the heavy imports and the model load."""
     from diffedit.files import check_readable

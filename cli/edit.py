@@ -41,6 +41,7 @@ from diffedit.cli.common import (
     StepsOpt,
     StopOpt,
     StrengthOpt,
+    default_output,
     emit,
     engine_params,
     finite_scale,
@@ -62,7 +63,7 @@ def edit(
     image: Annotated[str | None, typer.Argument(help="Image file, or - for stdin (omit with --from).")] = None,
     target: Annotated[str, typer.Option("--target", "-t", help="Prompt describing the edited image.")] = "",
     source: Annotated[str, typer.Option("--source", "-s", help="Prompt describing the input image.")] = "",
-    output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")] = "edited.png",
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Image file, or - for stdout (default: IMAGE.edit.png beside the input).")] = None,
     from_record: Annotated[Path | None, typer.Option("--from", help="Reuse a record of `diffedit invert`.")] = None,
     engine: EngineOpt = "ddim",
     steps: StepsOpt = None,
@@ -96,6 +97,7 @@ def edit(
     Example: diffedit edit photo.png -s "a red circle" -t "a blue circle" -o blue.png
     """
     inputs_exist(image, from_record, masking.mask)  # before the heavy imports: a typo is answered at once
+    output = output or default_output(image if image is not None else from_record, "edit")
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import made_from, save_image

@@ -28,6 +28,7 @@ from diffedit.cli.common import (
     emit,
     finite_scale,
     fk_config,
+    generated_name,
     guidance_spec,
     progress,
     warn_prompts,
@@ -44,7 +45,7 @@ MAX_PIXELS = 64_000_000
 def generate(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")],
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Image file, or - for stdout (default: PROMPT-SLUG-SEED.png here).")] = None,
     seed: SeedOpt = None,
     steps: StepsOpt = 50,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale (embedded guidance for Flux); default 7.5, CFG++'s lambda 0.6.")] = None,
@@ -65,7 +66,13 @@ def generate(
 
     Example: diffedit generate "a red circle on a white background" --seed 1 -o circle.png
     """
-    generate_many([dict(ctx.params)])  # the parsed options, as a batch hands a job over
+    job = dict(ctx.params)  # the parsed options, as a batch hands a job over
+    if output is None:  # named after the prompt and the seed, so the seed is drawn here
+        import secrets
+
+        job["seed"] = secrets.randbelow(2**31) if seed is None else seed
+        job["output"] = generated_name(prompt, job["seed"])
+    generate_many([job])
 
 
 def generate_many(jobs: list[dict]) -> list[dict]:

@@ -32,6 +32,7 @@ from diffedit.cli.common import (
     StepsOpt,
     StopOpt,
     StrengthOpt,
+    default_output,
     emit,
     engine_params,
     finite_scale,
@@ -72,7 +73,6 @@ def invert(
     Example: diffedit invert photo.png -p "a photo of a cat" -o photo.inv.safetensors
     """
     inputs_exist(image, masking.mask)
-    from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import save_image
     from diffedit.jobs import ImageInput, invert_image, record_mask, show_mask
@@ -80,9 +80,7 @@ def invert(
     from diffedit.records import save_record
 
     if output is None:
-        if image == "-":
-            raise UsageError("reading the image from stdin needs --output for the record")
-        output = Path(image).with_suffix(".inv.safetensors")
+        output = Path(default_output(image, "inv", ".safetensors"))
     check_writable(output, overwrite)
     if masking.show_mask is not None:
         check_writable(masking.show_mask, overwrite)
@@ -109,7 +107,7 @@ def invert(
 @with_model_options
 def reconstruct(
     record: Annotated[Path, typer.Argument(help="Record made by `diffedit invert`.")],
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Image file or - for stdout (default: RECORD.rec.png).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Image file or - for stdout (default: IMAGE.reconstruct.png beside the record).")] = None,
     against: Annotated[str | None, typer.Option("--against", help="The inverted image, to report the error against (default: the one the record names, if it is still there and unchanged).")] = None,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
     *, models: ModelChoice,
@@ -127,7 +125,7 @@ def reconstruct(
     from diffedit.records import load_record
 
     rec = load_record(record)
-    output = output or str(record.with_name(record.name.split(".")[0] + ".rec.png"))
+    output = output or default_output(record, "reconstruct")
     if output != "-":
         check_writable(output, overwrite)
     m = models.load(rec, quiet=quiet)

@@ -18,6 +18,7 @@ from diffedit.cli.common import (
     PagLayersOpt,
     PagScaleOpt,
     QuietOpt,
+    default_output,
     emit,
     finite_scale,
     guidance_spec,
@@ -35,7 +36,7 @@ def move(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     mask: Annotated[str | None, typer.Option("--mask", help="The object: a PNG of the image's size, white (or opaque) where the object is.")] = None,
     mask_from_prompt: Annotated[str | None, typer.Option("--mask-from-prompt", help="Instead of --mask: find the object where WORD(S) of --prompt attend (cross-attention).")] = None,
-    output: Annotated[str, typer.Option("--output", "-o", help="Image file, or - for stdout.")] = "moved.png",
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Image file, or - for stdout (default: IMAGE.move.png beside the input).")] = None,
     dx: Annotated[float | None, typer.Option("--dx", help="Move right by this many pixels (negative: left).")] = None,
     dy: Annotated[float | None, typer.Option("--dy", help="Move down by this many pixels (negative: up).")] = None,
     to: Annotated[str | None, typer.Option("--to", help="X,Y: put the object's box centre here instead of --dx/--dy.")] = None,
@@ -60,6 +61,7 @@ def move(
     Example: diffedit move photo.png --mask cup.png --dx 40 --dy -10 -o moved.png
     """
     inputs_exist(image, mask)
+    output = output or default_output(image, "move")
     from diffedit.editing.pixelman import MoveSpec
     from diffedit.errors import UsageError
     from diffedit.files import check_writable

@@ -287,3 +287,29 @@ def test_typos_are_answered_before_torch_is_imported(tmp_path, args):
                           cwd=tmp_path)
     assert done.returncode in (1, 2) and done.stderr.startswith("error: ")
     assert done.stdout.strip() == "[]"
+
+
+def test_default_outputs_follow_one_naming_rule(cli, tmp_path, tiny_folder, monkeypatch):
+    """Beside the input, STEM.COMMAND.png (records STEM.inv.safetensors); generate: PROMPT-SLUG-SEED.png."""
+    from PIL import Image
+
+    model = tiny_folder("sd1")
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 20, 20))
+    mask.save(tmp_path / "m.png")
+    steps = ["-m", model, "-n", "2", "-q"]
+    assert cli("invert", image, *steps)[0] == 0 and (tmp_path / "photo.inv.safetensors").exists()
+    assert cli("reconstruct", tmp_path / "photo.inv.safetensors", "-q")[0] == 0
+    assert (tmp_path / "photo.reconstruct.png").exists()
+    assert cli("edit", image, "-t", "a blue square", *steps)[0] == 0 and (tmp_path / "photo.edit.png").exists()
+    code, _, err = cli("edit", image, "-t", "a blue square", *steps)  # a second run does not replace it
+    assert code == 1 and "photo.edit.png: already exists" in err
+    assert cli("move", image, "--mask", tmp_path / "m.png", "--dx", "4", "--dy", "0", *steps)[0] == 0
+    assert (tmp_path / "photo.move.png").exists()
+    code, out, err = cli("generate", "A red circle, on white!", "--seed", "7", *steps)
+    assert code == 0 and (tmp_path / "a-red-circle-on-white-7.png").exists()
+    code, _, err = cli("edit", "-", "-t", "x", *steps)
+    assert code == 2 and "give the output with -o" in err
