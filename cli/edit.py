@@ -151,7 +151,7 @@ def edit(
     meta = image_params("edit", m, image=str(image or from_record), made_from=made_from(image), source=source,
                         target=target, engine=engine, steps=plan.steps, guidance_scale=plan.edit_scale,
                         inversion_guidance_scale=plan.inversion_scale, seed=plan.seed,
-                        engine_params=plan.params.to_dict(), guidance=plan.guidance.to_dict(),
+                        engine_params=plan.params.to_dict(), guidance=plan.guidance.to_dict(), defaults=plan.defaults,
                         adaptive_guidance=adaptive_guidance, deepcache=deepcache,
                         mask=masking.mask, mask_from_prompt=masking.mask_from_prompt,
                         mask_dilate=masking.mask_dilate, mask_feather=masking.mask_feather,

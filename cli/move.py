@@ -45,7 +45,7 @@ def move(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Optional prompt (the paper uses none).")] = "",
     steps: Annotated[int, typer.Option("--steps", "-n", min=2, max=1000, help="Sampling steps (the paper's 16).")] = 16,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale (default: 1 without a prompt, 4 with one).")] = None,
-    energy_scale: Annotated[float, typer.Option("--energy-scale", help="Energy guidance strength (the paper's 0.5; 0 = off).")] = 0.5,
+    energy_scale: Annotated[float | None, typer.Option("--energy-scale", help="Energy guidance strength (default: the model folder's recommendation, else the paper's 0.5; 0 = off).")] = None,
     energy_weights: Annotated[str, typer.Option("--energy-weights", help="EDIT,CONTENT,CONTRAST,INPAINT energy weights.")] = "4,6,0.2,0.8",
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the per-step noise.")] = 0,
@@ -74,11 +74,16 @@ def move(
         raise UsageError("give either --mask FILE or --mask-from-prompt WORD")
     if output != "-":
         check_writable(output, overwrite)
-    weights = _weights(energy_weights, energy_scale)
+    _weights(energy_weights, energy_scale or 0.0)  # checked before the model loads
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     where = MoveSpec(dx or 0.0, dy or 0.0, scale, keep_source, None if to is None else _point(to))
     m = models.load(quiet=quiet)
     warn_prompts(m, [prompt], quiet)
+    defaults = "paper"
+    if energy_scale is None:  # the model folder's recommendation where the paper's 0.5 fails on it
+        recommended = m.recommended.get("move", {}).get("energy_scale")
+        energy_scale, defaults = (0.5, "paper") if recommended is None else (float(recommended), m.recommended["file"])
+    weights = _weights(energy_weights, energy_scale)
     with progress(steps, "move (pixelman)", quiet) as callback:
         out, result = move_image(
             m, image, mask, where,
@@ -89,9 +94,10 @@ def move(
     meta = image_params("move", m, image=image, made_from=made_from(image), mask=mask, mask_from_prompt=mask_from_prompt, dx=dx, dy=dy, to=to,
                         scale=scale, keep_source=keep_source, prompt=prompt, steps=steps,
                         guidance_scale=result["guidance_scale"], seed=seed, energy_scale=energy_scale,
-                        energy_weights=energy_weights, guidance=spec.to_dict())
+                        energy_weights=energy_weights, guidance=spec.to_dict(), defaults=defaults)
     save_image(out, output, params=meta, overwrite=overwrite)
-    emit({"output": output, **result}, json, to_stderr=output == "-")
+    emit({"output": output, **result, "energy_scale": energy_scale, "defaults": defaults}, json,
+         to_stderr=output == "-")
 
 
 def _point(text: str) -> tuple[float, float]:

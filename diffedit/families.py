@@ -56,6 +56,9 @@ class Family:
         self.compiled: torch.nn.Module | None = None  # torch.compile of the network, made on request
         self.use_compiled = False
         self.membranes = None  # SPM concept-erasure adapters attached to the network (editing/spm/runtime.py)
+        # Settings the model's folder recommends where the papers' defaults fail on it (`diffedit.json`
+        # beside model_index.json): {"engines": {name: {option: value}}, "move": {option: value}}.
+        self.recommended: dict = {}
         # Latent-consistency models (an LCMScheduler in the folder) sample by consistency steps:
         # x0 from the network, then all-fresh noise to the next level (`sample(refresh=True)`).
         self.consistency = isinstance(pipe.scheduler, LCMScheduler)

@@ -190,7 +190,8 @@ def invert_image(
     }
     if mask is not None:
         meta["mask"] = {"source": mask.name(), **asdict(mask.options), "edited_fraction": edit_mask.edited_fraction}
-    result = {"engine": plan.engine.name, "steps": plan.steps, "seed": plan.seed, "size": [height, width]}
+    result = {"engine": plan.engine.name, "steps": plan.steps, "seed": plan.seed, "size": [height, width],
+              "defaults": plan.defaults}
     if check:
         z_rec = plan.engine.edit(run, tensors)
         result.update(
@@ -296,7 +297,7 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
 
         run.target.deepcache = DeepCache(model.network, deepcache)
     run.show_attention = show_attention
-    result = {"engine": plan.engine.name, "steps": plan.steps}
+    result = {"engine": plan.engine.name, "steps": plan.steps, "defaults": plan.defaults}
     if fk is not None and fk.particles > 1:
         z, steered = _steered_edit(model, run, record, fk, reward)
         result.update(steered)

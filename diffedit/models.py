@@ -212,7 +212,7 @@ def load_model(
     elif path.is_dir():
         if not (path / "model_index.json").exists():
             raise DiffeditError(f"{path}: not a diffusers model folder (no model_index.json)")
-        family, files = family_of_folder(path), _model_files(path)
+        family, files, folder = family_of_folder(path), _model_files(path), path
         pipe = _load_folder(path, family, pick_dtype(dtype, dev, family), allow_pickle)
     elif HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         folder = _download(spec)
@@ -226,7 +226,26 @@ def load_model(
     model = adapter_for(pipe, family, max_sequence_length)
     model.source, model.loras = spec, fused
     model.fingerprint = fingerprint(files) if not fused else _with_loras(fingerprint(files), fused)
+    if not path.is_file():  # a folder (local or downloaded) may recommend settings
+        model.recommended = recommended_settings(folder) if not fused else {}
     return model
+
+
+SETTINGS_FILE = "diffedit.json"
+
+
+def recommended_settings(folder: Path) -> dict:
+    """The settings a model folder recommends (`diffedit.json`), checked for shape: {"engines": {name:
+    {option: value}}, "move": {option: value}}; {} when the folder has none."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    settings = _read_json(path)
+    engines = settings.get("engines", {}) if isinstance(settings, dict) else None
+    move = settings.get("move", {}) if isinstance(settings, dict) else None
+    if not isinstance(engines, dict) or not isinstance(move, dict) or not all(isinstance(v, dict) for v in engines.values()):
+        raise DiffeditError(f"{path}: expected {{\"engines\": {{NAME: {{OPTION: VALUE}}}}, \"move\": {{OPTION: VALUE}}}}")
+    return {"engines": engines, "move": move, "file": str(path)}
 
 
 def _fuse_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], lcm_lora: str | None) -> list[dict]:
@@ -305,4 +324,5 @@ def describe(model: Family) -> dict:
         "network_parameters": sum(p.numel() for p in net.parameters()),
         "scheduler": type(model.pipe.scheduler).__name__,
         **({"loras": model.loras} if model.loras else {}),
+        **({"recommended": {k: v for k, v in model.recommended.items() if k != "file"}} if model.recommended else {}),
     }

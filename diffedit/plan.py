@@ -28,6 +28,7 @@ class Plan:
     edit_scale: float  # CFG of the edit's target branch
     negative_prompt: str = ""
     seed: int = 0
+    defaults: str = "paper"  # where the defaults came from: "paper", or the model folder's settings file
 
     @property
     def engine_meta(self) -> dict:
@@ -35,22 +36,41 @@ class Plan:
         return {"name": self.engine.name, **self.params.to_dict()}
 
 
+SCALES_AND_STEPS = ("steps", "guidance_scale", "inversion_guidance_scale")
+
+
 def plan_job(model: Family, *, engine: str = "ddim", steps: int | None = None, params: dict | None = None,
              guidance: GuidanceSpec | None = None, guidance_scale: float | None = None,
              inversion_guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0) -> Plan:
-    """The plan of a job from user options (None: the engine's default on this model)."""
+    """The plan of a job from user options (None: the model folder's recommended setting where it has
+    one, else the engine's default on this model)."""
     eng = get_engine(engine)
     default_steps, (default_inversion, default_edit) = eng.model_defaults(model)
+    given = {k: v for k, v in (params or {}).items() if v is not None}
+    user = {"steps": steps, "guidance_scale": guidance_scale, "inversion_guidance_scale": inversion_guidance_scale,
+            **given}
+    recommended = model.recommended.get("engines", {}).get(engine, {})
+    applied = {k: v for k, v in recommended.items() if user.get(k) is None}  # where the user said nothing
+    steps = applied.get("steps", steps)
+    guidance_scale = applied.get("guidance_scale", guidance_scale)
+    inversion_guidance_scale = applied.get("inversion_guidance_scale", inversion_guidance_scale)
     steps = default_steps if steps is None else steps
     if steps < 1:
         raise UsageError(f"--steps {steps} must be at least 1")
-    resolved = eng.resolve(eng.Params.from_options(engine, params), steps, model)
+    folder_options = {k: v for k, v in applied.items() if k not in SCALES_AND_STEPS}
+    try:
+        options = eng.Params.from_options(engine, {**folder_options, **given})
+    except UsageError as err:  # a settings file naming an option the engine does not have
+        if not any(f"--{k.replace('_', '-')} " in str(err) for k in folder_options):
+            raise
+        raise UsageError(f"{model.recommended['file']}: {err}") from None
+    resolved = eng.resolve(options, steps, model)
     guidance = guidance or GuidanceSpec()
     return Plan(eng, resolved, steps, guidance,
                 guidance.default_scale(default_inversion) if inversion_guidance_scale is None
                 else float(inversion_guidance_scale),
                 guidance.default_scale(default_edit) if guidance_scale is None else float(guidance_scale),
-                negative_prompt, seed)
+                negative_prompt, seed, model.recommended["file"] if applied else "paper")
 
 
 def plan_of_record(model: Family, meta: dict, *, edit: bool = False, guidance_scale: float | None = None,

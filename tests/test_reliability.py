@@ -313,3 +313,56 @@ def test_default_outputs_follow_one_naming_rule(cli, tmp_path, tiny_folder, monk
     assert code == 0 and (tmp_path / "a-red-circle-on-white-7.png").exists()
     code, _, err = cli("edit", "-", "-t", "x", *steps)
     assert code == 2 and "give the output with -o" in err
+
+
+# -- defaults that work on the model they run on --------------------------------------------------------------
+
+
+def test_a_model_folder_s_recommended_settings_are_the_defaults(cli, tmp_path):
+    """The toy model's diffedit.json: Direct Inversion at CFG 3 with feature injection 0.4 unless the
+    user says otherwise; the result and the PNG say where the defaults came from."""
+    from diffedit.images import read_params
+
+    scene = "samples/scene.png"
+    source = "an orange star and a green triangle on a black background"
+    target = "a yellow star and a green triangle on a black background"
+    code, out, err = cli("edit", scene, "-s", source, "-t", target, "-e", "direct", "-n", "4", "-o",
+                         tmp_path / "a.png", "--json", "-q")
+    assert code == 0, err
+    params = read_params(tmp_path / "a.png")
+    assert params["guidance_scale"] == 3.0 and params["engine_params"]["inject_features"] == 0.4
+    assert json.loads(out)["defaults"].endswith("samples/toy-sd/diffedit.json")
+    code, out, err = cli("edit", scene, "-s", source, "-t", target, "-e", "direct", "-n", "4", "-g", "5",
+                         "--inject-features", "0", "-o", tmp_path / "b.png", "--json", "-q")
+    assert code == 0, err
+    params = read_params(tmp_path / "b.png")
+    assert params["guidance_scale"] == 5.0 and params["engine_params"]["inject_features"] == 0.0
+    assert json.loads(out)["defaults"] == "paper"  # everything the folder recommends was given
+    code, out, err = cli("edit", scene, "-s", source, "-t", target, "-e", "ddim", "-n", "4", "-o",
+                         tmp_path / "c.png", "--json", "-q")
+    assert code == 0 and json.loads(out)["defaults"] == "paper"  # nothing recommended for ddim
+
+
+def test_move_takes_the_recommended_energy_scale_and_models_info_lists_it(cli, tmp_path):
+    code, out, err = cli("move", "samples/scene.png", "--mask", "samples/scene.star-mask.png", "--dx", "4",
+                         "--dy", "0", "-n", "2", "-o", tmp_path / "m.png", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["energy_scale"] == 2.0
+    code, out, err = cli("models", "info", "samples/toy-sd", "--json")
+    assert code == 0 and json.loads(out)["recommended"]["move"] == {"energy_scale": 2.0}
+
+
+def test_a_broken_settings_file_is_named(cli, tmp_path, tiny_folder):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder("sd1"), model)
+    (model / "diffedit.json").write_text(json.dumps({"engines": {"ddim": {"skip": 3}}}))
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    code, _, err = cli("edit", tmp_path / "x.png", "-t", "a", "-m", model, "-n", "2", "-o", tmp_path / "o.png", "-q")
+    assert code == 2 and "diffedit.json: --skip does not apply to engine ddim" in err
+    (model / "diffedit.json").write_text("[1, 2]")
+    code, _, err = cli("edit", tmp_path / "x.png", "-t", "a", "-m", model, "-n", "2", "-o", tmp_path / "o.png", "-q")
+    assert code == 1 and "diffedit.json: expected" in err
