@@ -366,3 +366,32 @@ def test_a_broken_settings_file_is_named(cli, tmp_path, tiny_folder):
     (model / "diffedit.json").write_text("[1, 2]")
     code, _, err = cli("edit", tmp_path / "x.png", "-t", "a", "-m", model, "-n", "2", "-o", tmp_path / "o.png", "-q")
     assert code == 1 and "diffedit.json: expected" in err
+
+
+SCENE_SOURCE = "an orange star and a green triangle on a black background"
+SCENE_TARGET = "a yellow star and a green triangle on a black background"
+
+
+@pytest.mark.parametrize("model, engine, guidance", [
+    *(("samples/toy-sd", e, "cfg") for e in ("ddim", "ddpm-ef", "bdia", "direct", "ddim-p2p", "infedit")),
+    *(("samples/toy-sd", "ddim", g) for g in ("cfgpp", "pag", "cfgpp+pag")),
+    *(("samples/toy-flow", e, "cfg") for e in ("ddim", "rf-inversion", "flowedit")),
+])
+def test_defaults_never_fail(cli, tmp_path, model, engine, guidance):
+    """Every engine and every guidance with nothing but its defaults, on the shipped toy models."""
+    code, out, err = cli("edit", "samples/scene.png", "-s", SCENE_SOURCE, "-t", SCENE_TARGET, "-m", model,
+                         "-e", engine, "--guidance", guidance, "-o", tmp_path / "e.png", "--json", "-q")
+    assert code == 0, err
+    assert (tmp_path / "e.png").exists() and json.loads(out)["nfe"] > 0
+
+
+@pytest.mark.parametrize("command", ["generate", "invert", "move", "mask"])
+def test_every_other_command_runs_on_its_defaults(cli, tmp_path, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples").symlink_to(Path(__file__).resolve().parent.parent / "samples")
+    args = {"generate": ["generate", "a red circle on a white background"],
+            "invert": ["invert", "samples/scene.png", "-o", "r.safetensors"],
+            "move": ["move", "samples/scene.png", "--mask", "samples/scene.star-mask.png", "--dx", "6", "-o", "m.png"],
+            "mask": ["mask", "samples/scene.png", "-p", SCENE_SOURCE, "-w", "orange star", "-o", "k.png"]}[command]
+    code, _, err = cli(*args, "-q")
+    assert code == 0, err
