@@ -14,7 +14,7 @@ OUTPUT = Path("docs/benchmarks.md")
 
 SECTIONS = [
     ("Local edits: ShapesBench with edit masks (toy SD model)", """
-Recolour and reshape tasks (the first 10 of each), every UNet engine at its defaults, without a mask,
+Recolour and reshape tasks (the first 5 of each), every UNet engine at its defaults, without a mask,
 with the edited object's own region as a mask file (`--mask`, its place before and after the edit,
 default feather of one latent cell), the same without paste-back, and with the region found from the
 object's words (`--mask-from-prompt "COLOUR SHAPE"`). Background PSNR is measured outside the object's
