@@ -17,9 +17,13 @@ SECTIONS = [
 Recolour and reshape tasks (the first 5 of each), every UNet engine at its defaults, without a mask,
 with the edited object's own region as a mask file (`--mask`, its place before and after the edit,
 default feather of one latent cell), the same without paste-back, and with the region found from the
-object's words (`--mask-from-prompt "COLOUR SHAPE"`). Background PSNR is measured outside the object's
-region grown by 2 px, so the feathered seam counts against it. Seconds per edit were measured beside a
-training run: compare them within this table only.""",
+object's words (`--mask-from-prompt "COLOUR SHAPE"`). Toy-model defaults apply (its `diffedit.json`:
+Direct Inversion at CFG 3 with feature injection 0.4). "Background PSNR" is ShapesBench's: outside the
+object's region grown by 2 px, so part of the feathered seam (4 px on this model) counts against it.
+"PSNR outside the mask" is outside the feathered mask itself: with paste-back the input's own pixels,
+bit for bit (inf; tests/test_masks.py), without it the decoded latent, which there is the input's own
+latent, so it meets the VAE's round trip (next column) up to the decoder's reach across the seam.
+Seconds per edit were measured while other jobs shared the CPU: compare them within one table only.""",
      ["shapes-mask-none", "shapes-mask-object", "shapes-mask-object-nopaste", "shapes-mask-words"]),
     ("Local edits: ShapesBench with edit masks (toy flow model)", """
 The same tasks on the toy flow model with the flow engines (masks from words need UNet

@@ -189,9 +189,18 @@ def _engine_task(runner: TaskRunner) -> TaskRunner:
 def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
     from diffedit.jobs import edit_image
 
+    from diffedit.images import to_pil
+    from diffedit.jobs import record_mask
+
     rest = {k: v for k, v in options.items() if k not in PLAN_OPTIONS + MASK_OPTIONS}  # adaptive guidance, DeepCache
-    image, result, _ = edit_image(model, source, _plan(model, options), source_prompt=task["source_prompt"],
-                                  target_prompt=task["target_prompt"], mask=task_mask(task, options), **rest)
+    image, result, record = edit_image(model, source, _plan(model, options), source_prompt=task["source_prompt"],
+                                       target_prompt=task["target_prompt"], mask=task_mask(task, options), **rest)
+    mask = record_mask(record)
+    if mask is not None:  # outside the (feathered) mask: the edit, and the VAE's round trip, against the input
+        outside, original = mask.weights == 0, np.asarray(source)
+        vae = np.asarray(to_pil(model.decode(record.tensors["latent"])))
+        result.update(outside_mask_psnr=masked_psnr(np.asarray(image), original, outside),
+                      outside_mask_vae_psnr=masked_psnr(vae, original, outside))
     return image, result
 
 
@@ -335,7 +344,8 @@ def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: in
             continue
         image, result = done
         row = {"id": task["id"], "kind": task["kind"], "engine": label, "status": "ok",
-               "nfe": result["nfe"], "seconds": time.perf_counter() - started, **judge(task, np.asarray(image))}
+               "nfe": result["nfe"], "seconds": time.perf_counter() - started, **judge(task, np.asarray(image)),
+               **{k: result[k] for k in ("outside_mask_psnr", "outside_mask_vae_psnr") if k in result}}
         rows.append(row)
         if progress:
             progress(row)
@@ -356,14 +366,25 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "bg_psnr": round(float(np.mean(finite)), 2) if finite else math.inf,
                     "bg_ssim": round(float(np.mean([r["bg_ssim"] for r in rs])), 4),
                     "nfe": round(float(np.mean([r["nfe"] for r in rs])), 1),
-                    "seconds": round(float(np.mean([r["seconds"] for r in rs])), 3)})
+                    "seconds": round(float(np.mean([r["seconds"] for r in rs])), 3),
+                    **{k: _mean_psnr([r[k] for r in rs]) for k in ("outside_mask_psnr", "outside_mask_vae_psnr")
+                       if k in rs[0]}})
     return out
 
 
+def _mean_psnr(values: list[float]) -> float:
+    """Mean of the finite values; inf when every value is (identical pixels)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return round(float(np.mean(finite)), 2) if finite else math.inf
+
+
 def markdown(summary: list[dict]) -> str:
-    lines = ["| engine | task | tasks | edit success % | background PSNR (dB) | background SSIM | NFE | s / edit |",
-             "|---|---|---|---|---|---|---|---|"]
+    masked = any("outside_mask_psnr" in s for s in summary)  # edit masks: PSNR outside them too
+    extra = " PSNR outside the mask (dB) | VAE round trip there (dB) |" if masked else ""
+    lines = ["| engine | task | tasks | edit success % | background PSNR (dB) | background SSIM | NFE | s / edit |" + extra,
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if masked else "")]
     for s in summary:
+        cells = f" {s.get('outside_mask_psnr', '—')} | {s.get('outside_mask_vae_psnr', '—')} |" if masked else ""
         lines.append(f"| {s['engine']} | {s['kind']} | {s['tasks']} | {s['success_pct']} | {s['bg_psnr']} | "
-                     f"{s['bg_ssim']} | {s['nfe']} | {s['seconds']} |")
+                     f"{s['bg_ssim']} | {s['nfe']} | {s['seconds']} |" + cells)
     return "\n".join(lines)
