@@ -11,16 +11,16 @@ from pathlib import Path
 from diffedit.errors import DiffeditError
 
 
-def check_readable(path: str | Path | None) -> None:
+def check_readable(path: str | Path | None, kind: str = "a file") -> None:
     """Fail at once (before any model loads) if an input file is missing, a folder or empty; "-" and
-    None pass ("-" is stdin, read later)."""
+    None pass ("-" is stdin, read later). `kind` names what was expected, for the message."""
     if path is None or str(path) == "-":
         return
     path = Path(path)
     if not path.exists():
         raise DiffeditError(f"{path}: no such file")
     if path.is_dir():
-        raise DiffeditError(f"{path}: is a folder, not a file")
+        raise DiffeditError(f"{path}: is a folder, not {kind}")
     if path.stat().st_size == 0:
         raise DiffeditError(f"{path}: empty file")
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from diffedit.errors import DiffeditError, UsageError
-from diffedit.files import atomic_output
+from diffedit.files import atomic_output, check_readable
 
 MIN_SIDE = 8
 PARAMS_KEY = "diffedit"
@@ -108,12 +108,7 @@ def _open_source(source: str | Path) -> tuple[str, io.BytesIO | Path]:
             raise DiffeditError("<stdin>: no data on standard input")
         return "<stdin>", io.BytesIO(_stdin_read[1])
     path = Path(source)
-    if not path.exists():
-        raise DiffeditError(f"{path}: no such file")
-    if path.is_dir():
-        raise DiffeditError(f"{path}: is a folder, not an image file")
-    if path.stat().st_size == 0:
-        raise DiffeditError(f"{path}: empty file")
+    check_readable(path, "an image file")
     return str(path), path
 
 
