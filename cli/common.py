@@ -60,6 +60,8 @@ StartOpt = Annotated[float | None, typer.Option("--start", help="rf-inversion: f
 StopOpt = Annotated[float | None, typer.Option("--stop", help="rf-inversion: fraction of steps where the edit controller stops (0.25).", rich_help_panel=ENGINE_PANEL)]
 NMaxOpt = Annotated[int | None, typer.Option("--n-max", help="flowedit: edit over the last N steps (SD3 33 of 50, Flux 24 of 28; other step counts keep that fraction).", rich_help_panel=ENGINE_PANEL)]
 NMinOpt = Annotated[int | None, typer.Option("--n-min", help="flowedit: finish with N steps of plain sampling (0).", rich_help_panel=ENGINE_PANEL)]
+ShareStepsOpt = Annotated[int | None, typer.Option("--share-steps", help="rf-solver/fireflow: editing steps whose attention values come from the source (5 / 1).", rich_help_panel=ENGINE_PANEL)]
+ShareFromOpt = Annotated[float | None, typer.Option("--share-from", help="rf-solver/fireflow: share values from this fraction of the blocks' depth on (20/38 / 0).", rich_help_panel=ENGINE_PANEL)]
 NAvgOpt = Annotated[int | None, typer.Option("--n-avg", help="flowedit: average N velocity differences per step (1).", rich_help_panel=ENGINE_PANEL)]
 AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="SPM concept-erasure adapter (.spm.safetensors from `diffedit erase train`); repeatable: several concepts at once.", rich_help_panel=MODEL_PANEL)]
 TransportOpt = Annotated[str, typer.Option("--transport", help="SPM facilitated transport: calibrated (each adapter's strength per prompt from its similarity to the erased concept; the empty prompt gets 0), paper (the paper's raw cosine) or off (adapters always fully on).", rich_help_panel=MODEL_PANEL)]

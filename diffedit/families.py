@@ -316,7 +316,8 @@ class FlowFamily(Family):
         else:
             sched.set_timesteps(steps, device=self.device, **kwargs)
         sig = [float(v) for v in sched.sigmas]
-        return Schedule(sched.timesteps.to(self.device), tuple(1.0 - v for v in sig), tuple(sig))
+        return Schedule(sched.timesteps.to(self.device), tuple(1.0 - v for v in sig), tuple(sig),
+                        end_time=0.0)  # the network time is 1000 sigma
 
     def _shift_mu(self, seq_len: int) -> float:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift

@@ -31,6 +31,9 @@ class Schedule:
     times: torch.Tensor
     a: tuple[float, ...]
     s: tuple[float, ...]
+    # the network time at level N, where solvers that evaluate at both ends of a step need it (flows: 0,
+    # their time being 1000 s); None where no such time exists (VP schedules end below their grid)
+    end_time: float | None = None
     t: tuple[float, ...] = field(init=False)  # `times` as Python floats, for guidance schedules
 
     def __post_init__(self):
@@ -38,6 +41,30 @@ class Schedule:
 
     def __len__(self) -> int:
         return len(self.times)
+
+    def _all_times(self) -> list[float]:
+        if self.end_time is None:
+            raise ValueError("this schedule has no network time at its last level")
+        return [*self.t, self.end_time]
+
+    def reversed(self) -> Schedule:
+        """The same levels run from clean to noisy: `sample` on it inverts, evaluating the network at
+        each step's start as an ODE solver does (not at its destination, as `invert` does)."""
+        times = self._all_times()[::-1]
+        return Schedule(torch.tensor(times[:-1], dtype=self.times.dtype, device=self.times.device),
+                        self.a[::-1], self.s[::-1], end_time=times[-1])
+
+    def midpoints(self) -> Schedule:
+        """Every step split at its middle: level 2i is level i, level 2i+1 halfway to level i+1, in
+        time and in both coefficients. Exact for flows (a = 1 - s, time = 1000 s), the only schedules
+        the midpoint solvers run on."""
+        times, a, s = self._all_times(), [], []
+        for j in range(len(self)):
+            a += [self.a[j], (self.a[j] + self.a[j + 1]) / 2]
+            s += [self.s[j], (self.s[j] + self.s[j + 1]) / 2]
+        mid = [v for j in range(len(self)) for v in (times[j], (times[j] + times[j + 1]) / 2)]
+        return Schedule(torch.tensor(mid, dtype=self.times.dtype, device=self.times.device),
+                        (*a, self.a[-1]), (*s, self.s[-1]), end_time=self.end_time)
 
 
 def churn(a_from: float, s_from: float, a_to: float, s_to: float, eta: float) -> float:
@@ -56,23 +83,57 @@ def step(x0: torch.Tensor, eps: torch.Tensor, a_to: float, s_to: float,
     return torch.add(a_to * x0, eps, alpha=math.sqrt(max(s_to * s_to - c * c, 0.0))).add_(z, alpha=c)
 
 
+class Midpoint:
+    """The explicit midpoint rule for a rectified flow (`x = (1 - s) x0 + s eps`, `dx/ds = eps - x0`),
+    one instance per loop: the velocity at the step's start moves `x` half a step, the velocity there
+    moves it the whole step. This is RF-Solver's second-order Taylor step (its finite-difference
+    derivative folded in). With `reuse`, the start velocity is the previous step's midpoint velocity
+    (FireFlow), so each step after the first costs one network evaluation.
+
+    As the `solver` of `sample`, it runs on the schedule it was made for (steps split by
+    `Schedule.midpoints`), forward or `reversed` alike.
+    """
+
+    def __init__(self, schedule: Schedule, reuse: bool = False):
+        self.fine, self.reuse, self.velocity = schedule.midpoints(), reuse, None
+
+    def __call__(self, denoise: Denoise, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        f, j = self.fine, 2 * i
+        if self.velocity is None or not self.reuse:
+            x0, eps = denoise(x, f, j)
+            self.velocity = eps - x0
+        v = self.velocity[-len(x):]  # a loop may drop leading rows between steps (a finished source row)
+        x0, eps = denoise(x + (f.s[j + 1] - f.s[j]) * v, f, j + 1)
+        self.velocity = eps - x0
+        return torch.add(x, self.velocity, alpha=f.s[j + 2] - f.s[j]), x0
+
+
+Solver = Callable[[Denoise, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (denoise, x, i) -> (x_next, x0)
+
+
 @torch.inference_mode()
 def sample(
-    denoise: Denoise, x: torch.Tensor, schedule: Schedule, *, start: int = 0, eta: float = 0.0,
-    noise: Callable[[int], torch.Tensor] | None = None, callback: Callback | None = None,
+    denoise: Denoise, x: torch.Tensor, schedule: Schedule, *, start: int = 0, end: int | None = None,
+    eta: float = 0.0, noise: Callable[[int], torch.Tensor] | None = None, callback: Callback | None = None,
     refresh: bool = False, after_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    solver: Solver | None = None,
 ) -> torch.Tensor:
-    """Denoise `x` from level `start` to the end of the schedule; `noise(i)` gives z at step i.
+    """Denoise `x` from level `start` to level `end` (default: the end of the schedule); `noise(i)`
+    gives z at step i.
 
     `refresh` takes consistency steps (latent-consistency models): all of the next level's noise is
     fresh, `x = a x0 + s z`. `after_step(i, x, x0)` may replace the batch after each step (FK
-    steering resamples its particles there).
+    steering resamples its particles there). A `solver` (e.g. `Midpoint`) takes each deterministic
+    step its own way instead of `step`.
     """
     a, s = schedule.a, schedule.s
-    for i in range(start, len(schedule)):
-        x0, eps = denoise(x, schedule, i)
-        c = s[i + 1] if refresh else churn(a[i], s[i], a[i + 1], s[i + 1], eta)
-        x = step(x0, eps, a[i + 1], s[i + 1], c, noise(i) if c else None)
+    for i in range(start, len(schedule) if end is None else end):
+        if solver is not None:
+            x, x0 = solver(denoise, x, i)
+        else:
+            x0, eps = denoise(x, schedule, i)
+            c = s[i + 1] if refresh else churn(a[i], s[i], a[i + 1], s[i + 1], eta)
+            x = step(x0, eps, a[i + 1], s[i + 1], c, noise(i) if c else None)
         if callback is not None:
             callback(i, x, x0)
         if after_step is not None:

@@ -16,7 +16,8 @@ the step and branches from `begin` (plug-and-play feature injection).
 
 Processors are swapped by direct assignment on the modules (not `set_attn_processor`, which walks the
 whole network), so a Denoiser can install them around each forward and always restore the
-originals, even on error. UNet attention (SD1/SD2/SDXL) and SD3's joint attention are supported;
+originals, even on error. UNet attention (SD1/SD2/SDXL), SD3's joint attention and Flux's attention
+(double- and single-stream; its sequences put the text first, `AttnCall.text_first`) are supported;
 other layers keep their own processors and are invisible to controllers. Feature layers are
 reached with forward hooks, removed on exit like the processors.
 """
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from diffedit.errors import UsageError
 
@@ -41,6 +44,7 @@ class AttnCall:
     joint: bool
     step: int
     branches: tuple[str, ...]
+    text_first: bool = False  # Flux: the text tokens come first (single-stream blocks: `image_tokens` 0, unknown)
 
     def rows(self, batch: int, branch: str) -> slice:
         """Rows of the batch that hold `branch` (branches are stacked in equal chunks)."""
@@ -107,9 +111,9 @@ class _Processor:
         self.layer, self.controller = layer, controller
         self.cross = bool(module.is_cross_attention)
 
-    def call(self, image_tokens: int, joint: bool) -> AttnCall:
+    def call(self, image_tokens: int, joint: bool, text_first: bool = False) -> AttnCall:
         c = self.controller
-        return AttnCall(self.layer, self.cross, image_tokens, joint, c.step, c.branches)
+        return AttnCall(self.layer, self.cross, image_tokens, joint, c.step, c.branches, text_first)
 
 
 class UNetProcessor(_Processor):
@@ -185,6 +189,44 @@ class JointProcessor(_Processor):
         return attn.to_out[1](attn.to_out[0](image)), text
 
 
+class FluxProcessor(_Processor):
+    """Same computation as diffusers' FluxAttnProcessor, with the controller's hooks. Double-stream
+    blocks attend over [text, image]; single-stream blocks get that sequence already joined."""
+
+    def __init__(self, layer: str, module: FluxAttention, controller: Controller):
+        self.layer, self.controller, self.cross = layer, controller, False
+
+    def __call__(self, attn: FluxAttention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        if attn.fused_projections:
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        heads = lambda t: t.unflatten(-1, (-1, attn.head_dim))  # noqa: E731  [batch, tokens, heads, dim]
+        q, k, v = attn.norm_q(heads(q)), attn.norm_k(heads(k)), heads(v)
+        joined = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        image_tokens = hidden_states.shape[1] if joined else 0
+        if joined:
+            if attn.fused_projections:
+                cq, ck, cv = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            else:
+                e = encoder_hidden_states
+                cq, ck, cv = attn.add_q_proj(e), attn.add_k_proj(e), attn.add_v_proj(e)
+            q = torch.cat([attn.norm_added_q(heads(cq)), q], 1)
+            k = torch.cat([attn.norm_added_k(heads(ck)), k], 1)
+            v = torch.cat([heads(cv), v], 1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, tokens, dim], as the hooks expect
+        out = _attend(self.controller, self.call(image_tokens, True, text_first=True), q, k, v, attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        if not joined:
+            return out
+        text, image = out.split_with_sizes([encoder_hidden_states.shape[1], image_tokens], dim=1)
+        return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+
+
 def attention_layers(network: torch.nn.Module) -> dict[str, Attention]:
     """Attention modules our processors can drive, by module name."""
     return {name: m for name, m in network.named_modules() if isinstance(m, Attention)}
@@ -196,6 +238,9 @@ class AttentionControl:
     def __init__(self, network: torch.nn.Module, controller: Controller):
         self.controller = controller
         self.modules = []
+        for name, module in network.named_modules():
+            if isinstance(module, FluxAttention):  # not an `Attention`, so no layer list (PAG's) names it
+                self.modules.append((module, FluxProcessor(name, module, controller)))
         for name, module in attention_layers(network).items():
             kind = JointProcessor if hasattr(module, "add_q_proj") and module.add_q_proj is not None else UNetProcessor
             if kind is UNetProcessor and getattr(module, "added_kv_proj_dim", None):

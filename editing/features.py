@@ -45,3 +45,30 @@ def with_features(controller: Controller, params, steps: int, into: list[int] | 
     fraction, layers = params.inject_features, params.feature_layers
     injection = FeatureInjection(layers, steps, fraction, into=into)  # checks the options even when off
     return controller if fraction == 0 else Chain(controller, injection)
+
+
+def value_layers(network, share_from: float) -> tuple[str, ...]:
+    """The attention layers whose values RF-Solver and FireFlow share: Flux's single-stream blocks (or
+    SD3's joint blocks) from the fraction `share_from` of their depth on (RF-Solver on Flux: 20 of 38)."""
+    blocks = getattr(network, "single_transformer_blocks", None) or getattr(network, "transformer_blocks", None)
+    if not blocks:
+        raise UsageError("value sharing needs a transformer's attention blocks (sd3, flux)")
+    first = min(round(share_from * len(blocks)), len(blocks) - 1)
+    prefix = "single_transformer_blocks" if getattr(network, "single_transformer_blocks", None) else "transformer_blocks"
+    return tuple(f"{prefix}.{i}.attn" for i in range(first, len(blocks)))
+
+
+class ValueSharing(Controller):
+    """In `layers`, for the denoiser's steps before `end`, the target rows of each branch chunk take the
+    source row's attention values (all tokens, as RF-Solver and FireFlow do): the source row runs on
+    the inversion path beside them, so its values are those the inversion computed."""
+
+    def __init__(self, layers: tuple[str, ...], end: int):
+        super().__init__()
+        self.layers, self.end = set(layers), end
+
+    def qkv(self, call, q, k, v):
+        if call.step >= self.end or call.layer not in self.layers:
+            return q, k, v
+        chunks = v.unflatten(0, (len(call.branches), -1))  # [branch, item, heads, tokens, dim]
+        return q, k, chunks[:, :1].expand_as(chunks).flatten(0, 1)

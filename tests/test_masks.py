@@ -12,7 +12,7 @@ from diffedit.errors import DiffeditError
 from diffedit.masks import EditMask, MaskOptions
 
 UNET_ENGINES = ["ddim", "ddpm-ef", "bdia", "direct", "ddim-p2p", "infedit"]
-FLOW_ENGINES = ["ddim", "ddpm-ef", "bdia", "rf-inversion", "flowedit"]
+FLOW_ENGINES = ["ddim", "ddpm-ef", "bdia", "rf-inversion", "flowedit", "rf-solver", "fireflow"]
 
 
 def box_mask(size=(32, 32), box=(8, 20, 10, 22)) -> Image.Image:
@@ -102,7 +102,7 @@ def _masked_edit(model, engine, feather=2, steps=6):
 
 
 @pytest.mark.parametrize("family, engine", [("sd1", e) for e in UNET_ENGINES] + [("sd3", e) for e in FLOW_ENGINES]
-                         + [("sdxl", "ddpm-ef"), ("sd2", "direct"), ("flux", "flowedit"), ("flux", "rf-inversion")])
+                         + [("sdxl", "ddpm-ef"), ("sd2", "direct"), ("flux", "flowedit"), ("flux", "rf-inversion"), ("flux", "fireflow")])
 def test_outside_the_mask_every_engine_returns_the_input(tiny, family, engine):
     """The final latent equals the input's latent exactly outside the mask's cells (and changes inside);
     with paste-back the pixels outside the feathered mask are the input's own, bit for bit."""
