@@ -173,6 +173,31 @@ def masks(
     _measured(bench, repeats, quick, save, json)
 
 
+@bench_app.command("solvers")
+def solvers(
+    scenes: Annotated[int, typer.Option(min=1, help="ShapesBench reconstruction scenes per point.")] = 10,
+    quick: Annotated[bool, typer.Option(help="2 scenes, 5 and 10 steps.")] = False,
+    save: SaveOpt = None,
+    json: JsonOpt = False,
+):
+    """Round-trip PSNR against network evaluations: DDIM, DPM-Solver++ 2M, Euler, RF-Solver, FireFlow
+    on the toy models; with --save, also a plot (round-trip.png).
+
+    Example: diffedit bench solvers --save benchmarks/results/solvers
+    """
+    from diffedit.errors import UsageError
+    from lab.benchmarks import solvers as bench
+
+    with stderr.status("measuring"):
+        rows = bench.run(scenes=scenes, quick=quick)
+    _report(rows, bench.markdown(rows), save, json)
+    if save is not None:
+        try:
+            bench.plot(rows, save / "round-trip.png")
+        except ImportError:
+            raise UsageError("the plot needs matplotlib: pip install -e '.[lab]'") from None
+
+
 @bench_app.command("speed")
 def speed(
     repeats: RepeatsOpt = 3,

@@ -19,9 +19,10 @@ from diffedit.images import to_tensor
 from diffedit.jobs import edit_record, invert_image
 from diffedit.plan import plan_job
 from lab.benchmarks.overhead import _timed, mid_size_sd1
-from lab.testing import tiny_lcm_pipeline, tiny_pipeline
+from lab.testing import SD3Transformer2DModel, StableDiffusion3Pipeline, tiny_lcm_pipeline, tiny_pipeline
 
 ENGINES = ("ddim", "ddpm-ef", "bdia", "direct", "ddim-p2p", "infedit")
+FLOW_ENGINES = ("ddim", "rf-inversion", "flowedit", "rf-solver", "fireflow")
 SOURCE, TARGET = "a red circle on a white background", "a blue circle on a white background"
 
 
@@ -125,6 +126,9 @@ def run(repeats: int = 3, quick: bool = False) -> tuple[list[dict], list[dict]]:
     lcm_steps = 4 if quick else 15  # InfEdit's paper runs LCMs at 15 steps
     rows += [measure(lcm, image, "infedit", lcm_steps, repeats, label=" (LCM)"),
              measure(lcm, image, "infedit", lcm_steps, repeats, pnp, " (LCM) + features 0.4")]
+    flow = adapter_for(tiny_pipeline("sd3") if quick else mid_size_sd3(), "sd3", 16)
+    flow_image = image.resize((32, 32) if quick else (64, 64))
+    rows += [measure(flow, flow_image, engine, steps, repeats, label=" (sd3)") for engine in FLOW_ENGINES]
     return rows, [ledits_comparison(pipe, model, image, steps, repeats)]
 
 
@@ -136,6 +140,19 @@ def mid_size_lcm():
     parts = {k: v for k, v in sd.components.items() if k != "scheduler"}
     return LatentConsistencyModelPipeline(**parts, scheduler=LCMScheduler.from_config(sd.scheduler.config),
                                           requires_safety_checker=False)
+
+
+def mid_size_sd3() -> StableDiffusion3Pipeline:
+    """The tiny SD3 pipeline with a transformer of 6 joint blocks 256 wide (4 heads of 64, patch 2):
+    256 image tokens at 64² (the tiny VAE halves), about 0.1 s a forward here."""
+    torch.manual_seed(0)
+    small = tiny_pipeline("sd3")
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=64,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=256, pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    ).eval()
+    return StableDiffusion3Pipeline(**{**small.components, "transformer": transformer})
 
 
 def markdown(rows: list[dict], comparison: list[dict]) -> str:

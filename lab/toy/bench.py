@@ -187,10 +187,8 @@ def _engine_task(runner: TaskRunner) -> TaskRunner:
 
 @_engine_task
 def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
-    from diffedit.jobs import edit_image
-
     from diffedit.images import to_pil
-    from diffedit.jobs import record_mask
+    from diffedit.jobs import edit_image, record_mask
 
     rest = {k: v for k, v in options.items() if k not in PLAN_OPTIONS + MASK_OPTIONS}  # adaptive guidance, DeepCache
     image, result, record = edit_image(model, source, _plan(model, options), source_prompt=task["source_prompt"],
