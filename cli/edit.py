@@ -92,7 +92,7 @@ def edit(
     fit: FitOpt = "resize", alpha: AlphaOpt = "composite",
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
     fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
-    paste_back: Annotated[bool, typer.Option("--paste-back/--no-paste-back", help="Outside the mask, the input's own pixels (a VAE round trip costs detail), blended over the feathered seam.", rich_help_panel=MASK_PANEL)] = True,
+    paste_back: Annotated[bool, typer.Option("--paste-back/--no-paste-back", help="Outside the mask, the input's own pixels (a VAE round trip costs detail), blended over the feathered seam; --no-paste-back: the VAE's round trip of the input there.", rich_help_panel=MASK_PANEL)] = True,
     *, models: ModelChoice, masking: MaskChoice,
 ):
     """Edit an image by inverting it under --source and regenerating it under --target.

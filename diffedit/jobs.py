@@ -305,8 +305,12 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
         z = plan.engine.edit(run, record.tensors)
     out = to_pil(model.decode(z))
     if mask is not None:
-        if paste_back:
-            out = mask.paste(out, Image.fromarray(record.tensors["pixels"].numpy()))
+        # Outside the mask: the input's own pixels, or without paste-back its VAE round trip. The edited
+        # latent equals the input's there, but the decoder's attention would carry the edit across the
+        # whole image, so the source latent's own decoding is blended in over the same seam.
+        keep = (Image.fromarray(record.tensors["pixels"].numpy()) if paste_back
+                else to_pil(model.decode(record.tensors["latent"])))
+        out = mask.paste(out, keep)
         result.update(edited_fraction=mask.edited_fraction, paste_back=paste_back)
     result.update(nfe=run.nfe, forwards=run.forwards, seconds=time.perf_counter() - started)
     if deepcache:

@@ -115,10 +115,13 @@ def test_outside_the_mask_every_engine_returns_the_input(tiny, family, engine):
     keep = record_weights(record) == 0
     assert np.array_equal(np.asarray(pasted)[keep], np.asarray(img)[keep])
     assert result["paste_back"] and 0 < result["edited_fraction"] < 1
-    # without paste-back the image is the decoded latent, so outside the mask it is the VAE round trip
+    # without paste-back: the decoded edit inside the mask, the VAE round trip of the input outside it
     from diffedit.images import to_pil
 
-    assert np.array_equal(np.asarray(bare), np.asarray(to_pil(model.decode(z))))
+    decoded, round_trip = np.asarray(to_pil(model.decode(z))), np.asarray(to_pil(model.decode(z0)))
+    assert np.array_equal(np.asarray(bare)[keep], round_trip[keep])
+    inside_only = record_weights(record) == 1
+    assert np.array_equal(np.asarray(bare)[inside_only], decoded[inside_only])
 
 
 def record_weights(record):

@@ -21,8 +21,9 @@ object's words (`--mask-from-prompt "COLOUR SHAPE"`). Toy-model defaults apply (
 Direct Inversion at CFG 3 with feature injection 0.4). "Background PSNR" is ShapesBench's: outside the
 object's region grown by 2 px, so part of the feathered seam (4 px on this model) counts against it.
 "PSNR outside the mask" is outside the feathered mask itself: with paste-back the input's own pixels,
-bit for bit (inf; tests/test_masks.py), without it the decoded latent, which there is the input's own
-latent, so it meets the VAE's round trip (next column) up to the decoder's reach across the seam.
+bit for bit (inf; tests/test_masks.py), without it the VAE's round trip of the input, equal to the
+next column: the edited latent is the input's there, but the decoder's attention would carry the edit
+across the whole image, so the input latent's own decoding is blended in over the same seam.
 Seconds per edit were measured while other jobs shared the CPU: compare them within one table only.""",
      ["shapes-mask-none", "shapes-mask-object", "shapes-mask-object-nopaste", "shapes-mask-words"]),
     ("Local edits: ShapesBench with edit masks (toy flow model)", """
