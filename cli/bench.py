@@ -66,6 +66,7 @@ def shapes(
     deepcache: Annotated[int | None, typer.Option("--deepcache", help="Text edits: DeepCache interval on the regeneration (ddim, rf-inversion).")] = None,
     mask: Annotated[str | None, typer.Option("--mask", help="Text edits with an edit mask: object (the object's own region, as a drawn mask file) or words (--mask-from-prompt with its colour and shape).")] = None,
     paste_back: Annotated[bool, typer.Option("--paste-back/--no-paste-back", help="With --mask: the input's pixels outside it.")] = True,
+    mask_dilate: Annotated[int | None, typer.Option("--mask-dilate", help="With --mask words: grow the mask by PX pixels.")] = None,
     save: Annotated[Path | None, typer.Option(help="Folder for rows.jsonl, results.json and results.md.")] = None,
     json: JsonOpt = False,
 ):
@@ -89,7 +90,7 @@ def shapes(
                "params": params}
     if mask not in (None, "object", "words"):
         raise UsageError(f"--mask {mask!r}: object or words")
-    options.update(mask=mask, paste_back=paste_back)
+    options.update(mask=mask, paste_back=paste_back, mask_dilate=mask_dilate)
     accelerators = {"adaptive_guidance": adaptive_guidance, "deepcache": deepcache}
     options.update({k: v for k, v in accelerators.items() if v is not None})  # text edits take them
     rows = []

@@ -34,6 +34,18 @@ cross-attention, so flow models take mask files).""",
 The same edit with and without `--mask`, side by side in one run, medians (`diffedit bench masks`):
 a masked edit makes the same network calls; the rest is one blend per step, the mask's preparation
 and the paste-back.""", ["masks"]),
+    ("Solvers: round trips against network evaluations", """
+`diffedit bench solvers`: the source scenes of ShapesBench's 10 reconstruction tasks inverted with
+their captions and sampled back without guidance (CFG 1), each solver at 5, 10, 20 and 50 steps; mean
+PSNR against the input, and the VAE's own round trip (the ceiling; the gap is what the solver loses).
+NFE counts one direction: DDIM, Euler and DPM-Solver++ (2M) one per step, RF-Solver two, FireFlow one
+plus one.
+
+![round-trip PSNR against network evaluations](../benchmarks/results/solvers/round-trip.png)""", ["solvers"]),
+    ("Flow engines on ShapesBench (toy flow model)", """
+Every recolour, reshape and reconstruction task on the toy flow model, each engine at its defaults
+on that model (RF-Inversion with the model's `stop 0.7`; RF-Solver and FireFlow at their papers'
+steps, CFG 1 / 2 and value sharing). NFE counts the inversion and the edit together.""", ["shapes40-flow"]),
     ("Engines: time against their network forwards", """
 `diffedit bench engines`: each engine's invert and edit time divided by the time of the forwards it
 makes (1.0 = no overhead), and edit-friendly DDPM against diffusers' LEDITS++.""", ["engines"]),

@@ -203,7 +203,7 @@ def text_edit(model: Family, task: dict, source: Image.Image, options: dict) -> 
 
 
 PLAN_OPTIONS = ("engine", "steps", "params", "guidance", "guidance_scale", "inversion_guidance_scale")
-MASK_OPTIONS = ("mask", "paste_back")
+MASK_OPTIONS = ("mask", "paste_back", "mask_dilate")
 
 
 def task_mask(task: dict, options: dict):
@@ -211,6 +211,7 @@ def task_mask(task: dict, options: dict):
     edited object where it is and where it will be (a file), "words" names it by the source prompt's
     words (`--mask-from-prompt`); None: no mask."""
     from diffedit.jobs import MaskInput
+    from diffedit.masks import MaskOptions
 
     how = options.get("mask")
     if how is None:
@@ -218,7 +219,8 @@ def task_mask(task: dict, options: dict):
     paste_back = options.get("paste_back", True)
     if how == "words":
         obj = source_scene(task).objects[task["object"]]
-        return MaskInput(words=f"{obj.colour} {obj.shape}", paste_back=paste_back)
+        shape = MaskOptions(dilate=options.get("mask_dilate") or 0)
+        return MaskInput(words=f"{obj.colour} {obj.shape}", options=shape, paste_back=paste_back)
     if how != "object":
         raise ValueError(f"unknown mask kind {how!r}: object or words")
     region = source_scene(task).masks[task["object"]] | expected_scene(task).masks[task["object"]]
@@ -328,7 +330,8 @@ def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: in
     rows = []
     label = engine  # a masked run is its own row group in the tables
     if (options or {}).get("mask"):
-        label += f" (mask: {options['mask']}{'' if options.get('paste_back', True) else ', no paste-back'})"
+        dilate = f", dilated {options['mask_dilate']} px" if options.get("mask_dilate") else ""
+        label += f" (mask: {options['mask']}{dilate}{'' if options.get('paste_back', True) else ', no paste-back'})"
     for task in tasks:
         runner = RUNNERS.get(task["kind"])
         if runner is None:
