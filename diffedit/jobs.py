@@ -143,7 +143,7 @@ def _run(model: Family, plan: Plan, prompts: tuple[str, str], height: int, width
          callback: Callback | None, target_guidance: GuidanceSpec | None = None, mask: EditMask | None = None) -> Run:
     """The engine's run of a plan: the schedule and the source and target denoisers (one and the same
     when the target is the source with the source's scale: a reconstruction)."""
-    schedule = model.schedule(plan.steps, height, width)
+    schedule = plan.engine.schedule(model, plan.steps, height, width, plan.params)
     negative = plan.negative_prompt
     src = branch_denoiser(model, prompts[0], plan.inversion_scale, height, width, negative, plan.guidance)
     same = prompts[1] == prompts[0] and plan.edit_scale == plan.inversion_scale and target_guidance is None
