@@ -37,6 +37,7 @@ from diffedit.cli.common import (
     QuietOpt,
     RewardOpt,
     SkipOpt,
+    SolverOpt,
     StartOpt,
     StepsOpt,
     StopOpt,
@@ -71,7 +72,7 @@ def edit(
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for engines that draw noise.")] = 0,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
-    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
+    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None,
     cross_replace: Annotated[float | None, typer.Option("--cross-replace", help="direct/ddim-p2p/infedit: fraction of steps the target borrows the source's cross-attention.", rich_help_panel=ENGINE_PANEL)] = None,
     self_replace: Annotated[float | None, typer.Option("--self-replace", help="direct/ddim-p2p/infedit: fraction of steps with self-attention control.", rich_help_panel=ENGINE_PANEL)] = None,
     p2p_mode: Annotated[str | None, typer.Option("--p2p-mode", help="direct/ddim-p2p: replace (word swap), refine (added words) or auto.", rich_help_panel=ENGINE_PANEL)] = None,
@@ -112,7 +113,7 @@ def edit(
     if output != "-":
         check_writable(output, overwrite)
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max,
-                           n_min=n_min, n_avg=n_avg, cross_replace=cross_replace,
+                           n_min=n_min, n_avg=n_avg, solver=solver, cross_replace=cross_replace,
                            self_replace=self_replace, p2p_mode=p2p_mode, blend=blend or None,
                            blend_threshold=blend_threshold, reweight=_reweights(reweight),
                            inject_features=inject_features,

@@ -28,6 +28,7 @@ from diffedit.cli.common import (
     PagScaleOpt,
     QuietOpt,
     SkipOpt,
+    SolverOpt,
     StartOpt,
     StepsOpt,
     StopOpt,
@@ -62,7 +63,7 @@ def invert(
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
-    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
+    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -87,7 +88,7 @@ def invert(
     mask = masking.input()
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
-                           n_avg=n_avg)
+                           n_avg=n_avg, solver=solver)
     m = models.load(quiet=quiet)
     warn_prompts(m, [prompt, negative_prompt], quiet)
     plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec,
