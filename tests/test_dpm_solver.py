@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_subprocess
@@ -16,6 +17,7 @@ from diffedit.denoiser import branch_denoiser
 from diffedit.engines import Run
 from diffedit.errors import UsageError
 from diffedit.families import adapter_for
+from diffedit.images import read_params
 from diffedit.inversion import get_engine
 from diffedit.models import DEFAULT_MODEL, load_model
 from diffedit.plan import plan_job
@@ -193,3 +195,19 @@ def test_cli_refuses_dpm_on_flow_models_in_one_line(tmp_path, tiny_folder):
     assert done.returncode == 2 and len(err.splitlines()) == 1, err
     assert "--solver dpmpp-2m applies to diffusion models (SD1/SD2/SDXL); sd3 is a rectified-flow model" in err
     assert not (tmp_path / "x.inv.safetensors").exists()
+
+
+def test_generate_samples_with_the_solver_and_says_so(cli, tmp_path, tiny_folder):
+    sd1 = tiny_folder("sd1")
+    images = {}
+    for solver in ("ddim", "dpmpp-2m"):
+        out = tmp_path / f"{solver}.png"
+        code, _, err = cli("generate", "a red square", "-m", sd1, "--steps", 4, "--seed", 3, "--solver", solver,
+                           "-o", out, "-q")
+        assert code == 0, err
+        assert read_params(out)["solver"] == solver
+        images[solver] = np.asarray(Image.open(out), dtype=np.float32)
+    assert np.abs(images["ddim"] - images["dpmpp-2m"]).max() > 0
+    code, _, err = cli("generate", "a red square", "-m", sd1, "--steps", 4, "--solver", "dpmpp-2m", "--eta", 0.5,
+                       "-o", tmp_path / "x.png", "-q")
+    assert code == 2 and "--eta applies to --solver ddim" in err
