@@ -90,7 +90,9 @@ def test_inversion_matches_diffusers_dpm_inverse_scheduler(tiny_spaced, family, 
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-@pytest.mark.parametrize("spacing,steps", [("leading", 10), ("linspace", 20)])
+# the sampler's last step lands on s = 0 and is first order at any step count; the random eps models'
+# latents reach |x| ~ 50 here, so 1e-4 is ~2e-6 relative (float32 rounding of the two coefficient orders)
+@pytest.mark.parametrize("spacing,steps", [("leading", 20), ("linspace", 10)])
 def test_sampling_matches_diffusers_pipeline_with_dpm_scheduler(tiny_spaced, family, spacing, steps):
     pipe, model = tiny_spaced(family, spacing)
     seed = 11
