@@ -58,6 +58,7 @@ GammaOpt = Annotated[float | None, typer.Option("--gamma", help="bdia: backward 
 StrengthOpt = Annotated[float | None, typer.Option("--strength", help="bdia: fraction of the steps inverted and regenerated (0.8, as the paper's editing code; 1 = from pure noise).", rich_help_panel=ENGINE_PANEL)]
 StartOpt = Annotated[float | None, typer.Option("--start", help="rf-inversion: first fraction of steps with the edit controller (0).", rich_help_panel=ENGINE_PANEL)]
 StopOpt = Annotated[float | None, typer.Option("--stop", help="rf-inversion: fraction of steps where the edit controller stops (0.25).", rich_help_panel=ENGINE_PANEL)]
+SolverOpt = Annotated[str | None, typer.Option("--solver", help="ddim: how inversion and sampling step, ddim (first order, the default) or dpmpp-2m (DPM-Solver++ 2M multistep on its own levels, as diffusers' DPMSolverMultistep schedulers; SD1/SD2/SDXL). Records keep it.", rich_help_panel=ENGINE_PANEL)]
 NMaxOpt = Annotated[int | None, typer.Option("--n-max", help="flowedit: edit over the last N steps (SD3 33 of 50, Flux 24 of 28; other step counts keep that fraction).", rich_help_panel=ENGINE_PANEL)]
 NMinOpt = Annotated[int | None, typer.Option("--n-min", help="flowedit: finish with N steps of plain sampling (0).", rich_help_panel=ENGINE_PANEL)]
 ShareStepsOpt = Annotated[int | None, typer.Option("--share-steps", help="rf-solver/fireflow: editing steps whose attention values come from the source (5 / 1).", rich_help_panel=ENGINE_PANEL)]

@@ -39,6 +39,7 @@ from diffedit.cli.common import (
     ShareFromOpt,
     ShareStepsOpt,
     SkipOpt,
+    SolverOpt,
     StartOpt,
     StepsOpt,
     StopOpt,
@@ -73,7 +74,7 @@ def edit(
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for engines that draw noise.")] = 0,
     overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
-    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
+    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None,
     share_steps: ShareStepsOpt = None, share_from: ShareFromOpt = None,
     cross_replace: Annotated[float | None, typer.Option("--cross-replace", help="direct/ddim-p2p/infedit: fraction of steps the target borrows the source's cross-attention.", rich_help_panel=ENGINE_PANEL)] = None,
     self_replace: Annotated[float | None, typer.Option("--self-replace", help="direct/ddim-p2p/infedit: fraction of steps with self-attention control.", rich_help_panel=ENGINE_PANEL)] = None,
@@ -115,7 +116,8 @@ def edit(
     if output != "-":
         check_writable(output, overwrite)
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max,
-                           n_min=n_min, n_avg=n_avg, share_steps=share_steps, share_from=share_from, cross_replace=cross_replace,
+                           n_min=n_min, n_avg=n_avg, solver=solver, share_steps=share_steps, share_from=share_from,
+                           cross_replace=cross_replace,
                            self_replace=self_replace, p2p_mode=p2p_mode, blend=blend or None,
                            blend_threshold=blend_threshold, reweight=_reweights(reweight),
                            inject_features=inject_features,

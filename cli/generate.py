@@ -24,6 +24,7 @@ from diffedit.cli.common import (
     QuietOpt,
     RewardOpt,
     SeedOpt,
+    SolverOpt,
     StepsOpt,
     emit,
     finite_scale,
@@ -51,6 +52,7 @@ def generate(
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale (embedded guidance for Flux); default 7.5, CFG++'s lambda 0.6.")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     eta: Annotated[float, typer.Option("--eta", help="Churn: 0 = deterministic DDIM/Euler, 1 = DDPM-like.")] = 0.0,
+    solver: SolverOpt = None,
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
     fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
     width: Annotated[int | None, typer.Option("--width", "-W", min=8, max=MAX_SIDE)] = None,
@@ -105,7 +107,7 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     scale = spec.default_scale(7.5) if first["guidance_scale"] is None else first["guidance_scale"]
     common = dict(steps=steps, guidance_scale=scale, negative_prompt=first["negative_prompt"],
                   width=first["width"], height=first["height"], guidance=spec, eta=first["eta"],
-                  deepcache=first["deepcache"])
+                  deepcache=first["deepcache"], solver=first["solver"] or "ddim")
     with progress(steps, "generate", first["quiet"]) as callback:
         if fk is not None:  # the particles are the batch
             assert len(jobs) == 1, "FK steering is not micro-batched"
@@ -118,7 +120,8 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     for job, (image, result) in zip(jobs, outs):
         params = image_params("generate", m, prompt=job["prompt"], negative_prompt=job["negative_prompt"],
                               seed=result["seed"], steps=steps, guidance_scale=scale,
-                              guidance=spec.to_dict(), eta=job["eta"], fk_particles=job["fk_particles"],
+                              guidance=spec.to_dict(), eta=job["eta"], solver=first["solver"] or "ddim",
+                              fk_particles=job["fk_particles"],
                               reward=job["reward"] if job["fk_particles"] > 1 else None,
                               size=[image.height, image.width])
         save_image(image, job["output"], params=params, overwrite=job["overwrite"])

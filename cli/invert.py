@@ -30,6 +30,7 @@ from diffedit.cli.common import (
     ShareFromOpt,
     ShareStepsOpt,
     SkipOpt,
+    SolverOpt,
     StartOpt,
     StepsOpt,
     StopOpt,
@@ -64,7 +65,7 @@ def invert(
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
-    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
+    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None,
     share_steps: ShareStepsOpt = None, share_from: ShareFromOpt = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
@@ -90,7 +91,7 @@ def invert(
     mask = masking.input()
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max, n_min=n_min,
-                           n_avg=n_avg, share_steps=share_steps, share_from=share_from)
+                           n_avg=n_avg, solver=solver, share_steps=share_steps, share_from=share_from)
     m = models.load(quiet=quiet)
     warn_prompts(m, [prompt, negative_prompt], quiet)
     plan = plan_job(m, engine=engine, steps=steps, params=params, guidance=spec,

@@ -133,6 +133,11 @@ class Engine:
         params.check(steps)
         return params
 
+    def schedule(self, model: Family, steps: int, height: int, width: int, params: Params) -> Schedule:
+        """The levels a run steps through: the model's own (an engine with a choice of solver picks
+        its levels here)."""
+        return model.schedule(steps, height, width)
+
     def record_tensors(self, steps: int, params: Params, latent: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """The tensors `invert` returns for a latent of shape `latent`, with their shapes (a record is
         checked against them before use)."""

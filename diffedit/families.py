@@ -13,10 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
 from diffedit.errors import DiffeditError, UsageError
 from diffedit.sampling import Schedule
+
+# How deterministic sampling and inversion step between levels (docs/design.md, "Solvers"): the
+# first-order DDIM/Euler step, or DPM-Solver++ (2M) multistep on diffusion models.
+SOLVERS = ("ddim", "dpmpp-2m")
 
 
 @dataclass
@@ -174,8 +178,21 @@ class Family:
         return pixels.float().clamp(-1, 1)
 
     # -- schedule ----------------------------------------------------------------------------
-    def schedule(self, steps: int, height: int, width: int) -> Schedule:
+    def schedule(self, steps: int, height: int, width: int, solver: str = "ddim") -> Schedule:
         raise NotImplementedError
+
+    def check_solver(self, solver: str) -> None:
+        """A UsageError (one line) for a solver this model cannot step with."""
+        if solver not in SOLVERS:
+            raise UsageError(f"--solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+        if solver == "ddim":
+            return
+        if self.prediction == "flow":
+            raise UsageError(f"--solver {solver} applies to diffusion models (SD1/SD2/SDXL); "
+                             f"{self.name} is a rectified-flow model: use --solver ddim (Euler)")
+        if self.consistency:
+            raise UsageError(f"--solver {solver} does not apply to latent-consistency models: "
+                             "they sample by consistency steps")
 
 
 def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
@@ -243,7 +260,10 @@ class UNetFamily(Family):
         return self._run(x, t, encoder_hidden_states=cond.tensors["text"],
                          timestep_cond=cond.tensors.get("timestep_cond"), return_dict=False)[0]
 
-    def schedule(self, steps, height, width):
+    def schedule(self, steps, height, width, solver="ddim"):
+        self.check_solver(solver)
+        if solver == "dpmpp-2m":
+            return self._dpm_schedule(steps)
         if self.consistency:
             return self._consistency_schedule(steps)
         sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
@@ -253,6 +273,31 @@ class UNetFamily(Family):
         abar = [float(sched.alphas_cumprod[int(t)]) for t in sched.timesteps]
         abar.append(float(sched.final_alpha_cumprod))
         return Schedule(times, tuple(np.sqrt(abar)), tuple(np.sqrt(1.0 - np.array(abar))))
+
+    def _dpm_schedule(self, steps: int) -> Schedule:
+        """DPM-Solver++ (2M) levels (docs/design.md, "Solvers"): those of diffusers'
+        DPMSolverMultistepScheduler made from the pipeline's scheduler config, down to s = 0.
+
+        The inversion climbs the same levels from the one of timestep 0 (where diffusers'
+        DPMSolverMultistepInverseScheduler starts), evaluating the network at each step's starting
+        level and time as that scheduler does; with "linspace" spacing its levels are exactly that
+        scheduler's. (With "leading" or "trailing" spacing diffusers' inverse scheduler ends above the
+        sampler's first level, so a round trip through the two would start sampling from the wrong
+        level; ours ends on it.)
+        """
+        sched = DPMSolverMultistepScheduler.from_config(
+            self.pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+            lower_order_final=True, euler_at_final=False, final_sigmas_type="zero", thresholding=False)
+        sched.set_timesteps(steps)
+        abar0 = sched.alphas_cumprod[0]
+        sigmas = [float(v) for v in sched.sigmas] + [float(((1 - abar0) / abar0) ** 0.5)]  # sigma = s / a
+        a = [1.0 / math.sqrt(1.0 + v * v) for v in sigmas]
+        s = [v * k for v, k in zip(sigmas, a)]
+        times = sched.timesteps.to(self.device)
+        # level N of the inversion is timestep 0's; its step from level i + 1 runs at level i + 1's time
+        inverse = Schedule(torch.cat([times[1:], times.new_zeros(1)]), tuple(a[:-2]) + (a[-1],),
+                           tuple(s[:-2]) + (s[-1],), order=2)
+        return Schedule(times, tuple(a[:-1]), tuple(s[:-1]), order=2, inverse=inverse)
 
     def _consistency_schedule(self, steps: int) -> Schedule:
         """LCMScheduler's timesteps (picked from its distillation grid); the last step lands on x0.
@@ -307,7 +352,8 @@ class FlowFamily(Family):
     def _sigmas_and_mu(self, steps: int, height: int, width: int):
         return None, None
 
-    def schedule(self, steps, height, width):
+    def schedule(self, steps, height, width, solver="ddim"):
+        self.check_solver(solver)
         sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         sigmas, mu = self._sigmas_and_mu(steps, height, width)
         kwargs = {"mu": mu} if mu is not None else {}

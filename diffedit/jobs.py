@@ -143,7 +143,7 @@ def _run(model: Family, plan: Plan, prompts: tuple[str, str], height: int, width
          callback: Callback | None, target_guidance: GuidanceSpec | None = None, mask: EditMask | None = None) -> Run:
     """The engine's run of a plan: the schedule and the source and target denoisers (one and the same
     when the target is the source with the source's scale: a reconstruction)."""
-    schedule = model.schedule(plan.steps, height, width)
+    schedule = plan.engine.schedule(model, plan.steps, height, width, plan.params)
     negative = plan.negative_prompt
     src = branch_denoiser(model, prompts[0], plan.inversion_scale, height, width, negative, plan.guidance)
     same = prompts[1] == prompts[0] and plan.edit_scale == plan.inversion_scale and target_guidance is None
@@ -268,6 +268,8 @@ def _check_accelerators(plan: Plan, adaptive_guidance: float | None, deepcache: 
         raise UsageError("--deepcache is not combined with FK steering")
     if fk is not None and fk.particles > 1 and plan.engine.name != "ddim":
         raise UsageError(f"FK steering in edits samples from the inverted noise: use --engine ddim, not {plan.engine.name}")
+    if fk is not None and fk.particles > 1 and plan.params.solver != "ddim":
+        raise UsageError(f"FK steering samples stochastically with --solver ddim, not {plan.params.solver}")
 
 
 def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *, callback: Callback | None = None,
@@ -347,14 +349,17 @@ def generate_image(
     negative_prompt: str = "", width: int | None = None, height: int | None = None,
     guidance: GuidanceSpec | None = None, eta: float = 0.0, fk: FKConfig | None = None,
     reward: str = "saturation", callback: Callback | None = None, deepcache: int | None = None,
+    solver: str = "ddim",
 ) -> tuple[Image.Image, dict]:
     """Sample an image; `eta` > 0 samples stochastically, `fk` steers K particles with a reward."""
     if fk is None or fk.particles <= 1:
         return generate_images(model, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
                                negative_prompt=negative_prompt, width=width, height=height, guidance=guidance,
-                               eta=eta, callback=callback, deepcache=deepcache)[0]
+                               eta=eta, callback=callback, deepcache=deepcache, solver=solver)[0]
     if deepcache:
         raise UsageError("--deepcache is not combined with FK steering")
+    if solver != "ddim":  # resampling particles would mix the multistep solver's memory of earlier steps
+        raise UsageError(f"--solver {solver} is not combined with FK steering")
     started = time.perf_counter()
     seed = secrets.randbelow(2**31) if seed is None else seed
     height, width, shape, schedule = _canvas(model, steps, height, width, eta)
@@ -374,7 +379,7 @@ def generate_images(
     model: Family, prompts: list[str], seeds: list[int | None], *, steps: int = 50, guidance_scale: float = 7.5,
     negative_prompt: str = "", width: int | None = None, height: int | None = None,
     guidance: GuidanceSpec | None = None, eta: float = 0.0, callback: Callback | None = None,
-    deepcache: int | None = None,
+    deepcache: int | None = None, solver: str = "ddim",
 ) -> list[tuple[Image.Image, dict]]:
     """Sample one image per prompt in a single batch (micro-batching).
 
@@ -385,7 +390,7 @@ def generate_images(
     if model.consistency and eta:
         raise UsageError("--eta does not apply to latent-consistency models: each step draws all its noise afresh")
     seeds = [secrets.randbelow(2**31) if s is None else s for s in seeds]
-    height, width, shape, schedule = _canvas(model, steps, height, width, eta)
+    height, width, shape, schedule = _canvas(model, steps, height, width, eta, solver)
     den = prompt_denoiser_for(model, prompts, guidance_scale, height, width, negative_prompt, guidance)
     if deepcache:
         from diffedit.deepcache import DeepCache
@@ -404,8 +409,8 @@ def generate_images(
                    "seconds": seconds, **extra}) for img, seed in zip(images, seeds)]
 
 
-def _canvas(model: Family, steps: int, height: int | None, width: int | None, eta: float):
-    """Checked image size, the latent shape of one image, and the schedule."""
+def _canvas(model: Family, steps: int, height: int | None, width: int | None, eta: float, solver: str = "ddim"):
+    """Checked image size, the latent shape of one image, and the schedule of `solver`."""
     default_h, default_w = model.default_size()
     height, width = height or default_h, width or default_w
     for side, name in ((height, "height"), (width, "width")):
@@ -413,7 +418,9 @@ def _canvas(model: Family, steps: int, height: int | None, width: int | None, et
             raise UsageError(f"--{name} {side} is not a multiple of {model.multiple} for this model")
     if not 0 <= eta <= 1:
         raise UsageError(f"--eta {eta} must be in [0, 1]")
-    return height, width, model.latent_shape(1, height, width), model.schedule(steps, height, width)
+    if eta and solver != "ddim":
+        raise UsageError(f"--eta applies to --solver ddim; --solver {solver} samples deterministically")
+    return height, width, model.latent_shape(1, height, width), model.schedule(steps, height, width, solver)
 
 
 def image_params(command: str, model: Family, **fields) -> dict:

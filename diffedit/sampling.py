@@ -25,7 +25,9 @@ class Schedule:
 
     `times[i]` is the network's time input at level i (N entries); `a[i]`, `s[i]` are the
     coefficients of `x_i = a_i * x0 + s_i * eps` (N + 1 entries, Python floats so the loop
-    never syncs with the device).
+    never syncs with the device). `order` 2 makes both loops multistep (DPM-Solver++ 2M, see
+    `multistep`); `inverse`, when set, is the schedule `invert` climbs instead (its `times[i]` is the
+    network's time for the step from level i + 1 to level i).
     """
 
     times: torch.Tensor
@@ -35,6 +37,8 @@ class Schedule:
     # their time being 1000 s); None where no such time exists (VP schedules end below their grid)
     end_time: float | None = None
     t: tuple[float, ...] = field(init=False)  # `times` as Python floats, for guidance schedules
+    order: int = 1
+    inverse: Schedule | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "t", tuple(float(v) for v in self.times.cpu()))
@@ -83,6 +87,29 @@ def step(x0: torch.Tensor, eps: torch.Tensor, a_to: float, s_to: float,
     return torch.add(a_to * x0, eps, alpha=math.sqrt(max(s_to * s_to - c * c, 0.0))).add_(z, alpha=c)
 
 
+def multistep(pred: Prediction, x0_prev: torch.Tensor, schedule: Schedule, prev: int, now: int,
+              to: int) -> Prediction:
+    """DPM-Solver++ (2M): the prediction at level `now` with its x0 extrapolated linearly in
+    log-SNR `lambda = log(a/s)` from the previous step's x0 (made at level `prev`), to the middle
+    of the step towards level `to`; `step` with it is the 2M update (docs/design.md, "Solvers").
+
+    `D = x0 + (x0 - x0_prev) * h / (2 h_prev)` with `h = lambda_to - lambda_now`,
+    `h_prev = lambda_now - lambda_prev`; eps moves with D so that `x = a D + s eps` still holds.
+    """
+    a, s = schedule.a, schedule.s
+    lam = [math.log(a[k] / s[k]) for k in (prev, now, to)]
+    x0, eps = pred
+    d = (x0 - x0_prev).mul_((lam[2] - lam[1]) / (2.0 * (lam[1] - lam[0])))
+    return x0 + d, torch.add(eps, d, alpha=-a[now] / s[now])
+
+
+def second_order(schedule: Schedule, x0_prev: torch.Tensor | None, final: bool, s_to: float) -> bool:
+    """Whether a multistep schedule takes its 2M step: not on a loop's first step (no earlier x0),
+    nor on the schedule's final step when it lands on s = 0 or is short (< 15 steps), as diffusers'
+    DPM-Solver++ schedulers do (`lower_order_final`)."""
+    return schedule.order == 2 and x0_prev is not None and not (final and (s_to == 0.0 or len(schedule) < 15))
+
+
 class Midpoint:
     """The explicit midpoint rule for a rectified flow (`x = (1 - s) x0 + s eps`, `dx/ds = eps - x0`),
     one instance per loop: the velocity at the step's start moves `x` half a step, the velocity there
@@ -127,13 +154,18 @@ def sample(
     step its own way instead of `step`.
     """
     a, s = schedule.a, schedule.s
+    x0_prev = None  # the previous step's x0, for multistep schedules
     for i in range(start, len(schedule) if end is None else end):
         if solver is not None:
             x, x0 = solver(denoise, x, i)
         else:
-            x0, eps = denoise(x, schedule, i)
+            pred = denoise(x, schedule, i)
+            x0 = pred[0]
+            if second_order(schedule, x0_prev, i == len(schedule) - 1, s[i + 1]):
+                pred = multistep(pred, x0_prev, schedule, i - 1, i, i + 1)
+            x0_prev = x0
             c = s[i + 1] if refresh else churn(a[i], s[i], a[i + 1], s[i + 1], eta)
-            x = step(x0, eps, a[i + 1], s[i + 1], c, noise(i) if c else None)
+            x = step(*pred, a[i + 1], s[i + 1], c, noise(i) if c else None)
         if callback is not None:
             callback(i, x, x0)
         if after_step is not None:
@@ -148,15 +180,22 @@ def invert(
 ) -> list[torch.Tensor]:
     """Deterministic inversion from the clean end (level N) up to level `end`.
 
-    Each step evaluates the network at the destination's time on the current latents and converts
-    with the current level's coefficients, as diffusers' DDIMInverseScheduler does. Returns the
-    trajectory `[x_N, x_{N-1}, ..., x_end]`.
+    Each step evaluates the network at time `times[i]` on the current latents and converts with the
+    current level's coefficients. For DDIM that time is the destination's, as diffusers'
+    DDIMInverseScheduler does; a schedule with an `inverse` climbs that one instead (DPM-Solver++:
+    the current level's time, as DPMSolverMultistepInverseScheduler does). Returns the trajectory
+    `[x_N, x_{N-1}, ..., x_end]`.
     """
+    schedule = schedule.inverse or schedule
     a, s = schedule.a, schedule.s
-    trajectory = [x]
+    trajectory, x0_prev = [x], None
     for i in reversed(range(end, len(schedule))):
-        x0, eps = denoise(x, schedule, i, level=i + 1, inverse=True)
-        x = step(x0, eps, a[i], s[i])
+        pred = denoise(x, schedule, i, level=i + 1, inverse=True)
+        x0 = pred[0]
+        if second_order(schedule, x0_prev, i == 0, s[i]):
+            pred = multistep(pred, x0_prev, schedule, i + 2, i + 1, i)
+        x0_prev = x0
+        x = step(*pred, a[i], s[i])
         trajectory.append(x)
         if callback is not None:
             callback(i, x, x0)

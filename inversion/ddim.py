@@ -2,10 +2,25 @@
 
 With the same prompt and guidance the round trip is close but not exact (the network is evaluated
 one level away from where the update assumes it); its error falls as the step count grows.
+`solver="dpmpp-2m"` steps both ways with DPM-Solver++ (2M) on its own levels instead, as diffusers'
+DPMSolverMultistep(Inverse)Scheduler do (docs/design.md, "Solvers").
 """
 
-from diffedit.engines import Engine, Run, register
+from dataclasses import dataclass
+
+from diffedit.engines import Engine, Params, Run, register
+from diffedit.errors import UsageError
+from diffedit.families import SOLVERS
 from diffedit.sampling import invert, sample
+
+
+@dataclass(frozen=True)
+class DDIMParams(Params):
+    solver: str = "ddim"
+
+    def check(self, steps: int) -> None:
+        if self.solver not in SOLVERS:
+            raise UsageError(f"--solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
 
 
 @register
@@ -13,6 +28,16 @@ class DDIM(Engine):
     name = "ddim"
     exact = False
     accelerable = True
+    Params = DDIMParams
+
+    def resolve(self, params, steps, model):
+        params.check(steps)
+        if params.solver != "ddim":  # the first-order step runs on every model
+            model.check_solver(params.solver)
+        return params
+
+    def schedule(self, model, steps, height, width, params):
+        return model.schedule(steps, height, width, solver=params.solver)
 
     def record_tensors(self, steps, params, latent):
         return {"noise": latent}
