@@ -49,6 +49,13 @@ steps, CFG 1 / 2 and value sharing). NFE counts the inversion and the edit toget
     ("Engines: time against their network forwards", """
 `diffedit bench engines`: each engine's invert and edit time divided by the time of the forwards it
 makes (1.0 = no overhead), and edit-friendly DDPM against diffusers' LEDITS++.""", ["engines"]),
+    ("Before and after the architecture step", """
+The ratios of `bench overhead` and `bench engines` (mid-size SD1 at 256², 20 steps) measured on the
+commit before the plan/layers rework (598a3bb) and after it, alternating the two checkouts three times
+(nine more times for the two inversions), each process on one thread timed in CPU time so that other
+jobs on the machine count less; medians. `direct` and `ddim` invert with the same call, so the spread
+between their rows (runs of one checkout vary by up to ±15 %) is this measurement's noise. Scripts and
+raw runs: `benchmarks/results/architecture/`.""", ["architecture"]),
     ("The sampling loop against diffusers", """
 `diffedit bench overhead`: our generate loop against NFE x one bare forward, and against diffusers'
 StableDiffusionPipeline on the same job.""", ["overhead"]),
