@@ -68,11 +68,14 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["solver"] == solver]
         ax.plot([r["nfe"] for r in mine], [r["psnr"] for r in mine], marker="o",
                 linestyle="-" if mine[0]["model"] == "toy-flow" else "--", label=f"{solver} ({mine[0]['model']})")
+    ceilings: dict[float, list[str]] = {}  # models that share a VAE share a ceiling: one line for them
     for model in dict.fromkeys(r["model"] for r in rows):
-        ceiling = statistics.mean(r["vae_psnr"] for r in rows if r["model"] == model)
+        ceiling = round(statistics.mean(r["vae_psnr"] for r in rows if r["model"] == model), 2)
+        ceilings.setdefault(ceiling, []).append(model)
+    for ceiling, models in ceilings.items():
         ax.axhline(ceiling, color="grey", linewidth=0.8, linestyle=":")
-        ax.annotate(f"VAE ceiling, {model}", (1, ceiling), xycoords=("axes fraction", "data"), ha="right",
-                    va="bottom", fontsize=7, color="grey")
+        ax.annotate(f"VAE ceiling ({', '.join(models)})", (0.99, ceiling), xycoords=("axes fraction", "data"),
+                    ha="right", va="bottom", fontsize=7, color="grey")
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per direction")
     ax.set_ylabel("round-trip PSNR (dB)")
