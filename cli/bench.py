@@ -133,6 +133,8 @@ def toy_quality(
 def engines(
     repeats: Annotated[int, typer.Option(min=1, help="Repetitions; medians are reported.")] = 3,
     quick: Annotated[bool, typer.Option(help="Tiny model, 10 steps.")] = False,
+    flow_only: Annotated[bool, typer.Option("--flow-only", help="Only the flow engines, on the mid-size SD3.")] = False,
+    cpu_time: Annotated[bool, typer.Option("--cpu-time", help="One thread, timed in CPU time (for a busy machine).")] = False,
     save: SaveOpt = None,
     json: JsonOpt = False,
 ):
@@ -141,9 +143,12 @@ def engines(
     Example: diffedit bench engines --save benchmarks/results/engines
     """
     from lab.benchmarks import engines as bench
+    from lab.benchmarks.overhead import use_cpu_time
 
+    if cpu_time:
+        use_cpu_time()
     with stderr.status("measuring"):
-        rows, comparison = bench.run(repeats=repeats, quick=quick)
+        rows, comparison = bench.run(repeats=repeats, quick=quick, flow_only=flow_only)
     _report(rows + comparison, bench.markdown(rows, comparison), save, json)
 
 

@@ -41,10 +41,13 @@ def measure(model: Family, image: Image.Image, engine: str, steps: int, repeats:
     invert_t, edit_t = [], []
     for _ in range(repeats):  # the VAE's share (measured alone) is taken out of both
         plan = plan_job(model, engine=engine, steps=steps, params=params)
-        record, inv = invert_image(model, image, plan, prompt=SOURCE, check=False)
-        invert_t.append(inv["seconds"] - _encode_seconds(model, image))
-        _, ed = edit_record(model, record, TARGET, plan)
-        edit_t.append(ed["seconds"] - _decode_seconds(model, record))
+        done = {}
+        invert_t.append(_timed(lambda: done.update(inv=invert_image(model, image, plan, prompt=SOURCE, check=False)))
+                        - _encode_seconds(model, image))
+        record, inv = done["inv"]
+        edit_t.append(_timed(lambda: done.update(ed=edit_record(model, record, TARGET, plan)))
+                      - _decode_seconds(model, record))
+        ed = done["ed"][1]
     fwd = {rows: forward_seconds(model, rows, size) for rows in set(inv["forwards"]) | set(ed["forwards"])}
     cost = lambda forwards: sum(calls * fwd[rows] for rows, calls in forwards.items())  # noqa: E731
     inv_s, edit_s = statistics.median(invert_t), statistics.median(edit_t)
@@ -109,16 +112,18 @@ def ledits_comparison(pipe, model: Family, image: Image.Image, steps: int, repea
             "ours_over_ledits_pp": round(a / b, 3)}
 
 
-def run(repeats: int = 3, quick: bool = False) -> tuple[list[dict], list[dict]]:
+def run(repeats: int = 3, quick: bool = False, flow_only: bool = False) -> tuple[list[dict], list[dict]]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    steps = 10 if quick else 20
+    flow = adapter_for(tiny_pipeline("sd3") if quick else mid_size_sd3(), "sd3", 16)
+    flow_image = _scene(32 if quick else 64)
+    flow_rows = [measure(flow, flow_image, engine, steps, repeats, label=" (sd3)") for engine in FLOW_ENGINES]
+    if flow_only:
+        return flow_rows, []
     pipe = tiny_pipeline("sd1") if quick else mid_size_sd1()
     pipe.set_progress_bar_config(disable=True)
     model = adapter_for(pipe, "sd1")
-    size = 32 if quick else 256
-    a = np.full((size, size, 3), 240, np.uint8)
-    a[size // 4 : size // 2, size // 4 : size // 2] = (220, 30, 30)
-    image = Image.fromarray(a)
-    steps = 10 if quick else 20
+    image = _scene(32 if quick else 256)
     rows = [measure(model, image, engine, steps, repeats) for engine in ENGINES]
     pnp = {"inject_features": 0.4}
     rows += [measure(model, image, engine, steps, repeats, pnp, " + features 0.4") for engine in ("direct", "infedit")]
@@ -126,10 +131,13 @@ def run(repeats: int = 3, quick: bool = False) -> tuple[list[dict], list[dict]]:
     lcm_steps = 4 if quick else 15  # InfEdit's paper runs LCMs at 15 steps
     rows += [measure(lcm, image, "infedit", lcm_steps, repeats, label=" (LCM)"),
              measure(lcm, image, "infedit", lcm_steps, repeats, pnp, " (LCM) + features 0.4")]
-    flow = adapter_for(tiny_pipeline("sd3") if quick else mid_size_sd3(), "sd3", 16)
-    flow_image = image.resize((32, 32) if quick else (64, 64))
-    rows += [measure(flow, flow_image, engine, steps, repeats, label=" (sd3)") for engine in FLOW_ENGINES]
-    return rows, [ledits_comparison(pipe, model, image, steps, repeats)]
+    return rows + flow_rows, [ledits_comparison(pipe, model, image, steps, repeats)]
+
+
+def _scene(size: int) -> Image.Image:
+    a = np.full((size, size, 3), 240, np.uint8)
+    a[size // 4 : size // 2, size // 4 : size // 2] = (220, 30, 30)
+    return Image.fromarray(a)
 
 
 def mid_size_lcm():
@@ -163,7 +171,8 @@ def markdown(rows: list[dict], comparison: list[dict]) -> str:
         lines.append(f"| {r['engine']} | {r['steps']} | {r['invert_nfe']} | {r['edit_nfe']} | "
                      f"{r['invert_s'] if r['invert_nfe'] else '—'} | {r['edit_s']} | "
                      f"{dash(r['invert_over_forwards'])} | {dash(r['edit_over_forwards'])} |")
-    lines += ["", "| job | steps | ours (s) | LEDITS++ (s) | ours ÷ LEDITS++ |", "|---|---|---|---|---|"]
+    if comparison:
+        lines += ["", "| job | steps | ours (s) | LEDITS++ (s) | ours ÷ LEDITS++ |", "|---|---|---|---|---|"]
     for c in comparison:
         lines.append(f"| {c['job']} | {c['steps']} | {c['ours_s']} | {c['ledits_pp_s']} | {c['ours_over_ledits_pp']} |")
     return "\n".join(lines)
