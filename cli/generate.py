@@ -15,17 +15,16 @@ from diffedit.cli.common import (
     FKParticlesOpt,
     FKPotentialOpt,
     GuidanceOpt,
-    JsonOpt,
     ModelChoice,
     OverwriteOpt,
     PagAdaptiveOpt,
     PagLayersOpt,
     PagScaleOpt,
     QuietOpt,
+    ReportChoice,
     RewardOpt,
     SeedOpt,
     StepsOpt,
-    emit,
     finite_scale,
     fk_config,
     generated_name,
@@ -33,6 +32,7 @@ from diffedit.cli.common import (
     progress,
     warn_prompts,
     with_model_options,
+    with_report_options,
 )
 from diffedit.cli.main import app
 
@@ -42,6 +42,7 @@ MAX_PIXELS = 64_000_000
 
 @app.command()
 @with_model_options
+@with_report_options
 def generate(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
@@ -53,14 +54,14 @@ def generate(
     eta: Annotated[float, typer.Option("--eta", help="Churn: 0 = deterministic DDIM/Euler, 1 = DDPM-like.")] = 0.0,
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
     fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
-    width: Annotated[int | None, typer.Option("--width", "-W", min=8, max=MAX_SIDE)] = None,
-    height: Annotated[int | None, typer.Option("--height", "-H", min=8, max=MAX_SIDE)] = None,
+    width: Annotated[int | None, typer.Option("--width", "-W", min=8, max=MAX_SIDE, help="Width in pixels, any (sampled on the model's next multiple, cropped back); default: the model's.")] = None,
+    height: Annotated[int | None, typer.Option("--height", "-H", min=8, max=MAX_SIDE, help="Height in pixels, as --width.")] = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0, adaptive_guidance: AdaptiveGuidanceOpt = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (a slow first call; pays off over many steps or batch jobs).")] = False,
     deepcache: DeepCacheOpt = None,
-    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
-    *, models: ModelChoice,
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice, report: ReportChoice,
 ):
     """Draw an image from a prompt (DDIM / Euler with classifier-free guidance).
 
@@ -91,6 +92,7 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     for job in jobs:
         if job["output"] != "-":
             check_writable(job["output"], job["overwrite"])
+        ReportChoice.of(job).check(job["output"], job["overwrite"])
     spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"],
                          first["adaptive_guidance"])
     fk = fk_config(first["fk_particles"], first["fk_lambda"], first["fk_potential"], first["fk_every"], first["eta"])
@@ -120,9 +122,9 @@ def generate_many(jobs: list[dict]) -> list[dict]:
                               seed=result["seed"], steps=steps, guidance_scale=scale,
                               guidance=spec.to_dict(), eta=job["eta"], fk_particles=job["fk_particles"],
                               reward=job["reward"] if job["fk_particles"] > 1 else None,
-                              size=[image.height, image.width])
+                              size=result["size"])
         save_image(image, job["output"], params=params, overwrite=job["overwrite"])
-        emit({"output": job["output"], **result}, job["json"], to_stderr=job["output"] == "-")
+        ReportChoice.of(job).emit({"output": job["output"], **result}, job["output"], job["quiet"], job["overwrite"])
         results.append({"output": job["output"], **result})
     return results
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,6 @@ from diffedit.cli.common import (
     FitOpt,
     GammaOpt,
     GuidanceOpt,
-    JsonOpt,
     MaskChoice,
     ModelChoice,
     NAvgOpt,
@@ -27,13 +25,13 @@ from diffedit.cli.common import (
     PagLayersOpt,
     PagScaleOpt,
     QuietOpt,
+    ReportChoice,
     SkipOpt,
     StartOpt,
     StepsOpt,
     StopOpt,
     StrengthOpt,
     default_output,
-    emit,
     engine_params,
     finite_scale,
     guidance_spec,
@@ -42,6 +40,7 @@ from diffedit.cli.common import (
     warn_prompts,
     with_mask_options,
     with_model_options,
+    with_report_options,
 )
 from diffedit.cli.main import app
 
@@ -49,6 +48,7 @@ from diffedit.cli.main import app
 @app.command()
 @with_model_options
 @with_mask_options
+@with_report_options
 def invert(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Record file (default: IMAGE.inv.safetensors).")] = None,
@@ -58,15 +58,15 @@ def invert(
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale of the inversion (default: the engine's; 1 = no guidance).")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for engines that draw noise.")] = 0,
-    fit: FitOpt = "resize",
+    fit: FitOpt = "pad",
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
     stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
-    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
-    *, models: ModelChoice, masking: MaskChoice,
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice, masking: MaskChoice, report: ReportChoice,
 ):
     """Invert IMAGE to its noise and save a record; reports the round-trip error.
 
@@ -82,6 +82,7 @@ def invert(
     if output is None:
         output = Path(default_output(image, "inv", ".safetensors"))
     check_writable(output, overwrite)
+    report.check(output, overwrite)
     if masking.show_mask is not None:
         check_writable(masking.show_mask, overwrite)
     mask = masking.input()
@@ -95,22 +96,21 @@ def invert(
     with progress(plan.steps * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(m, image, plan, prompt=prompt, image=ImageInput(fit=fit, alpha=alpha),
                                       mask=mask, check=check, callback=callback)
-    if image != "-":  # relative to the record, so record and image can move together
-        record.meta["image"] = os.path.relpath(Path(image).resolve(), Path(output).resolve().parent)
-    save_record(output, record, overwrite)
+    save_record(output, record, overwrite)  # the image and a local model named relative to the record
     if masking.show_mask is not None:
         save_image(show_mask(m, record, record_mask(record)), masking.show_mask, overwrite=overwrite)
-    emit({"output": str(output), **result}, json)
+    report.emit({"output": str(output), **result}, output, quiet, overwrite)
 
 
 @app.command()
 @with_model_options
+@with_report_options
 def reconstruct(
     record: Annotated[Path, typer.Argument(help="Record made by `diffedit invert`.")],
     output: Annotated[str | None, typer.Option("--output", "-o", help="Image file or - for stdout (default: IMAGE.reconstruct.png beside the record).")] = None,
     against: Annotated[str | None, typer.Option("--against", help="The inverted image, to report the error against (default: the one the record names, if it is still there and unchanged).")] = None,
-    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
-    *, models: ModelChoice,
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice, report: ReportChoice,
 ):
     """Regenerate the image of a record and report its error: `psnr` against the inverted image,
     `vae_psnr` the VAE's own round trip of it, `psnr_vs_vae` against the decoded record latent.
@@ -128,13 +128,14 @@ def reconstruct(
     output = output or default_output(record, "reconstruct")
     if output != "-":
         check_writable(output, overwrite)
+    report.check(output, overwrite)
     m = models.load(rec, quiet=quiet)
     rec.check_model(m, record)
     reference, note = None, "the record names no input image file (it came from stdin)"
     if against is not None:
         reference = record_input(m, rec, against)
     elif isinstance(rec.meta.get("image"), str) and rec.meta["image"] not in ("-", "<memory>"):
-        named = record.resolve().parent / rec.meta["image"]
+        named = Path(rec.meta["image"])  # load_record resolved it against the record's folder
         note = f"{named} is not there"
         try:
             reference = record_input(m, rec, str(named)) if named.is_file() else None
@@ -147,4 +148,4 @@ def reconstruct(
     params = image_params("reconstruct", m, record=str(record), engine=rec.meta["engine"],
                           prompt=rec.meta["source_prompt"], steps=rec.meta["steps"])
     save_image(image, output, params=params, overwrite=overwrite)
-    emit({"output": output, **result}, json, to_stderr=output == "-")
+    report.emit({"output": output, **result}, output, quiet, overwrite)
