@@ -43,8 +43,8 @@ DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (the integ
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights in a model folder, which can run code (single files must be .safetensors).", rich_help_panel=MODEL_PANEL)]
 VaeTilingOpt = Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode large images in overlapping tiles (bounded VAE memory; tiles blend, so results differ slightly).", rich_help_panel=MODEL_PANEL)]
 ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers folder or hub id with the configs of a single-file checkpoint.", rich_help_panel=MODEL_PANEL)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
-JsonOutOpt = Annotated[Path | None, typer.Option("--json-out", help="Write the JSON result to this file (the way to have it with -o -, where stdout carries the image).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")]
+JsonOutOpt = Annotated[Path | None, typer.Option("--json-out", help="Write the JSON result to a file.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no progress bar, spinner or warnings.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 # The engines of diffedit.inversion (tests/test_cli.py checks this list against the registry; the
