@@ -184,7 +184,13 @@ class ModelChoice:
         spinner while it loads)."""
         source, loras, lcm_lora = self.model, self.lora, self.lcm_lora
         if record is not None:
-            source = source or record.meta["model"]["source"]
+            made_with = record.meta["model"]
+            if source is None and made_with.get("local") and not Path(made_with["source"]).exists():
+                from diffedit.errors import DiffeditError
+
+                raise DiffeditError(f"{record.name}: its model {made_with['source']} is not there (a record names a "
+                                    "local model relative to itself); give the model with --model")
+            source = source or made_with["source"]
             loras, lcm_lora = record_loras(record, loras, lcm_lora)
         return load(source, self.device, self.dtype, self.allow_pickle, self.model_config, self.vae_tiling, compile,
                     self.adapter, self.transport, self.lcm_original_steps, loras, lcm_lora, quiet)

@@ -99,6 +99,7 @@ def edit(
     """
     inputs_exist(image, from_record, masking.mask)  # before the heavy imports: a typo is answered at once
     output = output or default_output(image if image is not None else from_record, "edit")
+    report.check(output, overwrite)
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import made_from, save_image
@@ -112,7 +113,6 @@ def edit(
         raise UsageError("give either IMAGE or --from RECORD")
     if output != "-":
         check_writable(output, overwrite)
-    report.check(output, overwrite)
     params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max,
                            n_min=n_min, n_avg=n_avg, cross_replace=cross_replace,
                            self_replace=self_replace, p2p_mode=p2p_mode, blend=blend or None,

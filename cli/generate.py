@@ -83,16 +83,17 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     """
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
-    from diffedit.images import save_image
-    from diffedit.jobs import generate_image, generate_images, image_params
 
     first = jobs[0]
     if (first["width"] or 0) * (first["height"] or 0) > MAX_PIXELS:
         raise UsageError(f"-W {first['width']} -H {first['height']} is more than {MAX_PIXELS} pixels")
-    for job in jobs:
+    for job in jobs:  # before the heavy imports: a usage error is answered at once
+        ReportChoice.of(job).check(job["output"], job["overwrite"])
         if job["output"] != "-":
             check_writable(job["output"], job["overwrite"])
-        ReportChoice.of(job).check(job["output"], job["overwrite"])
+    from diffedit.images import save_image
+    from diffedit.jobs import generate_image, generate_images, image_params
+
     spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"],
                          first["adaptive_guidance"])
     fk = fk_config(first["fk_particles"], first["fk_lambda"], first["fk_potential"], first["fk_every"], first["eta"])

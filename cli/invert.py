@@ -73,6 +73,7 @@ def invert(
     Example: diffedit invert photo.png -p "a photo of a cat" -o photo.inv.safetensors
     """
     inputs_exist(image, masking.mask)
+    report.check(output, overwrite)
     from diffedit.files import check_writable
     from diffedit.images import save_image
     from diffedit.jobs import ImageInput, invert_image, record_mask, show_mask
@@ -82,7 +83,6 @@ def invert(
     if output is None:
         output = Path(default_output(image, "inv", ".safetensors"))
     check_writable(output, overwrite)
-    report.check(output, overwrite)
     if masking.show_mask is not None:
         check_writable(masking.show_mask, overwrite)
     mask = masking.input()
@@ -118,6 +118,7 @@ def reconstruct(
     Example: diffedit reconstruct photo.inv.safetensors -o back.png
     """
     inputs_exist(record, against)
+    report.check(output, overwrite)
     from diffedit.errors import DiffeditError
     from diffedit.files import check_writable
     from diffedit.images import save_image
@@ -128,7 +129,6 @@ def reconstruct(
     output = output or default_output(record, "reconstruct")
     if output != "-":
         check_writable(output, overwrite)
-    report.check(output, overwrite)
     m = models.load(rec, quiet=quiet)
     rec.check_model(m, record)
     reference, note = None, "the record names no input image file (it came from stdin)"

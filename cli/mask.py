@@ -46,6 +46,7 @@ def mask(
     Example: diffedit mask photo.png -p "a red circle and a blue square" -w "red circle" -o circle.png
     """
     inputs_exist(image)
+    report.check(output, overwrite)
     from diffedit.files import check_writable
     from diffedit.images import save_image
     from diffedit.jobs import ImageInput, MaskInput, word_mask
@@ -56,7 +57,6 @@ def mask(
     for path in (output, show_mask):
         if path is not None:
             check_writable(path, overwrite)
-    report.check(output, overwrite)
     m = models.load(quiet=quiet)
     found, overlay, result = word_mask(m, image, prompt, MaskInput(words=words, options=options),
                                        ImageInput(fit=fit, alpha=alpha), seed)

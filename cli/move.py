@@ -63,6 +63,7 @@ def move(
     """
     inputs_exist(image, mask)
     output = output or default_output(image, "move")
+    report.check(output, overwrite)
     from diffedit.editing.pixelman import MoveSpec
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
@@ -75,7 +76,6 @@ def move(
         raise UsageError("give either --mask FILE or --mask-from-prompt WORD")
     if output != "-":
         check_writable(output, overwrite)
-    report.check(output, overwrite)
     _weights(energy_weights, energy_scale or 0.0)  # checked before the model loads
     spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
     where = MoveSpec(dx or 0.0, dy or 0.0, scale, keep_source, None if to is None else _point(to))

@@ -217,12 +217,14 @@ def record_input(model: Family, record: Record, source: str | Image.Image) -> Im
     """The record's input image read from `source` (at its own size); a DiffeditError when it is not the
     image that was inverted (its pixels, brought to the canvas by the same --fit, differ)."""
     how = record.meta.get("input") or {}
-    img, _ = read_image(model, source, ImageInput(alpha=how.get("alpha", "composite")))
-    fit = record_fit(record)
-    if img.size != fit.size or how.get("sha256") not in (None, pixels_digest(fit.apply(img))):
+    img, fit = read_image(model, source, ImageInput(fit=how.get("fit", "resize"), alpha=how.get("alpha", "composite")))
+    made, fitted = record_fit(record), fit.apply(img)
+    reference = img if img.size == made.size else fitted  # a format-2 record's size is its canvas
+    if (reference.size != made.size or fitted.size != made.canvas
+            or how.get("sha256") not in (None, pixels_digest(fitted))):
         name = source if isinstance(source, str) else "the image"
         raise DiffeditError(f"{name}: not the image {record.name} was inverted from (its pixels differ)")
-    return img
+    return reference
 
 
 def reconstruct_record(model: Family, record: Record, *, reference: Image.Image | None = None,

@@ -399,6 +399,12 @@ def test_a_record_moved_with_its_model_and_image_still_finds_them(cli, tmp_path,
                          "--json", "-q")
     assert code == 0, err  # no -m: the model was found beside the record
     assert json.loads(out)["psnr"] == pytest.approx(inverted["psnr"])  # and the image too
+    (moved / "records" / "in.inv.safetensors").rename(tmp_path / "alone.safetensors")  # without its model
+    code, _, err = cli("reconstruct", tmp_path / "alone.safetensors", "-o", tmp_path / "b2.png", "-q")
+    assert code == 1 and "alone.safetensors: its model" in err and "--model" in err and err.count("\n") == 1
+    code, _, err = cli("reconstruct", tmp_path / "alone.safetensors", "-m", moved / "models" / "tiny",
+                       "-o", tmp_path / "b2.png", "-q")
+    assert code == 0, err
 
 
 def test_format_2_records_are_still_read(cli, tmp_path, sd1):
