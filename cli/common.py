@@ -43,7 +43,8 @@ DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (the integ
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights in a model folder, which can run code (single files must be .safetensors).", rich_help_panel=MODEL_PANEL)]
 VaeTilingOpt = Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode large images in overlapping tiles (bounded VAE memory; tiles blend, so results differ slightly).", rich_help_panel=MODEL_PANEL)]
 ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers folder or hub id with the configs of a single-file checkpoint.", rich_help_panel=MODEL_PANEL)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")]
+JsonOutOpt = Annotated[Path | None, typer.Option("--json-out", help="Write the JSON result to a file.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no progress bar, spinner or warnings.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 # The engines of diffedit.inversion (tests/test_cli.py checks this list against the registry; the
@@ -69,7 +70,7 @@ TransportOpt = Annotated[str, typer.Option("--transport", help="SPM facilitated 
 LcmStepsOpt = Annotated[int | None, typer.Option("--lcm-original-steps", min=1, max=1000, help="Latent-consistency models only: the distillation grid the steps are picked from (the scheduler's, usually 50).", rich_help_panel=MODEL_PANEL)]
 LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA file (.safetensors; diffusers/PEFT or kohya names) fused into the model; FILE:SCALE sets its strength (default 1); repeatable.", rich_help_panel=MODEL_PANEL)]
 LcmLoraOpt = Annotated[str | None, typer.Option("--lcm-lora", help="LCM-LoRA file: fused into the base model (SD1/SD2/SDXL), which then samples as a latent-consistency model (2-8 steps; its guidance is distilled in, so use -g 1 to 2).", rich_help_panel=MODEL_PANEL)]
-FitOpt = Annotated[str, typer.Option("--fit", help="Bring the image to the model's size multiple: resize, crop or pad.", rich_help_panel=INPUT_PANEL)]
+FitOpt = Annotated[str, typer.Option("--fit", help="How the image meets the model's size multiple; outputs keep the input's size either way: pad (edge pixels, cropped away again), resize (and back) or crop (the centre; the cut border is filled from the result's edge).", rich_help_panel=INPUT_PANEL)]
 AlphaOpt = Annotated[str, typer.Option("--alpha", help="Transparent images: composite (on white) or refuse.", rich_help_panel=INPUT_PANEL)]
 MaskOpt = Annotated[str | None, typer.Option("--mask", help="PNG of the image's size: white (or opaque) where the image may change.", rich_help_panel=MASK_PANEL)]
 MaskWordsOpt = Annotated[str | None, typer.Option("--mask-from-prompt", help="Instead of --mask: the region where WORD(S) of the source prompt attend (cross-attention); check it with `diffedit mask`.", rich_help_panel=MASK_PANEL)]
@@ -186,7 +187,13 @@ class ModelChoice:
         spinner while it loads)."""
         source, loras, lcm_lora = self.model, self.lora, self.lcm_lora
         if record is not None:
-            source = source or record.meta["model"]["source"]
+            made_with = record.meta["model"]
+            if source is None and made_with.get("local") and not Path(made_with["source"]).exists():
+                from diffedit.errors import DiffeditError
+
+                raise DiffeditError(f"{record.name}: its model {made_with['source']} is not there (a record names a "
+                                    "local model relative to itself); give the model with --model")
+            source = source or made_with["source"]
             loras, lcm_lora = record_loras(record, loras, lcm_lora)
         return load(source, self.device, self.dtype, self.allow_pickle, self.model_config, self.vae_tiling, compile,
                     self.adapter, self.transport, self.lcm_original_steps, loras, lcm_lora, quiet)
@@ -306,14 +313,15 @@ def warn_prompts(model, prompts: list[str], quiet: bool) -> None:
 
 def emit(result: dict, as_json: bool, to_stderr: bool = False) -> None:
     """Print a result: JSON for scripts, one readable line otherwise (stderr when stdout holds data)."""
-    if as_json:
-        identical = [k for k, v in result.items() if isinstance(v, float) and math.isinf(v) and v > 0]
-        if identical:  # JSON has no infinity: say what its null means
-            result = {**result, "identical": identical}
-        text = json.dumps({k: _jsonable(v) for k, v in result.items()})
-    else:
-        text = "  ".join(f"{k}={_fmt(v)}" for k, v in result.items())
+    text = _json_text(result) if as_json else "  ".join(f"{k}={_fmt(v)}" for k, v in result.items())
     typer.echo(text, err=to_stderr)
+
+
+def _json_text(result: dict) -> str:
+    identical = [k for k, v in result.items() if isinstance(v, float) and math.isinf(v) and v > 0]
+    if identical:  # JSON has no infinity: say what its null means
+        result = {**result, "identical": identical}
+    return json.dumps({k: _jsonable(v) for k, v in result.items()})
 
 
 def _jsonable(v):
@@ -366,3 +374,51 @@ MASK_OPTIONS = {  # name: (option, default): the fields of MaskChoice as command
     "mask_feather": (MaskFeatherOpt, None), "invert_mask": (InvertMaskOpt, False), "show_mask": (ShowMaskOpt, None),
 }
 with_mask_options = option_group("masking", MaskChoice, MASK_OPTIONS)
+
+
+@dataclass(frozen=True)
+class ReportChoice:
+    """Where a command's result goes (`--json`, `--json-out`), as `with_report_options` collects them:
+    JSON on stdout, or in a file; never mixed into an image on stdout."""
+
+    json: bool = False
+    json_out: Path | None = None
+
+    @classmethod
+    def of(cls, params: dict) -> ReportChoice:
+        return cls(**{f.name: params[f.name] for f in fields(cls)})
+
+    def check(self, output, overwrite: bool) -> None:
+        """Before any work: `--json` with the image on stdout (-o -) is a usage error; the JSON file must
+        be writable."""
+        from diffedit.errors import UsageError
+        from diffedit.files import check_writable
+
+        if self.json and str(output) == "-":
+            raise UsageError("--json prints on stdout, which carries the image with -o -: use --json-out FILE")
+        if self.json_out is not None:
+            if str(self.json_out) == "-":
+                raise UsageError("--json-out takes a file; --json prints the result on stdout")
+            check_writable(self.json_out, overwrite)
+
+    def emit(self, result: dict, output, quiet: bool, overwrite: bool = False) -> None:
+        """Say on stderr (unless quiet) when the model worked on another size than the input's; then the
+        result: a readable line (on stderr when stdout carries the image), or JSON on stdout, and JSON in
+        the --json-out file."""
+        if "canvas" in result and not quiet:
+            size, canvas = result["size"], result["canvas"]
+            verb = {"pad": "padded", "resize": "resized", "crop": "cropped"}[result["fit"]]
+            stderr.print(f"note: {size['width']}x{size['height']} is not a multiple of this model's size step: "
+                         f"{verb} to {canvas['width']}x{canvas['height']} for the model, output at "
+                         f"{size['width']}x{size['height']}", markup=False, highlight=False, soft_wrap=True)
+        if self.json_out is not None:
+            from diffedit.files import atomic_output
+
+            with atomic_output(self.json_out, overwrite) as tmp:
+                tmp.write_text(_json_text(result) + "\n", encoding="utf-8")
+        if self.json or self.json_out is None:
+            emit(result, self.json, to_stderr=str(output) == "-")
+
+
+REPORT_OPTIONS = {"json": (JsonOpt, False), "json_out": (JsonOutOpt, None)}  # the fields of ReportChoice
+with_report_options = option_group("report", ReportChoice, REPORT_OPTIONS)

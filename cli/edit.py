@@ -24,7 +24,6 @@ from diffedit.cli.common import (
     FKPotentialOpt,
     GammaOpt,
     GuidanceOpt,
-    JsonOpt,
     MaskChoice,
     ModelChoice,
     NAvgOpt,
@@ -35,6 +34,7 @@ from diffedit.cli.common import (
     PagLayersOpt,
     PagScaleOpt,
     QuietOpt,
+    ReportChoice,
     RewardOpt,
     ShareFromOpt,
     ShareStepsOpt,
@@ -45,7 +45,6 @@ from diffedit.cli.common import (
     StopOpt,
     StrengthOpt,
     default_output,
-    emit,
     engine_params,
     finite_scale,
     fk_config,
@@ -55,6 +54,7 @@ from diffedit.cli.common import (
     warn_prompts,
     with_mask_options,
     with_model_options,
+    with_report_options,
 )
 from diffedit.cli.main import app
 
@@ -62,6 +62,7 @@ from diffedit.cli.main import app
 @app.command()
 @with_model_options
 @with_mask_options
+@with_report_options
 def edit(
     image: Annotated[str | None, typer.Argument(help="Image file, or - for stdin (omit with --from).")] = None,
     target: Annotated[str, typer.Option("--target", "-t", help="Prompt describing the edited image.")] = "",
@@ -72,7 +73,7 @@ def edit(
     steps: StepsOpt = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale of the edit (default: the engine's).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for engines that draw noise.")] = 0,
-    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
     stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None,
     share_steps: ShareStepsOpt = None, share_from: ShareFromOpt = None,
@@ -90,11 +91,11 @@ def edit(
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
     adaptive_guidance: AdaptiveGuidanceOpt = None, deepcache: DeepCacheOpt = None,
-    fit: FitOpt = "resize", alpha: AlphaOpt = "composite",
+    fit: FitOpt = "pad", alpha: AlphaOpt = "composite",
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
     fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
     paste_back: Annotated[bool, typer.Option("--paste-back/--no-paste-back", help="Outside the mask, the input's own pixels (a VAE round trip costs detail), blended over the feathered seam; --no-paste-back: the VAE's round trip of the input there.", rich_help_panel=MASK_PANEL)] = True,
-    *, models: ModelChoice, masking: MaskChoice,
+    *, models: ModelChoice, masking: MaskChoice, report: ReportChoice,
 ):
     """Edit an image by inverting it under --source and regenerating it under --target.
 
@@ -102,6 +103,7 @@ def edit(
     """
     inputs_exist(image, from_record, masking.mask)  # before the heavy imports: a typo is answered at once
     output = output or default_output(image if image is not None else from_record, "edit")
+    report.check(output, overwrite)
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import made_from, save_image
@@ -171,7 +173,7 @@ def edit(
         if maps[0] is None:
             raise UsageError(f"--show-attention: engine {engine} does not control attention (use direct, ddim-p2p)")
         save_image(attention_grid(*maps), show_attention, overwrite=overwrite)
-    emit({"output": output, **result}, json, to_stderr=output == "-")
+    report.emit({"output": output, **result}, output, quiet, overwrite)
 
 
 def _reweights(items: list[str] | None) -> dict[str, float] | None:

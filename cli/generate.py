@@ -15,18 +15,17 @@ from diffedit.cli.common import (
     FKParticlesOpt,
     FKPotentialOpt,
     GuidanceOpt,
-    JsonOpt,
     ModelChoice,
     OverwriteOpt,
     PagAdaptiveOpt,
     PagLayersOpt,
     PagScaleOpt,
     QuietOpt,
+    ReportChoice,
     RewardOpt,
     SeedOpt,
     SolverOpt,
     StepsOpt,
-    emit,
     finite_scale,
     fk_config,
     generated_name,
@@ -34,6 +33,7 @@ from diffedit.cli.common import (
     progress,
     warn_prompts,
     with_model_options,
+    with_report_options,
 )
 from diffedit.cli.main import app
 
@@ -43,6 +43,7 @@ MAX_PIXELS = 64_000_000
 
 @app.command()
 @with_model_options
+@with_report_options
 def generate(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
@@ -55,14 +56,14 @@ def generate(
     solver: SolverOpt = None,
     fk_particles: FKParticlesOpt = 1, fk_lambda: FKLambdaOpt = 10.0, fk_potential: FKPotentialOpt = "max",
     fk_every: FKEveryOpt = 5, reward: RewardOpt = "saturation",
-    width: Annotated[int | None, typer.Option("--width", "-W", min=8, max=MAX_SIDE)] = None,
-    height: Annotated[int | None, typer.Option("--height", "-H", min=8, max=MAX_SIDE)] = None,
+    width: Annotated[int | None, typer.Option("--width", "-W", min=8, max=MAX_SIDE, help="Width in pixels, any (sampled on the model's next multiple, cropped back); default: the model's.")] = None,
+    height: Annotated[int | None, typer.Option("--height", "-H", min=8, max=MAX_SIDE, help="Height in pixels, as --width.")] = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0, adaptive_guidance: AdaptiveGuidanceOpt = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (a slow first call; pays off over many steps or batch jobs).")] = False,
     deepcache: DeepCacheOpt = None,
-    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
-    *, models: ModelChoice,
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice, report: ReportChoice,
 ):
     """Draw an image from a prompt (DDIM / Euler with classifier-free guidance).
 
@@ -84,15 +85,17 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     """
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
-    from diffedit.images import save_image
-    from diffedit.jobs import generate_image, generate_images, image_params
 
     first = jobs[0]
     if (first["width"] or 0) * (first["height"] or 0) > MAX_PIXELS:
         raise UsageError(f"-W {first['width']} -H {first['height']} is more than {MAX_PIXELS} pixels")
-    for job in jobs:
+    for job in jobs:  # before the heavy imports: a usage error is answered at once
+        ReportChoice.of(job).check(job["output"], job["overwrite"])
         if job["output"] != "-":
             check_writable(job["output"], job["overwrite"])
+    from diffedit.images import save_image
+    from diffedit.jobs import generate_image, generate_images, image_params
+
     spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"],
                          first["adaptive_guidance"])
     fk = fk_config(first["fk_particles"], first["fk_lambda"], first["fk_potential"], first["fk_every"], first["eta"])
@@ -123,9 +126,9 @@ def generate_many(jobs: list[dict]) -> list[dict]:
                               guidance=spec.to_dict(), eta=job["eta"], solver=first["solver"] or "ddim",
                               fk_particles=job["fk_particles"],
                               reward=job["reward"] if job["fk_particles"] > 1 else None,
-                              size=[image.height, image.width])
+                              size=result["size"])
         save_image(image, job["output"], params=params, overwrite=job["overwrite"])
-        emit({"output": job["output"], **result}, job["json"], to_stderr=job["output"] == "-")
+        ReportChoice.of(job).emit({"output": job["output"], **result}, job["output"], job["quiet"], job["overwrite"])
         results.append({"output": job["output"], **result})
     return results
 

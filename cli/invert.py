@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,6 @@ from diffedit.cli.common import (
     FitOpt,
     GammaOpt,
     GuidanceOpt,
-    JsonOpt,
     MaskChoice,
     ModelChoice,
     NAvgOpt,
@@ -27,6 +25,7 @@ from diffedit.cli.common import (
     PagLayersOpt,
     PagScaleOpt,
     QuietOpt,
+    ReportChoice,
     ShareFromOpt,
     ShareStepsOpt,
     SkipOpt,
@@ -36,7 +35,6 @@ from diffedit.cli.common import (
     StopOpt,
     StrengthOpt,
     default_output,
-    emit,
     engine_params,
     finite_scale,
     guidance_spec,
@@ -45,6 +43,7 @@ from diffedit.cli.common import (
     warn_prompts,
     with_mask_options,
     with_model_options,
+    with_report_options,
 )
 from diffedit.cli.main import app
 
@@ -52,6 +51,7 @@ from diffedit.cli.main import app
 @app.command()
 @with_model_options
 @with_mask_options
+@with_report_options
 def invert(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Record file (default: IMAGE.inv.safetensors).")] = None,
@@ -61,7 +61,7 @@ def invert(
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g", callback=finite_scale, help="CFG scale of the inversion (default: the engine's; 1 = no guidance).")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for engines that draw noise.")] = 0,
-    fit: FitOpt = "resize",
+    fit: FitOpt = "pad",
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
@@ -69,14 +69,15 @@ def invert(
     share_steps: ShareStepsOpt = None, share_from: ShareFromOpt = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
-    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
-    *, models: ModelChoice, masking: MaskChoice,
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice, masking: MaskChoice, report: ReportChoice,
 ):
     """Invert IMAGE to its noise and save a record; reports the round-trip error.
 
     Example: diffedit invert photo.png -p "a photo of a cat" -o photo.inv.safetensors
     """
     inputs_exist(image, masking.mask)
+    report.check(output, overwrite)
     from diffedit.files import check_writable
     from diffedit.images import save_image
     from diffedit.jobs import ImageInput, invert_image, record_mask, show_mask
@@ -99,22 +100,21 @@ def invert(
     with progress(plan.steps * (2 if check else 1), f"invert ({engine})", quiet) as callback:
         record, result = invert_image(m, image, plan, prompt=prompt, image=ImageInput(fit=fit, alpha=alpha),
                                       mask=mask, check=check, callback=callback)
-    if image != "-":  # relative to the record, so record and image can move together
-        record.meta["image"] = os.path.relpath(Path(image).resolve(), Path(output).resolve().parent)
-    save_record(output, record, overwrite)
+    save_record(output, record, overwrite)  # the image and a local model named relative to the record
     if masking.show_mask is not None:
         save_image(show_mask(m, record, record_mask(record)), masking.show_mask, overwrite=overwrite)
-    emit({"output": str(output), **result}, json)
+    report.emit({"output": str(output), **result}, output, quiet, overwrite)
 
 
 @app.command()
 @with_model_options
+@with_report_options
 def reconstruct(
     record: Annotated[Path, typer.Argument(help="Record made by `diffedit invert`.")],
     output: Annotated[str | None, typer.Option("--output", "-o", help="Image file or - for stdout (default: IMAGE.reconstruct.png beside the record).")] = None,
     against: Annotated[str | None, typer.Option("--against", help="The inverted image, to report the error against (default: the one the record names, if it is still there and unchanged).")] = None,
-    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
-    *, models: ModelChoice,
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice, report: ReportChoice,
 ):
     """Regenerate the image of a record and report its error: `psnr` against the inverted image,
     `vae_psnr` the VAE's own round trip of it, `psnr_vs_vae` against the decoded record latent.
@@ -122,6 +122,7 @@ def reconstruct(
     Example: diffedit reconstruct photo.inv.safetensors -o back.png
     """
     inputs_exist(record, against)
+    report.check(output, overwrite)
     from diffedit.errors import DiffeditError
     from diffedit.files import check_writable
     from diffedit.images import save_image
@@ -138,7 +139,7 @@ def reconstruct(
     if against is not None:
         reference = record_input(m, rec, against)
     elif isinstance(rec.meta.get("image"), str) and rec.meta["image"] not in ("-", "<memory>"):
-        named = record.resolve().parent / rec.meta["image"]
+        named = Path(rec.meta["image"])  # load_record resolved it against the record's folder
         note = f"{named} is not there"
         try:
             reference = record_input(m, rec, str(named)) if named.is_file() else None
@@ -151,4 +152,4 @@ def reconstruct(
     params = image_params("reconstruct", m, record=str(record), engine=rec.meta["engine"],
                           prompt=rec.meta["source_prompt"], steps=rec.meta["steps"])
     save_image(image, output, params=params, overwrite=overwrite)
-    emit({"output": output, **result}, json, to_stderr=output == "-")
+    report.emit({"output": output, **result}, output, quiet, overwrite)

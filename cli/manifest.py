@@ -34,7 +34,7 @@ RESULTS = "results.jsonl"
 # Keys whose values are input paths, resolved against the manifest's folder.
 INPUT_KEYS = ("image", "record", "from", "model_config", "mask", "adapter")
 # Keys whose values are outputs: always inside the out dir.
-OUTPUT_KEYS = ("output", "show_attention", "show_mask")
+OUTPUT_KEYS = ("output", "show_attention", "show_mask", "json_out")
 # Options the batch sets itself.
 RESERVED = ("json", "quiet", "overwrite")
 DEFAULT_SUFFIX = {"invert": ".inv.safetensors"}

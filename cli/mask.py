@@ -12,21 +12,22 @@ from diffedit.cli.common import (
     AlphaOpt,
     FitOpt,
     InvertMaskOpt,
-    JsonOpt,
     MaskDilateOpt,
     ModelChoice,
     OverwriteOpt,
     QuietOpt,
+    ReportChoice,
     ShowMaskOpt,
-    emit,
     inputs_exist,
     with_model_options,
+    with_report_options,
 )
 from diffedit.cli.main import app
 
 
 @app.command()
 @with_model_options
+@with_report_options
 def mask(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt describing the image.")],
@@ -36,15 +37,16 @@ def mask(
     invert_mask: InvertMaskOpt = False,
     show_mask: ShowMaskOpt = None,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the noise the image is seen through.")] = 0,
-    fit: FitOpt = "resize", alpha: AlphaOpt = "composite",
-    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
-    *, models: ModelChoice,
+    fit: FitOpt = "pad", alpha: AlphaOpt = "composite",
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice, report: ReportChoice,
 ):
     """Write the mask of where WORDS of the prompt attend in IMAGE, to check before `edit --mask`.
 
     Example: diffedit mask photo.png -p "a red circle and a blue square" -w "red circle" -o circle.png
     """
     inputs_exist(image)
+    report.check(output, overwrite)
     from diffedit.files import check_writable
     from diffedit.images import save_image
     from diffedit.jobs import ImageInput, MaskInput, word_mask
@@ -61,4 +63,4 @@ def mask(
     save_image(found, output, overwrite=overwrite)
     if show_mask is not None:
         save_image(overlay, show_mask, overwrite=overwrite)
-    emit({"output": str(output), **result}, json)
+    report.emit({"output": str(output), **result}, output, quiet, overwrite)

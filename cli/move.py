@@ -11,27 +11,28 @@ from diffedit.cli.common import (
     AlphaOpt,
     FitOpt,
     GuidanceOpt,
-    JsonOpt,
     ModelChoice,
     OverwriteOpt,
     PagAdaptiveOpt,
     PagLayersOpt,
     PagScaleOpt,
     QuietOpt,
+    ReportChoice,
     default_output,
-    emit,
     finite_scale,
     guidance_spec,
     inputs_exist,
     progress,
     warn_prompts,
     with_model_options,
+    with_report_options,
 )
 from diffedit.cli.main import app
 
 
 @app.command()
 @with_model_options
+@with_report_options
 def move(
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     mask: Annotated[str | None, typer.Option("--mask", help="The object: a PNG of the image's size, white (or opaque) where the object is.")] = None,
@@ -49,12 +50,12 @@ def move(
     energy_weights: Annotated[str, typer.Option("--energy-weights", help="EDIT,CONTENT,CONTRAST,INPAINT energy weights.")] = "4,6,0.2,0.8",
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the per-step noise.")] = 0,
-    fit: FitOpt = "resize",
+    fit: FitOpt = "pad",
     alpha: AlphaOpt = "composite",
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
-    overwrite: OverwriteOpt = False, json: JsonOpt = False, quiet: QuietOpt = False,
-    *, models: ModelChoice,
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
+    *, models: ModelChoice, report: ReportChoice,
 ):
     """Move the masked object by (--dx, --dy) or --to X,Y; inversion-free, 16 steps (PixelMan).
 
@@ -62,6 +63,7 @@ def move(
     """
     inputs_exist(image, mask)
     output = output or default_output(image, "move")
+    report.check(output, overwrite)
     from diffedit.editing.pixelman import MoveSpec
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
@@ -96,8 +98,8 @@ def move(
                         guidance_scale=result["guidance_scale"], seed=seed, energy_scale=energy_scale,
                         energy_weights=energy_weights, guidance=spec.to_dict(), defaults=defaults)
     save_image(out, output, params=meta, overwrite=overwrite)
-    emit({"output": output, **result, "energy_scale": energy_scale, "defaults": defaults}, json,
-         to_stderr=output == "-")
+    report.emit({"output": output, **result, "energy_scale": energy_scale, "defaults": defaults}, output, quiet,
+                overwrite)
 
 
 def _point(text: str) -> tuple[float, float]:

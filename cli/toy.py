@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffedit.cli.common import JsonOpt, emit, stderr
+from diffedit.cli.common import JsonOpt, ReportChoice, emit, stderr, with_report_options
 from diffedit.cli.main import app
 
 toy_app = typer.Typer(help="The toy shapes world: data, checker, toy model training.", no_args_is_help=True)
@@ -192,12 +192,13 @@ def layout(
 
 
 @toy_app.command("scene")
+@with_report_options
 def scene(
     seed: Annotated[int, typer.Argument(help="Scene seed.")],
     output: Annotated[str, typer.Option("--output", "-o", help="PNG file, or - for stdout.")] = "-",
     size: Annotated[int, typer.Option(help="Side in pixels.")] = 64,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
-    json: JsonOpt = False,
+    *, report: ReportChoice,
 ):
     """Render a scene of the shapes world and print its caption.
 
@@ -208,10 +209,11 @@ def scene(
     from diffedit.images import save_image
     from diffedit.toy.shapes import make_scene
 
+    report.check(output, overwrite)
     s = make_scene(seed, size=size)
     save_image(Image.fromarray(s.image), output, params={"command": "toy scene", "seed": seed, "caption": s.caption},
                overwrite=overwrite)
-    emit({"output": output, "caption": s.caption}, json, to_stderr=output == "-")
+    report.emit({"output": output, "caption": s.caption}, output, False, overwrite)
 
 
 @toy_app.command("make-bench")

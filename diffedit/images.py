@@ -9,6 +9,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -164,47 +165,79 @@ def _to_rgb(img: Image.Image, alpha: str, name: str) -> Image.Image:
         raise DiffeditError(f"{name}: unsupported pixel mode {mode}") from None
 
 
-def fit_to_multiple(
-    img: Image.Image, multiple: int, policy: str = "resize", *, max_side: int | None = None
-) -> Image.Image:
-    """Make both sides multiples of `multiple`.
+FIT_POLICIES = ("pad", "resize", "crop")
 
-    Policies: "resize" to the nearest multiple, "crop" (centred) down, "pad" (edge pixels) up.
 
-    With `max_side`, a longer side above it is first scaled down to it, keeping the aspect ratio.
+@dataclass(frozen=True)
+class Fit:
+    """How an image of `size` (w, h) is brought to a `canvas` whose sides are multiples of the model's,
+    and back: the model works on the canvas, every output is returned at `size`.
+
+    Policies: "pad" adds edge pixels right and bottom (cropped away again: the image's own pixels are
+    never resampled), "resize" scales to the nearest multiples (and back), "crop" cuts the centre
+    (the cut border comes back as the result's edge pixels).
     """
-    if policy not in ("resize", "crop", "pad"):
-        raise UsageError(f"unknown fit policy {policy!r}; use resize, crop or pad")
-    if multiple < 1:
-        raise UsageError(f"multiple must be at least 1, not {multiple}")
-    w, h = img.size
-    if max_side is not None and max(w, h) > max_side:
-        scale = max_side / max(w, h)
-        w, h = max(1, round(w * scale)), max(1, round(h * scale))
-        img = img.resize((w, h), Image.Resampling.LANCZOS)
-    if w % multiple == 0 and h % multiple == 0:
-        return img
-    if policy == "resize":
-        size = tuple(_nearest_multiple(s, multiple, max_side) for s in (w, h))
-        return img.resize(size, Image.Resampling.LANCZOS)
-    if policy == "crop":
-        cw, ch = w // multiple * multiple, h // multiple * multiple
-        if cw == 0 or ch == 0:
-            raise DiffeditError(
-                f"image is {w}x{h} pixels; too small to crop to a multiple of {multiple} (use pad or resize)"
-            )
-        left, top = (w - cw) // 2, (h - ch) // 2
-        return img.crop((left, top, left + cw, top + ch))
-    a = np.asarray(img)
-    pad = [(0, -h % multiple), (0, -w % multiple)] + [(0, 0)] * (a.ndim - 2)
-    return Image.fromarray(np.pad(a, pad, mode="edge"))
+
+    size: tuple[int, int]
+    canvas: tuple[int, int]
+    policy: str = "pad"
+
+    @classmethod
+    def of(cls, size: tuple[int, int], multiple: int, policy: str = "pad") -> Fit:
+        if policy not in FIT_POLICIES:
+            raise UsageError(f"unknown fit policy {policy!r}; use pad, resize or crop")
+        if multiple < 1:
+            raise UsageError(f"multiple must be at least 1, not {multiple}")
+        w, h = size
+        if policy == "pad":
+            canvas = (-(-w // multiple) * multiple, -(-h // multiple) * multiple)
+        elif policy == "resize":
+            canvas = tuple(max(multiple, (s + multiple // 2) // multiple * multiple) for s in (w, h))
+        else:
+            canvas = (w // multiple * multiple, h // multiple * multiple)
+            if 0 in canvas:
+                raise DiffeditError(f"image is {w}x{h} pixels; too small to crop to a multiple of {multiple} "
+                                    "(use pad or resize)")
+        return cls((w, h), canvas, policy)
+
+    @property
+    def changed(self) -> bool:
+        return self.size != self.canvas
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """Where the canvas's top-left corner lies in the image (crop: the centred cut; else 0, 0)."""
+        if self.policy != "crop":
+            return 0, 0
+        return (self.size[0] - self.canvas[0]) // 2, (self.size[1] - self.canvas[1]) // 2
+
+    def apply(self, img: Image.Image, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
+        """The image (or a mask of its size: resample NEAREST) brought to the canvas."""
+        return self._move(img, self.size, self.canvas, resample, forward=True)
+
+    def undo(self, img: Image.Image, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
+        """A canvas-sized result brought back to the image's own size."""
+        return self._move(img, self.canvas, self.size, resample, forward=False)
+
+    def _move(self, img: Image.Image, have: tuple[int, int], want: tuple[int, int], resample: int,
+              forward: bool) -> Image.Image:
+        if img.size != have:
+            raise ValueError(f"expected an image of {have[0]}x{have[1]} pixels, not {img.width}x{img.height}")
+        if have == want:
+            return img
+        if self.policy == "resize":
+            return img.resize(want, resample)
+        left, top = self.offset
+        if forward == (self.policy == "crop"):  # cut: crop's way in, pad's way back
+            return img.crop((left, top, left + want[0], top + want[1]))
+        a = np.asarray(img)  # grow by edge pixels: pad's way in, crop's way back
+        pad = [(top, want[1] - have[1] - top), (left, want[0] - have[0] - left)] + [(0, 0)] * (a.ndim - 2)
+        return Image.fromarray(np.pad(a, pad, mode="edge"))
 
 
-def _nearest_multiple(side: int, multiple: int, limit: int | None) -> int:
-    n = max(multiple, (side + multiple // 2) // multiple * multiple)
-    if limit is not None and n > limit:
-        n = max(multiple, limit // multiple * multiple)
-    return n
+def size_dict(size: tuple[int, int]) -> dict:
+    """A (w, h) size as results and metadata write it."""
+    return {"width": size[0], "height": size[1]}
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -297,7 +330,7 @@ def a1111_text(params: dict) -> str:
         "Sampler": params.get("engine") or "DDIM",
         "CFG scale": params.get("guidance_scale"),
         "Seed": params.get("seed"),
-        "Size": f"{size[1]}x{size[0]}" if isinstance(size, list) and len(size) == 2 else None,
+        "Size": f"{size.get('width')}x{size.get('height')}" if isinstance(size, dict) else None,
         "Model hash": str(model.get("fingerprint", ""))[:10] or None,
         "Model": Path(str(model["source"])).name if model.get("source") else None,
         "Source prompt": params.get("source"),
@@ -345,6 +378,6 @@ def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
 
 
 __all__ = [
-    "FORMATS", "fit_to_multiple", "load_image", "psnr", "read_params",
+    "FORMATS", "Fit", "load_image", "psnr", "read_params",
     "save_image", "to_pil", "to_tensor",
 ]

@@ -24,7 +24,7 @@ from diffedit.errors import DiffeditError, UsageError
 from diffedit.families import Family
 from diffedit.guidance import GuidanceSpec
 from diffedit.guidance.fk import FKConfig, load_reward, steer
-from diffedit.images import fit_to_multiple, load_image, load_mask, psnr, to_pil, to_tensor
+from diffedit.images import Fit, load_image, load_mask, psnr, size_dict, to_pil, to_tensor
 from diffedit.masks import EditMask, MaskOptions
 from diffedit.plan import Plan, plan_of_record
 from diffedit.records import Record, model_meta
@@ -33,11 +33,10 @@ from diffedit.sampling import Callback, sample
 
 @dataclass
 class ImageInput:
-    """How an input image is read and brought to a size the model accepts."""
+    """How an input image is read and brought to a size the model accepts (and back: see `Fit`)."""
 
-    fit: str = "resize"  # resize | crop | pad
+    fit: str = "pad"  # pad | resize | crop
     alpha: str = "composite"  # composite | refuse
-    max_side: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,24 +56,28 @@ class MaskInput:
         return self.file if isinstance(self.file, str) else "mask"
 
 
-def read_image(model: Family, source: str | Image.Image, how: ImageInput) -> Image.Image:
-    """A file (or "-", or an image already in memory) at a size the model accepts."""
-    return _read_raw_and_fitted(model, source, how)[1]
-
-
-def _read_raw_and_fitted(model: Family, source: str | Image.Image, how: ImageInput) -> tuple[Image.Image, Image.Image]:
+def read_image(model: Family, source: str | Image.Image, how: ImageInput) -> tuple[Image.Image, Fit]:
+    """A file (or "-", or an image already in memory) as read, and how it fits the model's canvas."""
     img = source.convert("RGB") if isinstance(source, Image.Image) else load_image(source, alpha=how.alpha)
-    return img, fit_to_multiple(img, model.multiple, how.fit, max_side=how.max_side)
+    return img, Fit.of(img.size, model.multiple, how.fit)
 
 
-def read_edit_mask(model: Family, raw: Image.Image, img: Image.Image, mask: MaskInput, how: ImageInput,
-                   prompt: str, seed: int) -> EditMask:
-    """The edit region of an image: its mask file brought to the model's size as the image was (same
-    --fit), or found from words of `prompt`; then dilated, inverted and feathered as asked."""
+def sizes(fit: Fit) -> dict:
+    """A result's `size` (of the input and every output) and, when the model worked on another one,
+    its `canvas` and the --fit policy that made it."""
+    if not fit.changed:
+        return {"size": size_dict(fit.size)}
+    return {"size": size_dict(fit.size), "canvas": size_dict(fit.canvas), "fit": fit.policy}
+
+
+def read_edit_mask(model: Family, img: Image.Image, fit: Fit, mask: MaskInput, prompt: str, seed: int) -> EditMask:
+    """The edit region of an image (on the model's canvas, `img`): its mask file (of the image's own
+    size) brought to the canvas as the image was, or found from words of `prompt`; then dilated,
+    inverted and feathered as asked."""
     if (mask.file is None) == (mask.words is None):
         raise UsageError("give either a mask file or words of the prompt to find the region by")
     if mask.file is not None:
-        fitted = fit_to_multiple(load_mask(mask.file, raw.size), model.multiple, how.fit, max_side=how.max_side)
+        fitted = fit.apply(load_mask(mask.file, fit.size), Image.Resampling.NEAREST)
         return EditMask.from_image(fitted, mask.options, mask.name(), model.vae_scale)
     found = mask_from_prompt(model, to_tensor(img).to(model.device), prompt, mask.words, seed)
     return EditMask.from_image(Image.fromarray(found.numpy().astype(np.uint8) * 255), mask.options, mask.name(),
@@ -83,50 +86,46 @@ def read_edit_mask(model: Family, raw: Image.Image, img: Image.Image, mask: Mask
 
 def word_mask(model: Family, source: str | Image.Image, prompt: str, mask: MaskInput, how: ImageInput,
               seed: int = 0) -> tuple[Image.Image, Image.Image, dict]:
-    """(mask at the input's own size, the fitted input with the mask tinted over it, result) for the
+    """(mask, the input with the mask tinted over it, result), both at the input's own size, for the
     region where `mask.words` of `prompt` attend."""
     started = time.perf_counter()
-    raw, img = _read_raw_and_fitted(model, source, how)
-    found = read_edit_mask(model, raw, img, mask, how, prompt, seed)
+    raw, fit = read_image(model, source, how)
+    img = fit.apply(raw)
+    found = read_edit_mask(model, img, fit, mask, prompt, seed)
     hard = Image.fromarray(((found.weights > 0) * 255).astype(np.uint8), "L")
-    result = {"words": mask.words, "edited_fraction": found.edited_fraction, "size": list(raw.size),
+    result = {"words": mask.words, "edited_fraction": found.edited_fraction, **sizes(fit),
               "seconds": time.perf_counter() - started}
-    return _unfit_mask(hard, raw.size, how), found.overlay(img), result
+    return fit.undo(hard, Image.Resampling.NEAREST), fit.undo(found.overlay(img)), result
 
 
-def _unfit_mask(mask: Image.Image, raw: tuple[int, int], how: ImageInput) -> Image.Image:
-    """A mask made on the fitted image brought back to the input's own size (undoing `fit_to_multiple`)."""
-    w, h = raw
-    if how.max_side and max(w, h) > how.max_side:
-        k = how.max_side / max(w, h)
-        w, h = max(1, round(w * k)), max(1, round(h * k))
-    if how.fit == "crop" and mask.size != (w, h):  # the fitted image is the centre of the scaled one
-        canvas = Image.new("L", (w, h), 0)
-        canvas.paste(mask, ((w - mask.width) // 2, (h - mask.height) // 2))
-        mask = canvas
-    elif how.fit == "pad":  # the scaled image is the fitted one's top-left corner
-        mask = mask.crop((0, 0, w, h))
-    return mask.resize(raw, Image.Resampling.NEAREST)
+def record_fit(record: Record) -> Fit:
+    """How the record's image was brought to the model's canvas (its outputs are undone the same way)."""
+    meta = record.meta
+    size, canvas = meta["size"], meta["canvas"]
+    return Fit((size["width"], size["height"]), (canvas["width"], canvas["height"]),
+               (meta.get("input") or {}).get("fit", "resize"))
 
 
 def record_image(model: Family, record: Record) -> Image.Image:
-    """The image a record was inverted from: its own pixels when it keeps them, else its latent decoded."""
+    """The image a record was inverted from, on the model's canvas: its own pixels when it keeps them,
+    else its latent decoded."""
     if "pixels" in record.tensors:
         return Image.fromarray(record.tensors["pixels"].numpy())
     return to_pil(model.decode(record.tensors["latent"].to(model.device)))
 
 
 def mask_for_record(model: Family, record: Record, mask: MaskInput) -> EditMask:
-    """A new edit mask for a record's image (a mask file must have the record's image size)."""
-    img = record_image(model, record)
-    return read_edit_mask(model, img, img, mask, ImageInput(), record.meta["source_prompt"], record.meta["seed"])
+    """A new edit mask for a record's image (a mask file must have the size of the inverted image)."""
+    return read_edit_mask(model, record_image(model, record), record_fit(record), mask, record.meta["source_prompt"],
+                          record.meta["seed"])
 
 
 def show_mask(model: Family, record: Record, mask: EditMask | None) -> Image.Image:
-    """The record's image with the edit mask tinted over it (a usage error without a mask)."""
+    """The record's image with the edit mask tinted over it, at the image's own size (a usage error
+    without a mask)."""
     if mask is None:
         raise UsageError("--show-mask: the record has no edit mask")
-    return mask.overlay(record_image(model, record))
+    return record_fit(record).undo(mask.overlay(record_image(model, record)))
 
 
 def record_mask(record: Record) -> EditMask | None:
@@ -135,8 +134,9 @@ def record_mask(record: Record) -> EditMask | None:
     return None if levels is None else EditMask.of_levels(levels.numpy())
 
 
-def _psnr_vs(model: Family, latent: torch.Tensor, reference: Image.Image) -> float:
-    return psnr(to_pil(model.decode(latent)), reference)
+def _psnr_vs(model: Family, latent: torch.Tensor, fit: Fit, reference: Image.Image) -> float:
+    """PSNR of a latent's picture, at the image's own size, against `reference` (the input as read)."""
+    return psnr(fit.undo(to_pil(model.decode(latent))), reference)
 
 
 def _run(model: Family, plan: Plan, prompts: tuple[str, str], height: int, width: int,
@@ -165,9 +165,10 @@ def invert_image(
     With a `mask` the record keeps the edit mask, the input's pixels (for pasting back) and, for
     engines that need it, the source's inversion path: later edits of the record are local."""
     started = time.perf_counter()
-    raw, img = _read_raw_and_fitted(model, source, image)
+    raw, fit = read_image(model, source, image)
+    img = fit.apply(raw)
     width, height = img.size
-    edit_mask = None if mask is None else read_edit_mask(model, raw, img, mask, image, prompt, plan.seed)
+    edit_mask = None if mask is None else read_edit_mask(model, img, fit, mask, prompt, plan.seed)
     z0 = model.encode_image(to_tensor(img))
     reconstruction = replace(plan, edit_scale=plan.inversion_scale)
     run = _run(model, reconstruction, (prompt, prompt), height, width, callback, mask=edit_mask)
@@ -183,21 +184,22 @@ def invert_image(
         "guidance": plan.guidance.to_dict(),
         "steps": plan.steps,
         "seed": plan.seed,
-        "size": [height, width],
+        "size": size_dict(fit.size),  # of the input, and of every image made from the record
+        "canvas": size_dict(fit.canvas),  # what the model works on: the latent's, in pixels
         "image": source if isinstance(source, str) else "<memory>",
         # what `reconstruct` compares with: the input as the network saw it (after --fit), by content
         "input": {"sha256": pixels_digest(img), "fit": image.fit, "alpha": image.alpha},
     }
     if mask is not None:
         meta["mask"] = {"source": mask.name(), **asdict(mask.options), "edited_fraction": edit_mask.edited_fraction}
-    result = {"engine": plan.engine.name, "steps": plan.steps, "seed": plan.seed, "size": [height, width],
+    result = {"engine": plan.engine.name, "steps": plan.steps, "seed": plan.seed, **sizes(fit),
               "defaults": plan.defaults}
     if check:
         z_rec = plan.engine.edit(run, tensors)
         result.update(
-            psnr=_psnr_vs(model, z_rec, img),
+            psnr=_psnr_vs(model, z_rec, fit, raw),
             latent_max_abs=float((z_rec - z0).abs().max()),
-            vae_psnr=_psnr_vs(model, z0, img),  # the ceiling any inversion can reach
+            vae_psnr=_psnr_vs(model, z0, fit, raw),  # the ceiling any inversion can reach
         )
     result.update(nfe=run.nfe, forwards=run.forwards, seconds=time.perf_counter() - started)
     return Record(tensors, meta), result
@@ -212,14 +214,17 @@ def pixels_digest(img: Image.Image) -> str:
 
 
 def record_input(model: Family, record: Record, source: str | Image.Image) -> Image.Image:
-    """The record's input image read from `source` as the inversion read it (same --fit); a
-    DiffeditError when it is not the image that was inverted (its pixels differ)."""
+    """The record's input image read from `source` (at its own size); a DiffeditError when it is not the
+    image that was inverted (its pixels, brought to the canvas by the same --fit, differ)."""
     how = record.meta.get("input") or {}
-    img = read_image(model, source, ImageInput(fit=how.get("fit", "resize"), alpha=how.get("alpha", "composite")))
-    if how.get("sha256") not in (None, pixels_digest(img)):
+    img, fit = read_image(model, source, ImageInput(fit=how.get("fit", "resize"), alpha=how.get("alpha", "composite")))
+    made, fitted = record_fit(record), fit.apply(img)
+    reference = img if img.size == made.size else fitted  # a format-2 record's size is its canvas
+    if (reference.size != made.size or fitted.size != made.canvas
+            or how.get("sha256") not in (None, pixels_digest(fitted))):
         name = source if isinstance(source, str) else "the image"
         raise DiffeditError(f"{name}: not the image {record.name} was inverted from (its pixels differ)")
-    return img
+    return reference
 
 
 def reconstruct_record(model: Family, record: Record, *, reference: Image.Image | None = None,
@@ -228,25 +233,32 @@ def reconstruct_record(model: Family, record: Record, *, reference: Image.Image 
 
     `psnr` compares with the input image (`reference`, as `record_input` reads it; else the pixels a
     masked record keeps), `vae_psnr` is the VAE's own round trip of it (the ceiling), `psnr_vs_vae`
-    compares with the decoded input latent (all a record alone can tell)."""
+    compares with the decoded input latent (all a record alone can tell). The image comes back at the
+    input's own size, and all three compare at that size."""
     started = time.perf_counter()
     meta = record.meta
     plan = plan_of_record(model, meta)
     check_record(model, record, plan)
-    run = _run(model, plan, (meta["source_prompt"], meta["source_prompt"]), *meta["size"], callback)
+    fit = record_fit(record)
+    run = _run(model, plan, (meta["source_prompt"], meta["source_prompt"]), *_hw(fit.canvas), callback)
     z_rec = plan.engine.edit(run, record.tensors)
-    out = to_pil(model.decode(z_rec))
+    out = fit.undo(to_pil(model.decode(z_rec)))
     z0 = record.tensors["latent"].to(z_rec.device)
-    decoded = to_pil(model.decode(z0))
+    decoded = fit.undo(to_pil(model.decode(z0)))
     if reference is None and "pixels" in record.tensors:
-        reference = Image.fromarray(record.tensors["pixels"].numpy())
-    result = {"engine": plan.engine.name, "steps": plan.steps, "nfe": run.nfe,
+        reference = fit.undo(Image.fromarray(record.tensors["pixels"].numpy()))
+    result = {"engine": plan.engine.name, "steps": plan.steps, "nfe": run.nfe, **sizes(fit),
               "latent_max_abs": float((z_rec - z0).abs().max())}
     if reference is not None:
         result.update(psnr=psnr(out, reference), vae_psnr=psnr(decoded, reference))
     result["psnr_vs_vae"] = psnr(out, decoded)
     result["seconds"] = time.perf_counter() - started
     return out, result
+
+
+def _hw(size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a (w, h) size, as the samplers take it."""
+    return size[1], size[0]
 
 
 def _steered_edit(model: Family, run: Run, record: Record, fk: FKConfig, reward: str):
@@ -293,13 +305,14 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
         _check_mask(mask, record, fk, paste_back)
     target_guidance = None if adaptive_guidance is None else GuidanceSpec.from_dict(
         {**plan.guidance.to_dict(), "adaptive_threshold": adaptive_guidance})
-    run = _run(model, plan, (meta["source_prompt"], target_prompt), *meta["size"], callback, target_guidance, mask)
+    fit = record_fit(record)
+    run = _run(model, plan, (meta["source_prompt"], target_prompt), *_hw(fit.canvas), callback, target_guidance, mask)
     if deepcache:
         from diffedit.deepcache import DeepCache
 
         run.target.deepcache = DeepCache(model.network, deepcache)
     run.show_attention = show_attention
-    result = {"engine": plan.engine.name, "steps": plan.steps, "defaults": plan.defaults}
+    result = {"engine": plan.engine.name, "steps": plan.steps, **sizes(fit), "defaults": plan.defaults}
     if fk is not None and fk.particles > 1:
         z, steered = _steered_edit(model, run, record, fk, reward)
         result.update(steered)
@@ -314,6 +327,7 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
                 else to_pil(model.decode(record.tensors["latent"])))
         out = mask.paste(out, keep)
         result.update(edited_fraction=mask.edited_fraction, paste_back=paste_back)
+    out = fit.undo(out)
     result.update(nfe=run.nfe, forwards=run.forwards, seconds=time.perf_counter() - started)
     if deepcache:
         result["full_steps"] = run.target.deepcache.full_steps
@@ -325,18 +339,20 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
 def check_record(model: Family, record: Record, plan: Plan) -> None:
     """The record's tensors against its header, its engine and the model: one line naming what is off."""
     latent = tuple(record.tensors["latent"].shape)
-    expected = model.latent_shape(1, *record.meta["size"])
+    w, h = record_fit(record).canvas
+    expected = model.latent_shape(1, h, w)
     if latent != tuple(expected):
         raise DiffeditError(f"{record.name}: tensor 'latent' is {list(latent)} but an image of "
-                            f"{record.meta['size'][1]}x{record.meta['size'][0]} has latents {list(expected)} on this model")
+                            f"{w}x{h} has latents {list(expected)} on this model")
     plan.engine.check_record(record.tensors, plan.steps, plan.params, record.name)
 
 
 def _check_mask(mask: EditMask, record: Record, fk: FKConfig | None, paste_back: bool) -> None:
-    size = list(mask.weights.shape)
-    if size != list(record.meta["size"]):
-        raise UsageError(f"the mask is {size[1]}x{size[0]} pixels but the record's image is "
-                         f"{record.meta['size'][1]}x{record.meta['size'][0]}; give a mask of the record's size")
+    h, w = mask.weights.shape
+    canvas = record_fit(record).canvas
+    if (w, h) != canvas:
+        raise UsageError(f"the mask is {w}x{h} pixels but the record's image is {canvas[0]}x{canvas[1]} on the "
+                         "model's canvas; give a mask of the record's size")
     if fk is not None and fk.particles > 1:
         raise UsageError("FK steering is not combined with an edit mask")
     if paste_back and "pixels" not in record.tensors:
@@ -362,15 +378,15 @@ def generate_image(
         raise UsageError(f"--solver {solver} is not combined with FK steering")
     started = time.perf_counter()
     seed = secrets.randbelow(2**31) if seed is None else seed
-    height, width, shape, schedule = _canvas(model, steps, height, width, eta)
+    fit, height, width, shape, schedule = _canvas(model, steps, height, width, eta)
     fk.check()
     den = prompt_denoiser_for(model, [prompt] * fk.particles, guidance_scale, height, width, negative_prompt,
                               guidance)
     latents, rewards, stats = steer(den, schedule, shape, seed, load_reward(reward), prompt, model.decode, fk,
                                     model.device, callback, refresh=model.consistency)
     best = int(torch.nan_to_num(rewards, nan=-math.inf).argmax())
-    out = to_pil(model.decode(latents[best : best + 1]))
-    result = {"seed": seed, "steps": steps, **stats, "reward": float(rewards[best]),
+    out = fit.undo(to_pil(model.decode(latents[best : best + 1])))
+    result = {"seed": seed, "steps": steps, **sizes(fit), **stats, "reward": float(rewards[best]),
               "rewards": [float(r) for r in rewards], "nfe": den.calls, "seconds": time.perf_counter() - started}
     return out, result
 
@@ -390,7 +406,7 @@ def generate_images(
     if model.consistency and eta:
         raise UsageError("--eta does not apply to latent-consistency models: each step draws all its noise afresh")
     seeds = [secrets.randbelow(2**31) if s is None else s for s in seeds]
-    height, width, shape, schedule = _canvas(model, steps, height, width, eta, solver)
+    fit, height, width, shape, schedule = _canvas(model, steps, height, width, eta, solver)
     den = prompt_denoiser_for(model, prompts, guidance_scale, height, width, negative_prompt, guidance)
     if deepcache:
         from diffedit.deepcache import DeepCache
@@ -400,27 +416,26 @@ def generate_images(
     draw = lambda: torch.cat([torch.randn(shape, generator=g) for g in gens]).to(model.device)  # noqa: E731
     x = draw()
     z0 = sample(den, x, schedule, eta=eta, noise=lambda i: draw(), callback=callback, refresh=model.consistency)
-    images = [to_pil(model.decode(z0[k : k + 1])) for k in range(len(prompts))]
+    images = [fit.undo(to_pil(model.decode(z0[k : k + 1]))) for k in range(len(prompts))]
     seconds = time.perf_counter() - started
     extra = {"batched": len(prompts)} if len(prompts) > 1 else {}
     if den.deepcache is not None:
         extra["full_steps"] = den.deepcache.full_steps
-    return [(img, {"seed": seed, "steps": steps, "nfe": den.calls, "forwards": dict(den.forwards),
+    return [(img, {"seed": seed, "steps": steps, **sizes(fit), "nfe": den.calls, "forwards": dict(den.forwards),
                    "seconds": seconds, **extra}) for img, seed in zip(images, seeds)]
 
 
 def _canvas(model: Family, steps: int, height: int | None, width: int | None, eta: float, solver: str = "ddim"):
-    """Checked image size, the latent shape of one image, and the schedule of `solver`."""
+    """How the asked size fits the model's multiple (sampled on the padded canvas, cropped back to the
+    size), the canvas's height and width, the latent shape of one image, and the schedule of `solver`."""
     default_h, default_w = model.default_size()
-    height, width = height or default_h, width or default_w
-    for side, name in ((height, "height"), (width, "width")):
-        if side % model.multiple:
-            raise UsageError(f"--{name} {side} is not a multiple of {model.multiple} for this model")
+    fit = Fit.of((width or default_w, height or default_h), model.multiple, "pad")
     if not 0 <= eta <= 1:
         raise UsageError(f"--eta {eta} must be in [0, 1]")
     if eta and solver != "ddim":
         raise UsageError(f"--eta applies to --solver ddim; --solver {solver} samples deterministically")
-    return height, width, model.latent_shape(1, height, width), model.schedule(steps, height, width, solver)
+    width, height = fit.canvas
+    return fit, height, width, model.latent_shape(1, height, width), model.schedule(steps, height, width, solver)
 
 
 def image_params(command: str, model: Family, **fields) -> dict:
@@ -463,18 +478,6 @@ def edit_image(
 MOVE_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
-def _fitted(raw: tuple[int, int], fitted: tuple[int, int], how: ImageInput):
-    """(x scale, y scale, crop offset) that `fit_to_multiple` applied to an image of size `raw`."""
-    if how.fit == "resize":
-        return fitted[0] / raw[0], fitted[1] / raw[1], (0, 0)
-    w, h = raw
-    if how.max_side and max(w, h) > how.max_side:  # scaled down first, then cropped or padded
-        k = how.max_side / max(w, h)
-        w, h = max(1, round(w * k)), max(1, round(h * k))
-    offset = ((w - fitted[0]) // 2, (h - fitted[1]) // 2) if how.fit == "crop" else (0, 0)
-    return w / raw[0], h / raw[1], offset
-
-
 def move_image(
     model: Family, source: str | Image.Image, mask: str | Image.Image | None, move, *, prompt: str = "",
     steps: int = 16, guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
@@ -497,19 +500,20 @@ def move_image(
     started = time.perf_counter()
     if model.name not in MOVE_FAMILIES:
         raise UsageError(f"move runs on UNet models ({', '.join(MOVE_FAMILIES)}), not {model.name}")
-    raw = source.convert("RGB") if isinstance(source, Image.Image) else load_image(source, alpha=image.alpha)
+    raw, fit = read_image(model, source, image)
     if (mask is None) == (mask_word is None):
         raise UsageError("give a mask or a word of the prompt to find the object by")
-    img = fit_to_multiple(raw, model.multiple, image.fit, max_side=image.max_side)
+    img = fit.apply(raw)
     width, height = img.size
-    move = move.resized(*_fitted(raw.size, (width, height), image))  # the move is in the input's pixels
+    scale = (width / raw.width, height / raw.height) if fit.policy == "resize" else (1.0, 1.0)
+    move = move.resized(*scale, fit.offset)  # the move is in the input's pixels
     pixels = to_tensor(img)
     if mask is None:
         mask_name = f"--mask-from-prompt {mask_word!r}"
         selected = mask_from_prompt(model, pixels, prompt, mask_word, seed)
     else:
         mask_name = mask if isinstance(mask, str) else "mask"
-        mask_img = fit_to_multiple(load_mask(mask, raw.size), model.multiple, image.fit, max_side=image.max_side)
+        mask_img = fit.apply(load_mask(mask, raw.size), Image.Resampling.NEAREST)
         selected = torch.from_numpy(np.asarray(mask_img) > 127)
     masks, centre, move = plan_move(selected, move, mask_name)
     z0_src, z0_man = model.encode_image(torch.cat([pixels, manipulate(pixels, selected, move, centre)])).clone()
@@ -529,12 +533,13 @@ def move_image(
     schedule = model.schedule(steps, height, width)
     x0 = move_latents(denoise, feature_energy, control, schedule, z0_src, z0_man, masks,
                       torch.Generator().manual_seed(seed), callback)
-    result = {"steps": steps, "seed": seed, "size": [height, width], "guidance_scale": guidance_scale,
+    result = {"steps": steps, "seed": seed, **sizes(fit), "guidance_scale": guidance_scale,
               "forwards": dict(denoise.forwards),
               "energy_passes": 0 if feature_energy is None else feature_energy.passes,
               "backward_passes": 0 if feature_energy is None else feature_energy.backwards,
-              "moved_to": [round(c + d, 1) for c, d in zip(centre, (move.dx, move.dy))]}
-    out = to_pil(model.decode(x0))
+              "moved_to": [round((c + d + o) / k, 1)  # in the input's pixels
+                           for c, d, o, k in zip(centre, (move.dx, move.dy), fit.offset, scale)]}
+    out = fit.undo(to_pil(model.decode(x0)))
     # NFE: batched sampling forwards plus the energies' feature passes (each gradient adds a backward)
     result["nfe"] = denoise.calls + result["energy_passes"]
     result["seconds"] = time.perf_counter() - started

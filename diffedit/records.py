@@ -3,6 +3,10 @@
 The metadata names the model (source and fingerprint), its family and scheduler config, the
 engine and its parameters, prompts, guidance, steps, seed, image size and the diffedit version,
 so `reconstruct` and `edit` can rebuild the exact job from the file alone.
+
+Local files the record names (the model folder or file, its LoRAs, the input image) are stored
+relative to the record's folder, so a record moved together with them still finds them; hub ids are
+kept as they are, and the model's fingerprint tells a different model from the one that made it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +26,9 @@ from diffedit import __version__
 from diffedit.errors import DiffeditError
 from diffedit.files import atomic_output
 
-FORMAT = 2  # bump when a record written by this version cannot be read by older ones (2: checksummed)
+# Bump when a record written by this version cannot be read by older ones (2: checksummed; 3: `size`
+# and `canvas` as {"width", "height"}, local paths relative to the record).
+FORMAT = 3
 META_KEY = "diffedit"
 
 
@@ -55,8 +62,10 @@ def adapters_meta(model) -> list[dict]:
 
 
 def model_meta(model) -> dict:
+    local = Path(str(model.source)).expanduser().exists()  # else a hub id (or a model built in memory)
     meta = {
-        "source": model.source,
+        "source": str(Path(model.source).expanduser().resolve()) if local else model.source,
+        "local": local,
         "fingerprint": model.fingerprint,
         "family": model.name,
         "prediction": model.prediction,
@@ -65,7 +74,22 @@ def model_meta(model) -> dict:
     if adapters_meta(model):
         meta["adapters"] = adapters_meta(model)
     if model.loras:
-        meta["loras"] = model.loras
+        meta["loras"] = [{**entry, "path": str(Path(entry["path"]).expanduser().resolve())} for entry in model.loras]
+    return meta
+
+
+def _paths(meta: dict, change) -> dict:
+    """The header with `change` applied to each local path it names (model, LoRAs, input image)."""
+    meta = json.loads(json.dumps(meta, default=str))
+    model = meta.get("model")
+    if isinstance(model, dict):
+        if model.get("local") is True and isinstance(model.get("source"), str):
+            model["source"] = change(model["source"])
+        for entry in model.get("loras") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                entry["path"] = change(entry["path"])
+    if isinstance(meta.get("image"), str) and meta["image"] not in ("-", "<memory>"):
+        meta["image"] = change(meta["image"])
     return meta
 
 
@@ -81,9 +105,11 @@ def checksum(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_record(path: str | Path, record: Record, overwrite: bool = False) -> None:
-    meta = {"format": FORMAT, "version": __version__, **record.meta}
+    """Write the record; the local paths it names are stored relative to its folder."""
+    folder = Path(path).resolve().parent
+    meta = {**record.meta, "format": FORMAT, "version": __version__}
     tensors = {k: v.detach().cpu().contiguous() for k, v in record.tensors.items()}  # dtypes kept
-    meta = json.loads(json.dumps(meta, default=str))  # as it will be read back
+    meta = _paths(meta, lambda p: os.path.relpath(Path(p).expanduser().resolve(), folder))  # as it will be read
     meta["checksum"] = checksum(meta, tensors)
     data = save(tensors, metadata={META_KEY: json.dumps(meta)})
     with atomic_output(path, overwrite) as tmp:
@@ -120,7 +146,12 @@ def load_record(path: str | Path) -> Record:
     if meta["checksum"] != checksum(meta, tensors):
         raise DiffeditError(f"{path}: record was changed after it was written (its checksum does not match its "
                             "header and tensors)")
+    if isinstance(fmt, int) and fmt < 3 and isinstance(meta.get("size"), list) and len(meta["size"]) == 2:
+        meta["size"] = {"height": meta["size"][0], "width": meta["size"][1]}  # format 2: [height, width]
+        meta["canvas"] = meta["size"]  # its images were made at the model's canvas
     check_fields(meta, tensors, str(path))
+    folder = path.resolve().parent
+    meta = _paths(meta, lambda p: os.path.normpath(folder / p))  # absolute paths stay as they are
     return Record(tensors, meta, str(path))
 
 
@@ -148,10 +179,19 @@ def check_fields(meta: dict, tensors: dict[str, torch.Tensor], path: str) -> Non
     scale = meta.get("guidance_scale")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise bad("guidance_scale", "a finite number", scale)
-    size = meta.get("size")
-    if (not isinstance(size, list) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 8 <= s <= 16384 for s in size)):
-        raise bad("size", "[height, width] in pixels", size)
+    for key in ("size", "canvas"):
+        value = meta.get(key)
+        if (not isinstance(value, dict) or set(value) != {"width", "height"}
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 8 <= s <= 16384 for s in value.values())):
+            raise bad(key, '{"width": W, "height": H} in pixels', value)
+    how = meta.get("input", {})
+    fit = how.get("fit", "resize") if isinstance(how, dict) else None
+    if fit not in ("pad", "resize", "crop"):
+        raise bad("input", 'an object with "fit" pad, resize or crop', how)
+    sides = [(meta["canvas"][k], meta["size"][k]) for k in ("width", "height")]
+    if (fit == "pad" and any(c < s for c, s in sides)) or (fit == "crop" and any(c > s for c, s in sides)):
+        raise bad("canvas", f"the size as --fit {fit} brings it to the model's multiple", meta["canvas"])
+    size = [meta["canvas"]["height"], meta["canvas"]["width"]]  # the canvas the tensors cover
     latent = tensors.get("latent")
     if latent is None:
         raise DiffeditError(f"{path}: record has no tensor 'latent' (the clean latent of the input)")

@@ -191,7 +191,7 @@ def test_odd_but_valid_images_are_converted(cli, tmp_path, sd1, make, name, size
     out = tmp_path / "out.inv.safetensors"
     code, stdout, err = cli("invert", tmp_path / name, "-m", sd1, "--steps", 2, "-o", out, "-q", "--json")
     assert code == 0, err
-    assert json.loads(stdout)["size"] == [size[1], size[0]]
+    assert json.loads(stdout)["size"] == {"width": size[0], "height": size[1]}
 
 
 def test_alpha_refused_on_request(cli, tmp_path, sd1):
@@ -273,3 +273,155 @@ def test_a_pipe_chain_keeps_every_step_s_parameters(tmp_path, sd1):
     params = read_params(tmp_path / "out.png")
     assert params["command"] == "edit" and params["made_from"]["command"] == "generate"
     assert params["made_from"]["seed"] == 5 and params["made_from"]["prompt"] == "a red square"
+
+
+# -- outputs keep the input's size; JSON sizes name width and height ------------------------------------
+
+
+def noise_png(path, size, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("size", [(100, 77), (333, 517)])
+def test_odd_sizes_round_trip_at_the_input_size(cli, tmp_path, sd1, size):
+    """The tiny models' multiple is 2: 100x77 and 333x517 are worked on padded (100x78, 334x518), and every
+    output (reconstruct, edit, edit --from) comes back at the input's size, with one note on stderr."""
+    image = noise_png(tmp_path / "in.png", size)
+    w, h = size
+    canvas = {"width": w + w % 2, "height": h + h % 2}
+    code, out, err = cli("invert", image, "-m", sd1, "-n", 2, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["size"] == {"width": w, "height": h} and result["canvas"] == canvas and result["fit"] == "pad"
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {w}x{h} is not a multiple of this model's size step: padded to "
+                     f"{canvas['width']}x{canvas['height']} for the model, output at {w}x{h}"]
+    record = tmp_path / "in.inv.safetensors"
+    code, out, err = cli("reconstruct", record, "--json", "-q")
+    assert code == 0 and err == "", err
+    back = json.loads(out)
+    assert Image.open(tmp_path / "in.reconstruct.png").size == size and back["size"] == result["size"]
+    assert back["psnr"] == pytest.approx(result["psnr"])  # both against the photo, at its own size
+    code, out, err = cli("edit", image, "-s", "a red square", "-t", "a blue square", "-m", sd1, "-n", 2, "-q",
+                         "--json")
+    assert code == 0, err
+    assert Image.open(tmp_path / "in.edit.png").size == size and json.loads(out)["canvas"] == canvas
+    code, _, err = cli("edit", "--from", record, "-t", "a blue square", "-o", tmp_path / "again.png", "-q")
+    assert code == 0 and Image.open(tmp_path / "again.png").size == size, err
+
+
+@pytest.mark.parametrize("policy", ["resize", "crop"])
+def test_every_fit_policy_returns_the_input_size(cli, tmp_path, sd1, policy):
+    image = noise_png(tmp_path / "in.png", (41, 33))
+    code, out, err = cli("invert", image, "-m", sd1, "-n", 2, "--fit", policy, "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["fit"] == policy
+    code, _, err = cli("reconstruct", tmp_path / "in.inv.safetensors", "-q")
+    assert code == 0 and Image.open(tmp_path / "in.reconstruct.png").size == (41, 33), err
+
+
+def test_generate_takes_any_width_and_height(cli, tmp_path, sd1):
+    """-W 100 -H 77 (not multiples of the model's 2 px): sampled on 100x78 and cropped back to 100x77."""
+    code, out, err = cli("generate", "a red cat", "-m", sd1, "-o", tmp_path / "g.png", "--seed", 1, "-n", 2,
+                         "-W", 100, "-H", 77, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert Image.open(tmp_path / "g.png").size == (100, 77)
+    assert result["size"] == {"width": 100, "height": 77} and result["canvas"] == {"width": 100, "height": 78}
+    assert "padded to 100x78" in err
+    params = read_params(tmp_path / "g.png")
+    assert params["size"] == {"width": 100, "height": 77}
+    assert "Size: 100x77" in Image.open(tmp_path / "g.png").info["parameters"]
+
+
+def test_masks_follow_the_image_geometry(cli, tmp_path, sd1):
+    """A mask of the input's odd size goes through the same padding: the output and --show-mask come back
+    at 61x47, and outside the mask the output is the input's own pixels."""
+    image = noise_png(tmp_path / "in.png", (61, 47))
+    mask = np.zeros((47, 61), np.uint8)
+    mask[10:30, 12:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    code, out, err = cli("edit", image, "-s", "a red square", "-t", "a blue square", "-m", sd1, "-n", 2,
+                         "--mask", tmp_path / "mask.png", "--mask-feather", 0, "--show-mask", tmp_path / "shown.png",
+                         "-o", tmp_path / "out.png", "-q")
+    assert code == 0, err
+    edited = np.asarray(Image.open(tmp_path / "out.png"))
+    assert edited.shape == (47, 61, 3) and Image.open(tmp_path / "shown.png").size == (61, 47)
+    keep = mask == 0
+    assert np.array_equal(edited[keep], np.asarray(Image.open(image))[keep])
+
+
+# -- --json on stdout; --json-out for a file --------------------------------------------------------------
+
+
+def test_json_with_the_image_on_stdout_is_refused_in_one_line(cli, tmp_path, sd1):
+    code, out, err = cli("generate", "a red cat", "-m", sd1, "-n", 2, "-o", "-", "--json")
+    assert code == 2 and out == "" and "--json-out" in err and err.count("\n") == 1
+
+
+def test_json_out_writes_the_result_beside_an_image_on_stdout(tmp_path, sd1):
+    done = run_subprocess(["generate", "a red cat", "-m", sd1, "-n", 2, "--seed", 3, "-W", 24, "-H", 16, "-o", "-",
+                           "--json-out", tmp_path / "result.json", "-q"])
+    assert done.returncode == 0, done.stderr.decode()
+    assert Image.open(io.BytesIO(done.stdout)).size == (24, 16) and done.stderr == b""
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["seed"] == 3 and result["output"] == "-" and result["size"] == {"width": 24, "height": 16}
+    done = run_subprocess(["generate", "a red cat", "-m", sd1, "-n", 2, "-o", tmp_path / "g.png",
+                           "--json-out", tmp_path / "result.json", "-q"])  # never over an existing file
+    assert done.returncode == 1 and b"result.json: already exists" in done.stderr
+    assert not (tmp_path / "g.png").exists()
+
+
+# -- records name local files relative to themselves --------------------------------------------------------
+
+
+def test_a_record_moved_with_its_model_and_image_still_finds_them(cli, tmp_path, sd1):
+    import shutil
+
+    from safetensors import safe_open
+
+    first = tmp_path / "project"
+    shutil.copytree(sd1, first / "models" / "tiny")
+    image = scene(first / "in.png")
+    record = first / "records" / "in.inv.safetensors"
+    record.parent.mkdir()
+    code, out, err = cli("invert", image, "-m", first / "models" / "tiny", "-n", 2, "-o", record, "--json", "-q")
+    assert code == 0, err
+    inverted = json.loads(out)
+    with safe_open(str(record), framework="pt") as f:
+        stored = json.loads(f.metadata()["diffedit"])
+    assert stored["model"]["source"] == "../models/tiny" and stored["model"]["local"] is True
+    assert stored["image"] == "../in.png" and str(tmp_path) not in json.dumps(stored)
+    moved = tmp_path / "elsewhere"
+    first.rename(moved)
+    code, out, err = cli("reconstruct", moved / "records" / "in.inv.safetensors", "-o", tmp_path / "back.png",
+                         "--json", "-q")
+    assert code == 0, err  # no -m: the model was found beside the record
+    assert json.loads(out)["psnr"] == pytest.approx(inverted["psnr"])  # and the image too
+    (moved / "records" / "in.inv.safetensors").rename(tmp_path / "alone.safetensors")  # without its model
+    code, _, err = cli("reconstruct", tmp_path / "alone.safetensors", "-o", tmp_path / "b2.png", "-q")
+    assert code == 1 and "alone.safetensors: its model" in err and "--model" in err and err.count("\n") == 1
+    code, _, err = cli("reconstruct", tmp_path / "alone.safetensors", "-m", moved / "models" / "tiny",
+                       "-o", tmp_path / "b2.png", "-q")
+    assert code == 0, err
+
+
+def test_format_2_records_are_still_read(cli, tmp_path, sd1):
+    """A record as diffedit wrote them before sizes were named: size [height, width], the model's path as
+    given; read as it was made (its images at the canvas it was inverted on)."""
+    from safetensors.torch import save_file
+
+    from diffedit.records import checksum, load_record
+
+    scene(tmp_path / "in.png")
+    assert cli("invert", tmp_path / "in.png", "-m", sd1, "-n", 2, "-q")[0] == 0
+    record = load_record(tmp_path / "in.inv.safetensors")
+    meta = {k: v for k, v in record.meta.items() if k not in ("checksum", "canvas")}
+    meta.update(format=2, size=[32, 40], image="in.png")
+    meta["model"] = {k: v for k, v in meta["model"].items() if k != "local"}
+    meta["checksum"] = checksum(meta, record.tensors)
+    save_file(record.tensors, str(tmp_path / "old.safetensors"), metadata={"diffedit": json.dumps(meta)})
+    code, out, err = cli("reconstruct", tmp_path / "old.safetensors", "-o", tmp_path / "old.png", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["size"] == {"width": 40, "height": 32} and Image.open(tmp_path / "old.png").size == (40, 32)

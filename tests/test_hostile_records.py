@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from diffedit.errors import DiffeditError
-from diffedit.records import load_record
+from diffedit.records import FORMAT, load_record
 
 ENGINES = ["ddim", "ddpm-ef", "bdia", "direct", "infedit"]
 FIELDS = ["steps", "seed", "size", "guidance_scale", "model", "engine", "source_prompt", "negative_prompt"]
@@ -127,7 +127,7 @@ def test_checksummed_records_round_trip(records):
     made, _ = records
     for path in made.values():
         record = load_record(path)
-        assert record.meta["format"] == 2 and len(record.meta["checksum"]) == 64
+        assert record.meta["format"] == FORMAT and len(record.meta["checksum"]) == 64
 
 
 @settings(max_examples=60, deadline=None)

@@ -17,7 +17,7 @@ from PIL import Image, ImageFile
 
 from diffedit.errors import DiffeditError, UsageError
 from diffedit.files import atomic_output, check_writable
-from diffedit.images import fit_to_multiple, load_image, psnr, read_params, save_image, to_pil, to_tensor
+from diffedit.images import Fit, load_image, psnr, read_params, save_image, to_pil, to_tensor
 
 
 def error_for(fn, *args, name: str, **kwargs) -> str:
@@ -224,23 +224,27 @@ def test_stdin_errors(monkeypatch):
     assert "not an image" in error_for(load_image, "-", name="<stdin>")
 
 
-# --- fit_to_multiple ------------------------------------------------------------------------
+# --- Fit: to the model's multiple and back ------------------------------------------------------
+
+def fit(img, multiple, policy="pad"):
+    return Fit.of(img.size, multiple, policy).apply(img)
+
 
 def test_fit_resize():
-    assert fit_to_multiple(noise(30, 20), 8).size == (32, 24)
-    assert fit_to_multiple(noise(3, 20), 8).size == (8, 24)  # never below one multiple
+    assert fit(noise(30, 20), 8, "resize").size == (32, 24)
+    assert fit(noise(3, 20), 8, "resize").size == (8, 24)  # never below one multiple
 
 
 def test_fit_crop_is_centred():
     img = noise(30, 20)
-    out = fit_to_multiple(img, 8, "crop")
+    out = fit(img, 8, "crop")
     assert out.size == (24, 16)
     assert np.array_equal(np.asarray(out), np.asarray(img)[2:18, 3:27])
 
 
 def test_fit_pad_replicates_edges():
     img = noise(30, 20)
-    out = fit_to_multiple(img, 16, "pad")
+    out = fit(img, 16, "pad")
     a, b = np.asarray(out), np.asarray(img)
     assert out.size == (32, 32)
     assert np.array_equal(a[:20, :30], b)
@@ -250,16 +254,33 @@ def test_fit_pad_replicates_edges():
 def test_fit_unchanged_and_errors():
     img = noise(32, 16)
     for policy in ("resize", "crop", "pad"):
-        assert fit_to_multiple(img, 8, policy) is img
+        assert fit(img, 8, policy) is img and not Fit.of(img.size, 8, policy).changed
     with pytest.raises(UsageError):
-        fit_to_multiple(img, 8, "stretch")
+        fit(img, 8, "stretch")
     with pytest.raises(DiffeditError):
-        fit_to_multiple(noise(10, 10), 16, "crop")
+        fit(noise(10, 10), 16, "crop")
 
 
-def test_fit_max_side():
-    assert fit_to_multiple(noise(400, 200), 8, max_side=100).size == (96, 48)
-    assert fit_to_multiple(noise(400, 200), 8, "pad", max_side=96).size == (96, 48)
+@pytest.mark.parametrize("size", [(100, 77), (333, 517), (31, 9)])
+@pytest.mark.parametrize("policy", ["pad", "resize", "crop"])
+def test_fit_undo_returns_the_input_size(size, policy):
+    """Whatever the policy, a result on the canvas comes back at the image's own size; pad gives the very
+    pixels back, crop the cut centre with its border filled from the edge."""
+    img = noise(*size)
+    f = Fit.of(img.size, 8, policy)
+    canvas = f.apply(img)
+    assert canvas.width % 8 == 0 and canvas.height % 8 == 0 and f.changed
+    back = f.undo(canvas)
+    assert back.size == size
+    a, b = np.asarray(back), np.asarray(img)
+    if policy == "pad":
+        assert np.array_equal(a, b)
+    if policy == "crop":
+        (x, y), (w, h) = f.offset, f.canvas
+        assert np.array_equal(a[y : y + h, x : x + w], b[y : y + h, x : x + w])
+        assert np.array_equal(a[:y, x : x + w], np.broadcast_to(b[y, x : x + w], a[:y, x : x + w].shape))
+    mask = Image.new("L", size, 0)
+    assert f.undo(f.apply(mask, Image.Resampling.NEAREST), Image.Resampling.NEAREST).size == size
 
 
 # --- tensors and psnr -----------------------------------------------------------------------
@@ -373,7 +394,7 @@ def test_parameters_travel_in_every_output_format_and_in_a1111_form(tmp_path, su
     from diffedit.images import read_params, save_image
 
     params = {"command": "generate", "diffedit": "0.1.0", "prompt": "a red circle", "negative_prompt": "blur",
-              "steps": 50, "guidance_scale": 7.5, "seed": 3, "size": [32, 40],
+              "steps": 50, "guidance_scale": 7.5, "seed": 3, "size": {"width": 40, "height": 32},
               "model": {"source": "samples/toy-sd", "fingerprint": "abcdef1234567"}}
     path = tmp_path / f"out{suffix}"
     save_image(Image.new("RGB", (40, 32), (10, 20, 30)), path, params=params)

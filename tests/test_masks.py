@@ -194,7 +194,8 @@ def test_cli_edit_with_mask_keeps_the_rest_and_the_record_reuses_it(cli, files, 
 
 
 def test_cli_mask_goes_through_fit(cli, files, tiny_folder):
-    """A 41 px image cropped to 40 px: the mask is cropped with it, so the kept pixels line up."""
+    """A 41 px image cropped to 40 px: the mask is cropped with it, so the kept pixels line up; the output
+    comes back at 41 px (the cut row and column filled from the edge)."""
     model = tiny_folder("sd1")
     code, _, err = cli("edit", files / "odd.png", "-s", "a red circle", "-t", "a blue square", "-m", model, "-n",
                        "3", "--mask", files / "odd-mask.png", "--fit", "crop", "-o", files / "out.png", "-q")
@@ -203,7 +204,8 @@ def test_cli_mask_goes_through_fit(cli, files, tiny_folder):
     in_px = np.asarray(Image.open(files / "odd.png"))[:40, :40]  # the centred 40 x 40 crop
     mask = EditMask.from_image(Image.fromarray(np.asarray(Image.open(files / "odd-mask.png"))[:40, :40]))
     keep = mask.weights == 0
-    assert out_px.shape == (40, 40, 3) and np.array_equal(out_px[keep], in_px[keep])
+    assert out_px.shape == (41, 41, 3) and np.array_equal(out_px[:40, :40][keep], in_px[keep])
+    assert np.array_equal(out_px[40, :40], out_px[39, :40])
 
 
 @pytest.mark.parametrize("case, message", [
@@ -235,8 +237,8 @@ def test_cli_bad_masks_give_one_line_and_write_nothing(cli, files, tiny_folder, 
 
 
 def test_cli_mask_command_writes_a_mask_of_the_input_size(cli, tmp_path):
-    """On the toy model: a 70 px scene (the model's multiple is 4) cropped for the network; the mask
-    comes back at 70 px, on the object."""
+    """On the toy model: a 70 px scene (the model's multiple is 4) cropped for the network; the mask and
+    the overlay come back at 70 px, the mask on the object."""
     from diffedit.toy.shapes import Obj, render
 
     objects = [Obj("circle", "red", (30, 34), 12)]
@@ -250,7 +252,7 @@ def test_cli_mask_command_writes_a_mask_of_the_input_size(cli, tmp_path):
     assert found.shape == (70, 70) and set(np.unique(found)) <= {0, 255}
     truth = scene.masks[0]
     assert ((found > 0) & truth).sum() / ((found > 0) | truth).sum() > 0.6
-    assert json.loads(out)["words"] == "red circle" and Image.open(tmp_path / "overlay.png").size == (68, 68)
+    assert json.loads(out)["words"] == "red circle" and Image.open(tmp_path / "overlay.png").size == (70, 70)
     code, _, err = cli("mask", tmp_path / "in.png", "-p", "a red circle", "-w", "zebra", "-o", tmp_path / "other.png")
     assert code != 0 and "zebra" in err and not (tmp_path / "other.png").exists()
 

@@ -96,7 +96,8 @@ def test_record_round_trip_and_newer_format(tmp_path):
 
     path = tmp_path / "r.safetensors"
     meta = {"model": {"source": "m", "fingerprint": "f"}, "engine": {"name": "ddim"}, "source_prompt": "",
-            "steps": 3, "seed": 0, "guidance_scale": 1.0, "size": [16, 16]}
+            "steps": 3, "seed": 0, "guidance_scale": 1.0, "size": {"width": 16, "height": 16},
+            "canvas": {"width": 16, "height": 16}}
     save_record(path, Record({"noise": torch.ones(1, 4, 2, 2), "latent": torch.zeros(1, 4, 2, 2)}, meta))
     rec = load_record(path)
     assert rec.meta["steps"] == 3 and rec.meta["format"] == FORMAT

@@ -277,7 +277,8 @@ def test_each_guidance_has_a_default_scale_that_runs(cli, tmp_path, tiny_folder)
 
 @pytest.mark.parametrize("args", [["edit", "nope.png", "-t", "x"], ["invert", "nope.png"], ["reconstruct", "nope.rec"],
                                   ["move", "nope.png", "--mask", "m.png", "--dx", "1"], ["generate", "x", "-n", "0"],
-                                  ["mask", "nope.png", "-p", "a", "-w", "a", "-o", "m.png"]])
+                                  ["mask", "nope.png", "-p", "a", "-w", "a", "-o", "m.png"],
+                                  ["generate", "x", "-o", "-", "--json"]])
 def test_typos_are_answered_before_torch_is_imported(tmp_path, args):
     """A missing file or a bad option is answered without importing torch or diffusers (tens of seconds
     on a busy machine); `diffedit bench` measures the time itself."""
