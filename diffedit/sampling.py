@@ -36,6 +36,7 @@ class Schedule:
     # the network time at level N, where solvers that evaluate at both ends of a step need it (flows: 0,
     # their time being 1000 s); None where no such time exists (VP schedules end below their grid)
     end_time: float | None = None
+    climbs: bool = False  # runs from clean to noisy (`reversed`): guidance combines as when inverting
     t: tuple[float, ...] = field(init=False)  # `times` as Python floats, for guidance schedules
     order: int = 1
     inverse: Schedule | None = None
@@ -56,7 +57,7 @@ class Schedule:
         each step's start as an ODE solver does (not at its destination, as `invert` does)."""
         times = self._all_times()[::-1]
         return Schedule(torch.tensor(times[:-1], dtype=self.times.dtype, device=self.times.device),
-                        self.a[::-1], self.s[::-1], end_time=times[-1])
+                        self.a[::-1], self.s[::-1], end_time=times[-1], climbs=not self.climbs)
 
     def midpoints(self) -> Schedule:
         """Every step split at its middle: level 2i is level i, level 2i+1 halfway to level i+1, in
@@ -68,7 +69,7 @@ class Schedule:
             s += [self.s[j], (self.s[j] + self.s[j + 1]) / 2]
         mid = [v for j in range(len(self)) for v in (times[j], (times[j] + times[j + 1]) / 2)]
         return Schedule(torch.tensor(mid, dtype=self.times.dtype, device=self.times.device),
-                        (*a, self.a[-1]), (*s, self.s[-1]), end_time=self.end_time)
+                        (*a, self.a[-1]), (*s, self.s[-1]), end_time=self.end_time, climbs=self.climbs)
 
 
 def churn(a_from: float, s_from: float, a_to: float, s_to: float, eta: float) -> float:
@@ -126,11 +127,12 @@ class Midpoint:
 
     def __call__(self, denoise: Denoise, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         f, j = self.fine, 2 * i
+        inverting = {"inverse": True} if f.climbs else {}  # e.g. CFG++ renoises differently when inverting
         if self.velocity is None or not self.reuse:
-            x0, eps = denoise(x, f, j)
+            x0, eps = denoise(x, f, j, **inverting)
             self.velocity = eps - x0
         v = self.velocity[-len(x):]  # a loop may drop leading rows between steps (a finished source row)
-        x0, eps = denoise(x + (f.s[j + 1] - f.s[j]) * v, f, j + 1)
+        x0, eps = denoise(x + (f.s[j + 1] - f.s[j]) * v, f, j + 1, **inverting)
         self.velocity = eps - x0
         return torch.add(x, self.velocity, alpha=f.s[j + 2] - f.s[j]), x0
 
