@@ -21,7 +21,8 @@ Denoise = Callable[..., Prediction]  # (x, schedule, i, *, level=None, inverse=F
 
 @dataclass(frozen=True)
 class Schedule:
-    """Noise levels from most noisy (index 0) to the end of sampling (index N).
+    """Noise levels from most noisy (index 0) to the end of sampling (index N); a `reversed` one runs
+    from clean to noisy.
 
     `times[i]` is the network's time input at level i (N entries); `a[i]`, `s[i]` are the
     coefficients of `x_i = a_i * x0 + s_i * eps` (N + 1 entries, Python floats so the loop

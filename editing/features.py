@@ -50,12 +50,12 @@ def with_features(controller: Controller, params, steps: int, into: list[int] | 
 def value_layers(network, share_from: float) -> tuple[str, ...]:
     """The attention layers whose values RF-Solver and FireFlow share: Flux's single-stream blocks (or
     SD3's joint blocks) from the fraction `share_from` of their depth on (RF-Solver on Flux: 20 of 38)."""
-    blocks = getattr(network, "single_transformer_blocks", None) or getattr(network, "transformer_blocks", None)
-    if not blocks:
-        raise UsageError("value sharing needs a transformer's attention blocks (sd3, flux)")
-    first = min(round(share_from * len(blocks)), len(blocks) - 1)
-    prefix = "single_transformer_blocks" if getattr(network, "single_transformer_blocks", None) else "transformer_blocks"
-    return tuple(f"{prefix}.{i}.attn" for i in range(first, len(blocks)))
+    for prefix in ("single_transformer_blocks", "transformer_blocks"):
+        blocks = getattr(network, prefix, None)
+        if blocks:
+            first = min(round(share_from * len(blocks)), len(blocks) - 1)
+            return tuple(f"{prefix}.{i}.attn" for i in range(first, len(blocks)))
+    raise UsageError("value sharing needs a transformer's attention blocks (sd3, flux)")
 
 
 class ValueSharing(Controller):
