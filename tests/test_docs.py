@@ -18,3 +18,39 @@ def test_docs_benchmarks_is_generated_from_the_results():
     finally:
         os.chdir(cwd)
     assert (ROOT / "docs" / "benchmarks.md").read_text() == expected, "run `diffedit bench docs` and commit"
+
+
+def _tables(text: str) -> list[tuple[str, list[str]]]:
+    """(header, rows) of every markdown table in `text`."""
+    lines, tables, i = [line.strip() for line in text.splitlines()], [], 0
+    while i < len(lines) - 1:
+        if lines[i].startswith("|") and lines[i + 1].startswith("|---"):
+            j = i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            tables.append((lines[i], lines[i + 2 : j]))
+            i = j
+        else:
+            i += 1
+    return tables
+
+
+def _measured(row: str) -> tuple[str, ...]:
+    return tuple(cell.strip() for cell in row.strip("|").split("|"))[1:]  # the label may be reworded
+
+
+def test_benchmark_tables_quoted_in_the_docs_match_the_results():
+    """Where a page quotes a benchmark's table (its header is a results table's), every row's numbers
+    are those of a row in benchmarks/results: quoted tables cannot drift from the measurements."""
+    results: dict[str, set] = {}
+    for path in (ROOT / "benchmarks" / "results").glob("*/results.md"):
+        for header, rows in _tables(path.read_text()):
+            results.setdefault(header, set()).update(_measured(r) for r in rows)
+    quoted = 0
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for header, rows in _tables(page.read_text()):
+            if header in results:
+                quoted += 1
+                stale = [r for r in rows if _measured(r) not in results[header]]
+                assert not stale, f"{page.name}: rows not in benchmarks/results: {stale[:2]}"
+    assert quoted >= 10  # the check reads the pages' tables at all

@@ -281,11 +281,14 @@ def test_each_guidance_has_a_default_scale_that_runs(cli, tmp_path, tiny_folder)
                                   ["generate", "x", "-o", "-", "--json"]])
 def test_typos_are_answered_before_torch_is_imported(tmp_path, args):
     """A missing file or a bad option is answered without importing torch or diffusers (tens of seconds
-    on a busy machine); `diffedit bench` measures the time itself."""
+    on a busy machine): 0.30-0.40 s for the whole process here (docs/testing-and-benchmarks.md); the
+    bound is generous for loaded CI machines, the import check is the strict part."""
     code = ("import sys; from diffedit.cli import main; rc = main.run(sys.argv[1:]); "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)); sys.exit(rc)")
+    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
+    assert time.perf_counter() - started < 10
     assert done.returncode in (1, 2) and done.stderr.startswith("error: ")
     assert done.stdout.strip() == "[]"
 
