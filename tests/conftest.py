@@ -52,6 +52,18 @@ def tiny_folder(tmp_path_factory):
 
 
 @pytest.fixture
+def square(tmp_path) -> str:
+    """A 32x32 PNG: a red square on a light grey background (the prompt "a red square")."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.full((32, 32, 3), 200, np.uint8)
+    a[8:20, 8:20] = (220, 20, 20)
+    Image.fromarray(a).save(tmp_path / "square.png")
+    return str(tmp_path / "square.png")
+
+
+@pytest.fixture
 def cli(capsys):
     """Run the CLI in-process: cli(*args) -> (exit code, stdout, stderr)."""
     from diffedit.cli.main import run

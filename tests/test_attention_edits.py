@@ -18,15 +18,6 @@ from diffedit.plan import plan_job, plan_of_record
 from diffedit.sampling import initial_noise, sample
 
 
-@pytest.fixture
-def square(tmp_path):
-    a = np.full((32, 32, 3), 200, np.uint8)
-    a[8:20, 8:20] = (220, 20, 20)
-    path = tmp_path / "square.png"
-    Image.fromarray(a).save(path)
-    return str(path)
-
-
 def test_alignment_word_swap_and_refine(tiny):
     pipe, _ = tiny("sd1")
     tok = pipe.tokenizer

@@ -5,20 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffedit.errors import UsageError
 from diffedit.images import to_pil
 from diffedit.jobs import edit_record, invert_image
 from diffedit.plan import plan_job, plan_of_record
-
-
-@pytest.fixture
-def square(tmp_path):
-    a = np.full((32, 32, 3), 200, np.uint8)
-    a[8:20, 8:20] = (220, 20, 20)
-    Image.fromarray(a).save(tmp_path / "square.png")
-    return str(tmp_path / "square.png")
 
 
 @pytest.mark.parametrize("fam", ["sd3", "flux"])

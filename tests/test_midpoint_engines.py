@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffedit.editing.attention import AttentionControl, Controller
 from diffedit.editing.features import ValueSharing, value_layers
@@ -116,14 +115,6 @@ def test_value_layers_follow_the_papers_blocks(tiny, fam, first):
     network = tiny(fam)[1].network
     assert list(value_layers(network, 0.6)) == first
     assert len(value_layers(network, 0.0)) == (2 if fam == "sd3" else 1)
-
-
-@pytest.fixture
-def square(tmp_path):
-    a = np.full((32, 32, 3), 200, np.uint8)
-    a[8:20, 8:20] = (220, 20, 20)
-    Image.fromarray(a).save(tmp_path / "square.png")
-    return str(tmp_path / "square.png")
 
 
 @pytest.mark.parametrize("fam", ["sd3", "flux"])
