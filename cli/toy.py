@@ -28,7 +28,7 @@ def train(
     decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1500,
     decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on plain MSE, encoder frozen (as `toy tune-decoder`).")] = 300,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
-    context_swap: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of captions whose other tokens are encoded with one attribute word swapped (v3: 0.5; see samples/toy-sd/README.md).")] = 0.0,
+    word_local: Annotated[bool, typer.Option("--word-local/--contextual", help="Text encoder whose tokens see only their own word (v2, shipped) or CLIP's causal mixing (v1's kind; see samples/toy-sd/README.md).")] = True,
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
     flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 12_000,
@@ -62,7 +62,7 @@ def train(
         train_model = lambda *args: toy_flow.train(*args, vae_from=vae_from or Path("samples/toy-sd"))  # noqa: E731
     else:
         config = TrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
-                             decoder_mse_steps=decoder_mse_steps, dataset=dataset, context_swap=context_swap)
+                             decoder_mse_steps=decoder_mse_steps, dataset=dataset, word_local=word_local)
         train_model = lambda *args: run_training(*args, vae_from=vae_from)  # noqa: E731
     with training_progress() as tick:
         summary = train_model(out, work, config, tick)

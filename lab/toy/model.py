@@ -1,8 +1,8 @@
 """The toy latent-diffusion model: a StableDiffusionPipeline small enough to train on a 2-core CPU.
 
 A VAE with three levels (64x64 images <-> 16x16x4 latents), a UNet with self- and cross-attention,
-and a frozen, randomly initialised two-layer CLIP text encoder over whole-word tokens of the shapes
-world. Saved as an ordinary diffusers folder (safetensors, fp16) that `StableDiffusionPipeline`
+and a two-layer CLIP text encoder over whole-word tokens of the shapes world (v1: frozen at its random
+initialisation; v2: word-local, trained with the UNet). Saved as an ordinary diffusers folder (safetensors, fp16) that `StableDiffusionPipeline`
 loads.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.models.clip.modeling_clip import CLIPAttention
 
 from diffedit.tokenizers import clip_word_tokenizer
 from diffedit.toy.shapes import VOCAB
@@ -37,14 +38,37 @@ def make_unet() -> UNet2DConditionModel:
     )
 
 
-def make_text_encoder(tokenizer) -> CLIPTextModel:
+def make_text_encoder(tokenizer, word_local: bool = False) -> CLIPTextModel:
+    """A 2-layer CLIP text encoder (frozen). `word_local`: its self-attention outputs are zero and stay
+    so (out_proj zeroed, attention frozen), so each token's embedding depends only on its own word and
+    place. A causal encoder writes a changed word into every later token, and the toy UNet read the
+    word there: a one-word prompt-to-prompt edit then changed the values of the whole prompt and the
+    layout with them (measured on v2, samples/toy-sd/README.md). Still a plain `CLIPTextModel`."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_DIM,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config).eval().requires_grad_(False)
+    encoder = CLIPTextModel(config).eval().requires_grad_(False)
+    if word_local:
+        for attention in _self_attention(encoder):
+            torch.nn.init.zeros_(attention.out_proj.weight)
+            torch.nn.init.zeros_(attention.out_proj.bias)
+    return encoder
+
+
+def _self_attention(encoder: CLIPTextModel) -> list[torch.nn.Module]:
+    return [m for m in encoder.modules() if isinstance(m, CLIPAttention)]
+
+
+def trainable_text_encoder(encoder: CLIPTextModel) -> CLIPTextModel:
+    """The encoder's parameters trainable, except a word-local encoder's (zeroed) self-attention."""
+    encoder.requires_grad_(True)
+    for attention in _self_attention(encoder):
+        if not attention.out_proj.weight.any():
+            attention.requires_grad_(False)
+    return encoder
 
 
 def make_tokenizer():

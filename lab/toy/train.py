@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from diffedit.toy.shapes import BACKGROUNDS, COLOURS, SHAPES, make_scene, user_caption
+from diffedit.toy.shapes import make_scene, user_caption
 from lab.testing import SD_SCHEDULE
 from lab.toy import model as toy
 
@@ -39,9 +39,7 @@ class TrainConfig:
     warmup: int = 200
     ema: float = 0.999
     caption_dropout: float = 0.1
-    # of the captions: one attribute word keeps its own embedding while every other token is encoded
-    # as if that word were another of its kind (`context_swapped`)
-    context_swap: float = 0.0  # v3 tried 0.5: better masks from words, worse prompt following
+    word_local: bool = True  # the text encoder's tokens see only their own word (`toy.make_text_encoder`)
     checkpoint_every: int = 200
 
 
@@ -262,36 +260,10 @@ class TextConditioned(torch.nn.Module):
     """The UNet and its text encoder, trained (and averaged) together: word tokens learn embeddings
     that the UNet's cross-attention can find the objects by, as CLIP's do for Stable Diffusion."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, word_local: bool):
         super().__init__()
         self.unet = toy.make_unet()
-        self.text_encoder = toy.make_text_encoder(tokenizer).requires_grad_(True)
-
-
-def context_swapped(text_encoder, ids: torch.Tensor, kinds: list[list[int]], fraction: float,
-                    gen: torch.Generator) -> torch.Tensor:
-    """Token embeddings where, in `fraction` of the captions, one attribute word (colour, shape or
-    background) keeps its own embedding and every other token is encoded with another word of that
-    kind in its place. A causal text encoder writes each word into the tokens after it; trained
-    on such captions the UNet learns to read an attribute from its own token, so swapping one word's
-    token (prompt-to-prompt) changes that attribute where the word attends and leaves the layout, as
-    on Stable Diffusion (measured: layout-in-attention failures came from these later tokens)."""
-    swapped = ids.clone()
-    own = torch.zeros(ids.shape, dtype=torch.bool)
-    for row in range(len(ids)):
-        if torch.rand(1, generator=gen) >= fraction:
-            continue
-        places = [(j, kind) for j, token in enumerate(ids[row].tolist()) for kind in kinds if token in kind]
-        if not places:
-            continue
-        j, kind = places[int(torch.randint(len(places), (1,), generator=gen))]
-        others = [token for token in kind if token != ids[row, j]]
-        swapped[row, j] = others[int(torch.randint(len(others), (1,), generator=gen))]
-        own[row, j] = True
-    emb = text_encoder(ids)[0]
-    if not own.any():
-        return emb
-    return torch.where(own[..., None], emb, text_encoder(swapped)[0])
+        self.text_encoder = toy.trainable_text_encoder(toy.make_text_encoder(tokenizer, word_local))
 
 
 def train_unet(config: TrainConfig, latents, captions, tokenizer, work: Path, tick):
@@ -300,12 +272,10 @@ def train_unet(config: TrainConfig, latents, captions, tokenizer, work: Path, ti
 
     abar = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}).alphas_cumprod
 
-    kinds = [tokenizer.convert_tokens_to_ids([w + "</w>" for w in words]) for words in (COLOURS, SHAPES, BACKGROUNDS)]
-
     def loss_of(net, gen, z0, texts):
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
-        emb = context_swapped(net.text_encoder, ids, kinds, config.context_swap, gen)
+        emb = net.text_encoder(ids)[0]
         t = torch.randint(0, 1000, (len(z0),), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
         ab = abar[t].view(-1, 1, 1, 1)
@@ -314,7 +284,7 @@ def train_unet(config: TrainConfig, latents, captions, tokenizer, work: Path, ti
         weight = torch.clamp(snr, max=5.0) / snr  # min-SNR weighting: faster, steadier training
         return (weight * (pred - eps).pow(2)).mean()
 
-    net = fit_denoiser(config, lambda: TextConditioned(tokenizer), lambda net: None, loss_of, latents, captions,
+    net = fit_denoiser(config, lambda: TextConditioned(tokenizer, config.word_local), lambda net: None, loss_of, latents, captions,
                        config.unet_steps, config.unet_batch, config.unet_lr, work / "unet.ckpt", "unet", tick,
                        rewrite=user_caption)
     return net.unet, net.text_encoder.eval()
