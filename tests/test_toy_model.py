@@ -122,3 +122,40 @@ def test_tune_decoder_cli_names_a_folder_without_a_vae(tmp_path, cli):
     code, _, err = cli("toy", "tune-decoder", "-m", tmp_path, "--work", tmp_path / "work")
     assert code == 1 and f"{tmp_path}: no VAE folder" in err
     assert not (tmp_path / "work").exists()
+
+
+def _embeddings(tokenizer, encoder, prompts):
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return encoder(ids)[0]
+
+
+def test_shipped_text_encoder_is_word_local():
+    """A one-word change changes that word's token and no other (v2): a prompt-to-prompt word swap
+    changes only what attends to the word."""
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
+    emb = _embeddings(pipe.tokenizer, pipe.text_encoder, ["a red circle and a blue square on a white background",
+                                                          "a green circle and a blue square on a white background"])
+    changed = (emb[0] - emb[1]).abs().amax(-1) > 0
+    assert changed.nonzero().flatten().tolist() == [2]  # start token, "a", then the colour
+
+
+def test_word_local_encoder_stays_word_local_when_trained():
+    from lab.toy import model as toy_model
+
+    tokenizer = toy_model.make_tokenizer()
+    encoder = toy_model.trainable_text_encoder(toy_model.make_text_encoder(tokenizer, word_local=True))
+    before = encoder.get_input_embeddings().weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-2)
+    ids = tokenizer(["a red circle on a grey background"], padding="max_length", return_tensors="pt").input_ids
+    for _ in range(3):
+        loss = encoder(ids)[0].pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(before, encoder.get_input_embeddings().weight)  # it learns
+    emb = _embeddings(tokenizer, encoder, ["red circle", "blue circle"])
+    assert ((emb[0] - emb[1]).abs().amax(-1) > 0).nonzero().flatten().tolist() == [1]
+    contextual = toy_model.make_text_encoder(tokenizer)  # CLIP's causal mixing: every later token changes
+    emb = _embeddings(tokenizer, contextual, ["red circle", "blue circle"])
+    assert ((emb[0] - emb[1]).abs().amax(-1) > 0).sum() > 3

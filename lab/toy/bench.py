@@ -29,7 +29,7 @@ from diffedit.families import Family
 from diffedit.toy.checker import check
 from diffedit.toy.shapes import COLOURS, SHAPES, make_scene, with_object
 
-VERSION = 2  # v2 added the erase tasks
+VERSION = 3  # v2 added the erase tasks, v3 moves on the world's white
 TASKS = Path(__file__).resolve().parents[2] / "samples" / "shapesbench.jsonl"
 
 
@@ -37,7 +37,7 @@ TASKS = Path(__file__).resolve().parents[2] / "samples" / "shapesbench.jsonl"
 
 
 def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int = 20, reconstruct: int = 10,
-               erase: int = 10) -> list[dict]:
+               erase: int = 10, white_move: int = 12) -> list[dict]:
     """The fixed task list (written to samples/shapesbench.jsonl by `diffedit toy make-bench`)."""
     rng = np.random.default_rng(seed)
     tasks, scene_seed = [], 10**6
@@ -89,6 +89,21 @@ def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int =
                       "object": 0, "source_prompt": scene.caption, "target_prompt": scene.caption,
                       "concept": concept, "adapter": f"toy-sd-spm/{concept}.spm.safetensors",
                       "expect": {"absent": concept}})
+    for k in range(white_move):  # v3: one object on the world's white, moved by (18, 14) px, mirrored to fit
+        shape = SHAPES[k % len(SHAPES)]
+        while True:
+            sid, n, scene = next_scene(1)
+            obj = scene.objects[0]
+            if scene.background == ("white",) and obj.shape == shape:
+                break
+        dx = 18 if obj.center[0] + 18 < 62 - obj.size else -18
+        dy = 14 if obj.center[1] + 14 < 62 - obj.size else -14
+        cx, cy = obj.center[0] + dx, obj.center[1] + dy
+        if not (obj.size + 2 < cx < 62 - obj.size and obj.size + 2 < cy < 62 - obj.size):
+            continue  # too big to move that far either way
+        tasks.append({"id": f"move-white-{k:03d}", "version": 3, "kind": "move", "scene_seed": sid, "n_objects": 1,
+                      "object": 0, "source_prompt": scene.caption, "target_prompt": scene.caption, "dx": dx, "dy": dy,
+                      "expect": {"center": [round(cx, 1), round(cy, 1)]}})
     return tasks
 
 

@@ -209,4 +209,5 @@ def layout_in_attention(model: Family, tasks: list[dict], steps: int = 50, guida
         kept += worst <= tolerance
         moved.append(worst)
     return {"tasks": len(tasks), "kept_pct": 100 * kept / len(tasks),
-            "median_shift_px": float(np.median(moved)) if moved else None}
+            "median_shift_px": float(np.median(moved)) if moved else None,
+            "shifts_px": [round(float(m), 2) for m in moved]}
