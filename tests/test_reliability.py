@@ -322,28 +322,33 @@ def test_default_outputs_follow_one_naming_rule(cli, tmp_path, tiny_folder, monk
 # -- defaults that work on the model they run on --------------------------------------------------------------
 
 
-def test_a_model_folder_s_recommended_settings_are_the_defaults(cli, tmp_path):
-    """The toy model's diffedit.json: Direct Inversion at CFG 3 with feature injection 0.4 unless the
-    user says otherwise; the result and the PNG say where the defaults came from."""
+def test_a_model_folder_s_recommended_settings_are_the_defaults(cli, tmp_path, tiny_folder):
+    """A folder's diffedit.json (here: Direct Inversion at CFG 3 with feature injection 0.4, as the toy
+    model v1 had) applies unless the user says otherwise; the result and the PNG say where the
+    defaults came from."""
+    import shutil
+
+    from PIL import Image
+
     from diffedit.images import read_params
 
-    scene = "samples/scene.png"
-    source = "an orange star and a green triangle on a black background"
-    target = "a yellow star and a green triangle on a black background"
-    code, out, err = cli("edit", scene, "-s", source, "-t", target, "-e", "direct", "-n", "4", "-o",
-                         tmp_path / "a.png", "--json", "-q")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder("sd1"), model)
+    (model / "diffedit.json").write_text(json.dumps({"engines": {"direct": {"guidance_scale": 3.0, "inject_features": 0.4}}}))
+    scene = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(scene)
+    edit = ("edit", scene, "-s", "a red square", "-t", "a blue square", "-m", model, "-n", "4", "--json", "-q")
+    code, out, err = cli(*edit, "-e", "direct", "-o", tmp_path / "a.png")
     assert code == 0, err
     params = read_params(tmp_path / "a.png")
     assert params["guidance_scale"] == 3.0 and params["engine_params"]["inject_features"] == 0.4
-    assert json.loads(out)["defaults"].endswith("samples/toy-sd/diffedit.json")
-    code, out, err = cli("edit", scene, "-s", source, "-t", target, "-e", "direct", "-n", "4", "-g", "5",
-                         "--inject-features", "0", "-o", tmp_path / "b.png", "--json", "-q")
+    assert json.loads(out)["defaults"].endswith("model/diffedit.json")
+    code, out, err = cli(*edit, "-e", "direct", "-g", "5", "--inject-features", "0", "-o", tmp_path / "b.png")
     assert code == 0, err
     params = read_params(tmp_path / "b.png")
     assert params["guidance_scale"] == 5.0 and params["engine_params"]["inject_features"] == 0.0
     assert json.loads(out)["defaults"] == "paper"  # everything the folder recommends was given
-    code, out, err = cli("edit", scene, "-s", source, "-t", target, "-e", "ddim", "-n", "4", "-o",
-                         tmp_path / "c.png", "--json", "-q")
+    code, out, err = cli(*edit, "-e", "ddim", "-o", tmp_path / "c.png")
     assert code == 0 and json.loads(out)["defaults"] == "paper"  # nothing recommended for ddim
 
 

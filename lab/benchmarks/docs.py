@@ -13,12 +13,19 @@ RESULTS = Path("benchmarks/results")
 OUTPUT = Path("docs/benchmarks.md")
 
 SECTIONS = [
+    ("Toy model v2: the papers' order without feature injection", """
+All 40 recolour and 40 reshape tasks on the toy model v2 (word-local text encoder, 2026-12-02), each
+engine at the papers' defaults (50 steps, CFG 1 / 7.5; prompt-to-prompt cross 0.4, self 0.6), no
+feature injection. Direct Inversion ≥ DDIM + prompt-to-prompt ≥ DDIM on success, each with more
+background than the next, as on Stable Diffusion. On v1 at CFG 5 the same engines scored 15 / 42.5 %
+(direct) and 30 / 37.5 % (ddim-p2p), the reverse order on recolours (docs/engines.md). Seconds were
+measured while other jobs shared the CPU at times: compare costs by NFE.""", ["v2-shapes40-direct", "v2-shapes40-ddim-p2p", "v2-shapes40-ddim"]),
     ("Local edits: ShapesBench with edit masks (toy SD model)", """
 Recolour and reshape tasks (the first 5 of each), every UNet engine at its defaults, without a mask,
 with the edited object's own region as a mask file (`--mask`, its place before and after the edit,
 default feather of one latent cell), the same without paste-back, and with the region found from the
-object's words (`--mask-from-prompt "COLOUR SHAPE"`). Toy-model defaults apply (its `diffedit.json`:
-Direct Inversion at CFG 3 with feature injection 0.4). "Background PSNR" is ShapesBench's: outside the
+object's words (`--mask-from-prompt "COLOUR SHAPE"`). Measured on the toy model v1, whose defaults
+applied (its `diffedit.json` then: Direct Inversion at CFG 3 with feature injection 0.4). "Background PSNR" is ShapesBench's: outside the
 object's region grown by 2 px, so part of the feathered seam (4 px on this model) counts against it.
 "PSNR outside the mask" is outside the feathered mask itself: with paste-back the input's own pixels,
 bit for bit (inf; tests/test_masks.py), without it the VAE's round trip of the input, equal to the
