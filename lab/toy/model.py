@@ -2,8 +2,8 @@
 
 A VAE with three levels (64x64 images <-> 16x16x4 latents), a UNet with self- and cross-attention,
 and a two-layer CLIP text encoder over whole-word tokens of the shapes world (v1: frozen at its random
-initialisation; v2: word-local, trained with the UNet). Saved as an ordinary diffusers folder (safetensors, fp16) that `StableDiffusionPipeline`
-loads.
+initialisation; v2: word-local, trained with the UNet). Saved as an ordinary diffusers folder
+(safetensors, fp16) that `StableDiffusionPipeline` loads.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ def make_unet() -> UNet2DConditionModel:
 
 
 def make_text_encoder(tokenizer, word_local: bool = False) -> CLIPTextModel:
-    """A 2-layer CLIP text encoder (frozen). `word_local`: its self-attention outputs are zero and stay
-    so (out_proj zeroed, attention frozen), so each token's embedding depends only on its own word and
-    place. A causal encoder writes a changed word into every later token, and the toy UNet read the
-    word there: a one-word prompt-to-prompt edit then changed the values of the whole prompt and the
-    layout with them (measured on v2, samples/toy-sd/README.md). Still a plain `CLIPTextModel`."""
+    """A 2-layer CLIP text encoder, frozen (`trainable_text_encoder` unfreezes it). `word_local`: its
+    self-attention outputs are zero (out_proj zeroed), so each token's embedding depends only on its
+    own word and place. A causal encoder writes a changed word into every later token, and the toy UNet
+    read the word there: a one-word prompt-to-prompt edit then changed the values of the whole prompt
+    and the layout with them (measured on the first v2, samples/toy-sd/README.md). Still a plain
+    `CLIPTextModel`."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_DIM,
