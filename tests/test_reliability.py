@@ -322,22 +322,18 @@ def test_default_outputs_follow_one_naming_rule(cli, tmp_path, tiny_folder, monk
 # -- defaults that work on the model they run on --------------------------------------------------------------
 
 
-def test_a_model_folder_s_recommended_settings_are_the_defaults(cli, tmp_path, tiny_folder):
+def test_a_model_folder_s_recommended_settings_are_the_defaults(cli, tmp_path, tiny_folder, square):
     """A folder's diffedit.json (here: Direct Inversion at CFG 3 with feature injection 0.4, as the toy
     model v1 had) applies unless the user says otherwise; the result and the PNG say where the
     defaults came from."""
     import shutil
-
-    from PIL import Image
 
     from diffedit.images import read_params
 
     model = tmp_path / "model"
     shutil.copytree(tiny_folder("sd1"), model)
     (model / "diffedit.json").write_text(json.dumps({"engines": {"direct": {"guidance_scale": 3.0, "inject_features": 0.4}}}))
-    scene = tmp_path / "x.png"
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(scene)
-    edit = ("edit", scene, "-s", "a red square", "-t", "a blue square", "-m", model, "-n", "4", "--json", "-q")
+    edit = ("edit", square, "-s", "a red square", "-t", "a blue square", "-m", model, "-n", "4", "--json", "-q")
     code, out, err = cli(*edit, "-e", "direct", "-o", tmp_path / "a.png")
     assert code == 0, err
     params = read_params(tmp_path / "a.png")

@@ -67,8 +67,7 @@ def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int =
                 for _ in range(100):
                     dx, dy = (int(v) for v in rng.integers(-20, 21, 2))
                     cx, cy = obj.center[0] + dx, obj.center[1] + dy
-                    far = math.hypot(dx, dy) > obj.size * 1.5
-                    if far and obj.size + 2 < cx < 62 - obj.size and obj.size + 2 < cy < 62 - obj.size:
+                    if math.hypot(dx, dy) > obj.size * 1.5 and _fits(obj, cx, cy):
                         break
                 task.update(dx=dx, dy=dy, expect={"center": [round(cx, 1), round(cy, 1)]})
             else:
@@ -99,12 +98,17 @@ def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int =
         dx = 18 if obj.center[0] + 18 < 62 - obj.size else -18
         dy = 14 if obj.center[1] + 14 < 62 - obj.size else -14
         cx, cy = obj.center[0] + dx, obj.center[1] + dy
-        if not (obj.size + 2 < cx < 62 - obj.size and obj.size + 2 < cy < 62 - obj.size):
+        if not _fits(obj, cx, cy):
             continue  # too big to move that far either way
         tasks.append({"id": f"move-white-{k:03d}", "version": 3, "kind": "move", "scene_seed": sid, "n_objects": 1,
                       "object": 0, "source_prompt": scene.caption, "target_prompt": scene.caption, "dx": dx, "dy": dy,
                       "expect": {"center": [round(cx, 1), round(cy, 1)]}})
     return tasks
+
+
+def _fits(obj, cx: float, cy: float) -> bool:
+    """Whether `obj` centred at (cx, cy) stays 2 px inside a 64-px scene."""
+    return obj.size + 2 < cx < 62 - obj.size and obj.size + 2 < cy < 62 - obj.size
 
 
 ERASE_CONCEPTS = ("red", "circle")  # the adapters shipped in samples/toy-sd-spm
