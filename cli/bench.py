@@ -275,10 +275,12 @@ def fk_toy(
 def batch(
     n: Annotated[int, typer.Option(min=2, help="Number of jobs (half generate, half edit).")] = 8,
     steps: Annotated[int, typer.Option(min=1)] = 50,
+    engines: Annotated[str, typer.Option(help="Engines whose inversions and edits are micro-batched ('' for none).")] = "ddim,ddpm-ef,bdia,direct,infedit",
     save: SaveOpt = None,
     json: JsonOpt = False,
 ):
-    """N jobs in one `diffedit batch` vs N separate processes, and batch vs pure compute (toy model).
+    """N jobs in one `diffedit batch` vs N separate processes, batch vs pure compute, and per engine N
+    inversions and N edits micro-batched 4 at a time vs one by one (toy model).
 
     Example: diffedit bench batch --save benchmarks/results/batch
     """
@@ -286,7 +288,9 @@ def batch(
 
     with stderr.status("measuring"):
         row = bench.run(n=n, steps=steps)
-    _report([row], bench.markdown(row), save, json)
+        edits = bench.edit_micro_batching([e for e in engines.split(",") if e], n=n) if engines else []
+    table = bench.markdown(row) + ("\n\n" + bench.edits_markdown(edits) if edits else "")
+    _report([row, *edits], table, save, json)
 
 
 @bench_app.command("accelerators")

@@ -40,6 +40,7 @@ MASK_PANEL = "Edit mask (a local edit: the rest of the image is kept)"
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, diffusers folder or .safetensors file (default: the shipped toy model).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.", rich_help_panel=MODEL_PANEL)]
 DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (the integrator stays fp32).", rich_help_panel=MODEL_PANEL)]
+OffloadOpt = Annotated[str | None, typer.Option("--offload", help="Keep the weights in CPU memory, on the device only while they run: model (one model at a time) or sequential (one layer at a time: least memory, slowest).", rich_help_panel=MODEL_PANEL)]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights in a model folder, which can run code (single files must be .safetensors).", rich_help_panel=MODEL_PANEL)]
 VaeTilingOpt = Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode large images in overlapping tiles (bounded VAE memory; tiles blend, so results differ slightly).", rich_help_panel=MODEL_PANEL)]
 ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers folder or hub id with the configs of a single-file checkpoint.", rich_help_panel=MODEL_PANEL)]
@@ -121,7 +122,8 @@ def engine_params(**params) -> dict:
 
 
 # Commands that can run several jobs as one micro-batch: name -> (runner taking a list of the
-# command's parameter dicts, the parameters jobs of one batch may differ in, which jobs qualify).
+# command's parameter dicts, the parameters jobs of one batch may differ in, which jobs qualify: a
+# falsy value runs the job alone, any other value is a kind that batches only with its own kind).
 BATCHED: dict = {}
 
 _loaded: dict | None = None  # models kept for reuse while a batch runs
@@ -130,7 +132,8 @@ _loaded: dict | None = None  # models kept for reuse while a batch runs
 def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config: str | None,
          vae_tiling: bool = False, compile: bool = False, adapters: list[str] | None = None,
          transport: str = "calibrated", lcm_original_steps: int | None = None,
-         loras: list[str] | None = None, lcm_lora: str | None = None, quiet: bool = False):
+         loras: list[str] | None = None, lcm_lora: str | None = None, quiet: bool = False,
+         offload: str | None = None):
     """The model of a command, with its LoRAs fused and SPM adapters attached (or none: a reused
     model keeps none)."""
     from diffedit import lora
@@ -138,12 +141,12 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
     from diffedit.models import load_model
 
     fused = [lora.parse_spec(spec) for spec in loras or []]
-    key = (model, device, dtype, allow_pickle, config, tuple(fused), lcm_lora)
+    key = (model, device, dtype, allow_pickle, config, tuple(fused), lcm_lora, offload)
     m = _loaded.get(key) if _loaded is not None else None
     if m is None:
         with stderr.status("loading model", spinner="dots") if stderr.is_terminal and not quiet else _nothing():
             m = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
-                           loras=fused, lcm_lora=lcm_lora)
+                           loras=fused, lcm_lora=lcm_lora, offload=offload)
         if _loaded is not None:
             _loaded[key] = m
     # set on every call: a model reused by a batch keeps no tiling choice from an earlier job
@@ -176,6 +179,7 @@ class ModelChoice:
     lcm_original_steps: int | None = None
     lora: list[str] | None = None
     lcm_lora: str | None = None
+    offload: str | None = None
 
     @classmethod
     def of(cls, params: dict) -> ModelChoice:
@@ -196,7 +200,7 @@ class ModelChoice:
             source = source or made_with["source"]
             loras, lcm_lora = record_loras(record, loras, lcm_lora)
         return load(source, self.device, self.dtype, self.allow_pickle, self.model_config, self.vae_tiling, compile,
-                    self.adapter, self.transport, self.lcm_original_steps, loras, lcm_lora, quiet)
+                    self.adapter, self.transport, self.lcm_original_steps, loras, lcm_lora, quiet, self.offload)
 
 
 MODEL_OPTIONS = {  # name: (option, default): the fields of ModelChoice as command parameters
@@ -204,6 +208,7 @@ MODEL_OPTIONS = {  # name: (option, default): the fields of ModelChoice as comma
     "allow_pickle": (PickleOpt, False), "model_config": (ConfigOpt, None), "vae_tiling": (VaeTilingOpt, False),
     "adapter": (AdapterOpt, None), "transport": (TransportOpt, "calibrated"),
     "lcm_original_steps": (LcmStepsOpt, None), "lora": (LoraOpt, None), "lcm_lora": (LcmLoraOpt, None),
+    "offload": (OffloadOpt, None),
 }
 
 

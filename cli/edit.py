@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    BATCHED,
     ENGINE_PANEL,
     GUIDANCE_PANEL,
     MASK_PANEL,
@@ -64,6 +65,7 @@ from diffedit.cli.main import app
 @with_mask_options
 @with_report_options
 def edit(
+    ctx: typer.Context,
     image: Annotated[str | None, typer.Argument(help="Image file, or - for stdin (omit with --from).")] = None,
     target: Annotated[str, typer.Option("--target", "-t", help="Prompt describing the edited image.")] = "",
     source: Annotated[str, typer.Option("--source", "-s", help="Prompt describing the input image.")] = "",
@@ -106,8 +108,8 @@ def edit(
     report.check(output, overwrite)
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
-    from diffedit.images import made_from, save_image
-    from diffedit.jobs import ImageInput, edit_image, edit_record, image_params, mask_for_record, record_mask, show_mask
+    from diffedit.images import save_image
+    from diffedit.jobs import ImageInput, edit_image, edit_record, mask_for_record, record_mask, show_mask
     from diffedit.plan import plan_job, plan_of_record
     from diffedit.records import load_record
 
@@ -117,13 +119,7 @@ def edit(
         raise UsageError("give either IMAGE or --from RECORD")
     if output != "-":
         check_writable(output, overwrite)
-    params = engine_params(skip=skip, eta=eta, gamma=gamma, strength=strength, start=start, stop=stop, n_max=n_max,
-                           n_min=n_min, n_avg=n_avg, solver=solver, share_steps=share_steps, share_from=share_from,
-                           cross_replace=cross_replace,
-                           self_replace=self_replace, p2p_mode=p2p_mode, blend=blend or None,
-                           blend_threshold=blend_threshold, reweight=_reweights(reweight),
-                           inject_features=inject_features,
-                           feature_layers=feature_layers.split(",") if feature_layers is not None else None)
+    params = _engine_params(ctx.params)
     for path in (show_attention, masking.show_mask):
         if path is not None:
             check_writable(path, overwrite)
@@ -155,16 +151,8 @@ def edit(
                 adaptive_guidance=adaptive_guidance, deepcache=deepcache, mask=mask,
             )
         edit_mask = record_mask(rec)
-    meta = image_params("edit", m, image=str(image or from_record), made_from=made_from(image), source=source,
-                        target=target, engine=engine, steps=plan.steps, guidance_scale=plan.edit_scale,
-                        inversion_guidance_scale=plan.inversion_scale, seed=plan.seed,
-                        engine_params=plan.params.to_dict(), guidance=plan.guidance.to_dict(), defaults=plan.defaults,
-                        adaptive_guidance=adaptive_guidance, deepcache=deepcache,
-                        mask=masking.mask, mask_from_prompt=masking.mask_from_prompt,
-                        mask_dilate=masking.mask_dilate, mask_feather=masking.mask_feather,
-                        invert_mask=masking.invert_mask, paste_back=paste_back if edit_mask is not None else None)
     maps = result.pop("attention_maps", None), result.pop("attention_tokens", None)
-    save_image(out, output, params=meta, overwrite=overwrite)
+    save_image(out, output, params=_made_with(m, ctx.params, plan, source, engine, edit_mask), overwrite=overwrite)
     if masking.show_mask is not None:
         save_image(show_mask(m, rec, edit_mask), masking.show_mask, overwrite=overwrite)
     if show_attention is not None:
@@ -174,6 +162,99 @@ def edit(
             raise UsageError(f"--show-attention: engine {engine} does not control attention (use direct, ddim-p2p)")
         save_image(attention_grid(*maps), show_attention, overwrite=overwrite)
     report.emit({"output": output, **result}, output, quiet, overwrite)
+
+
+def _engine_params(job: dict) -> dict:
+    """The engine options an edit job (the command's parameters) gives."""
+    layers = job["feature_layers"]
+    return engine_params(**{k: job[k] for k in ENGINE_OPTIONS}, blend=job["blend"] or None,
+                         reweight=_reweights(job["reweight"]),
+                         feature_layers=layers.split(",") if layers is not None else None)
+
+
+ENGINE_OPTIONS = ("skip", "eta", "gamma", "strength", "start", "stop", "n_max", "n_min", "n_avg", "solver", "share_steps",
+                  "share_from", "cross_replace", "self_replace", "p2p_mode", "blend_threshold", "inject_features")
+
+
+def _made_with(model, job: dict, plan, source: str, engine: str, edit_mask) -> dict:
+    """What the output PNG carries so the edit can be reproduced."""
+    from diffedit.images import made_from
+    from diffedit.jobs import image_params
+
+    image = job["image"]
+    return image_params("edit", model, image=str(image or job["from_record"]), made_from=made_from(image), source=source,
+                        target=job["target"], engine=engine, steps=plan.steps, guidance_scale=plan.edit_scale,
+                        inversion_guidance_scale=plan.inversion_scale, seed=plan.seed,
+                        engine_params=plan.params.to_dict(), guidance=plan.guidance.to_dict(), defaults=plan.defaults,
+                        adaptive_guidance=job["adaptive_guidance"], deepcache=job["deepcache"],
+                        mask=job["mask"], mask_from_prompt=job["mask_from_prompt"],
+                        mask_dilate=job["mask_dilate"], mask_feather=job["mask_feather"],
+                        invert_mask=job["invert_mask"], paste_back=job["paste_back"] if edit_mask is not None else None)
+
+
+def edit_many(jobs: list[dict]) -> list[dict]:
+    """Edit jobs (the command's parameters each) that differ only in EDIT_VARYING, sharing every forward
+    (`diffedit batch --batch-size`): all from images or all from records; each output is the one its
+    job makes alone."""
+    from diffedit.errors import UsageError
+    from diffedit.files import check_writable
+    from diffedit.images import save_image
+    from diffedit.jobs import ImageInput, edit_images, edit_records
+    from diffedit.plan import plan_job, plan_of_record
+    from diffedit.records import load_record
+
+    first = jobs[0]
+    for job in jobs:
+        if not job["target"]:
+            raise UsageError("--target is required: the prompt of the edited image")
+        ReportChoice.of(job).check(job["output"], job["overwrite"])
+        check_writable(job["output"], job["overwrite"])
+    params, targets = _engine_params(first), [job["target"] for job in jobs]
+    if first["from_record"] is not None:
+        records = [load_record(job["from_record"]) for job in jobs]
+        m = ModelChoice.of(first).load(records[0], quiet=first["quiet"])
+        warn_prompts(m, targets, first["quiet"])
+        for job, rec in zip(jobs, records):
+            rec.check_model(m, job["from_record"])
+        plans = [plan_of_record(m, rec.meta, edit=True, guidance_scale=first["guidance_scale"], params=params)
+                 for rec in records]
+        with progress(plans[0].steps, f"edit ({plans[0].engine.name})", first["quiet"]) as callback:
+            outs = [(out, result, rec) for (out, result), rec
+                    in zip(edit_records(m, records, targets, plans, callback=callback), records)]
+    else:
+        m = ModelChoice.of(first).load(quiet=first["quiet"])
+        warn_prompts(m, [job["source"] for job in jobs] + targets + [first["negative_prompt"]], first["quiet"])
+        spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"])
+        plan = plan_job(m, engine=first["engine"], steps=first["steps"], params=params, guidance=spec,
+                        guidance_scale=first["guidance_scale"],
+                        inversion_guidance_scale=first["inversion_guidance_scale"],
+                        negative_prompt=first["negative_prompt"], seed=first["seed"])
+        with progress(2 * plan.steps, f"edit ({plan.engine.name})", first["quiet"]) as callback:
+            outs = edit_images(m, [job["image"] for job in jobs], plan, source_prompts=[job["source"] for job in jobs],
+                               target_prompts=targets, seeds=[job["seed"] for job in jobs],
+                               image=ImageInput(fit=first["fit"], alpha=first["alpha"]), callback=callback)
+    results = []
+    for job, (out, result, rec) in zip(jobs, outs):
+        plan = plan_of_record(m, rec.meta, edit=True, guidance_scale=first["guidance_scale"], params=params)
+        made_with = _made_with(m, job, plan, rec.meta["source_prompt"], rec.meta["engine"]["name"], None)
+        save_image(out, job["output"], params=made_with, overwrite=job["overwrite"])
+        ReportChoice.of(job).emit({"output": job["output"], **result}, job["output"], job["quiet"], job["overwrite"])
+        results.append({"output": job["output"], **result})
+    return results
+
+
+def _plain_edit(job: dict):
+    """Jobs that can share a micro-batch: no mask, attention preview, FK steering or accelerator; files
+    in and out. Jobs from images and jobs from records batch apart."""
+    alone = (job["mask"], job["mask_from_prompt"], job["show_mask"], job["show_attention"], job["adaptive_guidance"],
+             job["deepcache"])
+    if any(v is not None for v in alone) or job["fk_particles"] > 1 or "-" in (job["image"], job["output"]):
+        return False
+    return "record" if job["from_record"] is not None else "image"
+
+
+EDIT_VARYING = ("image", "from_record", "source", "target", "seed", "output", "json_out")
+BATCHED["edit"] = (edit_many, EDIT_VARYING, _plain_edit)
 
 
 def _reweights(items: list[str] | None) -> dict[str, float] | None:

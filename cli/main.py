@@ -76,10 +76,28 @@ def run(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {_one_line(err)}", err=True)
         return 1
     except Exception as err:  # noqa: BLE001 - the last resort: a user never sees a traceback
+        if _out_of_memory(err):
+            typer.echo(f"error: out of memory ({_one_line(err)}); try a smaller image, --batch-size 1, --dtype fp16, "
+                       "--vae-tiling or --offload", err=True)
+            return 1
         typer.echo(f"error: {_one_line(err)} (this is a bug in diffedit; the traceback is in {_crash_log()})",
                    err=True)
         return 1
     return 0
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation failure (GPU or CPU); the GPU's cached blocks are released, so a
+    batch can go on with its next job."""
+    import torch
+
+    text = str(err)
+    if not (isinstance(err, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return True
 
 
 def _one_line(err: BaseException) -> str:

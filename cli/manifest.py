@@ -319,9 +319,10 @@ def group_key(job: Job):
         return None
     _, varying, qualifies = entry
     job.params = parse_params(job)
-    if job.params is None or not qualifies(job.params):
+    kind = None if job.params is None else qualifies(job.params)  # False: alone; else part of the key
+    if not kind:
         return None
-    return job.command, tuple(sorted((k, repr(v)) for k, v in job.params.items() if k not in varying))
+    return job.command, kind, tuple(sorted((k, repr(v)) for k, v in job.params.items() if k not in varying))
 
 
 def micro_batches(jobs: list[Job], size: int) -> list[list[Job]]:

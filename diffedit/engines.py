@@ -1,9 +1,11 @@
 """The engine interface: every inversion/editing engine is one class in `inversion/`.
 
-An engine turns a clean latent into the tensors of a record (`invert`) and turns those tensors
-back into a clean latent under the target branch (`edit`); reconstruction is an edit whose target
-is the source. Engines register themselves by name, so adding one adds only its file to
-`diffedit.inversion`, whose `get_engine` resolves a name.
+An engine turns clean latents into the tensors of records (`invert`) and turns those tensors back
+into clean latents under the target branch (`edit`); reconstruction is an edit whose target is the
+source. An engine works on a batch of images at once, one latent row each (a lone job is a batch
+of one): its per-image state has a batch axis (`stack_tensors`, `split_tensors`), so micro-batched
+jobs share every network forward. Engines register themselves by name, so adding one adds only its
+file to `diffedit.inversion`, whose `get_engine` resolves a name.
 """
 
 from __future__ import annotations
@@ -45,20 +47,22 @@ class Params:
 
 @dataclass
 class Run:
-    """Everything an engine needs for one image: model, schedule, source and target branches."""
+    """Everything an engine needs for a batch of images (one latent row each): model, schedule,
+    source and target branches over all of them, and each image's prompts and seed."""
 
     model: Family
     schedule: Schedule
-    source: Denoiser  # source prompt with the inversion guidance
-    target: Denoiser  # target prompt with the editing guidance (the source, to reconstruct)
+    source: Denoiser  # the source prompts with the inversion guidance, one row per image
+    target: Denoiser  # the target prompts with the editing guidance (the source, to reconstruct)
     params: Params = field(default_factory=Params)
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # per image: the noise an engine draws for it is its own
     callback: Callback | None = None
-    prompts: tuple[str, str] = ("", "")  # source and target prompt
-    scales: tuple[float, float] = (1.0, 1.0)  # their guidance scales
+    sources: tuple[str, ...] = ("",)  # source prompt per image
+    targets: tuple[str, ...] = ("",)  # target prompt per image
+    scales: tuple[float, float] = (1.0, 1.0)  # the source's and the target's guidance scales
     # Builds a denoiser over several prompts at once (one row each) with the edit's guidance, an
-    # optional attention controller and optional per-row scales: engines that edit a source and a
-    # target side by side use it (see `denoiser_for`).
+    # optional attention controller and optional per-row scales: engines that edit sources and
+    # targets side by side use it (see `denoiser_for`).
     make_denoiser: Callable[..., Denoiser] | None = None
     show_attention: bool = False  # engines with attention control leave maps in `extras`
     # An edit mask on the latent grid ([1, 1, h, w], 1 = may change); outside it every engine keeps
@@ -66,6 +70,19 @@ class Run:
     region: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
     _made: list = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def reconstructs(self) -> bool:
+        """Every target is its source, at the source's scale: the edit is a reconstruction."""
+        return self.sources == self.targets and self.scales[0] == self.scales[1]
+
+    def generators(self) -> list[torch.Generator]:
+        """One CPU generator per image, seeded with its seed (as a lone job seeds its own)."""
+        return [torch.Generator("cpu").manual_seed(seed) for seed in self.seeds]
 
     def denoiser_for(self, prompts: list[str], controller: Controller | None = None,
                      scales: list[float] | None = None) -> Denoiser:
@@ -81,12 +98,13 @@ class Run:
         return torch.where(self.region.bool(), x, background.to(x.dtype))
 
     def trajectory_if_masked(self, trajectory: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """For a record: the source's inversion path (noisiest first) when the edit is masked, since
-        a masked edit follows it outside the mask; nothing otherwise (records stay small)."""
-        return {"trajectory": torch.cat(trajectory[::-1])} if self.region is not None else {}
+        """For a record: the source's inversion path (noisiest first, levels x images) when the edit is
+        masked, since a masked edit follows it outside the mask; nothing otherwise (records stay small)."""
+        return {"trajectory": torch.stack(trajectory[::-1])} if self.region is not None else {}
 
     def background(self, tensors: dict[str, torch.Tensor], engine: str) -> torch.Tensor | None:
-        """The source's inversion path kept by `trajectory_if_masked` (None for an unmasked edit)."""
+        """The source's inversion path kept by `trajectory_if_masked`, [levels, images, ...] (None for an
+        unmasked edit)."""
         if self.region is None:
             return None
         if "trajectory" not in tensors:
@@ -164,10 +182,49 @@ class Engine:
                 raise DiffeditError(f"{name}: tensor {key!r} must hold floats, not {tensors[key].dtype}")
 
     def invert(self, run: Run, z0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The record tensors of the clean latents `z0` ([images, C, H, W]), batched (`stack_tensors`)."""
         raise NotImplementedError
 
     def edit(self, run: Run, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The edited clean latents [images, C, H, W] from batched record tensors (with `latent`)."""
         raise NotImplementedError
+
+
+def draw(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """A standard normal draw shaped as `like` ([images, ...]), each image's row from its own generator:
+    what a lone job of that image draws, whatever else shares its batch."""
+    shape = (1, *like.shape[1:])
+    return torch.cat([torch.randn(shape, generator=g) for g in generators]).to(like.device)
+
+
+# Record tensors that hold an image's levels along their first axis ([levels, C, H, W]); in a batch
+# they gain an image axis after it. Every other tensor has its image axis where a latent has it
+# (fourth from the end) and 0-d tensors are shared by the batch.
+LEVELS = ("trajectory",)
+
+
+def stack_tensors(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several images' record tensors as one batch (the form engines take and return)."""
+    out = {}
+    for key, first in records[0].items():
+        parts = [r[key] for r in records]
+        if first.ndim == 0:
+            if any(not torch.equal(p, first) for p in parts):
+                raise ValueError(f"records disagree on {key!r}: they cannot share a batch")
+            out[key] = first
+        else:
+            out[key] = torch.stack(parts, 1) if key in LEVELS else torch.cat(parts, -4)
+    return out
+
+
+def split_tensors(tensors: dict[str, torch.Tensor], images: int) -> list[dict[str, torch.Tensor]]:
+    """A batch's tensors as each image's record tensors (`stack_tensors` undone)."""
+    def part(key, t, k):
+        if t.ndim == 0:
+            return t
+        return t[:, k].clone() if key in LEVELS else t.narrow(-4, k, 1).clone()
+
+    return [{key: part(key, t, k) for key, t in tensors.items()} for k in range(images)]
 
 
 def register(cls: type[Engine]) -> type[Engine]:

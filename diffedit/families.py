@@ -106,10 +106,14 @@ class Family:
     def network(self) -> torch.nn.Module:
         return self.pipe.unet if hasattr(self.pipe, "unet") else self.pipe.transformer
 
-    # From the first parameter: diffusers' own `.dtype`/`.device` walk every module on each call.
+    # Where the network runs: the first parameter's device (diffusers' own `.device` walks every module
+    # on each call), or with offloading (`models.load_model(offload=...)`) the device the hooks move
+    # each module to while it runs, its weights resting on the CPU.
+    execution_device: torch.device | None = None
+
     @property
     def device(self) -> torch.device:
-        return next(self.network.parameters()).device
+        return self.execution_device or next(self.network.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,7 +167,7 @@ class Family:
         vae = self.pipe.vae
         dtype = self._vae_dtype()
         with torch.inference_mode(), _vae_in(vae, dtype):
-            latent = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode()
+            latent = vae.encode(pixels.to(self.device, dtype)).latent_dist.mode()
         _check_finite(latent, "encoding", dtype)
         return ((latent.float() - self._vae_shift) * vae.config.scaling_factor)
 
@@ -173,7 +177,7 @@ class Family:
         dtype = self._vae_dtype()
         z = latents / vae.config.scaling_factor + self._vae_shift
         with torch.inference_mode(), _vae_in(vae, dtype):
-            pixels = vae.decode(z.to(vae.device, dtype)).sample
+            pixels = vae.decode(z.to(self.device, dtype)).sample
         _check_finite(pixels, "decoding", dtype)
         return pixels.float().clamp(-1, 1)
 

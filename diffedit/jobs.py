@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from diffedit import __version__
-from diffedit.denoiser import branch_denoiser, prompt_denoiser_for
+from diffedit.denoiser import prompt_denoiser_for
 from diffedit.editing.word_mask import mask_from_prompt
-from diffedit.engines import Run
+from diffedit.engines import Run, split_tensors, stack_tensors
 from diffedit.errors import DiffeditError, UsageError
 from diffedit.families import Family
 from diffedit.guidance import GuidanceSpec
@@ -139,21 +139,48 @@ def _psnr_vs(model: Family, latent: torch.Tensor, fit: Fit, reference: Image.Ima
     return psnr(fit.undo(to_pil(model.decode(latent))), reference)
 
 
-def _run(model: Family, plan: Plan, prompts: tuple[str, str], height: int, width: int,
+def _run(model: Family, plan: Plan, pairs: list[tuple[str, str]], seeds: list[int], height: int, width: int,
          callback: Callback | None, target_guidance: GuidanceSpec | None = None, mask: EditMask | None = None) -> Run:
-    """The engine's run of a plan: the schedule and the source and target denoisers (one and the same
-    when the target is the source with the source's scale: a reconstruction)."""
+    """The engine's run of a plan over images with these (source, target) prompts and seeds: the
+    schedule and the source and target denoisers (one and the same when every target is its source
+    at the source's scale: a reconstruction)."""
     schedule = plan.engine.schedule(model, plan.steps, height, width, plan.params)
     negative = plan.negative_prompt
-    src = branch_denoiser(model, prompts[0], plan.inversion_scale, height, width, negative, plan.guidance)
-    same = prompts[1] == prompts[0] and plan.edit_scale == plan.inversion_scale and target_guidance is None
-    tgt = src if same else branch_denoiser(model, prompts[1], plan.edit_scale, height, width, negative,
-                                           target_guidance or plan.guidance)
+    sources, targets = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    src = prompt_denoiser_for(model, list(sources), plan.inversion_scale, height, width, negative, plan.guidance)
+    same = targets == sources and plan.edit_scale == plan.inversion_scale and target_guidance is None
+    tgt = src if same else prompt_denoiser_for(model, list(targets), plan.edit_scale, height, width, negative,
+                                               target_guidance or plan.guidance)
     pair = lambda prompts, controller, scales=None: prompt_denoiser_for(  # noqa: E731
         model, prompts, scales or plan.edit_scale, height, width, negative, plan.guidance, controller)
     region = None if mask is None else mask.latent(model.latent_shape(1, height, width)[-2:], model.device)
-    return Run(model, schedule, src, tgt, plan.params, plan.seed, callback, prompts,
+    return Run(model, schedule, src, tgt, plan.params, tuple(seeds), callback, sources, targets,
                (plan.inversion_scale, plan.edit_scale), pair, region=region)
+
+
+def batches(keys: list) -> list[list[int]]:
+    """Indices of equal keys, in order of first appearance: the images that can share one engine run."""
+    groups: dict = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+# Tensors a record keeps for the user (paste-back, the mask), not for its engine
+RECORD_ONLY = ("mask", "pixels")
+
+
+def engine_tensors(records: list[Record]) -> dict[str, torch.Tensor]:
+    """The records' engine tensors as one batch."""
+    return stack_tensors([{k: v for k, v in r.tensors.items() if k not in RECORD_ONLY} for r in records])
+
+
+def _shared(result: dict, run: Run, images: int) -> dict:
+    """Cost fields of a result whose forwards `images` images shared."""
+    result.update(nfe=run.nfe, forwards=run.forwards)
+    if images > 1:
+        result["batched"] = images
+    return result
 
 
 def invert_image(
@@ -164,45 +191,71 @@ def invert_image(
 
     With a `mask` the record keeps the edit mask, the input's pixels (for pasting back) and, for
     engines that need it, the source's inversion path: later edits of the record are local."""
+    return invert_images(model, [source], plan, prompts=[prompt], image=image, mask=mask, check=check,
+                         callback=callback)[0]
+
+
+def invert_images(
+    model: Family, sources: list[str | Image.Image], plan: Plan, *, prompts: list[str], seeds: list[int] | None = None,
+    image: ImageInput = ImageInput(), mask: MaskInput | None = None, check: bool = True,
+    callback: Callback | None = None,
+) -> list[tuple[Record, dict]]:
+    """Invert images into records, those of one canvas size in one engine run (micro-batching): each
+    image's forwards are shared, its noise drawn from its own seed (`seeds`, default the plan's), and
+    each is encoded and decoded alone, so every record and result is a lone job's (up to float
+    rounding). A `mask` applies to a lone image."""
     started = time.perf_counter()
-    raw, fit = read_image(model, source, image)
-    img = fit.apply(raw)
-    width, height = img.size
-    edit_mask = None if mask is None else read_edit_mask(model, img, fit, mask, prompt, plan.seed)
-    z0 = model.encode_image(to_tensor(img))
+    seeds = [plan.seed] * len(sources) if seeds is None else list(seeds)
+    if mask is not None and len(sources) > 1:
+        raise UsageError("a masked inversion runs one image at a time")
+    read = [read_image(model, source, image) for source in sources]
+    imgs = [fit.apply(raw) for raw, fit in read]
+    edit_mask = None if mask is None else read_edit_mask(model, imgs[0], read[0][1], mask, prompts[0], seeds[0])
     reconstruction = replace(plan, edit_scale=plan.inversion_scale)
-    run = _run(model, reconstruction, (prompt, prompt), height, width, callback, mask=edit_mask)
-    tensors = {**plan.engine.invert(run, z0), "latent": z0}
-    if edit_mask is not None:
-        tensors.update(mask=torch.from_numpy(edit_mask.levels()), pixels=torch.from_numpy(np.array(img)))
-    meta = {
-        "model": model_meta(model),
-        "engine": plan.engine_meta,
-        "source_prompt": prompt,
-        "negative_prompt": plan.negative_prompt,
-        "guidance_scale": plan.inversion_scale,
-        "guidance": plan.guidance.to_dict(),
-        "steps": plan.steps,
-        "seed": plan.seed,
-        "size": size_dict(fit.size),  # of the input, and of every image made from the record
-        "canvas": size_dict(fit.canvas),  # what the model works on: the latent's, in pixels
-        "image": source if isinstance(source, str) else "<memory>",
-        # what `reconstruct` compares with: the input as the network saw it (after --fit), by content
-        "input": {"sha256": pixels_digest(img), "fit": image.fit, "alpha": image.alpha},
-    }
-    if mask is not None:
-        meta["mask"] = {"source": mask.name(), **asdict(mask.options), "edited_fraction": edit_mask.edited_fraction}
-    result = {"engine": plan.engine.name, "steps": plan.steps, "seed": plan.seed, **sizes(fit),
-              "defaults": plan.defaults}
-    if check:
-        z_rec = plan.engine.edit(run, tensors)
-        result.update(
-            psnr=_psnr_vs(model, z_rec, fit, raw),
-            latent_max_abs=float((z_rec - z0).abs().max()),
-            vae_psnr=_psnr_vs(model, z0, fit, raw),  # the ceiling any inversion can reach
-        )
-    result.update(nfe=run.nfe, forwards=run.forwards, seconds=time.perf_counter() - started)
-    return Record(tensors, meta), result
+    out = [None] * len(sources)
+    for group in batches([img.size for img in imgs]):
+        width, height = imgs[group[0]].size
+        z0 = torch.cat([model.encode_image(to_tensor(imgs[k])) for k in group])
+        run = _run(model, reconstruction, [(prompts[k], prompts[k]) for k in group], [seeds[k] for k in group],
+                   height, width, callback, mask=edit_mask)
+        tensors = {**plan.engine.invert(run, z0), "latent": z0}
+        z_rec = plan.engine.edit(run, tensors) if check else None
+        for j, (k, part) in enumerate(zip(group, split_tensors(tensors, len(group)))):
+            (raw, fit), img, source = read[k], imgs[k], sources[k]
+            if edit_mask is not None:
+                part.update(mask=torch.from_numpy(edit_mask.levels()), pixels=torch.from_numpy(np.array(img)))
+            meta = {
+                "model": model_meta(model),
+                "engine": plan.engine_meta,
+                "source_prompt": prompts[k],
+                "negative_prompt": plan.negative_prompt,
+                "guidance_scale": plan.inversion_scale,
+                "guidance": plan.guidance.to_dict(),
+                "steps": plan.steps,
+                "seed": seeds[k],
+                "size": size_dict(fit.size),  # of the input, and of every image made from the record
+                "canvas": size_dict(fit.canvas),  # what the model works on: the latent's, in pixels
+                "image": source if isinstance(source, str) else "<memory>",
+                # what `reconstruct` compares with: the input as the network saw it (after --fit), by content
+                "input": {"sha256": pixels_digest(img), "fit": image.fit, "alpha": image.alpha},
+            }
+            if mask is not None:
+                meta["mask"] = {"source": mask.name(), **asdict(mask.options),
+                                "edited_fraction": edit_mask.edited_fraction}
+            result = {"engine": plan.engine.name, "steps": plan.steps, "seed": seeds[k], **sizes(fit),
+                      "defaults": plan.defaults}
+            if check:
+                z_k = z_rec[j : j + 1]
+                result.update(
+                    psnr=_psnr_vs(model, z_k, fit, raw),
+                    latent_max_abs=float((z_k - z0[j : j + 1]).abs().max()),
+                    vae_psnr=_psnr_vs(model, z0[j : j + 1], fit, raw),  # the ceiling any inversion can reach
+                )
+            out[k] = (Record(part, meta), _shared(result, run, len(group)))
+    seconds = time.perf_counter() - started
+    for _, result in out:
+        result["seconds"] = seconds
+    return out
 
 
 def pixels_digest(img: Image.Image) -> str:
@@ -235,25 +288,53 @@ def reconstruct_record(model: Family, record: Record, *, reference: Image.Image 
     masked record keeps), `vae_psnr` is the VAE's own round trip of it (the ceiling), `psnr_vs_vae`
     compares with the decoded input latent (all a record alone can tell). The image comes back at the
     input's own size, and all three compare at that size."""
+    return reconstruct_records(model, [record], references=[reference], callback=callback)[0]
+
+
+def reconstruct_records(model: Family, records: list[Record], *, references: list[Image.Image | None] | None = None,
+                        callback: Callback | None = None) -> list[tuple[Image.Image, dict]]:
+    """`reconstruct_record` of records made with one plan (but for their seeds), those of one canvas size
+    in one engine run (micro-batching)."""
     started = time.perf_counter()
-    meta = record.meta
-    plan = plan_of_record(model, meta)
-    check_record(model, record, plan)
-    fit = record_fit(record)
-    run = _run(model, plan, (meta["source_prompt"], meta["source_prompt"]), *_hw(fit.canvas), callback)
-    z_rec = plan.engine.edit(run, record.tensors)
-    out = fit.undo(to_pil(model.decode(z_rec)))
-    z0 = record.tensors["latent"].to(z_rec.device)
-    decoded = fit.undo(to_pil(model.decode(z0)))
-    if reference is None and "pixels" in record.tensors:
-        reference = fit.undo(Image.fromarray(record.tensors["pixels"].numpy()))
-    result = {"engine": plan.engine.name, "steps": plan.steps, "nfe": run.nfe, **sizes(fit),
-              "latent_max_abs": float((z_rec - z0).abs().max())}
-    if reference is not None:
-        result.update(psnr=psnr(out, reference), vae_psnr=psnr(decoded, reference))
-    result["psnr_vs_vae"] = psnr(out, decoded)
-    result["seconds"] = time.perf_counter() - started
-    return out, result
+    references = references or [None] * len(records)
+    plans = [plan_of_record(model, r.meta) for r in records]
+    plan = _one_plan(plans, records)
+    for r in records:
+        check_record(model, r, plan)
+    fits = [record_fit(r) for r in records]
+    out = [None] * len(records)
+    for group in batches([fit.canvas for fit in fits]):
+        prompts = [records[k].meta["source_prompt"] for k in group]
+        run = _run(model, plan, list(zip(prompts, prompts)), [plans[k].seed for k in group], *_hw(fits[group[0]].canvas),
+                   callback)
+        z_rec = plan.engine.edit(run, engine_tensors([records[k] for k in group]))
+        for j, k in enumerate(group):
+            record, fit, reference = records[k], fits[k], references[k]
+            z = z_rec[j : j + 1]
+            image = fit.undo(to_pil(model.decode(z)))
+            z0 = record.tensors["latent"].to(z.device)
+            decoded = fit.undo(to_pil(model.decode(z0)))
+            if reference is None and "pixels" in record.tensors:
+                reference = fit.undo(Image.fromarray(record.tensors["pixels"].numpy()))
+            result = {"engine": plan.engine.name, "steps": plan.steps, **sizes(fit),
+                      "latent_max_abs": float((z - z0).abs().max())}
+            if reference is not None:
+                result.update(psnr=psnr(image, reference), vae_psnr=psnr(decoded, reference))
+            result["psnr_vs_vae"] = psnr(image, decoded)
+            out[k] = (image, _shared(result, run, len(group)))
+    seconds = time.perf_counter() - started
+    for _, result in out:
+        result["seconds"] = seconds
+    return out
+
+
+def _one_plan(plans: list[Plan], records: list[Record]) -> Plan:
+    """The plan records share (their seeds aside); a UsageError naming the first record that differs."""
+    first = plans[0]
+    for plan, record in zip(plans[1:], records[1:]):
+        if plan.batch_key != first.batch_key:
+            raise UsageError(f"{record.name}: made with other settings than {records[0].name}; they cannot share a batch")
+    return first
 
 
 def _hw(size: tuple[int, int]) -> tuple[int, int]:
@@ -264,9 +345,10 @@ def _hw(size: tuple[int, int]) -> tuple[int, int]:
 def _steered_edit(model: Family, run: Run, record: Record, fk: FKConfig, reward: str):
     """FK steering of an edit: K particles sampled stochastically from the inverted noise."""
     noise = record.tensors["noise"]
-    den = run.denoiser_for([run.prompts[1]] * fk.particles, scales=[run.scales[1]] * fk.particles)
-    latents, rewards, stats = steer(den, run.schedule, tuple(noise.shape), run.seed, load_reward(reward),
-                                    run.prompts[1], model.decode, fk, model.device, run.callback, start=noise)
+    target = run.targets[0]
+    den = run.denoiser_for([target] * fk.particles, scales=[run.scales[1]] * fk.particles)
+    latents, rewards, stats = steer(den, run.schedule, tuple(noise.shape), run.seeds[0], load_reward(reward),
+                                    target, model.decode, fk, model.device, run.callback, start=noise)
     best = int(torch.nan_to_num(rewards, nan=-math.inf).argmax())
     return latents[best : best + 1], {**stats, "reward": float(rewards[best]), "rewards": rewards.tolist()}
 
@@ -306,7 +388,8 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
     target_guidance = None if adaptive_guidance is None else GuidanceSpec.from_dict(
         {**plan.guidance.to_dict(), "adaptive_threshold": adaptive_guidance})
     fit = record_fit(record)
-    run = _run(model, plan, (meta["source_prompt"], target_prompt), *_hw(fit.canvas), callback, target_guidance, mask)
+    run = _run(model, plan, [(meta["source_prompt"], target_prompt)], [plan.seed], *_hw(fit.canvas), callback,
+               target_guidance, mask)
     if deepcache:
         from diffedit.deepcache import DeepCache
 
@@ -317,7 +400,7 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
         z, steered = _steered_edit(model, run, record, fk, reward)
         result.update(steered)
     else:
-        z = plan.engine.edit(run, record.tensors)
+        z = plan.engine.edit(run, engine_tensors([record]))
     out = to_pil(model.decode(z))
     if mask is not None:
         # Outside the mask: the input's own pixels, or without paste-back its VAE round trip. The edited
@@ -334,6 +417,36 @@ def edit_record(model: Family, record: Record, target_prompt: str, plan: Plan, *
     if "attention" in run.extras:
         result.update(attention_maps=run.extras["attention"], attention_tokens=run.extras["tokens"])
     return out, result
+
+
+def edit_records(model: Family, records: list[Record], targets: list[str], plans: list[Plan], *,
+                 callback: Callback | None = None) -> list[tuple[Image.Image, dict]]:
+    """`edit_record` of several records under one plan (their seeds aside), in shared forwards
+    (micro-batching): one engine run per canvas size, reconstructions (target = source) apart from
+    edits, since engines take a shortcut for those. Each image is decoded alone, so every output is
+    a lone job's (up to float rounding). Masks, attention previews, FK steering and the accelerators
+    run through `edit_record`, one image at a time."""
+    started = time.perf_counter()
+    plan = _one_plan(plans, records)
+    for r in records:
+        check_record(model, r, plan)
+        if record_mask(r) is not None:
+            raise UsageError(f"{r.name}: a masked record is edited one at a time")
+    fits = [record_fit(r) for r in records]
+    sources = [r.meta["source_prompt"] for r in records]
+    out = [None] * len(records)
+    for group in batches([(fits[k].canvas, sources[k] == targets[k]) for k in range(len(records))]):
+        run = _run(model, plan, [(sources[k], targets[k]) for k in group], [plans[k].seed for k in group],
+                   *_hw(fits[group[0]].canvas), callback)
+        z = plan.engine.edit(run, engine_tensors([records[k] for k in group]))
+        for j, k in enumerate(group):
+            image = fits[k].undo(to_pil(model.decode(z[j : j + 1])))
+            result = {"engine": plan.engine.name, "steps": plan.steps, **sizes(fits[k]), "defaults": plan.defaults}
+            out[k] = (image, _shared(result, run, len(group)))
+    seconds = time.perf_counter() - started
+    for _, result in out:
+        result["seconds"] = seconds
+    return out
 
 
 def check_record(model: Family, record: Record, plan: Plan) -> None:
@@ -467,12 +580,31 @@ def edit_image(
     out, edited = edit_record(model, record, target_prompt, plan, callback=callback, show_attention=show_attention,
                               fk=fk, reward=reward, adaptive_guidance=adaptive_guidance, deepcache=deepcache,
                               paste_back=mask.paste_back if mask is not None else True)
+    return out, {**_both(inverted, edited), "seconds": time.perf_counter() - started}, record
+
+
+def edit_images(model: Family, sources: list[str | Image.Image], plan: Plan, *, source_prompts: list[str],
+                target_prompts: list[str], seeds: list[int] | None = None, image: ImageInput = ImageInput(),
+                callback: Callback | None = None) -> list[tuple[Image.Image, dict, Record]]:
+    """`edit_image` of several images under one plan, inversions and edits in shared forwards."""
+    started = time.perf_counter()
+    seeds = [plan.seed] * len(sources) if seeds is None else list(seeds)
+    inverted = invert_images(model, sources, plan, prompts=source_prompts, seeds=seeds, image=image, check=False,
+                             callback=callback)
+    records = [record for record, _ in inverted]
+    edited = edit_records(model, records, target_prompts, [replace(plan, seed=seed) for seed in seeds],
+                          callback=callback)
+    seconds = time.perf_counter() - started
+    return [(out, {**_both(inv, ed), "seconds": seconds}, record)
+            for (record, inv), (out, ed) in zip(inverted, edited)]
+
+
+def _both(inverted: dict, edited: dict) -> dict:
+    """An edit's result: the edit's fields, with the inversion's forwards added to its own."""
     forwards = dict(inverted["forwards"])
     for rows, calls in edited["forwards"].items():
         forwards[rows] = forwards.get(rows, 0) + calls
-    result = {**edited, "nfe": inverted["nfe"] + edited["nfe"], "forwards": forwards,
-              "seconds": time.perf_counter() - started}
-    return out, result, record
+    return {**edited, "nfe": inverted["nfe"] + edited["nfe"], "forwards": forwards}
 
 
 MOVE_FAMILIES = ("sd1", "sd2", "sdxl")

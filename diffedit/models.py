@@ -189,7 +189,7 @@ def _quiet_libraries() -> None:
 def load_model(
     spec: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
     allow_pickle: bool = False, config: str | None = None, max_sequence_length: int | None = None,
-    loras: list[tuple[str, float]] | None = None, lcm_lora: str | None = None,
+    loras: list[tuple[str, float]] | None = None, lcm_lora: str | None = None, offload: str | None = None,
 ) -> Family:
     """Load `spec` (hub id, diffusers folder or single file) and wrap it in its family adapter.
 
@@ -197,6 +197,11 @@ def load_model(
     latent-consistency model (LCMScheduler on the base model's schedule), as LCM-LoRA is used.
     The adapter carries `source` (what was asked for), `fingerprint` (see `fingerprint`; LoRAs
     included) and `loras` (what was fused, for records).
+
+    `offload` keeps the weights in CPU memory and moves them to the device only while they run
+    (accelerate's hooks, through diffusers): "model" one whole model (text encoder, network, VAE) at a
+    time, "sequential" one layer at a time (least device memory, slowest). For a GPU too small for
+    the model; the results are the same.
     """
     _quiet_libraries()
     spec = str(spec or DEFAULT_MODEL)
@@ -221,9 +226,16 @@ def load_model(
     else:
         raise DiffeditError(f"{spec}: no such model file or folder (nor a hub id like org/name)")
     fused = _fuse_loras(pipe, family, spec, loras or [], lcm_lora)
-    pipe.to(dev)
+    if offload is None:
+        pipe.to(dev)
+    elif offload in OFFLOAD:
+        getattr(pipe, OFFLOAD[offload])(device=dev)
+    else:
+        raise UsageError(f"--offload {offload!r}: choose {' or '.join(OFFLOAD)}")
     pipe.set_progress_bar_config(disable=True)
     model = adapter_for(pipe, family, max_sequence_length)
+    if offload is not None:
+        model.execution_device = dev
     model.source, model.loras = spec, fused
     model.fingerprint = fingerprint(files) if not fused else _with_loras(fingerprint(files), fused)
     if not path.is_file():  # a folder (local or downloaded) may recommend settings
@@ -231,6 +243,7 @@ def load_model(
     return model
 
 
+OFFLOAD = {"model": "enable_model_cpu_offload", "sequential": "enable_sequential_cpu_offload"}
 SETTINGS_FILE = "diffedit.json"
 
 

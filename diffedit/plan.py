@@ -31,6 +31,12 @@ class Plan:
     defaults: str = "paper"  # where the defaults came from: "paper", or the model folder's settings file
 
     @property
+    def batch_key(self) -> tuple:
+        """What jobs that share a micro-batch agree on: everything but the seed."""
+        return (self.engine.name, self.params, self.steps, self.guidance.to_dict(), self.inversion_scale, self.edit_scale,
+                self.negative_prompt)
+
+    @property
     def engine_meta(self) -> dict:
         """The engine as a record names it: its name and every parameter used."""
         return {"name": self.engine.name, **self.params.to_dict()}

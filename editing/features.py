@@ -19,31 +19,34 @@ PNP_LAYERS = ("up_blocks.1.resnets.1",)
 
 
 class FeatureInjection(Controller):
-    """For steps < `fraction * steps`, rows `into` of each branch chunk take row `source`'s features."""
+    """For steps < `fraction * steps`, in each branch chunk the rows of the roles `into` take the
+    features of the source role's rows (role 0), image by image; a chunk holds `images` rows per role,
+    role by role."""
 
-    def __init__(self, layers, steps: int, fraction: float, source: int = 0, into: list[int] | None = None):
+    def __init__(self, layers, steps: int, fraction: float, images: int = 1, into: list[int] | None = None):
         super().__init__()
         if not 0 <= fraction <= 1:
             raise UsageError(f"--inject-features {fraction} must be in [0, 1]")
         if not layers:
             raise UsageError("--feature-layers: name at least one module, e.g. up_blocks.1.resnets.1")
         self.feature_layers = tuple(layers)
-        self.end, self.source, self.into = round(fraction * steps), source, into
+        self.end, self.images, self.into = round(fraction * steps), images, into
 
     def features(self, layer, out):
         if self.step >= self.end:
             return out
-        chunks = out.clone().unflatten(0, (len(self.branches), -1))  # [branch, item, ...]
-        into = self.into or [i for i in range(chunks.shape[1]) if i != self.source]
-        chunks[:, into] = chunks[:, self.source : self.source + 1].clone()
-        return chunks.flatten(0, 1)
+        chunks = out.clone().unflatten(0, (len(self.branches), -1, self.images))  # [branch, role, image, ...]
+        into = self.into or list(range(1, chunks.shape[1]))
+        chunks[:, into] = chunks[:, :1].clone()
+        return chunks.flatten(0, 2)
 
 
-def with_features(controller: Controller, params, steps: int, into: list[int] | None = None) -> Controller:
+def with_features(controller: Controller, params, steps: int, images: int = 1,
+                  into: list[int] | None = None) -> Controller:
     """`controller`, chained with the feature injection `params` ask for (their `inject_features`
     fraction and `feature_layers`; none at fraction 0)."""
     fraction, layers = params.inject_features, params.feature_layers
-    injection = FeatureInjection(layers, steps, fraction, into=into)  # checks the options even when off
+    injection = FeatureInjection(layers, steps, fraction, images, into)  # checks the options even when off
     return controller if fraction == 0 else Chain(controller, injection)
 
 
@@ -59,9 +62,10 @@ def value_layers(network, share_from: float) -> tuple[str, ...]:
 
 
 class ValueSharing(Controller):
-    """In `layers`, for the denoiser's steps before `end`, the target rows of each branch chunk take the
-    source row's attention values (all tokens, as RF-Solver and FireFlow do): the source row runs on
-    the inversion path beside them, so its values are those the inversion computed."""
+    """In `layers`, for the denoiser's steps before `end`, the target rows of each branch chunk (the
+    second half: sources first, one row per image) take their source rows' attention values (all
+    tokens, as RF-Solver and FireFlow do): the sources run on the inversion path beside them, so
+    their values are those the inversion computed."""
 
     def __init__(self, layers: tuple[str, ...], end: int):
         super().__init__()
@@ -70,5 +74,5 @@ class ValueSharing(Controller):
     def qkv(self, call, q, k, v):
         if call.step >= self.end or call.layer not in self.layers:
             return q, k, v
-        chunks = v.unflatten(0, (len(call.branches), -1))  # [branch, item, heads, tokens, dim]
-        return q, k, chunks[:, :1].expand_as(chunks).flatten(0, 1)
+        chunks = v.unflatten(0, (len(call.branches), 2, -1))  # [branch, source/target, image, heads, tokens, dim]
+        return q, k, chunks[:, :1].expand_as(chunks).flatten(0, 2)

@@ -84,13 +84,14 @@ def align(tokenizer, source: str, target: str, mode: str, length: int) -> tuple[
 
 
 class PromptToPrompt(Controller):
-    """Edits the target rows (items 1.. of each branch chunk) from the source row (item 0)."""
+    """Edits the target rows from the source rows: each branch chunk holds one source row per image,
+    then one target row per image, and target k follows source k with its pair's token alignment."""
 
     def __init__(self, config: P2PConfig, steps: int, grid: tuple[int, int], mapper, alphas,
                  equalizer=None, blend=None, store: bool = False):
         super().__init__()
         self.config, self.steps, self.grid = config, steps, grid
-        self.mapper, self.alphas, self.equalizer = mapper, alphas, equalizer
+        self.mapper, self.alphas, self.equalizer = mapper, alphas, equalizer  # [images, tokens] each
         self.blend, self.store = blend, store
         self.stored: torch.Tensor | None = None  # summed cross-attention maps of the cond rows
         self.stored_count = 0
@@ -109,19 +110,21 @@ class PromptToPrompt(Controller):
         return self._self_active(call)
 
     def maps(self, call, probs):
-        chunk = probs[call.rows(probs.shape[0], "cond")]  # [items, heads, queries, keys], a view
-        source, target = chunk[:1], chunk[1:]
+        chunk = probs[call.rows(probs.shape[0], "cond")]  # [sources + targets, heads, queries, keys], a view
+        images = len(self.mapper)
+        source, target = chunk[:images], chunk[images:]
         if call.cross:
             if self.blend is not None or self.store:
                 self._record(call, chunk)
             if self._cross_active(call.step):
-                mapper, alphas = self.mapper.to(probs.device), self.alphas.to(probs.dtype).to(probs.device)
-                edited = source[..., mapper] * alphas + target * (1 - alphas)
-                if self.equalizer is not None:
-                    edited = edited * self.equalizer.to(probs.device, probs.dtype)
-                target.copy_(edited)
+                for k in range(images):  # each pair its own alignment (a loop over rows, not forwards)
+                    mapper, alphas = self.mapper[k].to(probs.device), self.alphas[k].to(probs.device, probs.dtype)
+                    edited = source[k][..., mapper] * alphas + target[k] * (1 - alphas)
+                    if self.equalizer is not None:
+                        edited = edited * self.equalizer[k].to(probs.device, probs.dtype)
+                    target[k].copy_(edited)
         elif self._self_active(call):
-            target.copy_(source.expand_as(target))
+            target.copy_(source)
         return probs
 
     def _record(self, call: AttnCall, chunk: torch.Tensor) -> None:
@@ -144,18 +147,22 @@ def grid_maps(chunk: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class LocalBlend:
-    """Mask of where the blend words attend; outside it the target stays the source."""
+    """Mask of where the blend words attend, per image; outside it the target stays the source.
 
-    def __init__(self, positions: list[list[int]], grid: tuple[int, int], threshold: float):
-        self.positions, self.grid, self.threshold = positions, grid, threshold
+    The maps it is given hold `roles` rows per image, role by role (e.g. all sources, then all
+    targets); `positions[r]` are the blend words' token positions in row r."""
+
+    def __init__(self, positions: list[list[int]], grid: tuple[int, int], threshold: float, images: int = 1):
+        self.positions, self.grid, self.threshold, self.images = positions, grid, threshold, images
         self.sum: torch.Tensor | None = None
 
     def add(self, maps: torch.Tensor) -> None:
         self.sum = maps if self.sum is None else self.sum + maps
 
     def take_mask(self) -> torch.Tensor | None:
-        """[1, 1, h, w] union over items of their words' normalised, dilated, thresholded maps, from
-        the maps recorded during this step (which are then cleared); None if none were recorded.
+        """[images, 1, h, w]: per image, the union over its rows of their words' normalised, dilated,
+        thresholded maps, from the maps recorded during this step (which are then cleared); None if
+        none were recorded.
 
         Normalised from the map's floor to its peak, not by its peak alone: every position gives a
         word some attention, and on a map whose floor is most of its peak (the toy model's, and SD's
@@ -163,23 +170,23 @@ class LocalBlend:
         maps, self.sum = self.sum, None
         if maps is None:
             return None
-        masks = []
-        for item, pos in enumerate(self.positions):
+        masks = torch.zeros(self.images, 1, *maps.shape[-2:], dtype=torch.bool, device=maps.device)
+        for row, pos in enumerate(self.positions):
             if not pos:
                 continue
-            m = maps[item, pos].sum(0, keepdim=True)[None]
+            m = maps[row, pos].sum(0, keepdim=True)[None]
             m = F.max_pool2d(m, 3, stride=1, padding=1)
-            masks.append((m - m.min()) / (m.max() - m.min()).clamp_min(1e-8) > self.threshold)
-        return torch.stack(masks).any(0).float()
+            masks[row % self.images] |= ((m - m.min()) / (m.max() - m.min()).clamp_min(1e-8) > self.threshold)[0]
+        return masks.float()
 
     def apply(self, x: torch.Tensor, active: bool = True) -> torch.Tensor:
-        """x = [source, targets...]: keep each target equal to the source outside this step's mask."""
+        """x = [sources, targets]: keep each target equal to its source outside this step's mask."""
         mask = self.take_mask()
         if not active or mask is None:
             return x
         mask = mask.to(x.device, x.dtype)
-        x = x.clone()
-        x[1:] = x[:1] + mask * (x[1:] - x[:1])
+        x, k = x.clone(), self.images
+        x[k:] = x[:k] + mask * (x[k:] - x[:k])
         return x
 
 
@@ -199,24 +206,31 @@ def blend_positions(tokenizer, source: str, target: str, words: list[str]) -> li
     return where
 
 
-def build_p2p(tokenizer, source: str, target: str, config: P2PConfig, steps: int, grid: tuple[int, int],
+def build_p2p(tokenizer, pairs: list[tuple[str, str]], config: P2PConfig, steps: int, grid: tuple[int, int],
               store: bool = False) -> PromptToPrompt:
-    """Controller for one source and one target prompt, with checks on words and lengths."""
+    """Controller for (source, target) prompt pairs, one per image, with checks on words and lengths."""
     config.check()
-    check_length(tokenizer, source, "source")
-    check_length(tokenizer, target, "target")
     length = tokenizer.model_max_length
-    mapper, alphas = align(tokenizer, source, target, config.mode, length)
-    tgt_ids = word_tokens(tokenizer, target)
-    equalizer = None
-    if config.reweight:
+    mappers, alphas, equalizers, blends = [], [], [], []
+    for source, target in pairs:
+        check_length(tokenizer, source, "source")
+        check_length(tokenizer, target, "target")
+        mapper, alpha = align(tokenizer, source, target, config.mode, length)
+        mappers.append(mapper)
+        alphas.append(alpha)
+        tgt_ids = word_tokens(tokenizer, target)
         equalizer = torch.ones(length)
         for word, factor in config.reweight.items():
             equalizer[find_word(tokenizer, tgt_ids, word, "target")] = factor
+        equalizers.append(equalizer)
+        if config.blend:
+            blends.append(blend_positions(tokenizer, source, target, config.blend))
     blend = None
-    if config.blend:
-        blend = LocalBlend(blend_positions(tokenizer, source, target, config.blend), grid, config.blend_threshold)
-    return PromptToPrompt(config, steps, grid, mapper, alphas, equalizer, blend, store)
+    if config.blend:  # rows of the maps: every source, then every target
+        positions = [b[0] for b in blends] + [b[1] for b in blends]
+        blend = LocalBlend(positions, grid, config.blend_threshold, images=len(pairs))
+    equalizer = torch.stack(equalizers) if config.reweight else None
+    return PromptToPrompt(config, steps, grid, torch.stack(mappers), torch.stack(alphas), equalizer, blend, store)
 
 
 def p2p_config(params) -> P2PConfig:
@@ -227,40 +241,42 @@ def p2p_config(params) -> P2PConfig:
 
 @torch.inference_mode()
 def paired_edit(run, x_source: torch.Tensor, x_target: torch.Tensor, pinned: list[torch.Tensor] | None = None,
-                background: list[torch.Tensor] | None = None):
-    """Sample a source and a target image in one batch under prompt-to-prompt control.
+                background: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Sample each image's source and target in one batch under prompt-to-prompt control; the rows
+    are all sources, then all targets.
 
-    With `pinned` (the source's inversion trajectory, noisiest first), the source row is put back on
-    it after every step: Direct Inversion's exact source branch, whose attention the target follows.
-    With `background` (a trajectory in the same order), the target row keeps it outside the run's
-    edit mask. Returns the final [source, target] latents.
+    With `pinned` (the sources' inversion trajectory, noisiest first), the source rows are put back
+    on it after every step: Direct Inversion's exact source branch, whose attention the targets
+    follow. With `background` (a trajectory in the same order), the target rows keep it outside the
+    run's edit mask. Returns the final target latents.
     """
     if not hasattr(run.model.pipe, "unet"):
         raise UsageError(f"prompt-to-prompt needs cross-attention layers (sd1, sd2, sdxl), not {run.model.name}")
-    schedule, (source, target) = run.schedule, run.prompts
+    schedule, k = run.schedule, run.images
     h, w = x_source.shape[-2:]
     config = p2p_config(run.params)
-    controller = build_p2p(run.model.pipe.tokenizer, source, target, config, len(schedule), (h, w),
-                           store=run.show_attention)
-    denoise = run.denoiser_for([source, target], with_features(controller, run.params, len(schedule)))
+    controller = build_p2p(run.model.pipe.tokenizer, list(zip(run.sources, run.targets)), config, len(schedule),
+                           (h, w), store=run.show_attention)
+    denoise = run.denoiser_for([*run.sources, *run.targets],
+                               with_features(controller, run.params, len(schedule), images=k))
     x = torch.cat([x_source, x_target])
     blend_from = round(config.blend_start * len(schedule))
     for i in range(len(schedule)):
         x0, eps = denoise(x, schedule, i)
         x = step(x0, eps, schedule.a[i + 1], schedule.s[i + 1])
         if pinned is not None:
-            x[:1] = pinned[i + 1]
+            x[:k] = pinned[i + 1]
         if background is not None:
-            x[1:] = run.keep(x[1:], background[i + 1])
+            x[k:] = run.keep(x[k:], background[i + 1])
         if controller.blend is not None:
             x = controller.blend.apply(x, active=i >= blend_from)
         if run.callback:
             run.callback(i, x, x0)
     if run.show_attention and controller.stored is not None:
-        run.extras["attention"] = (controller.stored / controller.stored_count)[1]  # the target's maps
+        run.extras["attention"] = (controller.stored / controller.stored_count)[k]  # the first target's maps
         run.extras["tokens"] = run.model.pipe.tokenizer.convert_ids_to_tokens(
-            run.model.pipe.tokenizer(target).input_ids)
-    return x
+            run.model.pipe.tokenizer(run.targets[0]).input_ids)
+    return x[k:]
 
 
 def attention_grid(maps: torch.Tensor, tokens: list[str], cell: int = 96):

@@ -1,7 +1,8 @@
 """Unified attention control (InfEdit, Xu et al., CVPR 2024) on our attention-control mechanism.
 
-Three images run in one batch: source, target and a "layout" image sampled with the source prompt.
-Per branch chunk the rows are [source, target, layout]:
+Three images run in one batch per edited image: source, target and a "layout" image sampled with
+the source prompt. Per branch chunk the rows are every image's source, then every target, then every
+layout (roles SOURCE, TARGET, LAYOUT, one row per image each):
 
 - self-attention, progress p < `self_`: the target attends with the source's queries and keys over
   its own values (the source's layout drives the target), and the layout row is the source;
@@ -15,7 +16,7 @@ Per branch chunk the rows are [source, target, layout]:
 
 from __future__ import annotations
 
-from diffedit.editing.attention import AttnCall, Controller
+from diffedit.editing.attention import Controller
 from diffedit.editing.p2p import LocalBlend, grid_maps
 
 SOURCE, TARGET, LAYOUT = 0, 1, 2
@@ -25,18 +26,20 @@ class UnifiedAttentionControl(Controller):
     def __init__(self, steps: int, self_: float, cross: float, mapper, alphas, blend: LocalBlend | None):
         super().__init__()
         self.steps, self.self_end, self.cross_end = steps, round(self_ * steps), round(cross * steps)
-        self.mapper, self.alphas, self.blend = mapper, alphas, blend
+        self.mapper, self.alphas, self.blend = mapper, alphas, blend  # mapper, alphas: [images, tokens]
+        self.images = len(mapper)
 
-    def _chunks(self, call: AttnCall, batch: int):
-        return [call.rows(batch, b) for b in call.branches]
+    def _role(self, rows: slice, role: int) -> slice:
+        start = rows.start + role * self.images
+        return slice(start, start + self.images)
 
     def qkv(self, call, q, k, v):
         if call.cross or call.joint:
             return q, k, v
         q, k, v = q.clone(), k.clone(), v.clone()
-        for rows in self._chunks(call, q.shape[0]):
-            r = range(rows.start, rows.stop)
-            src, tgt, lay = r[SOURCE], r[TARGET], r[LAYOUT]
+        for branch in call.branches:
+            rows = call.rows(q.shape[0], branch)
+            src, tgt, lay = (self._role(rows, r) for r in (SOURCE, TARGET, LAYOUT))
             if call.step < self.self_end:
                 q[tgt], k[tgt] = q[src], k[src]
                 q[lay], k[lay], v[lay] = q[src], k[src], v[src]
@@ -50,12 +53,14 @@ class UnifiedAttentionControl(Controller):
 
     def maps(self, call, probs):
         chunk = probs[call.rows(probs.shape[0], "cond")]
+        every = slice(0, chunk.shape[0])
+        target, layout = chunk[self._role(every, TARGET)], chunk[self._role(every, LAYOUT)]
         if self.blend is not None:
-            self.blend.add(grid_maps(chunk[TARGET : TARGET + 1], self.blend.grid))
+            self.blend.add(grid_maps(target, self.blend.grid))
         if call.step < self.cross_end:
-            mapper, alphas = self.mapper.to(probs.device), self.alphas.to(probs.device, probs.dtype)
-            layout, target = chunk[LAYOUT], chunk[TARGET]
-            target.copy_(layout[..., mapper] * alphas + target * (1 - alphas))
+            for k in range(self.images):  # each image its own alignment (a loop over rows, not forwards)
+                mapper, alphas = self.mapper[k].to(probs.device), self.alphas[k].to(probs.device, probs.dtype)
+                target[k].copy_(layout[k][..., mapper] * alphas + target[k] * (1 - alphas))
         return probs
 
 

@@ -100,7 +100,7 @@ class BDIA(Engine):
             x0, eps = run.target(x, sched, i)
             x_next = _ddim_to(x0, eps, sched, i + 1) + gamma * (x_prev - _ddim_to(x0, eps, sched, i - 1))
             if background is not None:
-                x_next = run.keep(x_next, background[i + 1 - start : i + 2 - start])
+                x_next = run.keep(x_next, background[i + 1 - start])
             x_prev, x = x, x_next
             if run.callback:
                 run.callback(i, x, x0)

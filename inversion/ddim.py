@@ -48,5 +48,5 @@ class DDIM(Engine):
 
     def edit(self, run: Run, tensors):
         background = run.background(tensors, self.name)  # blended-latent style: the inverted path outside
-        keep = None if background is None else lambda i, x, x0: run.keep(x, background[i + 1 : i + 2])
+        keep = None if background is None else lambda i, x, x0: run.keep(x, background[i + 1])
         return sample(run.target, tensors["noise"], run.schedule, callback=run.callback, after_step=keep)

@@ -57,8 +57,7 @@ class DDIMP2P(Engine):
     def edit(self, run: Run, tensors):
         noise = tensors["noise"].to(run.model.device)
         background = run.background(tensors, self.name)
-        if run.prompts[0] == run.prompts[1]:  # no edit: plain DDIM reconstruction
-            keep = None if background is None else lambda i, x, x0: run.keep(x, background[i + 1 : i + 2])
+        if run.sources == run.targets:  # no edit: plain DDIM reconstruction
+            keep = None if background is None else lambda i, x, x0: run.keep(x, background[i + 1])
             return sample(run.target, noise, run.schedule, callback=run.callback, after_step=keep)
-        path = None if background is None else list(background.split(1))
-        return paired_edit(run, noise, noise, background=path)[1:]
+        return paired_edit(run, noise, noise, background=None if background is None else list(background))

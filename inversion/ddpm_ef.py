@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffedit.engines import Engine, Params, Run, register
+from diffedit.engines import Engine, Params, Run, draw, register
 from diffedit.errors import UsageError
 from diffedit.sampling import churn, step
 
@@ -51,10 +51,10 @@ class EditFriendlyDDPM(Engine):
     def invert(self, run: Run, z0):
         sched, eta = run.schedule, float(run.params.eta)
         a, s, n = sched.a, sched.s, len(sched)
-        gen = torch.Generator("cpu").manual_seed(run.seed)
+        gens = run.generators()
         xs = [None] * n
         for i in reversed(range(n)):  # least noisy first: the draw order of diffusers' LEDITS++
-            xs[i] = a[i] * z0 + s[i] * torch.randn(z0.shape, generator=gen).to(z0.device)
+            xs[i] = a[i] * z0 + s[i] * draw(gens, z0)
         # The integrator runs in float64 so residuals divided by a small churn stay exact; the noise
         # maps are kept in float64 (the noisy latents are used exactly as stored, in float32).
         z0, xs = z0.double(), [x.double() for x in xs]

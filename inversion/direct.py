@@ -31,13 +31,11 @@ class DirectInversion(Engine):
         return {"trajectory": (steps + 1, *latent[1:])}
 
     def invert(self, run: Run, z0):
-        return {"trajectory": torch.cat(invert(run.source, z0, run.schedule, callback=run.callback)[::-1])}
+        return {"trajectory": torch.stack(invert(run.source, z0, run.schedule, callback=run.callback)[::-1])}
 
     def edit(self, run: Run, tensors):
-        trajectory = tensors["trajectory"].to(run.model.device)
-        if run.prompts[0] == run.prompts[1]:
-            return trajectory[-1:].clone()
-        path = list(trajectory.split(1))
-        x = paired_edit(run, trajectory[:1], trajectory[:1], pinned=path,
-                        background=path if run.region is not None else None)
-        return x[1:]
+        trajectory = tensors["trajectory"].to(run.model.device)  # [levels, images, ...], noisiest first
+        if run.sources == run.targets:
+            return trajectory[-1].clone()
+        path = list(trajectory)
+        return paired_edit(run, path[0], path[0], pinned=path, background=path if run.region is not None else None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from diffedit.engines import Engine, Params, Run, register
+from diffedit.engines import Engine, Params, Run, draw, register
 from diffedit.errors import UsageError
 from diffedit.sampling import sample
 
@@ -65,9 +65,10 @@ class FlowEdit(Engine):
         n, n_max, n_min, n_avg = len(sched), int(p.n_max), int(p.n_min), int(p.n_avg)
         a, s = sched.a, sched.s
         x_src = tensors["latent"].to(run.model.device, torch.float32)
-        denoise = run.denoiser_for(list(run.prompts), scales=list(run.scales))
-        gen = torch.Generator("cpu").manual_seed(run.seed)
-        noise = lambda: torch.randn(x_src.shape, generator=gen).to(x_src.device)  # noqa: E731
+        k = run.images  # rows: the sources, then the targets
+        denoise = run.denoiser_for([*run.sources, *run.targets], scales=[run.scales[0]] * k + [run.scales[1]] * k)
+        gens = run.generators()
+        noise = lambda: draw(gens, x_src)  # noqa: E731
         z_edit = x_src
         for i in range(n - n_max, n - n_min):
             v_delta = torch.zeros_like(x_src)
@@ -76,7 +77,7 @@ class FlowEdit(Engine):
                 z_tar = z_edit + z_src - x_src
                 x0, eps = denoise(torch.cat([z_src, z_tar]), sched, i)
                 v = eps - x0  # flow velocity of each row
-                v_delta += (v[1:] - v[:1]) / n_avg
+                v_delta += (v[k:] - v[:k]) / n_avg
             z_edit = run.keep(z_edit + (s[i + 1] - s[i]) * v_delta, x_src)  # an edit mask: the source outside
             if run.callback:
                 run.callback(i, z_edit, x0)

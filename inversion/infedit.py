@@ -20,7 +20,7 @@ import torch
 from diffedit.editing.features import with_features
 from diffedit.editing.p2p import LocalBlend, P2PConfig, align, blend_positions, check_length
 from diffedit.editing.uac import LAYOUT, SOURCE, TARGET, UnifiedAttentionControl, ddcm_step
-from diffedit.engines import Engine, Run, register
+from diffedit.engines import Engine, Run, draw, register
 from diffedit.errors import UsageError
 from diffedit.inversion.ddim_p2p import FeatureParams
 
@@ -62,41 +62,44 @@ class InfEdit(Engine):
     def edit(self, run: Run, tensors):
         if not hasattr(run.model.pipe, "unet"):
             raise UsageError("infedit's attention control needs a UNet model (sd1, sd2, sdxl)")
-        p = run.params
-        sched, (source, target) = run.schedule, run.prompts
+        p, sched, k = run.params, run.schedule, run.images
         z0 = tensors["latent"].to(run.model.device, torch.float32)
         tokenizer = run.model.pipe.tokenizer
-        check_length(tokenizer, source, "source")
-        check_length(tokenizer, target, "target")
-        blend = None
-        if p.blend:  # the region the target's blend words attend to
-            positions = blend_positions(tokenizer, source, target, list(p.blend))[1]
-            blend = LocalBlend([positions], tuple(z0.shape[-2:]), p.blend_threshold)
-        mapper, alphas = align(tokenizer, source, target, "refine", tokenizer.model_max_length)
-        control = UnifiedAttentionControl(len(sched), p.self_replace, p.cross_replace, mapper, alphas, blend)
+        mappers, alphas, positions = [], [], []
+        for source, target in zip(run.sources, run.targets):
+            check_length(tokenizer, source, "source")
+            check_length(tokenizer, target, "target")
+            mapper, alpha = align(tokenizer, source, target, "refine", tokenizer.model_max_length)
+            mappers.append(mapper)
+            alphas.append(alpha)
+            if p.blend:  # the region the target's blend words attend to
+                positions.append(blend_positions(tokenizer, source, target, list(p.blend))[1])
+        blend = LocalBlend(positions, tuple(z0.shape[-2:]), p.blend_threshold, images=k) if p.blend else None
+        control = UnifiedAttentionControl(len(sched), p.self_replace, p.cross_replace, torch.stack(mappers),
+                                          torch.stack(alphas), blend)
         w_src, w_tgt = run.scales
-        control = with_features(control, p, len(sched), into=[TARGET])  # the layout row keeps its own
-        denoise = run.denoiser_for([source, target, source], control, scales=[w_src, w_tgt, w_src])
-        gen = torch.Generator("cpu").manual_seed(run.seed)
-        noise = lambda: torch.randn(z0.shape, generator=gen).to(z0.device)  # noqa: E731
-        z = noise().repeat(3, 1, 1, 1)  # source, target, layout all start from the same noise
+        control = with_features(control, p, len(sched), images=k, into=[TARGET])  # the layout rows keep their own
+        denoise = run.denoiser_for([*run.sources, *run.targets, *run.sources], control,
+                                   scales=[w_src] * k + [w_tgt] * k + [w_src] * k)
+        gens = run.generators()
+        z = draw(gens, z0).repeat(3, 1, 1, 1)  # source, target, layout all start from the same noise
         a, s = sched.a, sched.s
         x0_target = z0
         for i in range(len(sched)):
-            x0, eps = denoise(z, sched, i)
-            xi = noise()
-            rows = []
-            for row in (SOURCE, TARGET, LAYOUT):
-                rows.append(ddcm_step(x0[SOURCE], eps[SOURCE], x0[row], eps[row], z[SOURCE], z0[0],
-                                      a[i], s[i], a[i + 1], s[i + 1], p.eta, xi[0]))
+            x0, eps = (t.unflatten(0, (3, k)) for t in denoise(z, sched, i))  # [role, image, ...]
+            xi = draw(gens, z0)
+            z = z.unflatten(0, (3, k))
+            rows = [ddcm_step(x0[SOURCE], eps[SOURCE], x0[role], eps[role], z[SOURCE], z0, a[i], s[i], a[i + 1],
+                              s[i + 1], p.eta, xi) for role in (SOURCE, TARGET, LAYOUT)]
             z = torch.stack([r[0] for r in rows])
-            x0_target = rows[TARGET][1][None]
+            x0_target = rows[TARGET][1]
             mask = blend.take_mask() if blend is not None else None
             if mask is not None:  # outside where the blend words attend, the target follows the layout
-                mask = mask.to(z)[0]
+                mask = mask.to(z)
                 z[TARGET] = z[LAYOUT] + mask * (z[TARGET] - z[LAYOUT])
             if run.region is not None:  # an edit mask: the source outside it
-                z[TARGET : TARGET + 1] = run.keep(z[TARGET : TARGET + 1], z[SOURCE : SOURCE + 1])
+                z[TARGET] = run.keep(z[TARGET], z[SOURCE])
+            z = z.flatten(0, 1)
             if run.callback:
-                run.callback(i, z, x0)
+                run.callback(i, z, x0.flatten(0, 1))
         return run.keep(x0_target, z0)  # the paper decodes the target's final clean estimate

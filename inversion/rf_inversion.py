@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffedit.engines import Engine, Params, Run, register
+from diffedit.engines import Engine, Params, Run, draw, register
 from diffedit.errors import UsageError
 from diffedit.sampling import step
 
@@ -54,7 +54,7 @@ class RFInversion(Engine):
     def invert(self, run: Run, z0):
         sched, gamma = run.schedule, float(run.params.gamma)
         a, s = sched.a, sched.s
-        y1 = torch.randn(z0.shape, generator=torch.Generator("cpu").manual_seed(run.seed)).to(z0.device)
+        y1 = draw(run.generators(), z0)
         x, path = z0, [z0]
         for i in reversed(range(len(sched))):
             pred = run.source(x, sched, i, level=i + 1, inverse=True)
@@ -78,7 +78,7 @@ class RFInversion(Engine):
             towards_source = (z0, (x - a[i] * z0) / s[i])  # the prediction that lands on z0
             x = step(*_blend(pred, towards_source, float(p.eta) if first <= i < last else 0.0), a[i + 1], s[i + 1])
             if background is not None:
-                x = run.keep(x, background[i + 1 : i + 2])
+                x = run.keep(x, background[i + 1])
             if run.callback:
                 run.callback(i, x, pred[0])
         return x

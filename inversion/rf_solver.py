@@ -63,11 +63,11 @@ class RFSolver(Engine):
 
         sample(run.source, z0, back, solver=Midpoint(back, self.reuse_velocity), callback=run.callback,
                after_step=keep_path)
-        return {"trajectory": torch.cat(path[::-1])}  # noisiest first
+        return {"trajectory": torch.stack(path[::-1])}  # noisiest first
 
     def edit(self, run: Run, tensors):
         sched, p = run.schedule, run.params
-        path = list(tensors["trajectory"].to(run.model.device).split(1))
+        path = list(tensors["trajectory"].to(run.model.device))  # each level [images, ...]
         solver = Midpoint(sched, self.reuse_velocity)
         masked = run.region is not None
 
@@ -75,16 +75,18 @@ class RFSolver(Engine):
             return run.keep(x, path[i + 1]) if masked else x
 
         x, shared = path[0], int(p.share_steps)
-        if run.prompts[0] == run.prompts[1] and run.scales[0] == run.scales[1]:
+        if run.reconstructs:
             shared = 0  # a source row would equal the target row: nothing to share
         if shared:
+            k = run.images  # rows: the sources, then the targets
             control = ValueSharing(value_layers(run.model.network, float(p.share_from)), end=2 * shared)
-            denoise = run.denoiser_for(list(run.prompts), control, scales=list(run.scales))
+            denoise = run.denoiser_for([*run.sources, *run.targets], control,
+                                       scales=[run.scales[0]] * k + [run.scales[1]] * k)
 
-            def pin(i, x, x0):  # the source row back on the inversion path
-                return torch.cat([path[i + 1], keep(i, x[1:], x0)])
+            def pin(i, x, x0):  # the source rows back on the inversion path
+                return torch.cat([path[i + 1], keep(i, x[k:], x0)])
 
             x = sample(denoise, torch.cat([x, x]), sched, end=shared, solver=solver, callback=run.callback,
-                       after_step=pin)[1:]
+                       after_step=pin)[k:]
         return sample(run.target, x, sched, start=shared, solver=solver, callback=run.callback,
                       after_step=keep if masked else None)

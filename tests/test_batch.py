@@ -181,6 +181,46 @@ def test_micro_batches_equal_one_by_one(tmp_path, tiny_folder, cli):
         assert np.abs(diff).max() <= 1  # same image up to float rounding in batched matmuls
 
 
+def test_invert_edit_and_reconstruct_jobs_micro_batch(tmp_path, tiny_folder, cli):
+    """Consecutive invert, edit (from images and from records) and reconstruct jobs share forwards;
+    every output is the one-by-one output (records to float rounding, images within 1 level)."""
+    from safetensors.torch import load_file
+
+    model = str(tiny_folder("sd1"))
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"in{k}.png")
+    common = {"steps": 4, "model": model, "engine": "ddpm-ef"}
+    jobs = [{"id": f"inv{k}", "command": "invert", "image": f"in{k}.png", "prompt": f"a red cat {k}", "seed": k,
+             **common} for k in range(3)]
+    jobs += [{"id": f"edit{k}", "command": "edit", "image": f"in{k}.png", "source": "a red cat", "target": "a blue cat",
+              "seed": k, **common} for k in range(3)]
+    jobs += [{"id": "masked", "command": "edit", "image": "in0.png", "target": "a dog", "mask": "in1.png", **common}]
+    manifest = write_manifest(tmp_path / "m.jsonl", jobs)
+    for size in (1, 4):
+        code, _, err = cli("batch", manifest, "--out-dir", tmp_path / f"b{size}", "--batch-size", size, "-q")
+        assert code == 0, err
+    follow = [{"id": f"from{k}", "command": "edit", "from": f"b4/inv{k}.inv.safetensors", "target": "a blue dog",
+               "model": model} for k in range(3)]
+    follow += [{"id": f"rec{k}", "command": "reconstruct", "record": f"b4/inv{k}.inv.safetensors", "model": model}
+               for k in range(3)]
+    manifest = write_manifest(tmp_path / "m2.jsonl", follow)
+    for size in (1, 4):
+        code, _, err = cli("batch", manifest, "--out-dir", tmp_path / f"c{size}", "--batch-size", size, "-q")
+        assert code == 0, err
+    rows = rows_of(tmp_path / "b4") + rows_of(tmp_path / "c4")
+    assert [r["metrics"].get("batched", 1) for r in rows] == [3] * 6 + [1] + [3] * 6
+    for row in rows:
+        out = row["outputs"][0]
+        folder = "b" if row["id"] in {j["id"] for j in jobs} else "c"
+        one, many = tmp_path / f"{folder}1" / out, tmp_path / f"{folder}4" / out
+        if out.endswith(".safetensors"):
+            a, b = load_file(one), load_file(many)
+            assert all(float((a[k] - b[k]).abs().max()) <= 1e-5 * max(1.0, float(a[k].abs().max())) for k in a)
+        else:
+            assert np.abs(pixels(one) - pixels(many)).max() <= 1
+
+
 def test_generate_images_rows_equal_lone_runs(tiny):
     import torch
 

@@ -32,7 +32,7 @@ def round_trip(model, engine, steps, scale=3.0, params=None, prompt="a red cat")
     z0 = model.encode_image(torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(1)) * 2 - 1)
     eng, params, steps = resolved(engine, params, steps)
     denoise = branch_denoiser(model, prompt, scale, H, W)
-    run = Run(model, model.schedule(steps, H, W), denoise, denoise, params, seed=0)
+    run = Run(model, model.schedule(steps, H, W), denoise, denoise, params, seeds=(0,))
     tensors = eng.invert(run, z0)
     return float((eng.edit(run, tensors) - z0).abs().max()), tensors, run
 
@@ -104,7 +104,7 @@ def test_ddpm_ef_matches_diffusers_ledits_pp(tiny, family, prompt, extra):
     z0 = model.encode_image(to_tensor(image))
     eng, params, _ = resolved("ddpm-ef", None, steps)
     denoise = branch_denoiser(model, prompt, scale, H, W)
-    ours = eng.invert(Run(model, model.schedule(steps, H, W), denoise, denoise, params, seed=0), z0)
+    ours = eng.invert(Run(model, model.schedule(steps, H, W), denoise, denoise, params, seeds=(0,)), z0)
     theirs = pipe.zs.reshape(ours["zs"].shape)
     assert (pipe.init_latents - ours["xs"][0]).abs().max() <= 1e-5
     # noise maps: equal up to float32 rounding of diffusers' own arithmetic, relative to their size

@@ -87,15 +87,15 @@ def test_latent_cells_cover_every_changeable_pixel():
 
 
 def _masked_edit(model, engine, feather=2, steps=6):
-    from diffedit.jobs import MaskInput, _run, edit_record, invert_image, record_mask
+    from diffedit.jobs import MaskInput, _run, edit_record, engine_tensors, invert_image, record_mask
     from diffedit.plan import plan_job
 
     img = noise_image()
     plan = plan_job(model, engine=engine, steps=steps)
     mask = MaskInput(box_mask(), options=MaskOptions(feather=feather))
     record, _ = invert_image(model, img, plan, prompt="a red circle", mask=mask, check=False)
-    run = _run(model, plan, ("a red circle", "a blue square"), 32, 32, None, mask=record_mask(record))
-    z = plan.engine.edit(run, record.tensors)
+    run = _run(model, plan, [("a red circle", "a blue square")], [plan.seed], 32, 32, None, mask=record_mask(record))
+    z = plan.engine.edit(run, engine_tensors([record]))
     pasted, result = edit_record(model, record, "a blue square", plan)
     bare, _ = edit_record(model, record, "a blue square", plan, paste_back=False)
     return img, record, run, z, pasted, bare, result

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 from conftest import run_subprocess
 
 from diffedit.errors import DiffeditError, UsageError
@@ -109,3 +111,34 @@ def test_record_round_trip_and_newer_format(tmp_path):
     save_file({"noise": torch.ones(1)}, str(newer), metadata={"diffedit": json.dumps({"format": FORMAT + 1})})
     with pytest.raises(DiffeditError, match="newer.safetensors.*newer than"):
         load_record(newer)
+
+
+def test_offloaded_model_places_hooks_and_gives_the_same_edit(tiny_folder):
+    """--offload model keeps weights in CPU memory behind accelerate's hooks; on this CPU-only machine
+    the hooks move nothing, but they are placed and every output is the one without them."""
+    from PIL import Image
+
+    from diffedit.jobs import edit_image
+    from diffedit.plan import plan_job
+
+    folder = tiny_folder("sd1")
+    plain = load_model(folder, device="cpu")
+    hooked = load_model(folder, device="cpu", offload="model")
+    assert all(hasattr(getattr(hooked.pipe, name), "_hf_hook") for name in ("unet", "vae", "text_encoder"))
+    assert not hasattr(plain.pipe.unet, "_hf_hook")
+    assert hooked.device.type == "cpu"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    outs = [np.asarray(edit_image(m, img, plan_job(m, engine="direct", steps=3), source_prompt="a red cat",
+                                  target_prompt="a blue cat")[0]) for m in (plain, hooked)]
+    assert np.array_equal(*outs)
+    with pytest.raises(UsageError, match="--offload"):
+        load_model(folder, device="cpu", offload="layers")
+
+
+def test_sequential_offload_leaves_no_weight_resident(tiny_folder):
+    """--offload sequential streams each layer's weights to the device while it runs: none stays on
+    the model (they wait on the meta device). Running it needs an accelerator: accelerate's hooks
+    cannot offload to the CPU they run on."""
+    hooked = load_model(tiny_folder("sd1"), device="cpu", offload="sequential")
+    assert {p.device.type for p in hooked.pipe.unet.parameters()} == {"meta"}
+    assert hasattr(hooked.pipe.unet.conv_in, "_hf_hook") and hooked.device.type == "cpu"

@@ -7,6 +7,10 @@ Three numbers from one run on the shipped toy model:
 - `compute`: the sampling time the N commands report themselves (their `seconds`), i.e. the work
   that cannot be saved. `batch jobs / compute` is the in-process cost of a job beyond its compute
   (manifest, argument parsing, image I/O, results rows), with the model load left out.
+
+Then, per engine, micro-batching of inversions and edits (`edit_micro_batching`): the same ShapesBench
+recolour jobs with `--batch-size 1` and `--batch-size 4`, side by side in one run, their time and how
+far the outputs of the two runs differ.
 """
 
 from __future__ import annotations
@@ -92,6 +96,74 @@ def micro_batching(folder: Path, n: int, steps: int, size: int = 4) -> dict:
         rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
         seconds[bs] = sum(r["seconds"] for r in rows[size:])  # leave out the group that loaded the model
     return {"micro_batch": size, "micro_speedup": round(seconds[1] / seconds[size], 2)}
+
+
+EDIT_ENGINES = ("ddim", "ddpm-ef", "bdia", "direct", "infedit")
+
+
+def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4) -> list[dict]:
+    """Per engine: N inversions and N edits (ShapesBench recolour tasks, each job its own seed) with
+    `--batch-size 1` and `size`, at the engine's defaults. Times are the jobs' own seconds (a warm-up job
+    loads the model first); outputs of the two runs are compared: records by their largest difference
+    relative to the tensor's largest value, images in levels."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from lab.toy.bench import load_tasks, source_scene
+
+    tasks = [t for t in load_tasks() if t["kind"] == "recolour"][:n]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for k, task in enumerate(tasks):
+            Image.fromarray(source_scene(task).image).save(folder / f"task-{k}.png")
+        for engine in engines:
+            todo = [{"id": "warm-up", "command": "generate", "prompt": "a red circle", "steps": 1}]
+            todo += [{"id": f"inv-{k}", "command": "invert", "image": f"task-{k}.png", "prompt": t["source_prompt"],
+                      "engine": engine, "seed": k, "check": False} for k, t in enumerate(tasks)]
+            todo += [{"id": f"edit-{k}", "command": "edit", "image": f"task-{k}.png", "source": t["source_prompt"],
+                      "target": t["target_prompt"], "engine": engine, "seed": k} for k, t in enumerate(tasks)]
+            manifest = folder / f"{engine}.jsonl"
+            manifest.write_text("".join(json.dumps(j) + "\n" for j in todo))
+            seconds, outputs = {}, {}
+            for bs in (1, size):
+                out = folder / f"{engine}-{bs}"
+                _diffedit(["batch", str(manifest), "--out-dir", str(out), "--batch-size", str(bs), "-q"])
+                done = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+                if any(r["status"] != "ok" for r in done):
+                    raise RuntimeError(f"{engine}: {[r['error'] for r in done if r['status'] != 'ok']}")
+                seconds[bs] = {kind: sum(r["seconds"] for r in done if r["id"].startswith(kind)) for kind in ("inv", "edit")}
+                outputs[bs] = {r["id"]: out / r["outputs"][0] for r in done if r["id"] != "warm-up"}
+            record_diff, level_diff = 0.0, 0
+            for job, one in outputs[1].items():
+                many = outputs[size][job]
+                if job.startswith("inv"):
+                    a, b = load_file(one), load_file(many)
+                    record_diff = max(record_diff, *(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
+                                                    for k in a if a[k].is_floating_point()))
+                else:
+                    with Image.open(one) as x, Image.open(many) as y:
+                        level_diff = max(level_diff, int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()))
+            rows.append({"engine": engine, "jobs": n, "batch_size": size,
+                         "invert_1_s": round(seconds[1]["inv"], 2), f"invert_{size}_s": round(seconds[size]["inv"], 2),
+                         "edit_1_s": round(seconds[1]["edit"], 2), f"edit_{size}_s": round(seconds[size]["edit"], 2),
+                         "invert_ratio": round(seconds[size]["inv"] / seconds[1]["inv"], 3),
+                         "edit_ratio": round(seconds[size]["edit"] / seconds[1]["edit"], 3),
+                         "record_max_rel_diff": float(f"{record_diff:.2g}"), "image_max_level_diff": level_diff})
+    return rows
+
+
+def edits_markdown(rows: list[dict]) -> str:
+    size = rows[0]["batch_size"]
+    lines = [f"| engine | {rows[0]['jobs']} inversions: batch-size {size} ÷ 1 | {rows[0]['jobs']} edits: batch-size "
+             f"{size} ÷ 1 | records: largest relative difference | edited images: largest difference (levels) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['invert_ratio']} ({r[f'invert_{size}_s']} s ÷ {r['invert_1_s']} s) "
+                     f"| {r['edit_ratio']} ({r[f'edit_{size}_s']} s ÷ {r['edit_1_s']} s) | {r['record_max_rel_diff']} "
+                     f"| {r['image_max_level_diff']} |")
+    return "\n".join(lines)
 
 
 def markdown(row: dict) -> str:
