@@ -329,6 +329,26 @@ def memory(
     _report(rows, bench.markdown(rows), save, json)
 
 
+@bench_app.command("scale")
+def scale(
+    family: Annotated[str, typer.Option(help="sd1 (512²), sdxl (1024²), sd3 or flux (1024², transformers cut in depth).")] = "sd1",
+    jobs: Annotated[str | None, typer.Option(help="Comma-separated jobs (default: every engine and diffusers' references).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    save: SaveOpt = None,
+    json: JsonOpt = False,
+):
+    """Every engine on a full-size architecture with random weights (nothing downloaded), 1-3 steps, one
+    fresh process per job: seconds ÷ (forwards + VAE), peak memory ÷ generate's, ours ÷ diffusers.
+
+    Example: diffedit bench scale --family sd1 --save benchmarks/results/scale-sd1
+    """
+    from lab.benchmarks import scale as bench
+
+    with stderr.status("measuring"):
+        rows = bench.run(family, tuple(jobs.split(",")) if jobs else None, device)
+    _report(rows, bench.markdown(rows), save, json)
+
+
 @bench_app.command("lcm")
 def lcm(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Latent-consistency model (default: the shipped toy LCM).")] = None,

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from diffedit.cli.common import (
+    BATCHED,
     SEED_MAX,
     AlphaOpt,
     FitOpt,
@@ -34,6 +35,7 @@ from diffedit.cli.main import app
 @with_model_options
 @with_report_options
 def move(
+    ctx: typer.Context,
     image: Annotated[str, typer.Argument(help="Image file, or - for stdin.")],
     mask: Annotated[str | None, typer.Option("--mask", help="The object: a PNG of the image's size, white (or opaque) where the object is.")] = None,
     mask_from_prompt: Annotated[str | None, typer.Option("--mask-from-prompt", help="Instead of --mask: find the object where WORD(S) of --prompt attend (cross-attention).")] = None,
@@ -62,44 +64,63 @@ def move(
     Example: diffedit move photo.png --mask cup.png --dx 40 --dy -10 -o moved.png
     """
     inputs_exist(image, mask)
-    output = output or default_output(image, "move")
-    report.check(output, overwrite)
+    job = dict(ctx.params)  # the parsed options, as a batch hands a job over
+    job["output"] = output or default_output(image, "move")
+    move_many([job])
+
+
+def move_many(jobs: list[dict]) -> list[dict]:
+    """Run move jobs (the command's parameters each) that differ only in MOVE_VARYING as one batch:
+    every move's branches share each forward (`diffedit batch --batch-size`)."""
     from diffedit.editing.pixelman import MoveSpec
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import made_from, save_image
-    from diffedit.jobs import ImageInput, image_params, move_image
+    from diffedit.jobs import ImageInput, MoveInput, image_params, move_images
 
-    if (to is None) == (dx is None and dy is None):
-        raise UsageError("give either --dx/--dy or --to X,Y")
-    if (mask is None) == (mask_from_prompt is None):
-        raise UsageError("give either --mask FILE or --mask-from-prompt WORD")
-    if output != "-":
-        check_writable(output, overwrite)
-    _weights(energy_weights, energy_scale or 0.0)  # checked before the model loads
-    spec = guidance_spec(guidance, pag_scale, pag_layers, pag_adaptive_scale)
-    where = MoveSpec(dx or 0.0, dy or 0.0, scale, keep_source, None if to is None else _point(to))
-    m = models.load(quiet=quiet)
-    warn_prompts(m, [prompt], quiet)
+    first = jobs[0]
+    for job in jobs:  # before the model loads: a usage error is answered at once
+        ReportChoice.of(job).check(job["output"], job["overwrite"])
+        if (job["to"] is None) == (job["dx"] is None and job["dy"] is None):
+            raise UsageError("give either --dx/--dy or --to X,Y")
+        if (job["mask"] is None) == (job["mask_from_prompt"] is None):
+            raise UsageError("give either --mask FILE or --mask-from-prompt WORD")
+        if job["output"] != "-":
+            check_writable(job["output"], job["overwrite"])
+    energy_scale = first["energy_scale"]
+    _weights(first["energy_weights"], energy_scale or 0.0)
+    spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"])
+    moves = [MoveInput(job["image"], job["mask"], MoveSpec(job["dx"] or 0.0, job["dy"] or 0.0, job["scale"],
+                                                          job["keep_source"], None if job["to"] is None else _point(job["to"])),
+                       job["seed"], job["mask_from_prompt"]) for job in jobs]
+    m = ModelChoice.of(first).load(quiet=first["quiet"])
+    warn_prompts(m, [first["prompt"]], first["quiet"])
     defaults = "paper"
     if energy_scale is None:  # the model folder's recommendation where the paper's 0.5 fails on it
         recommended = m.recommended.get("move", {}).get("energy_scale")
         energy_scale, defaults = (0.5, "paper") if recommended is None else (float(recommended), m.recommended["file"])
-    weights = _weights(energy_weights, energy_scale)
-    with progress(steps, "move (pixelman)", quiet) as callback:
-        out, result = move_image(
-            m, image, mask, where,
-            prompt=prompt, steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
-            energy=weights, image=ImageInput(fit=fit, alpha=alpha), guidance=spec, callback=callback,
-            mask_word=mask_from_prompt,
-        )
-    meta = image_params("move", m, image=image, made_from=made_from(image), mask=mask, mask_from_prompt=mask_from_prompt, dx=dx, dy=dy, to=to,
-                        scale=scale, keep_source=keep_source, prompt=prompt, steps=steps,
-                        guidance_scale=result["guidance_scale"], seed=seed, energy_scale=energy_scale,
-                        energy_weights=energy_weights, guidance=spec.to_dict(), defaults=defaults)
-    save_image(out, output, params=meta, overwrite=overwrite)
-    report.emit({"output": output, **result, "energy_scale": energy_scale, "defaults": defaults}, output, quiet,
-                overwrite)
+    with progress(first["steps"], "move (pixelman)", first["quiet"]) as callback:
+        outs = move_images(m, moves, prompt=first["prompt"], steps=first["steps"],
+                           guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],
+                           energy=_weights(first["energy_weights"], energy_scale),
+                           image=ImageInput(fit=first["fit"], alpha=first["alpha"]), guidance=spec, callback=callback)
+    results = []
+    for job, (out, result) in zip(jobs, outs):
+        meta = image_params("move", m, image=job["image"], made_from=made_from(job["image"]), mask=job["mask"],
+                            mask_from_prompt=job["mask_from_prompt"], dx=job["dx"], dy=job["dy"], to=job["to"],
+                            scale=job["scale"], keep_source=job["keep_source"], prompt=job["prompt"], steps=job["steps"],
+                            guidance_scale=result["guidance_scale"], seed=job["seed"], energy_scale=energy_scale,
+                            energy_weights=job["energy_weights"], guidance=spec.to_dict(), defaults=defaults)
+        save_image(out, job["output"], params=meta, overwrite=job["overwrite"])
+        report = {"output": job["output"], **result, "energy_scale": energy_scale, "defaults": defaults}
+        ReportChoice.of(job).emit(report, job["output"], job["quiet"], job["overwrite"])
+        results.append(report)
+    return results
+
+
+# Parameters a micro-batch of moves may vary; jobs equal in everything else (the prompt too) share one batch.
+MOVE_VARYING = ("image", "mask", "mask_from_prompt", "dx", "dy", "to", "seed", "output", "json_out")
+BATCHED["move"] = (move_many, MOVE_VARYING, lambda job: "-" not in (job["image"], job["output"]))
 
 
 def _point(text: str) -> tuple[float, float]:

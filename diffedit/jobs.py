@@ -610,6 +610,18 @@ def _both(inverted: dict, edited: dict) -> dict:
 MOVE_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
+@dataclass(frozen=True)
+class MoveInput:
+    """One object move: the image, the object's mask (a file or image of the input's size; None: found
+    from `mask_word`, words of the prompt), the move, and the seed of its noise."""
+
+    source: str | Image.Image
+    mask: str | Image.Image | None
+    move: object  # editing.pixelman.MoveSpec
+    seed: int = 0
+    mask_word: str | None = None
+
+
 def move_image(
     model: Family, source: str | Image.Image, mask: str | Image.Image | None, move, *, prompt: str = "",
     steps: int = 16, guidance_scale: float | None = None, negative_prompt: str = "", seed: int = 0,
@@ -621,58 +633,80 @@ def move_image(
     The mask must have the input image's size; both are brought to the model's multiple together.
     Without a mask, `mask_word` (words of `prompt`) finds the object by cross-attention.
     """
-    from diffedit.editing.pixelman import (
-        FeatureEnergy,
-        PixelManControl,
-        manipulate,
-        move_latents,
-        plan_move,
-    )
+    return move_images(model, [MoveInput(source, mask, move, seed, mask_word)], prompt=prompt, steps=steps,
+                       guidance_scale=guidance_scale, negative_prompt=negative_prompt, energy=energy, image=image,
+                       guidance=guidance, callback=callback)[0]
+
+
+def move_images(
+    model: Family, moves: list[MoveInput], *, prompt: str = "", steps: int = 16, guidance_scale: float | None = None,
+    negative_prompt: str = "", energy=None, image: ImageInput = ImageInput(), guidance: GuidanceSpec | None = None,
+    callback: Callback | None = None,
+) -> list[tuple[Image.Image, dict]]:
+    """`move_image` of several moves with one prompt, those of one canvas size in shared forwards
+    (micro-batching): every move keeps its own masks, attention control and energies, draws its noise
+    from its own seed, and is encoded and decoded alone, so each output is a lone move's (up to float
+    rounding)."""
+    from diffedit.editing.attention import PerImage
+    from diffedit.editing.pixelman import FeatureEnergy, PixelManControl, manipulate, move_latents, plan_move
 
     started = time.perf_counter()
     if model.name not in MOVE_FAMILIES:
         raise UsageError(f"move runs on UNet models ({', '.join(MOVE_FAMILIES)}), not {model.name}")
-    raw, fit = read_image(model, source, image)
-    if (mask is None) == (mask_word is None):
-        raise UsageError("give a mask or a word of the prompt to find the object by")
-    img = fit.apply(raw)
-    width, height = img.size
-    scale = (width / raw.width, height / raw.height) if fit.policy == "resize" else (1.0, 1.0)
-    move = move.resized(*scale, fit.offset)  # the move is in the input's pixels
-    pixels = to_tensor(img)
-    if mask is None:
-        mask_name = f"--mask-from-prompt {mask_word!r}"
-        selected = mask_from_prompt(model, pixels, prompt, mask_word, seed)
-    else:
-        mask_name = mask if isinstance(mask, str) else "mask"
-        mask_img = fit.apply(load_mask(mask, raw.size), Image.Resampling.NEAREST)
-        selected = torch.from_numpy(np.asarray(mask_img) > 127)
-    masks, centre, move = plan_move(selected, move, mask_name)
-    z0_src, z0_man = model.encode_image(torch.cat([pixels, manipulate(pixels, selected, move, centre)])).clone()
-    z0_src, z0_man = z0_src[None], z0_man[None]
-    latent_hw = tuple(z0_src.shape[-2:])
+    planned = []
+    for item in moves:
+        raw, fit = read_image(model, item.source, image)
+        if (item.mask is None) == (item.mask_word is None):
+            raise UsageError("give a mask or a word of the prompt to find the object by")
+        img = fit.apply(raw)
+        width, height = img.size
+        scale = (width / raw.width, height / raw.height) if fit.policy == "resize" else (1.0, 1.0)
+        move = item.move.resized(*scale, fit.offset)  # the move is in the input's pixels
+        pixels = to_tensor(img)
+        if item.mask is None:
+            mask_name = f"--mask-from-prompt {item.mask_word!r}"
+            selected = mask_from_prompt(model, pixels, prompt, item.mask_word, item.seed)
+        else:
+            mask_name = item.mask if isinstance(item.mask, str) else "mask"
+            mask_img = fit.apply(load_mask(item.mask, raw.size), Image.Resampling.NEAREST)
+            selected = torch.from_numpy(np.asarray(mask_img) > 127)
+        masks, centre, move = plan_move(selected, move, mask_name)
+        z0_src, z0_man = model.encode_image(torch.cat([pixels, manipulate(pixels, selected, move, centre)])).clone()
+        planned.append((fit, scale, masks, centre, move, z0_src[None], z0_man[None]))
     if guidance_scale is None:  # the paper: null prompt without CFG, or CFG 4 with a prompt
         guidance_scale = 4.0 if prompt else 1.0
-    control = PixelManControl(masks, latent_hw)
-    denoise = prompt_denoiser_for(model, [prompt] * 3, guidance_scale, height, width, negative_prompt,
-                                  guidance, control)
-    feature_energy = None
-    if energy is not None:
-        cond, _ = model.encode_prompts([prompt], None, height, width)
-        if model.membranes is not None:  # the prompt's SPM multipliers, as the sampling branches carry them
-            cond = model.membranes.tag(cond, [prompt])
-        feature_energy = FeatureEnergy(model, cond, masks, centre, move, energy, latent_hw)
-    schedule = model.schedule(steps, height, width)
-    x0 = move_latents(denoise, feature_energy, control, schedule, z0_src, z0_man, masks,
-                      torch.Generator().manual_seed(seed), callback)
-    result = {"steps": steps, "seed": seed, **sizes(fit), "guidance_scale": guidance_scale,
-              "forwards": dict(denoise.forwards),
-              "energy_passes": 0 if feature_energy is None else feature_energy.passes,
-              "backward_passes": 0 if feature_energy is None else feature_energy.backwards,
-              "moved_to": [round((c + d + o) / k, 1)  # in the input's pixels
-                           for c, d, o, k in zip(centre, (move.dx, move.dy), fit.offset, scale)]}
-    out = fit.undo(to_pil(model.decode(x0)))
-    # NFE: batched sampling forwards plus the energies' feature passes (each gradient adds a backward)
-    result["nfe"] = denoise.calls + result["energy_passes"]
-    result["seconds"] = time.perf_counter() - started
-    return out, result
+    out = [None] * len(moves)
+    for group in batches([p[0].canvas for p in planned]):
+        width, height = planned[group[0]][0].canvas
+        latent_hw = tuple(planned[group[0]][5].shape[-2:])
+        controls = [PixelManControl(planned[k][2], latent_hw) for k in group]
+        control = controls[0] if len(group) == 1 else PerImage(controls)
+        denoise = prompt_denoiser_for(model, [prompt] * 3 * len(group), guidance_scale, height, width,
+                                      negative_prompt, guidance, control)
+        feature_energy = None
+        if energy is not None:
+            cond, _ = model.encode_prompts([prompt] * len(group), None, height, width)
+            if model.membranes is not None:  # the prompt's SPM multipliers, as the sampling branches carry them
+                cond = model.membranes.tag(cond, [prompt] * len(group))
+            feature_energy = FeatureEnergy(model, cond, [planned[k][2:5] for k in group], energy, latent_hw)
+        x0 = move_latents(denoise, feature_energy, controls, model.schedule(steps, height, width),
+                          torch.cat([planned[k][5] for k in group]), torch.cat([planned[k][6] for k in group]),
+                          [planned[k][2] for k in group], [torch.Generator().manual_seed(moves[k].seed) for k in group],
+                          callback)
+        for j, k in enumerate(group):
+            fit, scale, _, centre, move, _, _ = planned[k]
+            result = {"steps": steps, "seed": moves[k].seed, **sizes(fit), "guidance_scale": guidance_scale,
+                      "forwards": dict(denoise.forwards),
+                      "energy_passes": 0 if feature_energy is None else feature_energy.passes,
+                      "backward_passes": 0 if feature_energy is None else feature_energy.backwards,
+                      "moved_to": [round((c + d + o) / f, 1)  # in the input's pixels
+                                   for c, d, o, f in zip(centre, (move.dx, move.dy), fit.offset, scale)]}
+            # NFE: batched sampling forwards plus the energies' feature passes (each gradient adds a backward)
+            result["nfe"] = denoise.calls + result["energy_passes"]
+            if len(group) > 1:
+                result["batched"] = len(group)
+            out[k] = (fit.undo(to_pil(model.decode(x0[j : j + 1]))), result)
+    seconds = time.perf_counter() - started
+    for _, result in out:
+        result["seconds"] = seconds
+    return out

@@ -313,3 +313,66 @@ class Chain(Controller):
             if layer in c.feature_layers:
                 out = c.features(layer, out)
         return out
+
+
+class PerImage(Controller):
+    """One controller per image of a batch whose branch chunks hold their rows role by role (every
+    image's first row, then every image's second, ...): each controller sees only its own image's
+    rows, laid out as if it ran alone. For controllers whose state is one image's (a move's masks and
+    attention history); controllers written for a batch axis do not need it."""
+
+    def __init__(self, controllers: list[Controller]):
+        super().__init__()
+        self.controllers = controllers
+        self.feature_layers = tuple(dict.fromkeys(n for c in controllers for n in c.feature_layers))
+
+    def begin(self, step, branches):
+        super().begin(step, branches)
+        for c in self.controllers:
+            c.begin(step, branches)
+
+    def _rows(self, batch: int, image: int, device) -> torch.Tensor:
+        images, chunk = len(self.controllers), batch // len(self.branches)
+        return torch.tensor([b * chunk + r * images + image for b in range(len(self.branches))
+                             for r in range(chunk // images)], device=device)
+
+    def _each(self, batch: int, device):
+        return ((c, self._rows(batch, k, device)) for k, c in enumerate(self.controllers))
+
+    def wants_maps(self, call):
+        return any(c.wants_maps(call) for c in self.controllers)
+
+    def qkv(self, call, q, k, v):
+        q, k, v = q.clone(), k.clone(), v.clone()
+        for c, rows in self._each(q.shape[0], q.device):
+            q[rows], k[rows], v[rows] = c.qkv(call, q[rows], k[rows], v[rows])
+        return q, k, v
+
+    def maps(self, call, probs):
+        for c, rows in self._each(probs.shape[0], probs.device):
+            if c.wants_maps(call):
+                probs[rows] = c.maps(call, probs[rows])
+        return probs
+
+    def bias(self, call, q, k):
+        full = None
+        for c, rows in self._each(q.shape[0], q.device):
+            bias = c.bias(call, q[rows], k[rows])
+            if bias is not None:
+                if full is None:
+                    full = torch.zeros(q.shape[0], *bias.shape[1:], device=q.device, dtype=bias.dtype)
+                full[rows] = bias
+        return full
+
+    def out(self, call, out, q, k, v):
+        out = out.clone()
+        for c, rows in self._each(q.shape[0], q.device):
+            out[rows] = c.out(call, out[rows], q[rows], k[rows], v[rows])
+        return out
+
+    def features(self, layer, out):
+        out = out.clone()
+        for c, rows in self._each(out.shape[0], out.device):
+            if layer in c.feature_layers:
+                out[rows] = c.features(layer, out[rows])
+        return out

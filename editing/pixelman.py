@@ -34,9 +34,10 @@ import torch.nn.functional as F
 
 from diffedit.editing.attention import AttnCall, Controller
 from diffedit.editing.word_mask import unit_range
+from diffedit.engines import draw
 from diffedit.errors import DiffeditError, UsageError
 
-SOURCE, ANCHOR, TARGET = 0, 1, 2  # rows of each branch chunk
+SOURCE, ANCHOR, TARGET = 0, 1, 2  # roles of the rows of each branch chunk (one row per move in a batch)
 BLOCKED = -1.0e4  # the reference's additive mask value (finite: a query with every key blocked stays finite)
 
 
@@ -261,18 +262,24 @@ def feature_blocks(network) -> list[int]:
 
 
 class FeatureEnergy:
-    """The four feature energies of PixelMan and their gradient on the target latent."""
+    """The four feature energies of PixelMan and their gradient on the target latents: one move per
+    latent row (`moves`: each row's masks, box centre and move), every row's features in one pass.
+    The energies of the rows are summed; rows do not mix in the network, so each row's gradient is
+    its own move's."""
 
-    def __init__(self, model, cond, masks: MoveMasks, centre, move: MoveSpec, weights: EnergyWeights,
-                 latent_hw: tuple[int, int]):
-        self.model, self.cond, self.weights, self.move, self.centre = model, cond, weights, move, centre
+    def __init__(self, model, cond, moves: list[tuple[MoveMasks, tuple[float, float], MoveSpec]],
+                 weights: EnergyWeights, latent_hw: tuple[int, int]):
+        self.model, self.cond, self.weights = model, cond, weights
+        self.moves = [(centre, move) for _, centre, move in moves]
         self.blocks = feature_blocks(model.network)
         h, w = latent_hw
         self.size = (2 * h, 2 * w)  # energies at twice the latent resolution
-        self.unit = masks.src.shape[0] / self.size[0]  # image pixels per energy cell
+        self.unit = moves[0][0].src.shape[0] / self.size[0]  # image pixels per energy cell
         fh, fw = self.size
-        self.gen, self.ipt, self.other = (at(m, fh, fw).reshape(-1) for m in (masks.gen, masks.ipt, masks.other))
-        self.edit_region = at(masks.gen, h, w).to(torch.float32)  # where the edit gradient applies
+        self.regions = [tuple(at(m, fh, fw).reshape(-1) for m in (masks.gen, masks.ipt, masks.other))
+                        for masks, _, _ in moves]  # (gen, ipt, other) per row
+        # where each row's edit gradient applies
+        self.edit_region = torch.stack([at(masks.gen, h, w) for masks, _, _ in moves])[:, None].to(torch.float32)
         self.passes = 0  # network forwards for features (with or without gradient)
         self.backwards = 0  # network backwards
 
@@ -304,29 +311,32 @@ class FeatureEnergy:
         return [F.interpolate(f.float(), size=self.size, mode="nearest") for f in found]
 
     def reference(self, z_anchor: torch.Tensor, t) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The anchor's features, as they are and moved with the object."""
+        """The anchors' features, as they are and moved with each row's object."""
         with torch.no_grad():
             feats = self.features(z_anchor, t)
-        return feats, [warp(f, self.centre, self.move, self.unit, mode="nearest") for f in feats]
+        moved = [torch.cat([warp(f[k : k + 1], centre, move, self.unit, mode="nearest")
+                            for k, (centre, move) in enumerate(self.moves)]) for f in feats]
+        return feats, moved
 
     def energies(self, z: torch.Tensor, t, reference) -> tuple[torch.Tensor, torch.Tensor]:
-        """(edit energy, content + contrast + inpaint energy) of the target latent `z`."""
+        """(edit energy, content + contrast + inpaint energy) of the target latents `z`, summed over rows."""
         wts = self.weights
         ref, ref_moved = reference
         edit = rest = z.new_zeros(())
-        for c, r, rm in zip(self.features(z, t), ref, ref_moved):
-            c, r, rm = (x.flatten(2)[0] for x in (c, r, rm))  # [channels, cells]
-            if self.gen.any():
-                sim = F.cosine_similarity(c[:, self.gen], rm[:, self.gen], dim=0).mean()
-                edit = edit + 0.5 * wts.edit / (1 + 4 * sim)
-            if self.other.any():
-                sim = F.cosine_similarity(c[:, self.other], r[:, self.other], dim=0).mean()
-                rest = rest + 0.5 * wts.content / (1 + 4 * sim)
-            if self.ipt.any():
-                same = (F.cosine_similarity(c[:, self.ipt], r[:, self.ipt], dim=0) + 1) / 2
-                rest = rest + 0.5 * wts.contrast * same.mean()
-                like_rest = (F.cosine_similarity(c[:, self.ipt].mean(1), r[:, self.other].mean(1), dim=0) + 1) / 2
-                rest = rest + wts.inpaint / (1 + 4 * like_rest)
+        for rows, r_all, rm_all in zip(self.features(z, t), ref, ref_moved):
+            for k, (gen, ipt, other) in enumerate(self.regions):
+                c, r, rm = (x[k].flatten(1) for x in (rows, r_all, rm_all))  # [channels, cells]
+                if gen.any():
+                    sim = F.cosine_similarity(c[:, gen], rm[:, gen], dim=0).mean()
+                    edit = edit + 0.5 * wts.edit / (1 + 4 * sim)
+                if other.any():
+                    sim = F.cosine_similarity(c[:, other], r[:, other], dim=0).mean()
+                    rest = rest + 0.5 * wts.content / (1 + 4 * sim)
+                if ipt.any():
+                    same = (F.cosine_similarity(c[:, ipt], r[:, ipt], dim=0) + 1) / 2
+                    rest = rest + 0.5 * wts.contrast * same.mean()
+                    like_rest = (F.cosine_similarity(c[:, ipt].mean(1), r[:, other].mean(1), dim=0) + 1) / 2
+                    rest = rest + wts.inpaint / (1 + 4 * like_rest)
         return edit, rest
 
     def gradient(self, z: torch.Tensor, t, reference) -> torch.Tensor:
@@ -358,7 +368,7 @@ def repeats(i: int, steps: int) -> int:
 
 
 def blur(mask: torch.Tensor, latent_side: int) -> torch.Tensor:
-    """Gaussian blur of a [1, 1, h, w] mask with the official kernel 9 (at 64 latents), scaled to h."""
+    """Gaussian blur of masks [B, 1, h, w] with the official kernel 9 (at 64 latents), scaled to h."""
     k = max(3, int(round(9 * latent_side / 64)) | 1)
     sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8  # torchvision's default for a kernel of size k
     x = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
@@ -370,16 +380,17 @@ def blur(mask: torch.Tensor, latent_side: int) -> torch.Tensor:
     return F.conv2d(m, g.view(1, 1, k, 1))
 
 
-def move_latents(denoise, energy: FeatureEnergy | None, control: PixelManControl, schedule, z0_src, z0_man,
-                 masks: MoveMasks, generator: torch.Generator, callback=None) -> torch.Tensor:
-    """The PixelMan loop: returns the final clean estimate `x0_out`."""
-    n = len(schedule)
+def move_latents(denoise, energy: FeatureEnergy | None, controls: list[PixelManControl], schedule, z0_src, z0_man,
+                 masks: list[MoveMasks], generators: list[torch.Generator], callback=None) -> torch.Tensor:
+    """The PixelMan loop over a batch of moves (one latent row each; the denoiser's rows are every
+    source, then every anchor, then every target): returns the final clean estimates `x0_out`."""
+    n, k = len(schedule), len(masks)
     h, w = z0_src.shape[-2:]
-    pasted = at(masks.gen, h, w)[None, None].float().to(z0_src.device)
+    pasted = torch.stack([at(m.gen, h, w) for m in masks])[:, None].float().to(z0_src.device)
     keep_anchor = 1 - blur(pasted, h)
     x0_out = z0_man
     for i in range(n):
-        eps = torch.randn(z0_src.shape, generator=generator).to(z0_src.device)
+        eps = draw(generators, z0_src)
         a, s, t = schedule.a[i], schedule.s[i], schedule.times[i]
         z, z_src, z_man = (a * x + s * eps for x in (x0_out, z0_src, z0_man))
         if energy is not None and guided_step(i, n):
@@ -388,8 +399,9 @@ def move_latents(denoise, energy: FeatureEnergy | None, control: PixelManControl
                 z = z - energy.gradient(z, t, reference)
         with torch.inference_mode():
             x0, _ = denoise(torch.cat([z_src, z_man, z]), schedule, i)
-        control.end_step()
-        delta = (x0[TARGET : TARGET + 1] - x0[ANCHOR : ANCHOR + 1]).clone()
+        for control in controls:
+            control.end_step()
+        delta = (x0[TARGET * k : (TARGET + 1) * k] - x0[ANCHOR * k : (ANCHOR + 1) * k]).clone()
         x0_out = z0_man + delta * (keep_anchor if i < n - 2 else 1.0)
         if callback is not None:
             callback(i, z, x0_out)

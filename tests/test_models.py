@@ -85,7 +85,6 @@ def test_device_and_dtype_choices():
     assert pick_device("cpu").type == "cpu"
     with pytest.raises(UsageError):
         pick_device("tpu")
-    import torch
 
     assert pick_dtype("auto", torch.device("cpu"), "sd1") == torch.float32
     assert pick_dtype("bf16", torch.device("cpu"), "flux") == torch.bfloat16
@@ -94,7 +93,6 @@ def test_device_and_dtype_choices():
 
 
 def test_record_round_trip_and_newer_format(tmp_path):
-    import torch
 
     path = tmp_path / "r.safetensors"
     meta = {"model": {"source": "m", "fingerprint": "f"}, "engine": {"name": "ddim"}, "source_prompt": "",

@@ -156,7 +156,7 @@ def test_energy_step_lowers_the_energy(tiny):
     _, mask = scene()
     masks, centre, move = plan_move(torch.from_numpy(np.asarray(mask) > 127), MoveSpec(12, 8))
     cond, _ = model.encode_prompts([""], None, 32, 32)
-    energy = FeatureEnergy(model, cond, masks, centre, move, EnergyWeights(scale=1.0, step=1.0), (16, 16))
+    energy = FeatureEnergy(model, cond, [(masks, centre, move)], EnergyWeights(scale=1.0, step=1.0), (16, 16))
     torch.manual_seed(0)
     z, z_anchor, t = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16), torch.tensor(700)
     reference = energy.reference(z_anchor, t)

@@ -113,6 +113,7 @@ def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4) -> list
     from lab.toy.bench import load_tasks, source_scene
 
     tasks = [t for t in load_tasks() if t["kind"] == "recolour"][:n]
+    forward = _forward_costs()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -126,7 +127,7 @@ def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4) -> list
                       "target": t["target_prompt"], "engine": engine, "seed": k} for k, t in enumerate(tasks)]
             manifest = folder / f"{engine}.jsonl"
             manifest.write_text("".join(json.dumps(j) + "\n" for j in todo))
-            seconds, outputs = {}, {}
+            seconds, outputs, network = {}, {}, {}
             for bs in (1, size):
                 out = folder / f"{engine}-{bs}"
                 _diffedit(["batch", str(manifest), "--out-dir", str(out), "--batch-size", str(bs), "-q"])
@@ -134,6 +135,9 @@ def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4) -> list
                 if any(r["status"] != "ok" for r in done):
                     raise RuntimeError(f"{engine}: {[r['error'] for r in done if r['status'] != 'ok']}")
                 seconds[bs] = {kind: sum(r["seconds"] for r in done if r["id"].startswith(kind)) for kind in ("inv", "edit")}
+                # the bare network's share: each group's forwards once (its rows report the group's)
+                network[bs] = sum(sum(calls * forward(int(rows)) for rows, calls in r["metrics"]["forwards"].items())
+                                  / r["metrics"].get("batched", 1) for r in done if r["id"].startswith("edit"))
                 outputs[bs] = {r["id"]: out / r["outputs"][0] for r in done if r["id"] != "warm-up"}
             record_diff, level_diff = 0.0, 0
             for job, one in outputs[1].items():
@@ -150,18 +154,36 @@ def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4) -> list
                          "edit_1_s": round(seconds[1]["edit"], 2), f"edit_{size}_s": round(seconds[size]["edit"], 2),
                          "invert_ratio": round(seconds[size]["inv"] / seconds[1]["inv"], 3),
                          "edit_ratio": round(seconds[size]["edit"] / seconds[1]["edit"], 3),
+                         "network_edit_ratio": round(network[size] / network[1], 3),
                          "record_max_rel_diff": float(f"{record_diff:.2g}"), "image_max_level_diff": level_diff})
     return rows
+
+
+def _forward_costs():
+    """The toy model's bare forward seconds by batch rows (median of 5, measured once per size)."""
+    from diffedit.models import load_model
+    from lab.benchmarks.engines import forward_seconds
+
+    model, seen = load_model(None), {}
+
+    def cost(rows: int) -> float:
+        if rows not in seen:
+            seen[rows] = forward_seconds(model, rows, model.default_size()[0])
+        return seen[rows]
+
+    return cost
 
 
 def edits_markdown(rows: list[dict]) -> str:
     size = rows[0]["batch_size"]
     lines = [f"| engine | {rows[0]['jobs']} inversions: batch-size {size} ÷ 1 | {rows[0]['jobs']} edits: batch-size "
-             f"{size} ÷ 1 | records: largest relative difference | edited images: largest difference (levels) |",
-             "|---|---|---|---|---|"]
+             f"{size} ÷ 1 | the same for their bare network forwards | records: largest relative difference "
+             "| edited images: largest difference (levels) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['engine']} | {r['invert_ratio']} ({r[f'invert_{size}_s']} s ÷ {r['invert_1_s']} s) "
-                     f"| {r['edit_ratio']} ({r[f'edit_{size}_s']} s ÷ {r['edit_1_s']} s) | {r['record_max_rel_diff']} "
+                     f"| {r['edit_ratio']} ({r[f'edit_{size}_s']} s ÷ {r['edit_1_s']} s) | {r['network_edit_ratio']} "
+                     f"| {r['record_max_rel_diff']} "
                      f"| {r['image_max_level_diff']} |")
     return "\n".join(lines)
 
