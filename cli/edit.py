@@ -196,6 +196,8 @@ def edit_many(jobs: list[dict]) -> list[dict]:
     """Edit jobs (the command's parameters each) that differ only in EDIT_VARYING, sharing every forward
     (`diffedit batch --batch-size`): all from images or all from records; each output is the one its
     job makes alone."""
+    from dataclasses import replace
+
     from diffedit.errors import UsageError
     from diffedit.files import check_writable
     from diffedit.images import save_image
@@ -229,13 +231,13 @@ def edit_many(jobs: list[dict]) -> list[dict]:
                         guidance_scale=first["guidance_scale"],
                         inversion_guidance_scale=first["inversion_guidance_scale"],
                         negative_prompt=first["negative_prompt"], seed=first["seed"])
+        plans = [replace(plan, seed=job["seed"]) for job in jobs]
         with progress(2 * plan.steps, f"edit ({plan.engine.name})", first["quiet"]) as callback:
             outs = edit_images(m, [job["image"] for job in jobs], plan, source_prompts=[job["source"] for job in jobs],
                                target_prompts=targets, seeds=[job["seed"] for job in jobs],
                                image=ImageInput(fit=first["fit"], alpha=first["alpha"]), callback=callback)
     results = []
-    for job, (out, result, rec) in zip(jobs, outs):
-        plan = plan_of_record(m, rec.meta, edit=True, guidance_scale=first["guidance_scale"], params=params)
+    for job, plan, (out, result, rec) in zip(jobs, plans, outs):
         made_with = _made_with(m, job, plan, rec.meta["source_prompt"], rec.meta["engine"]["name"], None)
         save_image(out, job["output"], params=made_with, overwrite=job["overwrite"])
         ReportChoice.of(job).emit({"output": job["output"], **result}, job["output"], job["quiet"], job["overwrite"])

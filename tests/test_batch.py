@@ -221,6 +221,69 @@ def test_invert_edit_and_reconstruct_jobs_micro_batch(tmp_path, tiny_folder, cli
             assert np.abs(pixels(one) - pixels(many)).max() <= 1
 
 
+def test_a_job_that_runs_out_of_memory_fails_alone(tmp_path, tiny_folder):
+    """A real allocation failure: the batch runs with its data segment capped (RLIMIT_DATA), so a
+    4096² generate job cannot get its activations while 32² jobs can: the big job fails alone, named as
+    out of memory, and the batch goes on."""
+    import resource
+
+    model = str(tiny_folder("sd1"))
+    jobs = generate_jobs(Path(model), 3, steps=2)
+    jobs[1].update(height=4096, width=4096)
+    manifest = write_manifest(tmp_path / "m.jsonl", jobs)
+    cap = 3 * 2**30
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+    for size in (1, 3):
+        cmd = [sys.executable, "-c", "from diffedit.cli.main import main; main()", "batch", str(manifest),
+               "--out-dir", str(tmp_path / f"b{size}"), "--batch-size", str(size), "-q"]
+        done = subprocess.run(cmd, capture_output=True, timeout=300, preexec_fn=limit)
+        assert done.returncode == 3, done.stderr.decode()[-500:]
+        rows = rows_of(tmp_path / f"b{size}")
+        assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+        assert rows[1]["error"].startswith("out of memory") and "traceback" not in rows[1]["error"]
+
+
+def test_a_micro_batch_that_fails_reruns_job_by_job(tmp_path, tiny_folder, cli):
+    """One corrupt image in a group of three inversions: the group fails, each job runs alone, and only
+    the corrupt one fails, with its own message."""
+    model = str(tiny_folder("sd1"))
+    for k in (0, 2):
+        Image.fromarray(np.full((32, 32, 3), 60 * k, np.uint8)).save(tmp_path / f"in{k}.png")
+    (tmp_path / "in1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    jobs = [{"id": f"inv{k}", "command": "invert", "image": f"in{k}.png", "prompt": "a cat", "steps": 3,
+             "model": model} for k in range(3)]
+    code, _, _ = cli("batch", write_manifest(tmp_path / "m.jsonl", jobs), "--out-dir", tmp_path / "out",
+                     "--batch-size", 3, "-q")
+    rows = rows_of(tmp_path / "out")
+    assert code == 3 and [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "in1.png" in rows[1]["error"] and "batched" not in rows[0]["metrics"]
+
+
+def test_move_jobs_micro_batch(tmp_path, tiny_folder, cli):
+    model = str(tiny_folder("sd1"))
+    rng = np.random.default_rng(1)
+    jobs = []
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"in{k}.png")
+        mask = np.zeros((32, 32), np.uint8)
+        mask[4 + 4 * k : 14 + 4 * k, 6:16] = 255
+        Image.fromarray(mask).save(tmp_path / f"mask{k}.png")
+        jobs.append({"id": f"move{k}", "command": "move", "image": f"in{k}.png", "mask": f"mask{k}.png", "dx": 4 + k,
+                     "dy": -2, "seed": k, "steps": 3, "model": model})
+    manifest = write_manifest(tmp_path / "m.jsonl", jobs)
+    for size in (1, 3):
+        code, _, err = cli("batch", manifest, "--out-dir", tmp_path / f"b{size}", "--batch-size", size, "-q")
+        assert code == 0, err
+    rows = rows_of(tmp_path / "b3")
+    assert [r["metrics"].get("batched", 1) for r in rows] == [3, 3, 3]
+    for row in rows:
+        out = row["outputs"][0]
+        assert np.abs(pixels(tmp_path / "b1" / out) - pixels(tmp_path / "b3" / out)).max() <= 1
+
+
 def test_generate_images_rows_equal_lone_runs(tiny):
     import torch
 

@@ -60,6 +60,19 @@ far below DDIM), so `--solver dpmpp-2m` is for 20 steps or more there.
 Every recolour, reshape and reconstruction task on the toy flow model, each engine at its defaults
 on that model (RF-Inversion with the model's `stop 0.7`; RF-Solver and FireFlow at their papers'
 steps, CFG 1 / 2 and value sharing). NFE counts the inversion and the edit together.""", ["shapes40-flow"]),
+    ("Costs at full size", """
+`diffedit bench scale --family sd1`: Stable Diffusion 1.5's architecture with random weights (860 M
+UNet, a CLIP ViT-L-sized text encoder, SD's VAE; built in code, nothing downloaded) at 512², one step
+per job (BDIA 3, PixelMan 2 with its energy guidance), each job in a fresh process on this 2-core CPU:
+its network forwards by batch rows, seconds, seconds ÷ the same forwards and VAE calls timed alone,
+peak RSS, and ours ÷ diffusers' where diffusers runs the same job on the same weights (its
+StableDiffusionPipeline; DDIM inversion with its DDIMInverseScheduler; LEDITS++ inverting at CFG 3.5
+and regenerating without an editing concept, against `ddpm-ef-regenerate`, our edit-friendly DDPM on
+the same job; its PAG pipeline).""", ["scale-sd1"]),
+    ("Micro-batching: inversions and edits", """
+`diffedit bench batch`: per engine, 8 inversions and 8 edits of ShapesBench scenes with `--batch-size
+4` against one by one on the toy model, side by side (docs/testing-and-benchmarks.md discusses the
+numbers).""", ["batch"]),
     ("Engines: time against their network forwards", """
 `diffedit bench engines`: each engine's invert and edit time divided by the time of the forwards it
 makes (1.0 = no overhead), and edit-friendly DDPM against diffusers' LEDITS++.""", ["engines"]),

@@ -162,6 +162,12 @@ def run_job(family: str, job: str, device: str = "auto") -> dict:
     """One job on a fresh full-size model (call in a fresh process for its peak memory)."""
     import time
 
+    # every job's imports before the model: peaks then compare the jobs, not what each imported
+    import diffusers.pipelines.ledits_pp  # noqa: F401
+    import diffusers.pipelines.pag  # noqa: F401
+
+    import diffedit.jobs  # noqa: F401
+
     pipe, model, dev = _model(family, device)
     size, steps = FAMILY_SIZE[family], STEPS.get(job, DEFAULT_STEPS)
     if dev.type == "cuda":
