@@ -334,6 +334,7 @@ def scale(
     family: Annotated[str, typer.Option(help="sd1 (512²), sdxl (1024²), sd3 or flux (1024², transformers cut in depth).")] = "sd1",
     jobs: Annotated[str | None, typer.Option(help="Comma-separated jobs (default: every engine and diffusers' references).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help="Rounds over all jobs, interleaved (medians).")] = 1,
     save: SaveOpt = None,
     json: JsonOpt = False,
 ):
@@ -345,7 +346,7 @@ def scale(
     from lab.benchmarks import scale as bench
 
     with stderr.status("measuring"):
-        rows = bench.run(family, tuple(jobs.split(",")) if jobs else None, device)
+        rows = bench.run(family, tuple(jobs.split(",")) if jobs else None, device, repeats)
     _report(rows, bench.markdown(rows), save, json)
 
 

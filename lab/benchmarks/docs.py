@@ -69,6 +69,10 @@ peak RSS, and ours ÷ diffusers' where diffusers runs the same job on the same w
 StableDiffusionPipeline; DDIM inversion with its DDIMInverseScheduler; LEDITS++ inverting at CFG 3.5
 and regenerating without an editing concept, against `ddpm-ef-regenerate`, our edit-friendly DDPM on
 the same job; its PAG pipeline).""", ["scale-sd1"]),
+    ("Costs at full size: ours against diffusers, repeated", """
+The jobs diffusers also runs, from the table above, three rounds interleaved, medians (`diffedit bench
+scale --repeats 3`): single runs of these 25-50 s jobs vary by up to ±15 % on this machine.""",
+     ["scale-sd1-vs-diffusers"]),
     ("Micro-batching: inversions and edits", """
 `diffedit bench batch`: per engine, 8 inversions and 8 edits of ShapesBench scenes with `--batch-size
 4` against one by one on the toy model, side by side (docs/testing-and-benchmarks.md discusses the

@@ -336,17 +336,32 @@ def _in_process(function: str, *args) -> dict:
     return json.loads(done.stdout.decode().splitlines()[-1])
 
 
-def run(family: str = "sd1", jobs: tuple[str, ...] | None = None, device: str = "auto") -> list[dict]:
-    """Every job of `family` in its own process, then the forward and VAE costs; rows with the ratios."""
+def run(family: str = "sd1", jobs: tuple[str, ...] | None = None, device: str = "auto", repeats: int = 1) -> list[dict]:
+    """Every job of `family` in its own process (`repeats` rounds over all jobs, interleaved; medians of
+    seconds and peak), then the forward and VAE costs; rows with the ratios."""
+    import statistics
+
     jobs = jobs or (UNET_JOBS if family in ("sd1", "sdxl") else FLOW_JOBS)
     if family != "sd1":  # diffusers' PAG pipeline, LEDITS++ and move here are SD1's
         jobs = tuple(j for j in jobs if j not in ("diffusers-pag", "diffusers-ledits", "diffusers-ddim"))
+    runs: dict[str, list[dict]] = {job: [] for job in jobs}
+    errors: dict[str, str] = {}
+    for _ in range(repeats):
+        for job in jobs:  # a job that fails (out of memory, say) is reported; the others go on
+            try:
+                runs[job].append(_in_process("run_job", family, job, device))
+            except RuntimeError as err:
+                errors[job] = str(err)[-300:]
     done, failed = [], []
-    for job in jobs:  # a job that fails (out of memory, say) is reported; the others go on
-        try:
-            done.append(_in_process("run_job", family, job, device))
-        except RuntimeError as err:
-            failed.append({"family": family, "size": FAMILY_SIZE[family], "job": job, "error": str(err)[-300:]})
+    for job, rows in runs.items():
+        if job in errors or not rows:
+            failed.append({"family": family, "size": FAMILY_SIZE[family], "job": job, "error": errors.get(job, "")})
+            continue
+        row = dict(rows[0])
+        for key in ("seconds", "peak_mib"):
+            row[key] = round(statistics.median(r[key] for r in rows), 3)
+        row["runs"] = len(rows)
+        done.append(row)
     costs = _in_process("run_costs", family, sorted({int(r) for d in done for r in d["forwards"]}), device)
     by_job = {d["job"]: d for d in done}
     generate = by_job.get("generate")
