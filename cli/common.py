@@ -425,5 +425,14 @@ class ReportChoice:
             emit(result, self.json, to_stderr=str(output) == "-")
 
 
+def check_job_outputs(job: dict) -> None:
+    """Before any work: a job's report options and its output file (not stdout) are usable."""
+    from diffedit.files import check_writable
+
+    ReportChoice.of(job).check(job["output"], job["overwrite"])
+    if str(job["output"]) != "-":
+        check_writable(job["output"], job["overwrite"])
+
+
 REPORT_OPTIONS = {"json": (JsonOpt, False), "json_out": (JsonOutOpt, None)}  # the fields of ReportChoice
 with_report_options = option_group("report", ReportChoice, REPORT_OPTIONS)

@@ -45,6 +45,7 @@ from diffedit.cli.common import (
     StepsOpt,
     StopOpt,
     StrengthOpt,
+    check_job_outputs,
     default_output,
     engine_params,
     finite_scale,
@@ -199,7 +200,6 @@ def edit_many(jobs: list[dict]) -> list[dict]:
     from dataclasses import replace
 
     from diffedit.errors import UsageError
-    from diffedit.files import check_writable
     from diffedit.images import save_image
     from diffedit.jobs import ImageInput, edit_images, edit_records
     from diffedit.plan import plan_job, plan_of_record
@@ -209,8 +209,7 @@ def edit_many(jobs: list[dict]) -> list[dict]:
     for job in jobs:
         if not job["target"]:
             raise UsageError("--target is required: the prompt of the edited image")
-        ReportChoice.of(job).check(job["output"], job["overwrite"])
-        check_writable(job["output"], job["overwrite"])
+        check_job_outputs(job)
     params, targets = _engine_params(first), [job["target"] for job in jobs]
     if first["from_record"] is not None:
         records = [load_record(job["from_record"]) for job in jobs]

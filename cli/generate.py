@@ -26,6 +26,7 @@ from diffedit.cli.common import (
     SeedOpt,
     SolverOpt,
     StepsOpt,
+    check_job_outputs,
     finite_scale,
     fk_config,
     generated_name,
@@ -84,15 +85,12 @@ def generate_many(jobs: list[dict]) -> list[dict]:
     Every branch of every image runs in one forward per step (`diffedit batch --batch-size`).
     """
     from diffedit.errors import UsageError
-    from diffedit.files import check_writable
 
     first = jobs[0]
     if (first["width"] or 0) * (first["height"] or 0) > MAX_PIXELS:
         raise UsageError(f"-W {first['width']} -H {first['height']} is more than {MAX_PIXELS} pixels")
     for job in jobs:  # before the heavy imports: a usage error is answered at once
-        ReportChoice.of(job).check(job["output"], job["overwrite"])
-        if job["output"] != "-":
-            check_writable(job["output"], job["overwrite"])
+        check_job_outputs(job)
     from diffedit.images import save_image
     from diffedit.jobs import generate_image, generate_images, image_params
 

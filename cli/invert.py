@@ -35,6 +35,7 @@ from diffedit.cli.common import (
     StepsOpt,
     StopOpt,
     StrengthOpt,
+    check_job_outputs,
     default_output,
     engine_params,
     finite_scale,
@@ -121,14 +122,12 @@ INVERT_ENGINE_OPTIONS = ("skip", "eta", "gamma", "strength", "start", "stop", "n
 def invert_many(jobs: list[dict]) -> list[dict]:
     """Invert jobs (the command's parameters each) that differ only in INVERT_VARYING, sharing every
     forward (`diffedit batch --batch-size`); each record is the one its job makes alone."""
-    from diffedit.files import check_writable
     from diffedit.jobs import ImageInput, invert_images
     from diffedit.records import save_record
 
     first = jobs[0]
     for job in jobs:
-        ReportChoice.of(job).check(job["output"], job["overwrite"])
-        check_writable(job["output"], job["overwrite"])
+        check_job_outputs(job)
     m = ModelChoice.of(first).load(quiet=first["quiet"])
     warn_prompts(m, [job["prompt"] for job in jobs] + [first["negative_prompt"]], first["quiet"])
     plan = _invert_plan(m, first)
@@ -220,14 +219,12 @@ def _write_reconstruction(model, path, rec, image, result, note, output, overwri
 
 def reconstruct_many(jobs: list[dict]) -> list[dict]:
     """Reconstruct records made with one model and plan (their seeds aside) in shared forwards."""
-    from diffedit.files import check_writable
     from diffedit.jobs import reconstruct_records
     from diffedit.records import load_record
 
     first = jobs[0]
     for job in jobs:
-        ReportChoice.of(job).check(job["output"], job["overwrite"])
-        check_writable(job["output"], job["overwrite"])
+        check_job_outputs(job)
     records = [load_record(job["record"]) for job in jobs]
     m = ModelChoice.of(first).load(records[0], quiet=first["quiet"])
     for job, rec in zip(jobs, records):

@@ -19,6 +19,7 @@ from diffedit.cli.common import (
     PagScaleOpt,
     QuietOpt,
     ReportChoice,
+    check_job_outputs,
     default_output,
     finite_scale,
     guidance_spec,
@@ -74,7 +75,6 @@ def move_many(jobs: list[dict]) -> list[dict]:
     every move's branches share each forward (`diffedit batch --batch-size`)."""
     from diffedit.editing.pixelman import MoveSpec
     from diffedit.errors import UsageError
-    from diffedit.files import check_writable
     from diffedit.images import made_from, save_image
     from diffedit.jobs import ImageInput, MoveInput, image_params, move_images
 
@@ -85,8 +85,7 @@ def move_many(jobs: list[dict]) -> list[dict]:
             raise UsageError("give either --dx/--dy or --to X,Y")
         if (job["mask"] is None) == (job["mask_from_prompt"] is None):
             raise UsageError("give either --mask FILE or --mask-from-prompt WORD")
-        if job["output"] != "-":
-            check_writable(job["output"], job["overwrite"])
+        check_job_outputs(job)
     energy_scale = first["energy_scale"]
     _weights(first["energy_weights"], energy_scale or 0.0)
     spec = guidance_spec(first["guidance"], first["pag_scale"], first["pag_layers"], first["pag_adaptive_scale"])

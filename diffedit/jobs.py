@@ -183,6 +183,14 @@ def _shared(result: dict, run: Run, images: int) -> dict:
     return result
 
 
+def _stamped(out: list, started: float) -> list:
+    """The outputs of a batched job, each result with the batch's seconds (they shared every forward)."""
+    seconds = time.perf_counter() - started
+    for _, result in out:
+        result["seconds"] = seconds
+    return out
+
+
 def invert_image(
     model: Family, source: str | Image.Image, plan: Plan, *, prompt: str = "", image: ImageInput = ImageInput(),
     mask: MaskInput | None = None, check: bool = True, callback: Callback | None = None,
@@ -252,10 +260,7 @@ def invert_images(
                     vae_psnr=_psnr_vs(model, z0[j : j + 1], fit, raw),  # the ceiling any inversion can reach
                 )
             out[k] = (Record(part, meta), _shared(result, run, len(group)))
-    seconds = time.perf_counter() - started
-    for _, result in out:
-        result["seconds"] = seconds
-    return out
+    return _stamped(out, started)
 
 
 def pixels_digest(img: Image.Image) -> str:
@@ -322,10 +327,7 @@ def reconstruct_records(model: Family, records: list[Record], *, references: lis
                 result.update(psnr=psnr(image, reference), vae_psnr=psnr(decoded, reference))
             result["psnr_vs_vae"] = psnr(image, decoded)
             out[k] = (image, _shared(result, run, len(group)))
-    seconds = time.perf_counter() - started
-    for _, result in out:
-        result["seconds"] = seconds
-    return out
+    return _stamped(out, started)
 
 
 def _one_plan(plans: list[Plan], records: list[Record]) -> Plan:
@@ -443,10 +445,7 @@ def edit_records(model: Family, records: list[Record], targets: list[str], plans
             image = fits[k].undo(to_pil(model.decode(z[j : j + 1])))
             result = {"engine": plan.engine.name, "steps": plan.steps, **sizes(fits[k]), "defaults": plan.defaults}
             out[k] = (image, _shared(result, run, len(group)))
-    seconds = time.perf_counter() - started
-    for _, result in out:
-        result["seconds"] = seconds
-    return out
+    return _stamped(out, started)
 
 
 def check_record(model: Family, record: Record, plan: Plan) -> None:
@@ -706,7 +705,4 @@ def move_images(
             if len(group) > 1:
                 result["batched"] = len(group)
             out[k] = (fit.undo(to_pil(model.decode(x0[j : j + 1]))), result)
-    seconds = time.perf_counter() - started
-    for _, result in out:
-        result["seconds"] = seconds
-    return out
+    return _stamped(out, started)

@@ -315,21 +315,14 @@ class Chain(Controller):
         return out
 
 
-class PerImage(Controller):
+class PerImage(Chain):
     """One controller per image of a batch whose branch chunks hold their rows role by role (every
     image's first row, then every image's second, ...): each controller sees only its own image's
     rows, laid out as if it ran alone. For controllers whose state is one image's (a move's masks and
     attention history); controllers written for a batch axis do not need it."""
 
     def __init__(self, controllers: list[Controller]):
-        super().__init__()
-        self.controllers = controllers
-        self.feature_layers = tuple(dict.fromkeys(n for c in controllers for n in c.feature_layers))
-
-    def begin(self, step, branches):
-        super().begin(step, branches)
-        for c in self.controllers:
-            c.begin(step, branches)
+        super().__init__(*controllers)  # `begin`, `wants_maps` and the feature layers are a chain's
 
     def _rows(self, batch: int, image: int, device) -> torch.Tensor:
         images, chunk = len(self.controllers), batch // len(self.branches)
@@ -338,9 +331,6 @@ class PerImage(Controller):
 
     def _each(self, batch: int, device):
         return ((c, self._rows(batch, k, device)) for k, c in enumerate(self.controllers))
-
-    def wants_maps(self, call):
-        return any(c.wants_maps(call) for c in self.controllers)
 
     def qkv(self, call, q, k, v):
         q, k, v = q.clone(), k.clone(), v.clone()

@@ -72,7 +72,8 @@ def _sd_vae(latent_channels: int = 4, **extra):
 def full_size(family: str):
     """A diffusers pipeline of `family`'s full-size architecture (cut in depth as the module says), random
     weights."""
-    from diffusers import (
+    from lab.testing import (
+        SD_SCHEDULE,
         DDIMScheduler,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
@@ -83,8 +84,6 @@ def full_size(family: str):
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-
-    from lab.testing import SD_SCHEDULE
 
     torch.manual_seed(0)
     clip = clip_word_tokenizer(list(WORDS))
