@@ -7,7 +7,9 @@ belong to which branch (uncond / cond / perturbed / source / target ...):
 - `qkv(call, q, k, v)`: replace queries, keys or values (key/value injection, mutual self-attention);
 - `maps(call, probs)`: read or edit the attention maps (prompt-to-prompt, recording, joint-PAG);
   maps are only materialised when some controller asks for them on that call;
-- `bias(call, q, k)`: an additive mask on the attention logits (PixelMan's leak-proof self-attention);
+- `blocks(call, q, k)`: keys some queries of some rows may not see (PixelMan's leak-proof
+  self-attention), as masks over queries and keys: no [queries, keys] matrix is ever made, the
+  blocked queries are attended again over the keys they may see;
 - `out(call, out, q, k, v)`: replace the attention output before the output projection (PAG).
 
 A controller may also name other modules in `feature_layers` (e.g. a ResNet block of the UNet's
@@ -34,6 +36,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from diffedit.errors import UsageError
+
+Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (batch row indices, query mask [L], key mask [S])
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,10 @@ class Controller:
     def maps(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor:
         return probs
 
-    def bias(self, call: AttnCall, q, k) -> torch.Tensor | None:
-        """Added to the logits `q k^T / sqrt(d)` (broadcast to [batch, heads, queries, keys]); None: nothing."""
-        return None
+    def blocks(self, call: AttnCall, q, k) -> list[Block]:
+        """(rows, queries, keys): those rows' queries in the `queries` mask do not see the keys in the
+        `keys` mask (as if their logits were -inf); a query whose every key is blocked sees them all."""
+        return []
 
     def out(self, call: AttnCall, out, q, k, v):
         return out
@@ -95,14 +100,25 @@ def attention_maps(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None =
 
 def _attend(controller: Controller, call: AttnCall, q, k, v, mask=None):
     q, k, v = controller.qkv(call, q, k, v)
-    bias = controller.bias(call, q, k)
-    if bias is not None:
-        mask = bias.to(q.dtype) if mask is None else mask + bias.to(mask.dtype)
-    if controller.wants_maps(call):
-        probs = controller.maps(call, attention_maps(q, k, mask))
+    blocks = [b for b in controller.blocks(call, q, k) if not b[2].all()]
+    if controller.wants_maps(call):  # the maps are materialised anyway: block on them
+        logits_mask = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], device=q.device) if blocks else None
+        for rows, queries, keys in blocks:
+            logits_mask[rows, 0] += torch.where(queries[:, None] & keys[None, :], -math.inf, 0.0)
+        if mask is not None:
+            logits_mask = mask.float() if logits_mask is None else logits_mask + mask.float()
+        probs = controller.maps(call, attention_maps(q, k, logits_mask))
         out = (probs @ v.float()).to(q.dtype)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        for rows, queries, keys in blocks:  # the blocked queries again, over the keys they may see
+            seen = ~keys
+            sub = None if mask is None else mask.expand(*q.shape[:3], k.shape[2])[rows][:, :, queries][..., seen]
+            part = F.scaled_dot_product_attention(q[rows][:, :, queries], k[rows][:, :, seen], v[rows][:, :, seen],
+                                                  attn_mask=sub)
+            rows_out = out[rows]
+            rows_out[:, :, queries] = part
+            out[rows] = rows_out
     return controller.out(call, out, q, k, v)
 
 
@@ -299,9 +315,8 @@ class Chain(Controller):
                 probs = c.maps(call, probs)
         return probs
 
-    def bias(self, call, q, k):
-        biases = [b for b in (c.bias(call, q, k) for c in self.controllers) if b is not None]
-        return sum(biases[1:], biases[0]) if biases else None
+    def blocks(self, call, q, k):
+        return [b for c in self.controllers for b in c.blocks(call, q, k)]
 
     def out(self, call, out, q, k, v):
         for c in self.controllers:
@@ -344,15 +359,9 @@ class PerImage(Chain):
                 probs[rows] = c.maps(call, probs[rows])
         return probs
 
-    def bias(self, call, q, k):
-        full = None
-        for c, rows in self._each(q.shape[0], q.device):
-            bias = c.bias(call, q[rows], k[rows])
-            if bias is not None:
-                if full is None:
-                    full = torch.zeros(q.shape[0], *bias.shape[1:], device=q.device, dtype=bias.dtype)
-                full[rows] = bias
-        return full
+    def blocks(self, call, q, k):
+        return [(rows[own], queries, keys) for c, rows in self._each(q.shape[0], q.device)
+                for own, queries, keys in c.blocks(call, q[rows], k[rows])]
 
     def out(self, call, out, q, k, v):
         out = out.clone()

@@ -38,7 +38,7 @@ from diffedit.engines import draw
 from diffedit.errors import DiffeditError, UsageError
 
 SOURCE, ANCHOR, TARGET = 0, 1, 2  # roles of the rows of each branch chunk (one row per move in a batch)
-BLOCKED = -1.0e4  # the reference's additive mask value (finite: a query with every key blocked stays finite)
+BLOCKED = -1.0e4  # the reference's additive mask value, on the m_sim logits (finite: a query with every key blocked stays finite)
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,12 @@ class PixelManControl(Controller):
         self._sim: dict[int, tuple] = {}  # per grid size: (sum of maps, layers) during a step
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._on_grid: dict[tuple[str, int], torch.Tensor] = {}  # ipt/gen masks per layer grid, fixed for a move
-        self._biases: dict[tuple, torch.Tensor | None] = {}
         self._finest = 0  # token count of the finest up-block self-attention seen
         self.leak_proof = bool(masks.ipt.any())
 
     def begin(self, step, branches):
         super().begin(step, branches)
-        self._cache, self._biases = {}, {}  # the blocked keys change with m_sim, once per step
+        self._cache = {}  # the blocked keys change with m_sim, once per step
 
     def _grid(self, tokens: int) -> tuple[int, int]:
         h, w = self.latent_hw
@@ -198,21 +197,14 @@ class PixelManControl(Controller):
             k[rows.start + TARGET], v[rows.start + TARGET] = k[rows.start + SOURCE], v[rows.start + SOURCE]
         return q, k, v
 
-    def bias(self, call, q, k):
+    def blocks(self, call, q, k):
         if not self._self(call) or not self.leak_proof:
-            return None
-        key = (q.shape[0], q.shape[2], k.shape[2], call.branches)
-        if key not in self._biases:  # one per layer shape and step
-            blocked = self._blocked(q.shape[2], q.device)
-            bias = None
-            if blocked is not None:
-                queries, keys = blocked
-                bias = torch.zeros(q.shape[0], 1, q.shape[2], k.shape[2], device=q.device, dtype=q.dtype)
-                rule = torch.where(queries[:, None] & keys[None, :], BLOCKED, 0.0)
-                for branch in call.branches:
-                    bias[call.rows(q.shape[0], branch).start + TARGET, 0] = rule
-            self._biases[key] = bias
-        return self._biases[key]
+            return []
+        blocked = self._blocked(q.shape[2], q.device)
+        if blocked is None:
+            return []
+        rows = torch.tensor([call.rows(q.shape[0], branch).start + TARGET for branch in call.branches], device=q.device)
+        return [(rows, *blocked)]
 
     def out(self, call, out, q, k, v):
         # m_sim: where the object's queries attend in the target's conditional self-attention of the
@@ -226,9 +218,10 @@ class PixelManControl(Controller):
         row = call.rows(q.shape[0], "cond").start + TARGET
         gen = self._mask("gen", tokens, q.device)
         logits = (q[row][:, gen].float() @ k[row].float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        bias = self.bias(call, q, k)
-        if bias is not None:
-            logits = logits + bias[row, 0][gen].float()
+        blocked = self._blocked(tokens, q.device) if self.leak_proof else None
+        if blocked is not None:
+            queries, keys = blocked
+            logits = logits + BLOCKED * (queries[gen][:, None] & keys[None, :])
         total, layers = self._sim.get(tokens, (0.0, 0))
         self._sim[tokens] = (total + logits.softmax(-1).mean(dim=(0, 1)), layers + 1)
         return out

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from diffedit.editing.attention import AttnCall, _attend
@@ -95,15 +96,17 @@ def test_leak_proof_attention_and_key_value_injection():
     control = PixelManControl(masks, (4, 4))  # one attention cell per 8x8 pixels
     q, k, v = (torch.randn(6, 2, 16, 4) for _ in range(3))  # uncond + cond chunks of [source, anchor, target]
     branches = ("uncond", "cond")
-    bias = control.bias(_call("down_blocks.0.attentions.0.transformer_blocks.0.attn1", branches), q, k)
+    call = _call("down_blocks.0.attentions.0.transformer_blocks.0.attn1", branches)
+    [(rows, queries, keys)] = control.blocks(call, q, k)
     ipt = [5]  # cell (1, 1): pixels 8..16 of the source, which the object leaves
     gen = [10]  # cell (2, 2): pixels 16..24, where it goes
-    for row in range(6):
-        expected = torch.zeros(16, 16)
-        if row % 3 == TARGET:
-            expected[5, 10] = BLOCKED
-        assert torch.equal(bias[row, 0], expected), row
-    call = _call("down_blocks.0.attentions.0.transformer_blocks.0.attn1", branches)
+    assert rows.tolist() == [TARGET, 3 + TARGET]
+    assert queries.nonzero().flatten().tolist() == ipt and keys.nonzero().flatten().tolist() == gen
+    # the same as the reference's dense additive mask on the target rows' logits
+    dense = torch.zeros(6, 1, 16, 16)
+    dense[rows, 0, 5, 10] = BLOCKED
+    assert torch.allclose(_attend(control, call, q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
+                          atol=1e-6)
     v2 = v.clone()
     v2[:, :, gen] += 100.0  # what the blocked key holds cannot reach the vacated queries of the target
     out1, out2 = _attend(control, call, q, k, v), _attend(control, call, q, k, v2)
