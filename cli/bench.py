@@ -335,6 +335,7 @@ def scale(
     jobs: Annotated[str | None, typer.Option(help="Comma-separated jobs (default: every engine and diffusers' references).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     repeats: Annotated[int, typer.Option(min=1, help="Rounds over all jobs, interleaved (medians).")] = 1,
+    size: Annotated[int | None, typer.Option(min=64, help="Image side in pixels (default the family's; sd1 at 1024: 16384 attention tokens).")] = None,
     save: SaveOpt = None,
     json: JsonOpt = False,
 ):
@@ -346,7 +347,7 @@ def scale(
     from lab.benchmarks import scale as bench
 
     with stderr.status("measuring"):
-        rows = bench.run(family, tuple(jobs.split(",")) if jobs else None, device, repeats)
+        rows = bench.run(family, tuple(jobs.split(",")) if jobs else None, device, repeats, size)
     _report(rows, bench.markdown(rows), save, json)
 
 

@@ -102,29 +102,34 @@ class PromptToPrompt(Controller):
     def _self_active(self, call: AttnCall) -> bool:
         return call.step < round(self.config.self_ * self.steps) and call.image_tokens <= self.config.self_max_tokens
 
+    def qkv(self, call, q, k, v):
+        # self-attention replacement: the target's maps are the source's, softmax(q_s k_s^T) v_t, taken
+        # by attending with the source's queries and keys, so no [queries, keys] map is materialised
+        if call.cross or call.joint or "cond" not in call.branches or not self._self_active(call):
+            return q, k, v
+        rows, images = call.rows(q.shape[0], "cond"), len(self.mapper)
+        source, target = slice(rows.start, rows.start + images), slice(rows.start + images, rows.start + 2 * images)
+        q, k = q.clone(), k.clone()
+        q[target], k[target] = q[source], k[source]
+        return q, k, v
+
     def wants_maps(self, call):
-        if "cond" not in call.branches or call.joint:
-            return False
-        if call.cross:
-            return self._cross_active(call.step) or self.blend is not None or self.store
-        return self._self_active(call)
+        return "cond" in call.branches and call.cross and not call.joint and (
+            self._cross_active(call.step) or self.blend is not None or self.store)
 
     def maps(self, call, probs):
         chunk = probs[call.rows(probs.shape[0], "cond")]  # [sources + targets, heads, queries, keys], a view
         images = len(self.mapper)
         source, target = chunk[:images], chunk[images:]
-        if call.cross:
-            if self.blend is not None or self.store:
-                self._record(call, chunk)
-            if self._cross_active(call.step):
-                for k in range(images):  # each pair its own alignment (a loop over rows, not forwards)
-                    mapper, alphas = self.mapper[k].to(probs.device), self.alphas[k].to(probs.device, probs.dtype)
-                    edited = source[k][..., mapper] * alphas + target[k] * (1 - alphas)
-                    if self.equalizer is not None:
-                        edited = edited * self.equalizer[k].to(probs.device, probs.dtype)
-                    target[k].copy_(edited)
-        elif self._self_active(call):
-            target.copy_(source)
+        if self.blend is not None or self.store:
+            self._record(call, chunk)
+        if self._cross_active(call.step):
+            for k in range(images):  # each pair its own alignment (a loop over rows, not forwards)
+                mapper, alphas = self.mapper[k].to(probs.device), self.alphas[k].to(probs.device, probs.dtype)
+                edited = source[k][..., mapper] * alphas + target[k] * (1 - alphas)
+                if self.equalizer is not None:
+                    edited = edited * self.equalizer[k].to(probs.device, probs.dtype)
+                target[k].copy_(edited)
         return probs
 
     def _record(self, call: AttnCall, chunk: torch.Tensor) -> None:

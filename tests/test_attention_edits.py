@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from diffedit.denoiser import prompt_denoiser
-from diffedit.editing.p2p import LocalBlend, align
+from diffedit.editing.attention import AttnCall, _attend, attention_maps
+from diffedit.editing.p2p import LocalBlend, P2PConfig, PromptToPrompt, align
 from diffedit.errors import UsageError
 from diffedit.guidance.cfg import CFG
 from diffedit.jobs import edit_record, invert_image
@@ -28,6 +30,32 @@ def test_alignment_word_swap_and_refine(tiny):
     assert mapper[1] == 1 and alphas[2] == 0 and mapper[3] == 2 and mapper[4] == 3 and mapper[5] == 4
     with pytest.raises(UsageError, match="equal token counts"):
         align(tok, "a red square", "a big red square", "replace", 77)
+
+
+def test_self_attention_replacement_takes_the_source_maps_over_the_targets_values():
+    """In active steps and layers of at most `self_max_tokens` queries, each image's conditional target
+    row attends with its source's maps over its own values; unconditional rows and later steps, larger
+    layers keep their own."""
+    images, tokens = 2, 16
+    control = PromptToPrompt(P2PConfig(self_=0.5, self_max_tokens=tokens), 10, (4, 4), torch.stack([torch.arange(5)] * 2),
+                             torch.ones(images, 5))
+    q, k, v = (torch.randn(2 * 2 * images, 2, tokens, 8) for _ in range(3))  # uncond, cond: [sources, targets]
+    own = F.scaled_dot_product_attention(q, k, v)
+
+    def attend(step, image_tokens=tokens):
+        control.begin(step, ("uncond", "cond"))
+        call = AttnCall("down_blocks.0.attentions.0.transformer_blocks.0.attn1", False, image_tokens, False, step,
+                        ("uncond", "cond"))
+        return _attend(control, call, q, k, v)
+
+    out = attend(step=4)
+    for image in range(images):
+        source, target = 2 * images + image, 3 * images + image
+        assert torch.allclose(out[target], attention_maps(q[source], k[source]) @ v[target], atol=1e-5)
+        assert torch.allclose(out[source], own[source], atol=1e-6)
+    assert torch.allclose(out[: 2 * images], own[: 2 * images], atol=1e-6)  # the unconditional chunk
+    assert torch.allclose(attend(step=5), own, atol=1e-6)  # past the self_ fraction of 10 steps
+    assert torch.allclose(attend(step=0, image_tokens=4 * tokens), own, atol=1e-6)  # a larger layer
 
 
 def test_local_blend_keeps_the_source_outside_the_mask():

@@ -161,8 +161,9 @@ def _image(size: int):
     return Image.fromarray(a)
 
 
-def run_job(family: str, job: str, device: str = "auto") -> dict:
-    """One job on a fresh full-size model (call in a fresh process for its peak memory)."""
+def run_job(family: str, job: str, device: str = "auto", size: int | None = None) -> dict:
+    """One job on a fresh full-size model at `size`² (default the family's; call in a fresh process for its
+    peak memory)."""
     import time
 
     # every job's imports before the model: peaks then compare the jobs, not what each imported
@@ -172,7 +173,7 @@ def run_job(family: str, job: str, device: str = "auto") -> dict:
     import diffedit.jobs  # noqa: F401
 
     pipe, model, dev = _model(family, device)
-    size, steps = FAMILY_SIZE[family], STEPS.get(job, DEFAULT_STEPS)
+    size, steps = size or FAMILY_SIZE[family], STEPS.get(job, DEFAULT_STEPS)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     resident = _peak_mib(dev) if dev.type == "cuda" else _rss_now_mib()
@@ -297,7 +298,7 @@ _JOBS = {"generate": _generate, "pag": _generate, "diffusers-generate": _diffuse
          "move": _move}
 
 
-def run_costs(family: str, rows: list[int], device: str = "auto") -> dict:
+def run_costs(family: str, rows: list[int], device: str = "auto", size: int | None = None) -> dict:
     """The bare network forward at each batch size and the VAE's encode and decode, once each (on a
     CPU a full-size forward takes tens of seconds; the jobs ran each once too)."""
     import time
@@ -305,7 +306,7 @@ def run_costs(family: str, rows: list[int], device: str = "auto") -> dict:
     from diffedit.images import to_tensor
 
     pipe, model, dev = _model(family, device)
-    size = FAMILY_SIZE[family]
+    size = size or FAMILY_SIZE[family]
 
     def timed(fn) -> float:
         if dev.type == "cuda":
@@ -339,9 +340,11 @@ def _in_process(function: str, *args) -> dict:
     return json.loads(done.stdout.decode().splitlines()[-1])
 
 
-def run(family: str = "sd1", jobs: tuple[str, ...] | None = None, device: str = "auto", repeats: int = 1) -> list[dict]:
-    """Every job of `family` in its own process (`repeats` rounds over all jobs, interleaved; medians of
-    seconds and peak), then the forward and VAE costs; rows with the ratios."""
+def run(family: str = "sd1", jobs: tuple[str, ...] | None = None, device: str = "auto", repeats: int = 1,
+        size: int | None = None) -> list[dict]:
+    """Every job of `family` at `size`² (default the family's) in its own process (`repeats` rounds over
+    all jobs, interleaved; medians of seconds and peak), then the forward and VAE costs; rows with the
+    ratios."""
     import statistics
 
     jobs = jobs or (UNET_JOBS if family in ("sd1", "sdxl") else FLOW_JOBS)
@@ -352,20 +355,20 @@ def run(family: str = "sd1", jobs: tuple[str, ...] | None = None, device: str = 
     for _ in range(repeats):
         for job in jobs:  # a job that fails (out of memory, say) is reported; the others go on
             try:
-                runs[job].append(_in_process("run_job", family, job, device))
+                runs[job].append(_in_process("run_job", family, job, device, size))
             except RuntimeError as err:
                 errors[job] = str(err)[-300:]
     done, failed = [], []
     for job, rows in runs.items():
         if job in errors or not rows:
-            failed.append({"family": family, "size": FAMILY_SIZE[family], "job": job, "error": errors.get(job, "")})
+            failed.append({"family": family, "size": size or FAMILY_SIZE[family], "job": job, "error": errors.get(job, "")})
             continue
         row = dict(rows[0])
         for key in ("seconds", "peak_mib"):
             row[key] = round(statistics.median(r[key] for r in rows), 3)
         row["runs"] = len(rows)
         done.append(row)
-    costs = _in_process("run_costs", family, sorted({int(r) for d in done for r in d["forwards"]}), device)
+    costs = _in_process("run_costs", family, sorted({int(r) for d in done for r in d["forwards"]}), device, size)
     by_job = {d["job"]: d for d in done}
     generate = by_job.get("generate")
     for d in done:
@@ -377,7 +380,7 @@ def run(family: str = "sd1", jobs: tuple[str, ...] | None = None, device: str = 
         if ours is not None:  # a diffusers row: ours ÷ theirs
             d["ours_over_diffusers_time"] = round(ours["seconds"] / d["seconds"], 3)
             d["ours_over_diffusers_memory"] = round(ours["peak_mib"] / d["peak_mib"], 3)
-    return done + failed + [{"family": family, "size": FAMILY_SIZE[family], "job": "costs", **costs}]
+    return done + failed + [{"family": family, "size": size or FAMILY_SIZE[family], "job": "costs", **costs}]
 
 
 _OURS = {"diffusers-generate": "generate", "diffusers-ddim": "ddim", "diffusers-ledits": "ddpm-ef-regenerate",
