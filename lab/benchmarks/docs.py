@@ -65,14 +65,24 @@ steps, CFG 1 / 2 and value sharing). NFE counts the inversion and the edit toget
 UNet, a CLIP ViT-L-sized text encoder, SD's VAE; built in code, nothing downloaded) at 512², one step
 per job (BDIA 3, PixelMan 2 with its energy guidance), each job in a fresh process on this 2-core CPU:
 its network forwards by batch rows, seconds, seconds ÷ the same forwards and VAE calls timed alone,
-peak RSS, and ours ÷ diffusers' where diffusers runs the same job on the same weights (its
-StableDiffusionPipeline; DDIM inversion with its DDIMInverseScheduler; LEDITS++ inverting at CFG 3.5
-and regenerating without an editing concept, against `ddpm-ef-regenerate`, our edit-friendly DDPM on
-the same job; its PAG pipeline).""", ["scale-sd1"]),
+and peak RSS against `generate`'s. The model is fingerprinted as one loaded from files would be (from
+the files, in milliseconds), not by hashing its weights in memory.""", ["scale-sd1"]),
     ("Costs at full size: ours against diffusers, repeated", """
-The jobs diffusers also runs, from the table above, three rounds interleaved, medians (`diffedit bench
-scale --repeats 3`): single runs of these 25-50 s jobs vary by up to ±15 % on this machine.""",
+The jobs diffusers also runs, on the same weights: its StableDiffusionPipeline; DDIM inversion with its
+DDIMInverseScheduler, then its pipeline; LEDITS++ inverting at CFG 3.5 and regenerating without an
+editing concept, against `ddpm-ef-regenerate`, our edit-friendly DDPM on the same job; its PAG
+pipeline. Three rounds interleaved, medians (`diffedit bench scale --repeats 3`): single runs of these
+25-50 s jobs vary by up to ±15 % on this machine.""",
      ["scale-sd1-vs-diffusers"]),
+    ("Costs at full size: 16384 attention tokens", """
+`diffedit bench scale --family sd1 --size 1024`: the same model at 1024², where its finest attention
+layers hold 16384 tokens (4096 at 512²), for the engines that keep attention state: prompt-to-prompt
+(`direct`, `ddim-p2p`), unified attention control (`infedit`) and PixelMan (`move`), against
+`generate`. Maps are built only for cross-attention (77 keys) and PixelMan blocks keys without a
+[rows, queries, keys] mask, so no engine holds a tensor of queries × keys: prompt-to-prompt and InfEdit
+peak within 1.03× of `generate`, PixelMan at 1.14× (the activations its energy guidance keeps for a
+backward pass).""",
+     ["scale-sd1-1024"]),
     ("Micro-batching: inversions and edits", """
 `diffedit bench batch`: per engine, 8 inversions and 8 edits of ShapesBench scenes with `--batch-size
 4` against one by one on the toy model, side by side (docs/testing-and-benchmarks.md discusses the
