@@ -87,6 +87,13 @@ backward pass).""",
 `diffedit bench batch`: per engine, 8 inversions and 8 edits of ShapesBench scenes with `--batch-size
 4` against one by one on the toy model, side by side (docs/testing-and-benchmarks.md discusses the
 numbers).""", ["batch"]),
+    ("Prompt-to-prompt's self-attention without maps", """
+`direct` and `ddim-p2p` edits (mid-size SD1 at 256², 20 steps, CFG 7.5: 20 forwards of 4 rows) on
+the commit before prompt-to-prompt's self-attention replacement went through queries and keys
+(26fcdf9: float32 maps of every row built in each replaced layer) and after it, alternating the two
+checkouts twice, one process each on one thread timed in CPU time (scripts and raw runs:
+`benchmarks/results/p2p-self-attention/`). The edits lose their 2x overhead; the tables below this one
+were measured before the change.""", ["p2p-self-attention"]),
     ("Engines: time against their network forwards", """
 `diffedit bench engines`: each engine's invert and edit time divided by the time of the forwards it
 makes (1.0 = no overhead), and edit-friendly DDPM against diffusers' LEDITS++.""", ["engines"]),
