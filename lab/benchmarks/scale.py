@@ -347,6 +347,7 @@ def run(family: str = "sd1", jobs: tuple[str, ...] | None = None, device: str = 
     ratios."""
     import statistics
 
+    size = size or FAMILY_SIZE[family]
     jobs = jobs or (UNET_JOBS if family in ("sd1", "sdxl") else FLOW_JOBS)
     if family != "sd1":  # diffusers' PAG pipeline, LEDITS++ and move here are SD1's
         jobs = tuple(j for j in jobs if j not in ("diffusers-pag", "diffusers-ledits", "diffusers-ddim"))
@@ -361,7 +362,7 @@ def run(family: str = "sd1", jobs: tuple[str, ...] | None = None, device: str = 
     done, failed = [], []
     for job, rows in runs.items():
         if job in errors or not rows:
-            failed.append({"family": family, "size": size or FAMILY_SIZE[family], "job": job, "error": errors.get(job, "")})
+            failed.append({"family": family, "size": size, "job": job, "error": errors.get(job, "")})
             continue
         row = dict(rows[0])
         for key in ("seconds", "peak_mib"):
@@ -380,7 +381,7 @@ def run(family: str = "sd1", jobs: tuple[str, ...] | None = None, device: str = 
         if ours is not None:  # a diffusers row: ours ÷ theirs
             d["ours_over_diffusers_time"] = round(ours["seconds"] / d["seconds"], 3)
             d["ours_over_diffusers_memory"] = round(ours["peak_mib"] / d["peak_mib"], 3)
-    return done + failed + [{"family": family, "size": size or FAMILY_SIZE[family], "job": "costs", **costs}]
+    return done + failed + [{"family": family, "size": size, "job": "costs", **costs}]
 
 
 _OURS = {"diffusers-generate": "generate", "diffusers-ddim": "ddim", "diffusers-ledits": "ddpm-ef-regenerate",
