@@ -98,11 +98,13 @@ were measured before the change.""", ["p2p-self-attention"]),
 `diffedit bench engines`: each engine's invert and edit time divided by the time of the forwards it
 makes (1.0 = no overhead), and edit-friendly DDPM against diffusers' LEDITS++.""", ["engines"]),
     ("Flow engines: time against their network forwards", """
-`diffedit bench engines --flow-only --cpu-time`: the flow engines on a mid-size SD3-shaped model (6 joint
-blocks 256 wide, 64² images, 20 steps), each timed in CPU time on one thread because other jobs shared
-the machine. `ddim` here is Euler; RF-Solver's edit counts its paired source row's forwards (batch 4)
-during the shared steps. Runs of the same loop vary by about ±10 % this way (`ddim`'s invert and edit
-land at 0.90 and 1.08), so rows within that band cost nothing beyond their network calls.""", ["engines-flow"]),
+`diffedit bench engines --flow-only --cpu-time --repeats 5`: the flow engines on a mid-size SD3-shaped
+model (6 joint blocks 256 wide, 64² images, 20 steps), each timed in CPU time on one thread, medians of
+five. `ddim` here is Euler; RF-Solver's edit counts its paired source row's forwards (batch 4) during
+the shared steps. A job's time includes encoding its prompts (two CLIPs and T5), which the forwards do
+not: profiled, FireFlow's inversion spends 1.632 of its 1.671 s inside the transformer's 21 forwards
+(the loop around them: 2.3 %). Single runs of the same loop vary by about ±10 % (an earlier run put
+Euler's invert and edit at 0.90 and 1.08).""", ["engines-flow"]),
     ("Before and after the architecture step", """
 The ratios of `bench overhead` and `bench engines` (mid-size SD1 at 256², 20 steps) measured on the
 commit before the plan/layers rework (598a3bb) and after it, alternating the two checkouts three times
