@@ -101,10 +101,11 @@ makes (1.0 = no overhead), and edit-friendly DDPM against diffusers' LEDITS++.""
 `diffedit bench engines --flow-only --cpu-time --repeats 5`: the flow engines on a mid-size SD3-shaped
 model (6 joint blocks 256 wide, 64² images, 20 steps), each timed in CPU time on one thread, medians of
 five. `ddim` here is Euler; RF-Solver's edit counts its paired source row's forwards (batch 4) during
-the shared steps. A job's time includes encoding its prompts (two CLIPs and T5), which the forwards do
-not: profiled, FireFlow's inversion spends 1.632 of its 1.671 s inside the transformer's 21 forwards
-(the loop around them: 2.3 %). Single runs of the same loop vary by about ±10 % (an earlier run put
-Euler's invert and edit at 0.90 and 1.08).""", ["engines-flow"]),
+the shared steps. Profiled, FireFlow's inversion spends 1.632 of its 1.671 s inside the transformer's
+21 forwards (everything else, prompts and VAE included: 2.3 %); its ratio of 1.068 comes from those
+forwards running at 78 ms each in the loop against 73 ms for the bare forward timed alone, as Euler's
+1.039 does. Single runs of the same loop vary by about ±10 % (an earlier run put Euler's invert and
+edit at 0.90 and 1.08).""", ["engines-flow"]),
     ("Before and after the architecture step", """
 The ratios of `bench overhead` and `bench engines` (mid-size SD1 at 256², 20 steps) measured on the
 commit before the plan/layers rework (598a3bb) and after it, alternating the two checkouts three times
