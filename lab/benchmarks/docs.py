@@ -102,9 +102,9 @@ makes (1.0 = no overhead), and edit-friendly DDPM against diffusers' LEDITS++.""
 model (6 joint blocks 256 wide, 64² images, 20 steps), each timed in CPU time on one thread, medians of
 five. `ddim` here is Euler; RF-Solver's edit counts its paired source row's forwards (batch 4) during
 the shared steps. Profiled, FireFlow's inversion spends 1.632 of its 1.671 s inside the transformer's
-21 forwards (everything else, prompts and VAE included: 2.3 %); its ratio of 1.068 comes from those
-forwards running at 78 ms each in the loop against 73 ms for the bare forward timed alone, as Euler's
-1.039 does. Single runs of the same loop vary by about ±10 % (an earlier run put Euler's invert and
+21 forwards (everything else, prompts and VAE included: 2.3 %); those forwards took 78 ms each under
+the profiler against 73 ms for the bare forward timed alone, so the ratios above 1.03 here (Euler's
+1.039 too) are the forwards' own spread, not the solvers' arithmetic. Single runs of the same loop vary by about ±10 % (an earlier run put Euler's invert and
 edit at 0.90 and 1.08).""", ["engines-flow"]),
     ("Before and after the architecture step", """
 The ratios of `bench overhead` and `bench engines` (mid-size SD1 at 256², 20 steps) measured on the
