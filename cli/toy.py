@@ -177,7 +177,8 @@ def layout(
     json: JsonOpt = False,
 ):
     """The layout-in-attention diagnostic: ShapesBench recolour edits with every attention map of the
-    target taken from the (exactly inverted) source; % of tasks whose objects all stay within 2 px.
+    target taken from the (exactly inverted) source; % of tasks whose objects all stay within 2 px,
+    of the source and of a no-edit control regenerated the same way with the source's own prompt.
 
     Example: diffedit toy layout -m samples/toy-sd --limit 10
     """

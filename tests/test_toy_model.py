@@ -168,10 +168,13 @@ def test_layout_follows_the_attention_maps(toy):
     """The layout-in-attention diagnostic (`diffedit toy layout`) on the first recolour tasks: with
     every attention map of the target taken from the source, the objects stay where they were. The
     toy model v1 kept 5 % of the tasks within 2 px (median shift 7.8 px); v2's numbers on all 40
-    tasks are in samples/toy-sd/README.md."""
+    tasks, at CFG 1, 3 and 7.5, are in samples/toy-sd/README.md."""
     from lab.toy.bench import load_tasks
     from lab.toy.quality import layout_in_attention
 
     tasks = [t for t in load_tasks() if t["kind"] == "recolour"][:6]
     result = layout_in_attention(toy, tasks, steps=50)
     assert result["kept_pct"] >= 4 / 6 * 100 and result["median_shift_px"] <= 2.0, result
+    # the no-edit control, regenerated beside the edit, tells the word's moves from the regeneration's
+    assert result["kept_vs_control_pct"] >= 4 / 6 * 100, result
+    assert len(result["control_shifts_px"]) == len(result["shifts_vs_control_px"]) == 6
