@@ -276,6 +276,7 @@ def batch(
     n: Annotated[int, typer.Option(min=2, help="Number of jobs (half generate, half edit).")] = 8,
     steps: Annotated[int, typer.Option(min=1)] = 50,
     engines: Annotated[str, typer.Option(help="Engines whose inversions and edits are micro-batched ('' for none).")] = "ddim,ddpm-ef,bdia,direct,infedit",
+    repeats: Annotated[int, typer.Option(min=1, help="Paired runs of each engine's batch (median taken).")] = 3,
     save: SaveOpt = None,
     json: JsonOpt = False,
 ):
@@ -288,7 +289,7 @@ def batch(
 
     with stderr.status("measuring"):
         row = bench.run(n=n, steps=steps)
-        edits = bench.edit_micro_batching([e for e in engines.split(",") if e], n=n) if engines else []
+        edits = bench.edit_micro_batching([e for e in engines.split(",") if e], n=n, repeats=repeats) if engines else []
     table = bench.markdown(row) + ("\n\n" + bench.edits_markdown(edits) if edits else "")
     _report([row, *edits], table, save, json)
 

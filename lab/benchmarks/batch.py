@@ -15,7 +15,9 @@ far the outputs of the two runs differ.
 
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,11 +103,12 @@ def micro_batching(folder: Path, n: int, steps: int, size: int = 4) -> dict:
 EDIT_ENGINES = ("ddim", "ddpm-ef", "bdia", "direct", "infedit")
 
 
-def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4) -> list[dict]:
+def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4, repeats: int = 3) -> list[dict]:
     """Per engine: N inversions and N edits (ShapesBench recolour tasks, each job its own seed) with
-    `--batch-size 1` and `size`, at the engine's defaults. Times are the jobs' own seconds (a warm-up job
-    loads the model first); outputs of the two runs are compared: records by their largest difference
-    relative to the tensor's largest value, images in levels."""
+    `--batch-size 1` and `size`, at the engine's defaults, the two runs alternated `repeats` times (this
+    machine's speed drifts by more than 10 % over minutes; medians of paired runs do not). Times are the
+    jobs' own seconds (a warm-up job loads the model first); outputs of the two runs are compared:
+    records by their largest difference relative to the tensor's largest value, images in levels."""
     import numpy as np
     from PIL import Image
     from safetensors.torch import load_file
@@ -127,18 +130,22 @@ def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4) -> list
                       "target": t["target_prompt"], "engine": engine, "seed": k} for k, t in enumerate(tasks)]
             manifest = folder / f"{engine}.jsonl"
             manifest.write_text("".join(json.dumps(j) + "\n" for j in todo))
-            seconds, outputs, network = {}, {}, {}
-            for bs in (1, size):
-                out = folder / f"{engine}-{bs}"
+            runs, outputs, network = {1: [], size: []}, {}, {}
+            for rep, bs in itertools.product(range(repeats), (1, size)):
+                out = folder / f"{engine}-{bs}-{rep}"
                 _diffedit(["batch", str(manifest), "--out-dir", str(out), "--batch-size", str(bs), "-q"])
                 done = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
                 if any(r["status"] != "ok" for r in done):
                     raise RuntimeError(f"{engine}: {[r['error'] for r in done if r['status'] != 'ok']}")
-                seconds[bs] = {kind: sum(r["seconds"] for r in done if r["id"].startswith(kind)) for kind in ("inv", "edit")}
+                runs[bs].append({kind: sum(r["seconds"] for r in done if r["id"].startswith(kind)) for kind in ("inv", "edit")})
+                if rep:
+                    continue
                 # the bare network's share: each group's forwards once (its rows report the group's)
                 network[bs] = sum(sum(calls * forward(int(rows)) for rows, calls in r["metrics"]["forwards"].items())
                                   / r["metrics"].get("batched", 1) for r in done if r["id"].startswith("edit"))
                 outputs[bs] = {r["id"]: out / r["outputs"][0] for r in done if r["id"] != "warm-up"}
+            seconds = {bs: {kind: statistics.median(r[kind] for r in paired) for kind in ("inv", "edit")}
+                       for bs, paired in runs.items()}
             record_diff, level_diff = 0.0, 0
             for job, one in outputs[1].items():
                 many = outputs[size][job]
@@ -149,7 +156,7 @@ def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4) -> list
                 else:
                     with Image.open(one) as x, Image.open(many) as y:
                         level_diff = max(level_diff, int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()))
-            rows.append({"engine": engine, "jobs": n, "batch_size": size,
+            rows.append({"engine": engine, "jobs": n, "batch_size": size, "repeats": repeats,
                          "invert_1_s": round(seconds[1]["inv"], 2), f"invert_{size}_s": round(seconds[size]["inv"], 2),
                          "edit_1_s": round(seconds[1]["edit"], 2), f"edit_{size}_s": round(seconds[size]["edit"], 2),
                          "invert_ratio": round(seconds[size]["inv"] / seconds[1]["inv"], 3),
