@@ -106,7 +106,7 @@ EDIT_ENGINES = ("ddim", "ddpm-ef", "bdia", "direct", "infedit")
 def edit_micro_batching(engines=EDIT_ENGINES, n: int = 8, size: int = 4, repeats: int = 3) -> list[dict]:
     """Per engine: N inversions and N edits (ShapesBench recolour tasks, each job its own seed) with
     `--batch-size 1` and `size`, at the engine's defaults, the two runs alternated `repeats` times (this
-    machine's speed drifts by more than 10 % over minutes; medians of paired runs do not). Times are the
+    machine's speed drifts by more than 10 % over minutes; medians of alternated runs drift less). Times are the
     jobs' own seconds (a warm-up job loads the model first); outputs of the two runs are compared:
     records by their largest difference relative to the tensor's largest value, images in levels."""
     import numpy as np
