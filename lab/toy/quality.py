@@ -196,11 +196,11 @@ def layout_in_attention(model: Family, tasks: list[dict], steps: int = 50, guida
     (the asked colour, every object in place within 4 px)."""
     from lab.toy.bench import judge, source_scene
 
-    def nearest(found, point):
-        return min(found, key=lambda d: math.dist(d.centroid, point), default=None)
+    def nearest(found, point):  # the centre of the detection closest to point; None if nothing was found
+        return min((d.centroid for d in found), key=lambda c: math.dist(c, point), default=None)
 
     def shift(a, b):
-        return math.inf if a is None or b is None else math.dist(a.centroid, b if isinstance(b, tuple) else b.centroid)
+        return math.inf if a is None or b is None else math.dist(a, b)
 
     moved, control_moved, word_moved, recoloured = [], [], [], []
     for task in tasks:
@@ -220,9 +220,10 @@ def layout_in_attention(model: Family, tasks: list[dict], steps: int = 50, guida
         recoloured.append(judge(task, edited_image)["success"])
         edited, control = check(edited_image), check(control_image)
         centres = [o.center for o in scene.objects]
-        moved.append(max(shift(nearest(edited, c), c) for c in centres))
-        control_moved.append(max(shift(nearest(control, c), c) for c in centres))
-        word_moved.append(max(shift(nearest(edited, c), nearest(control, c)) for c in centres))
+        in_edit, in_control = [nearest(edited, c) for c in centres], [nearest(control, c) for c in centres]
+        moved.append(max(map(shift, in_edit, centres)))
+        control_moved.append(max(map(shift, in_control, centres)))
+        word_moved.append(max(map(shift, in_edit, in_control)))
 
     def pct(shifts):
         return 100 * sum(m <= tolerance for m in shifts) / len(tasks)
