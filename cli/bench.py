@@ -186,8 +186,8 @@ def solvers(
     save: SaveOpt = None,
     json: JsonOpt = False,
 ):
-    """Round-trip PSNR against network evaluations: DDIM, DPM-Solver++ 2M, Euler, RF-Solver, FireFlow
-    on the toy models; with --save, also a plot (round-trip.png).
+    """Round-trip PSNR against network evaluations: DDIM, DPM-Solver++ 2M, Euler (each also with a
+    fixed-point inversion), RF-Solver, FireFlow on the toy models; with --save, also a plot (round-trip.png).
 
     Example: diffedit bench solvers --save benchmarks/results/solvers
     """

@@ -19,6 +19,7 @@ from diffedit.cli.common import (
     EngineOpt,
     EtaOpt,
     FitOpt,
+    FixedPointOpt,
     FKEveryOpt,
     FKLambdaOpt,
     FKParticlesOpt,
@@ -78,7 +79,7 @@ def edit(
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for engines that draw noise.")] = 0,
     overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
-    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None,
+    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None, fixed_point: FixedPointOpt = None,
     share_steps: ShareStepsOpt = None, share_from: ShareFromOpt = None,
     cross_replace: Annotated[float | None, typer.Option("--cross-replace", help="direct/ddim-p2p/infedit: fraction of steps the target borrows the source's cross-attention.", rich_help_panel=ENGINE_PANEL)] = None,
     self_replace: Annotated[float | None, typer.Option("--self-replace", help="direct/ddim-p2p/infedit: fraction of steps with self-attention control.", rich_help_panel=ENGINE_PANEL)] = None,
@@ -173,7 +174,7 @@ def _engine_params(job: dict) -> dict:
                          feature_layers=layers.split(",") if layers is not None else None)
 
 
-ENGINE_OPTIONS = ("skip", "eta", "gamma", "strength", "start", "stop", "n_max", "n_min", "n_avg", "solver", "share_steps",
+ENGINE_OPTIONS = ("skip", "eta", "gamma", "strength", "start", "stop", "n_max", "n_min", "n_avg", "solver", "fixed_point", "share_steps",
                   "share_from", "cross_replace", "self_replace", "p2p_mode", "blend_threshold", "inject_features")
 
 

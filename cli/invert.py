@@ -14,6 +14,7 @@ from diffedit.cli.common import (
     EngineOpt,
     EtaOpt,
     FitOpt,
+    FixedPointOpt,
     GammaOpt,
     GuidanceOpt,
     MaskChoice,
@@ -68,7 +69,7 @@ def invert(
     alpha: AlphaOpt = "composite",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reconstruct and report the error.")] = True,
     skip: SkipOpt = None, eta: EtaOpt = None, gamma: GammaOpt = None, strength: StrengthOpt = None, start: StartOpt = None,
-    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None,
+    stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None, fixed_point: FixedPointOpt = None,
     share_steps: ShareStepsOpt = None, share_from: ShareFromOpt = None,
     guidance: GuidanceOpt = "cfg", pag_scale: PagScaleOpt = 3.0, pag_layers: PagLayersOpt = "mid",
     pag_adaptive_scale: PagAdaptiveOpt = 0.0,
@@ -115,7 +116,7 @@ def _invert_plan(model, job: dict):
                     seed=job["seed"])
 
 
-INVERT_ENGINE_OPTIONS = ("skip", "eta", "gamma", "strength", "start", "stop", "n_max", "n_min", "n_avg", "solver",
+INVERT_ENGINE_OPTIONS = ("skip", "eta", "gamma", "strength", "start", "stop", "n_max", "n_min", "n_avg", "solver", "fixed_point",
                          "share_steps", "share_from")
 
 

@@ -227,6 +227,7 @@ def invert_images(
         run = _run(model, reconstruction, [(prompts[k], prompts[k]) for k in group], [seeds[k] for k in group],
                    height, width, callback, mask=edit_mask)
         tensors = {**plan.engine.invert(run, z0), "latent": z0}
+        inversion_nfe = run.nfe  # of the total, what inverting cost (the check samples back)
         z_rec = plan.engine.edit(run, tensors) if check else None
         for j, (k, part) in enumerate(zip(group, split_tensors(tensors, len(group)))):
             (raw, fit), img, source = read[k], imgs[k], sources[k]
@@ -255,6 +256,7 @@ def invert_images(
             if check:
                 z_k = z_rec[j : j + 1]
                 result.update(
+                    inversion_nfe=inversion_nfe,
                     psnr=_psnr_vs(model, z_k, fit, raw),
                     latent_max_abs=float((z_k - z0[j : j + 1]).abs().max()),
                     vae_psnr=_psnr_vs(model, z0[j : j + 1], fit, raw),  # the ceiling any inversion can reach

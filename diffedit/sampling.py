@@ -179,7 +179,7 @@ def sample(
 @torch.inference_mode()
 def invert(
     denoise: Denoise, x: torch.Tensor, schedule: Schedule, *, end: int = 0,
-    callback: Callback | None = None,
+    callback: Callback | None = None, fixed_point: int = 0,
 ) -> list[torch.Tensor]:
     """Deterministic inversion from the clean end (level N) up to level `end`.
 
@@ -188,7 +188,14 @@ def invert(
     DDIMInverseScheduler does; a schedule with an `inverse` climbs that one instead (DPM-Solver++:
     the current level's time, as DPMSolverMultistepInverseScheduler does). Returns the trajectory
     `[x_N, x_{N-1}, ..., x_end]`.
+
+    With `fixed_point` = K > 0 (first-order schedules) each step's first guess is then refined by K
+    updates (`unstep`), each with the network evaluated where `sample` evaluates it, towards the
+    latents that `sample`'s step maps onto the level below (docs/design.md, "Fixed-point inversion").
+    K + 1 evaluations per step.
     """
+    if fixed_point and (schedule.order != 1 or schedule.inverse is not None):
+        raise ValueError("fixed-point inversion solves first-order steps on the sampler's own levels")
     schedule = schedule.inverse or schedule
     a, s = schedule.a, schedule.s
     trajectory, x0_prev = [x], None
@@ -197,12 +204,31 @@ def invert(
         x0 = pred[0]
         if second_order(schedule, x0_prev, i == 0, s[i]):
             pred = multistep(pred, x0_prev, schedule, i + 2, i + 1, i)
+        x_below, x = x, step(*pred, a[i], s[i])
+        for _ in range(fixed_point):
+            pred = denoise(x, schedule, i)
+            x = unstep(x_below, x, pred, schedule, i)
+            x0 = pred[0]
         x0_prev = x0
-        x = step(*pred, a[i], s[i])
         trajectory.append(x)
         if callback is not None:
             callback(i, x, x0)
     return trajectory
+
+
+def unstep(x_next: torch.Tensor, x: torch.Tensor, pred: Prediction, schedule: Schedule, i: int) -> torch.Tensor:
+    """One fixed-point update of level i's latents `x` so that `sample`'s first-order step i lands on
+    `x_next`.
+
+    `pred` is the denoiser's at `x`. Its renoising direction `eps` and the noise
+    `g = (x - a_i x0) / s_i` it implies are held; the step `x_next = a_{i+1} x0 + s_{i+1} eps` then
+    fixes x0, which is renoised to level i along `g`. The true level is the update's fixed point. (At
+    a level of pure noise, a flow's first, the latents are `g` itself and stay the first guess.)
+    """
+    a, s = schedule.a, schedule.s
+    x0, eps = pred
+    g = (x - a[i] * x0) / s[i]
+    return torch.add((x_next - s[i + 1] * eps).mul_(a[i] / a[i + 1]), g, alpha=s[i])
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device) -> torch.Tensor:

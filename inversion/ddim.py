@@ -17,10 +17,16 @@ from diffedit.sampling import invert, sample
 @dataclass(frozen=True)
 class DDIMParams(Params):
     solver: str = "ddim"
+    fixed_point: int = 0  # updates per inversion step towards the sampler's exact inverse (`sampling.invert`)
 
     def check(self, steps: int) -> None:
         if self.solver not in SOLVERS:
             raise UsageError(f"--solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if not 0 <= self.fixed_point <= 10:
+            raise UsageError(f"--fixed-point {self.fixed_point}: choose 0 to 10")
+        if self.fixed_point and self.solver != "ddim":  # docs/engines.md, "Fixed-point inversion"
+            raise UsageError(f"--fixed-point applies to --solver ddim: a {self.solver} step reads the x0 of the "
+                             "level above, which an inversion reaches only after it")
 
 
 @register
@@ -43,7 +49,7 @@ class DDIM(Engine):
         return {"noise": latent}
 
     def invert(self, run: Run, z0):
-        trajectory = invert(run.source, z0, run.schedule, callback=run.callback)
+        trajectory = invert(run.source, z0, run.schedule, callback=run.callback, fixed_point=run.params.fixed_point)
         return {"noise": trajectory[-1], **run.trajectory_if_masked(trajectory)}
 
     def edit(self, run: Run, tensors):

@@ -176,7 +176,7 @@ def test_cli_records_the_solver_and_reconstruct_uses_it(cli, tmp_path, tiny_fold
                              "-o", record, "--json", "-q")
         assert code == 0, err
         results[solver] = json.loads(out)
-        assert load_record(record).meta["engine"] == {"name": "ddim", "solver": solver}
+        assert load_record(record).meta["engine"] == {"name": "ddim", "solver": solver, "fixed_point": 0}
     code, out, err = cli("reconstruct", tmp_path / "dpmpp-2m.inv.safetensors", "-o", tmp_path / "back.png",
                          "--json", "-q")
     assert code == 0, err

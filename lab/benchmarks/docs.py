@@ -49,11 +49,15 @@ and the paste-back.""", ["masks"]),
 `diffedit bench solvers`: the source scenes of ShapesBench's 10 reconstruction tasks inverted with
 their captions and sampled back without guidance (CFG 1), each solver at 5, 10, 20 and 50 steps; mean
 PSNR against the input, and the VAE's own round trip (the ceiling; the gap is what the solver loses).
-NFE counts one direction: DDIM, Euler and DPM-Solver++ (2M) one per step, RF-Solver two, FireFlow one
-plus one. On the flow model the second-order steps at 10 steps come closer to the ceiling (RF-Solver
-0.21 dB with 20 evaluations, FireFlow 0.31 dB with 11) than Euler at 20 steps (0.44 dB). On the toy SD
-model DPM-Solver++ (2M) wins only from 20 steps on: below that its inversion overshoots (5 and 10 steps
-far below DDIM), so `--solver dpmpp-2m` is for 20 steps or more there.
+DDIM, Euler and DPM-Solver++ (2M) make one network evaluation per step each way, RF-Solver two,
+FireFlow one plus one; a fixed-point inversion (`--fixed-point 2`) three per step while its sampling
+stays at one. On the flow model the second-order steps at 10 steps come closer to the ceiling
+(RF-Solver 0.21 dB with 20 evaluations each way, FireFlow 0.31 dB with 11) than Euler at 20 steps (0.44
+dB). On the toy SD model DPM-Solver++ (2M) is ahead of DDIM only from 20 steps on: below that its
+inversion (diffusers' plain one) overshoots. What closes the round trip at few steps there is the
+first-order fixed point: DDIM at 10 steps with 2 updates (30 + 10 evaluations) comes back closer than
+plain DDIM at 50 steps, and at 50 steps it reaches the ceiling. These are toy model v2's numbers (on
+v1, plain DDIM was 0.4-0.5 dB lower at 5-10 steps and 0.3-1.4 dB higher at 20-50).
 
 ![round-trip PSNR against network evaluations](../benchmarks/results/solvers/round-trip.png)""", ["solvers"]),
     ("Flow engines on ShapesBench (toy flow model)", """

@@ -3,7 +3,9 @@ edit-friendly DDPM against diffusers' LEDITS++ doing the same job; side by side 
 
 The forward cost is measured for every batch size an engine uses (CFG doubles the rows, Direct
 Inversion edits source and target together, InfEdit runs three branches), so the ratio
-`seconds / sum(calls x forward(batch))` is the engine's own overhead. The VAE is outside both.
+`seconds / sum(calls x forward(batch))` is the engine's own overhead. The VAE is outside both. Each
+repeat's forwards are timed right after its run and the ratio taken per repeat (then the median), so a
+slow or fast spell of this shared machine moves both sides of a ratio together.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ def forward_seconds(model: Family, rows: int, size: int, repeats: int = 5) -> fl
 
 def measure(model: Family, image: Image.Image, engine: str, steps: int, repeats: int,
             params: dict | None = None, label: str = "") -> dict:
+    """Median seconds of invert and edit, and the median over repeats of each one's seconds ÷ the
+    forwards it made, timed bare right after it (paired: a slow spell of the machine slows both)."""
     size = image.height
-    invert_t, edit_t = [], []
+    invert_t, edit_t, invert_r, edit_r = [], [], [], []
     for _ in range(repeats):  # the VAE's share (measured alone) is taken out of both
         plan = plan_job(model, engine=engine, steps=steps, params=params)
         done = {}
@@ -48,13 +52,14 @@ def measure(model: Family, image: Image.Image, engine: str, steps: int, repeats:
         edit_t.append(_timed(lambda: done.update(ed=edit_record(model, record, TARGET, plan)))
                       - _decode_seconds(model, record))
         ed = done["ed"][1]
-    fwd = {rows: forward_seconds(model, rows, size) for rows in set(inv["forwards"]) | set(ed["forwards"])}
-    cost = lambda forwards: sum(calls * fwd[rows] for rows, calls in forwards.items())  # noqa: E731
-    inv_s, edit_s = statistics.median(invert_t), statistics.median(edit_t)
+        fwd = {rows: forward_seconds(model, rows, size, 3) for rows in set(inv["forwards"]) | set(ed["forwards"])}
+        cost = lambda forwards: sum(calls * fwd[rows] for rows, calls in forwards.items())  # noqa: E731
+        invert_r.append(invert_t[-1] / cost(inv["forwards"]) if inv["nfe"] else None)
+        edit_r.append(edit_t[-1] / cost(ed["forwards"]) if ed["nfe"] else None)
+    ratio = lambda values: None if values[0] is None else round(statistics.median(values), 3)  # noqa: E731
     return {"engine": engine + label, "steps": steps, "invert_nfe": inv["nfe"], "edit_nfe": ed["nfe"],
-            "invert_s": round(inv_s, 4), "edit_s": round(edit_s, 4),
-            "invert_over_forwards": round(inv_s / cost(inv["forwards"]), 3) if inv["nfe"] else None,
-            "edit_over_forwards": round(edit_s / cost(ed["forwards"]), 3) if ed["nfe"] else None}
+            "invert_s": round(statistics.median(invert_t), 4), "edit_s": round(statistics.median(edit_t), 4),
+            "invert_over_forwards": ratio(invert_r), "edit_over_forwards": ratio(edit_r)}
 
 
 _VAE_CACHE: dict = {}
