@@ -100,16 +100,17 @@ checkouts twice, one process each on one thread timed in CPU time (scripts and r
 were measured before the change.""", ["p2p-self-attention"]),
     ("Engines: time against their network forwards", """
 `diffedit bench engines`: each engine's invert and edit time divided by the time of the forwards it
-makes (1.0 = no overhead), and edit-friendly DDPM against diffusers' LEDITS++.""", ["engines"]),
+makes (1.0 = no overhead), and edit-friendly DDPM against diffusers' LEDITS++. (Measured before the
+bench paired each repeat with its own forward timing: the forwards here were timed once, after all runs.)""", ["engines"]),
     ("Flow engines: time against their network forwards", """
 `diffedit bench engines --flow-only --cpu-time --repeats 5`: the flow engines on a mid-size SD3-shaped
-model (6 joint blocks 256 wide, 64² images, 20 steps), each timed in CPU time on one thread, medians of
-five. `ddim` here is Euler; RF-Solver's edit counts its paired source row's forwards (batch 4) during
-the shared steps. Profiled, FireFlow's inversion spends 1.632 of its 1.671 s inside the transformer's
-21 forwards (everything else, prompts and VAE included: 2.3 %); those forwards took 78 ms each under
-the profiler against 73 ms for the bare forward timed alone, so the ratios above 1.03 here (Euler's
-1.039 too) are the forwards' own spread, not the solvers' arithmetic. Single runs of the same loop vary by about ±10 % (an earlier run put Euler's invert and
-edit at 0.90 and 1.08).""", ["engines-flow"]),
+model (6 joint blocks 256 wide, 64² images, 20 steps), each timed in CPU time on one thread. Each
+repeat's bare forwards are timed right after its run and the ratio is taken per repeat (median of
+five), so a slow spell of this shared machine moves both sides of a ratio. `ddim` here is Euler;
+RF-Solver's edit counts its paired source row's forwards (batch 4) during the shared steps. Measured
+before the ratios were paired (bare forwards timed once, after all runs), single runs of the same loop
+varied by about ±10 % (FireFlow 1.068 / 1.035, Euler 1.039 / 1.064 in one run); profiled, FireFlow's
+inversion spent 1.632 of its 1.671 s inside the transformer's 21 forwards.""", ["engines-flow"]),
     ("Before and after the architecture step", """
 The ratios of `bench overhead` and `bench engines` (mid-size SD1 at 256², 20 steps) measured on the
 commit before the plan/layers rework (598a3bb) and after it, alternating the two checkouts three times
