@@ -87,6 +87,16 @@ layers hold 16384 tokens (4096 at 512²), for the engines that keep attention st
 peak within 1.03× of `generate`, PixelMan at 1.14× (the activations its energy guidance keeps for a
 backward pass).""",
      ["scale-sd1-1024"]),
+    ("Costs at full size: SD3-medium's width", """
+`diffedit bench scale --family sd3`: SD3-medium's transformer at full width (24 heads of 64) cut to 2
+of its 24 joint blocks, its two CLIP text encoders at full size, T5-XXL at full width cut to 2 of its 24
+layers, a 16-channel VAE of SD's shape; 1024² (4096 image tokens), one step per job, each job in a fresh
+process on this 2-core CPU. Every engine peaks within 1.02× `generate`'s memory. The ÷ (forwards + VAE)
+column leaves the text encoders out (T5-XXL at full width, CLIP-G's 32 layers), which is most of what
+is left over in a one-step job; diffusers' pipeline on the same weights is at 1.07 for `generate`. A
+first run of the same jobs put every ratio 0.06-0.3 higher (`generate` 1.34, diffusers' 1.35): single
+runs of these 100-200 s jobs move that much on this machine. RF-Solver shares attention values on its
+one step (its 5 of 30 do not fit in one).""", ["scale-sd3"]),
     ("Micro-batching: inversions and edits", """
 `diffedit bench batch`: per engine, 8 inversions and 8 edits of ShapesBench scenes with `--batch-size
 4` against one by one on the toy model, side by side (docs/testing-and-benchmarks.md discusses the

@@ -201,6 +201,8 @@ def _edit(pipe, model, engine, size, steps):
     if engine == "ddpm-ef-regenerate":  # LEDITS++'s job: invert at CFG 3.5, regenerate unconditionally
         engine, target = "ddpm-ef", ""
         options = {"params": {"skip": 0}, "inversion_guidance_scale": 3.5, "guidance_scale": 1.0}
+    if engine == "rf-solver":  # its 5 value-sharing steps (of 30) do not fit in a short run: all of them share
+        options = {"params": {"share_steps": steps}}
     _, result, _ = edit_image(model, _image(size), plan_job(model, engine=engine, steps=steps, **options),
                               source_prompt=SOURCE, target_prompt=target)
     return result["nfe"], result["forwards"], {"encode": 1, "decode": 1}
