@@ -80,3 +80,26 @@ def run_subprocess(args: list, stdin: bytes | None = None, env: dict | None = No
     """The real `diffedit` entry point in a child process (for pipes, exit codes, environment)."""
     cmd = [sys.executable, "-c", "from diffedit.cli.main import main; main()", *map(str, args)]
     return subprocess.run(cmd, input=stdin, capture_output=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def toy_round_trips(model, steps: int, scenes: int = 3, **params) -> tuple[list[float], set[int]]:
+    """The `ddim` engine's invert-then-sample on toy scenes with their captions (CFG 1) and `params`:
+    each scene's latent RMS error, and the network calls its inversion made."""
+    import torch
+
+    from diffedit.denoiser import branch_denoiser
+    from diffedit.engines import Run
+    from diffedit.inversion import get_engine
+    from diffedit.toy.shapes import make_scene
+
+    engine, side, errors, calls = get_engine("ddim"), 64, [], set()
+    for seed in range(scenes):
+        scene = make_scene(10**8 + seed)
+        z0 = model.encode_image(torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1)
+        denoise = branch_denoiser(model, scene.caption, 1.0, side, side)
+        resolved = engine.resolve(engine.Params(**params), steps, model)
+        run = Run(model, engine.schedule(model, steps, side, side, resolved), denoise, denoise, resolved)
+        tensors = engine.invert(run, z0)
+        calls.add(denoise.calls)
+        errors.append(float((engine.edit(run, tensors) - z0).pow(2).mean().sqrt()))
+    return errors, calls

@@ -11,14 +11,12 @@ import json
 
 import pytest
 import torch
+from conftest import toy_round_trips
 
 from diffedit.denoiser import branch_denoiser
-from diffedit.engines import Run
-from diffedit.inversion import get_engine
 from diffedit.models import DEFAULT_MODEL, load_model
 from diffedit.records import load_record
 from diffedit.sampling import initial_noise, invert, sample, unstep
-from diffedit.toy.shapes import make_scene
 
 H = W = 32
 PROMPT = "a red cat on a house"
@@ -44,29 +42,14 @@ def test_the_true_level_is_the_fixed_point_of_every_step(tiny, family):
                 assert float((nearer - levels[i]).norm()) < float((off - levels[i]).norm()), i
 
 
-def round_trip_errors(model, steps: int, fixed_point: int, scenes: int = 3):
-    """Latent RMS of invert-then-sample on toy scenes with their captions, and the inversion's NFE."""
-    engine, side, errors, calls = get_engine("ddim"), 64, [], set()
-    for seed in range(scenes):
-        scene = make_scene(10**8 + seed)
-        z0 = model.encode_image(torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1)
-        denoise = branch_denoiser(model, scene.caption, 1.0, side, side)
-        params = engine.resolve(engine.Params(fixed_point=fixed_point), steps, model)
-        run = Run(model, engine.schedule(model, steps, side, side, params), denoise, denoise, params)
-        tensors = engine.invert(run, z0)
-        calls.add(denoise.calls)
-        errors.append(float((engine.edit(run, tensors) - z0).pow(2).mean().sqrt()))
-    return errors, calls
-
-
 def test_fixed_point_inversion_round_trips_closer_on_the_toy_model():
     """10 steps with 4 updates each come back closer on every scene than plain DDIM at 10 and at
     20 steps."""
     model = load_model(DEFAULT_MODEL, device="cpu")
-    solved, calls = round_trip_errors(model, 10, 4)
+    solved, calls = toy_round_trips(model, 10, fixed_point=4)
     assert calls == {10 * (1 + 4)}
-    plain_10, _ = round_trip_errors(model, 10, 0)
-    plain_20, _ = round_trip_errors(model, 20, 0)
+    plain_10, _ = toy_round_trips(model, 10)
+    plain_20, _ = toy_round_trips(model, 20)
     for ours, ten, twenty in zip(solved, plain_10, plain_20):
         assert ours < 0.5 * ten and ours < twenty, (solved, plain_10, plain_20)
 
