@@ -23,10 +23,12 @@ def train(
     work: Annotated[Optional[Path], typer.Option("--work", help="Checkpoints, resumable, kept out of git "
                                                  "[default: runs/toy-sd or runs/toy-flow].")] = None,
     seed: Annotated[int, typer.Option(help="Everything is drawn from this seed.")] = 0,
+    vae_width: Annotated[int, typer.Option(min=16, help="VAE channels per level: width, 2 width, 2 width (a multiple of 16).")] = 48,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
     unet_steps: Annotated[int, typer.Option(help="UNet and text encoder training steps (batch 48).")] = 4000,
     decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1500,
     decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on plain MSE, encoder frozen (as `toy tune-decoder`).")] = 300,
+    layout_steps: Annotated[int, typer.Option(min=0, help="Phase 3b: steps that train the UNet's layout to follow its attention maps (colour swaps with the source's maps); 0 skips it.")] = 600,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     word_local: Annotated[bool, typer.Option("--word-local/--contextual", help="Text encoder whose tokens see only their own word (v2, shipped) or CLIP's causal mixing (v1's kind; see samples/toy-sd/README.md).")] = True,
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
@@ -61,8 +63,9 @@ def train(
         config = toy_flow.FlowTrainConfig(seed=seed, steps=flow_steps, dataset=dataset)
         train_model = lambda *args: toy_flow.train(*args, vae_from=vae_from or Path("samples/toy-sd"))  # noqa: E731
     else:
-        config = TrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
-                             decoder_mse_steps=decoder_mse_steps, dataset=dataset, word_local=word_local)
+        config = TrainConfig(seed=seed, vae_width=vae_width, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
+                             decoder_mse_steps=decoder_mse_steps, dataset=dataset, word_local=word_local,
+                             layout_steps=layout_steps)
         train_model = lambda *args: run_training(*args, vae_from=vae_from)  # noqa: E731
     with training_progress() as tick:
         summary = train_model(out, work, config, tick)

@@ -21,10 +21,12 @@ MAX_TOKENS = 32  # the longest caption has 19 tokens with the start and end toke
 TEXT_DIM = 64
 
 
-def make_vae() -> AutoencoderKL:
+def make_vae(width: int = 48) -> AutoencoderKL:
+    """Channels (width, 2 width, 2 width); v1/v2 shipped width 32, too small to hold the world's scenes,
+    plain colours and photos at once (samples/toy-sd/README.md)."""
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        block_out_channels=(width, 2 * width, 2 * width), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
     )
 

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import torch
 
+from diffedit.editing.attention import AttentionControl, Controller
 from diffedit.toy.shapes import make_scene, user_caption
 from lab.testing import SD_SCHEDULE
 from lab.toy import model as toy
@@ -25,6 +26,7 @@ from lab.toy import model as toy
 @dataclass
 class TrainConfig:
     seed: int = 0
+    vae_width: int = 48  # VAE channels (w, 2w, 2w)
     vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 1e-3
@@ -40,6 +42,10 @@ class TrainConfig:
     ema: float = 0.999
     caption_dropout: float = 0.1
     word_local: bool = True  # the text encoder's tokens see only their own word (`toy.make_text_encoder`)
+    layout_steps: int = 600  # phase 3b (`tune_layout`); 0 skips it
+    layout_pairs: int = 4000
+    layout_batch: int = 16  # colour swaps per step, beside the plain batch
+    layout_lr: float = 2e-4
     checkpoint_every: int = 200
 
 
@@ -187,7 +193,7 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
 
 
 def train_vae(config: TrainConfig, work: Path, tick) -> tuple[torch.nn.Module, float]:
-    vae = toy.make_vae()
+    vae = toy.make_vae(config.vae_width)
     _fit_vae(config, vae, list(vae.parameters()), config.vae_steps, config.vae_lr, work / "vae.ckpt", 1, tick)
     vae.eval().requires_grad_(False)
     with torch.inference_mode():  # scaling factor: unit standard deviation of scene latents
@@ -266,27 +272,126 @@ class TextConditioned(torch.nn.Module):
         self.text_encoder = toy.trainable_text_encoder(toy.make_text_encoder(tokenizer, word_local))
 
 
-def train_unet(config: TrainConfig, latents, captions, tokenizer, work: Path, tick):
-    """UNet and text encoder on the latents, with captions in the forms people write them."""
+def _denoising_loss(net, tokenizer, abar, gen, z0, texts, controller=None, targets=None):
+    """The UNet's epsilon loss with min-SNR weighting (faster, steadier training). With `controller`
+    the forward runs under that attention control; `targets` (latents) replace z0 as what the rows
+    should denoise to (their epsilon follows from the noisy input)."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    emb = net.text_encoder(ids)[0]
+    t = torch.randint(0, 1000, (len(z0),), generator=gen)
+    eps = torch.randn(z0.shape, generator=gen)
+    ab = abar[t].view(-1, 1, 1, 1)
+    x = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+    if controller is None:
+        pred = net.unet(x, t, encoder_hidden_states=emb).sample
+    else:
+        with AttentionControl(net.unet, controller):
+            pred = net.unet(x, t, encoder_hidden_states=emb).sample
+    if targets is not None:
+        eps = (x - ab.sqrt() * targets) / (1 - ab).sqrt()
+    snr = ab / (1 - ab)
+    return (torch.clamp(snr, max=5.0) / snr * (pred - eps).pow(2)).mean()
+
+
+def _sd_alphas_cumprod() -> torch.Tensor:
     from diffusers import DDPMScheduler
 
-    abar = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}).alphas_cumprod
+    return DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}).alphas_cumprod
+
+
+def train_unet(config: TrainConfig, latents, captions, tokenizer, work: Path, tick):
+    """UNet and text encoder on the latents, with captions in the forms people write them."""
+    abar = _sd_alphas_cumprod()
+    net = fit_denoiser(config, lambda: TextConditioned(tokenizer, config.word_local), lambda net: None,
+                       lambda net, gen, z0, texts: _denoising_loss(net, tokenizer, abar, gen, z0, texts),
+                       latents, captions, config.unet_steps, config.unet_batch, config.unet_lr, work / "unet.ckpt",
+                       "unet", tick, rewrite=user_caption)
+    return net.unet, net.text_encoder.eval()
+
+
+class PairedMaps(Controller):
+    """Training only: the second half of the batch attends with the first half's attention maps (every
+    layer, self and cross), detached, so the maps are learned by plain denoising alone and the second
+    half keeps only its own values, text and convolutions: what prompt-to-prompt leaves to a target."""
+
+    def wants_maps(self, call):
+        return True
+
+    def maps(self, call, probs):
+        source = probs[: len(probs) // 2]
+        return torch.cat([source, source.detach()])
+
+
+def colour_swap_scenes(config: TrainConfig) -> list[tuple]:
+    """`config.layout_pairs` (scene, the same scene with one object's colour changed, nothing else),
+    seeded, from scenes apart from the UNet's dataset."""
+    from diffedit.toy.shapes import COLOURS, with_object
+
+    rng = np.random.default_rng([config.seed, 5])
+    pairs, seed = [], config.seed * 10**7 + 5 * 10**6
+    while len(pairs) < config.layout_pairs:
+        scene, seed = make_scene(seed), seed + 1
+        if not scene.objects:
+            continue
+        index = int(rng.integers(len(scene.objects)))
+        colour = str(rng.choice([c for c in COLOURS if c != scene.objects[index].colour]))
+        pairs.append((scene, with_object(scene, index, colour=colour)))
+    return pairs
+
+
+def colour_swaps(config: TrainConfig, vae, scale: float, work: Path, tick) -> dict:
+    """`colour_swap_scenes` encoded once (cached in `work`), with their captions."""
+    cache = work / "pairs.pt"
+    state = _load(cache)
+    if state is not None and state["scale"] == scale and len(state["source_captions"]) == config.layout_pairs:
+        return state
+    pairs = colour_swap_scenes(config)
+    state = {"scale": scale}
+    with torch.inference_mode():
+        for side, name in enumerate(("sources", "targets")):
+            chunks = []
+            for start in range(0, len(pairs), 256):
+                x = to_pixels(np.stack([pair[side].image for pair in pairs[start : start + 256]]))
+                chunks.append(vae.encode(x).latent_dist.mode() * scale)
+                tick(f"encode {name}", min(start + 256, len(pairs)), len(pairs), 0.0)
+            state[name] = torch.cat(chunks)
+            state[f"{name[:-1]}_captions"] = [pair[side].caption for pair in pairs]
+    _checkpoint(cache, **state)
+    return state
+
+
+def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, captions, pairs, work: Path, tick):
+    """Phase 3b: the trained UNet and text encoder, further trained so that their layout follows the
+    attention maps. Each step adds to the plain denoising batch `config.layout_batch` colour swaps:
+    the source scene noised, denoised once with its own caption and once with the swapped colour
+    word, that row taking every attention map from the source row (`PairedMaps`) and asked for the
+    recoloured scene. A one-word edit with the maps kept then changes the colour and nothing else,
+    which is what prompt-to-prompt assumes of Stable Diffusion (measured: samples/toy-sd/README.md)."""
+    abar = _sd_alphas_cumprod()
+    n = len(pairs["source_captions"])
+
+    def make_net():
+        net = TextConditioned(tokenizer, config.word_local)
+        net.unet.load_state_dict(unet.state_dict()), net.text_encoder.load_state_dict(text_encoder.state_dict())
+        return net
 
     def loss_of(net, gen, z0, texts):
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        emb = net.text_encoder(ids)[0]
-        t = torch.randint(0, 1000, (len(z0),), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
-        ab = abar[t].view(-1, 1, 1, 1)
-        pred = net.unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t, encoder_hidden_states=emb).sample
-        snr = ab / (1 - ab)
-        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR weighting: faster, steadier training
-        return (weight * (pred - eps).pow(2)).mean()
+        plain = _denoising_loss(net, tokenizer, abar, gen, z0, texts)
+        idx = torch.randint(0, n, (config.layout_batch,), generator=gen).tolist()
+        forms = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        source_texts, target_texts = [], []
+        for i in idx:  # the same form (order, articles, background phrase) for both captions of a pair
+            seed = int(forms.integers(2**31))
+            source_texts.append(user_caption(pairs["source_captions"][i], np.random.default_rng(seed)))
+            target_texts.append(user_caption(pairs["target_captions"][i], np.random.default_rng(seed)))
+        z = pairs["sources"][idx]
+        swapped = _denoising_loss(net, tokenizer, abar, gen, z.repeat(2, 1, 1, 1), source_texts + target_texts,
+                                  controller=PairedMaps(), targets=torch.cat([z, pairs["targets"][idx]]))
+        return plain + swapped
 
-    net = fit_denoiser(config, lambda: TextConditioned(tokenizer, config.word_local), lambda net: None, loss_of, latents, captions,
-                       config.unet_steps, config.unet_batch, config.unet_lr, work / "unet.ckpt", "unet", tick,
-                       rewrite=user_caption)
+    net = fit_denoiser(config, make_net, lambda net: None, loss_of, latents, captions, config.layout_steps,
+                       config.unet_batch, config.layout_lr, work / "layout.ckpt", "layout", tick, rewrite=user_caption)
     return net.unet, net.text_encoder.eval()
 
 
@@ -309,6 +414,9 @@ def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | Non
         vae.register_to_config(scaling_factor=scale)
     latents, captions = encode_dataset(config, vae, scale, work, tick)
     unet, text_encoder = train_unet(config, latents, captions, tokenizer, work, tick)
+    if config.layout_steps:
+        pairs = colour_swaps(config, vae, scale, work, tick)
+        unet, text_encoder = tune_layout(config, unet, text_encoder, tokenizer, latents, captions, pairs, work, tick)
     if vae_from is None:
         vae = finetune_decoder(config, vae, work, tick)
     pipe = toy.assemble(vae, unet, text_encoder, tokenizer)
