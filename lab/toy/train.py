@@ -272,26 +272,29 @@ class TextConditioned(torch.nn.Module):
         self.text_encoder = toy.trainable_text_encoder(toy.make_text_encoder(tokenizer, word_local))
 
 
-def _denoising_loss(net, tokenizer, abar, gen, z0, texts, controller=None, targets=None):
-    """The UNet's epsilon loss with min-SNR weighting (faster, steadier training). With `controller`
-    the forward runs under that attention control; `targets` (latents) replace z0 as what the rows
-    should denoise to (their epsilon follows from the noisy input)."""
+def _embed(net, tokenizer, texts) -> torch.Tensor:
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    emb = net.text_encoder(ids)[0]
+    return net.text_encoder(ids)[0]
+
+
+def _noised(abar, gen, z0):
+    """A random level per row, its noise and the noised latents: (t, eps, abar_t, x_t)."""
     t = torch.randint(0, 1000, (len(z0),), generator=gen)
     eps = torch.randn(z0.shape, generator=gen)
     ab = abar[t].view(-1, 1, 1, 1)
-    x = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
-    if controller is None:
-        pred = net.unet(x, t, encoder_hidden_states=emb).sample
-    else:
-        with AttentionControl(net.unet, controller):
-            pred = net.unet(x, t, encoder_hidden_states=emb).sample
-    if targets is not None:
-        eps = (x - ab.sqrt() * targets) / (1 - ab).sqrt()
+    return t, eps, ab, ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+
+
+def _min_snr_loss(pred, eps, ab):
+    """Epsilon loss with min-SNR-5 weighting: faster, steadier training."""
     snr = ab / (1 - ab)
     return (torch.clamp(snr, max=5.0) / snr * (pred - eps).pow(2)).mean()
+
+
+def _denoising_loss(net, tokenizer, abar, gen, z0, texts):
+    t, eps, ab, x = _noised(abar, gen, z0)
+    return _min_snr_loss(net.unet(x, t, encoder_hidden_states=_embed(net, tokenizer, texts)).sample, eps, ab)
 
 
 def _sd_alphas_cumprod() -> torch.Tensor:
@@ -364,9 +367,9 @@ def colour_swaps(config: TrainConfig, vae, scale: float, work: Path, tick) -> di
 def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, captions, pairs, work: Path, tick):
     """Phase 3b: the trained UNet and text encoder, further trained so that their layout follows the
     attention maps. Each step adds to the plain denoising batch `config.layout_batch` colour swaps:
-    the source scene noised, denoised once with its own caption and once with the swapped colour
-    word, that row taking every attention map from the source row (`PairedMaps`) and asked for the
-    recoloured scene. A one-word edit with the maps kept then changes the colour and nothing else,
+    the source scene noised and denoised with its own caption, beside a row with the swapped colour
+    word (fed the same noisy source, or the recoloured scene under the same noise) that takes every
+    attention map from the source row (`PairedMaps`) and is asked for the recoloured scene. A one-word edit with the maps kept then changes the colour and nothing else,
     which is what prompt-to-prompt assumes of Stable Diffusion (measured: samples/toy-sd/README.md)."""
     abar = _sd_alphas_cumprod()
     n = len(pairs["source_captions"])
@@ -385,9 +388,18 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
             seed = int(forms.integers(2**31))
             source_texts.append(user_caption(pairs["source_captions"][i], np.random.default_rng(seed)))
             target_texts.append(user_caption(pairs["target_captions"][i], np.random.default_rng(seed)))
-        z = pairs["sources"][idx]
-        swapped = _denoising_loss(net, tokenizer, abar, gen, z.repeat(2, 1, 1, 1), source_texts + target_texts,
-                                  controller=PairedMaps(), targets=torch.cat([z, pairs["targets"][idx]]))
+        zs, zt = pairs["sources"][idx], pairs["targets"][idx]
+        t, eps, ab, x = _noised(abar, gen, zs)
+        # The swapped row starts from the source scene (an edit's first steps, where the two branches
+        # still share their latents) or, half the time, from its own scene under the same noise (later
+        # steps, where the target has become its own): the source's maps either way.
+        own = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
+        x_target = torch.where(own, ab.sqrt() * zt + (1 - ab).sqrt() * eps, x)
+        emb = _embed(net, tokenizer, source_texts + target_texts)
+        with AttentionControl(net.unet, PairedMaps()):
+            pred = net.unet(torch.cat([x, x_target]), t.repeat(2), encoder_hidden_states=emb).sample
+        eps_target = (x_target - ab.sqrt() * zt) / (1 - ab).sqrt()  # what takes x_target to the recoloured scene
+        swapped = _min_snr_loss(pred, torch.cat([eps, eps_target]), ab.repeat(2, 1, 1, 1))
         return plain + swapped
 
     net = fit_denoiser(config, make_net, lambda net: None, loss_of, latents, captions, config.layout_steps,
