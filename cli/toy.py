@@ -26,7 +26,7 @@ def train(
     vae_width: Annotated[int, typer.Option(min=16, help="VAE channels per level: width, 2 width, 2 width (a multiple of 16).")] = 48,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
     unet_steps: Annotated[int, typer.Option(help="UNet and text encoder training steps (batch 48).")] = 4000,
-    decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1500,
+    decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1000,
     decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on plain MSE, encoder frozen (as `toy tune-decoder`).")] = 300,
     layout_steps: Annotated[int, typer.Option(min=0, help="Phase 3b: steps that train the UNet's layout to follow its attention maps (colour swaps with the source's maps); 0 skips it.")] = 600,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,

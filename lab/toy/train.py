@@ -30,7 +30,7 @@ class TrainConfig:
     vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    decoder_steps: int = 1500
+    decoder_steps: int = 1000
     decoder_mse_steps: int = 300
     photo_fraction: float = 0.3
     plain_fraction: float = 0.2  # of the scenes: on a random plain colour, pure white and black included
