@@ -445,7 +445,7 @@ def finetune(source: str | Path, out: Path, *, steps: int = 300, seed: int = 1, 
 
     Reproducible from (source, steps, seed); used to check that SPM adapters transfer to fine-tunes.
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(source), dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
@@ -459,7 +459,7 @@ def finetune(source: str | Path, out: Path, *, steps: int = 300, seed: int = 1, 
             latents.append(vae.encode(to_pixels(np.stack([s.image for s in chunk]))).latent_dist.mode() * scale)
             captions += [s.caption for s in chunk]
         latents = torch.cat(latents).clone()
-    abar = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}).alphas_cumprod
+    abar = _sd_alphas_cumprod()
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     for step in range(steps):
@@ -470,12 +470,8 @@ def finetune(source: str | Path, out: Path, *, steps: int = 300, seed: int = 1, 
             ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids
             emb = text_encoder(ids)[0]
-        t = torch.randint(0, 1000, (batch,), generator=gen)
-        eps = torch.randn(latents[idx].shape, generator=gen)
-        ab = abar[t].view(-1, 1, 1, 1)
-        pred = unet(ab.sqrt() * latents[idx] + (1 - ab).sqrt() * eps, t, encoder_hidden_states=emb).sample
-        snr = ab / (1 - ab)
-        loss = (torch.clamp(snr, max=5.0) / snr * (pred - eps).pow(2)).mean()
+        t, eps, ab, x = _noised(abar, gen, latents[idx])
+        loss = _min_snr_loss(unet(x, t, encoder_hidden_states=emb).sample, eps, ab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
