@@ -16,6 +16,12 @@ toy_app = typer.Typer(help="The toy shapes world: data, checker, toy model train
 app.add_typer(toy_app, name="toy")
 
 
+def _multiple_of_16(width: int) -> int:
+    if width % 16:  # the VAE's group norms split each level's channels into 16 groups
+        raise typer.BadParameter(f"{width} is not a multiple of 16")
+    return width
+
+
 @toy_app.command("train")
 def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the trained pipeline "
@@ -23,7 +29,7 @@ def train(
     work: Annotated[Optional[Path], typer.Option("--work", help="Checkpoints, resumable, kept out of git "
                                                  "[default: runs/toy-sd or runs/toy-flow].")] = None,
     seed: Annotated[int, typer.Option(help="Everything is drawn from this seed.")] = 0,
-    vae_width: Annotated[int, typer.Option(min=16, help="VAE channels per level: width, 2 width, 2 width (a multiple of 16).")] = 48,
+    vae_width: Annotated[int, typer.Option(min=16, callback=_multiple_of_16, help="VAE channels per level: width, 2 width, 2 width (a multiple of 16).")] = 48,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
     unet_steps: Annotated[int, typer.Option(help="UNet and text encoder training steps (batch 48).")] = 4000,
     decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1000,

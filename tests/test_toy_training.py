@@ -1,4 +1,4 @@
-"""Training the toy model's layout phase (3b): colour-swap pairs and the source's attention maps."""
+"""Training the toy model: the layout phase (3b), its colour-swap pairs and attention maps, and `toy train`'s options."""
 
 from __future__ import annotations
 
@@ -63,3 +63,31 @@ def test_layout_phase_trains_and_resumes(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(tuned.parameters(), unet.parameters()))
     again, _ = tune_layout(config, unet, encoder, tokenizer, latents, captions, pairs, tmp_path, lambda *a: None)
     assert all(torch.equal(p, q) for p, q in zip(tuned.parameters(), again.parameters()))  # resumed at its end
+
+
+def test_train_cli_refuses_a_vae_width_its_group_norms_cannot_split(tmp_path, cli):
+    code, _, err = cli("toy", "train", "--vae-width", 40, "--out", tmp_path / "model", "--work", tmp_path / "work")
+    assert code == 2 and "40 is not a multiple of 16" in err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
+
+
+def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from lab.toy.train import train
+
+    config = TrainConfig(vae_width=16, vae_steps=2, vae_batch=2, decoder_steps=1, decoder_mse_steps=1, dataset=6,
+                         unet_steps=2, unet_batch=2, warmup=1, layout_steps=2, layout_pairs=3, layout_batch=1,
+                         checkpoint_every=1)
+    summary = train(tmp_path / "a", tmp_path / "work", config, lambda *_: None)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a")
+    assert pipe.vae.config.block_out_channels == [16, 32, 32]
+    assert pipe.vae.config.scaling_factor == summary["scaling_factor"] > 0
+    assert len(torch.load(tmp_path / "work" / "latents.pt")["captions"]) == 6
+    pairs = torch.load(tmp_path / "work" / "pairs.pt")
+    assert pairs["sources"].shape == pairs["targets"].shape == (3, 4, 16, 16) and len(pairs["target_captions"]) == 3
+    train(tmp_path / "b", tmp_path / "work", config, lambda *_: None)  # every phase resumes at its end
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "b")
+    for part in ("unet", "text_encoder", "vae"):
+        old, new = getattr(pipe, part).state_dict(), getattr(again, part).state_dict()
+        assert all(torch.equal(old[k], new[k]) for k in old), part

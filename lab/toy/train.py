@@ -202,20 +202,28 @@ def train_vae(config: TrainConfig, work: Path, tick) -> tuple[torch.nn.Module, f
     return vae, 1.0 / std
 
 
+def _encode_scenes(vae, scale: float, scenes, count: int, tick=None, label: str = "encode"):
+    """Latents and captions of `count` scenes, `scenes(start, stop)` drawing them 256 at a time (the
+    images of a whole dataset at once would not fit in memory)."""
+    latents, captions = [], []
+    for start in range(0, count, 256):
+        stop = min(start + 256, count)
+        chunk = scenes(start, stop)
+        with torch.inference_mode():
+            latents.append(vae.encode(to_pixels(np.stack([s.image for s in chunk]))).latent_dist.mode() * scale)
+        captions += [s.caption for s in chunk]
+        if tick is not None:
+            tick(label, stop, count, 0.0)
+    return torch.cat(latents).clone(), captions  # clone: a plain tensor that training may use
+
+
 def encode_dataset(config: TrainConfig, vae, scale: float, work: Path, tick):
     cache = work / "latents.pt"
     state = _load(cache)
     if state is not None and state["scale"] == scale and len(state["captions"]) == config.dataset:
         return state["latents"], state["captions"]
-    latents, captions = [], []
-    with torch.inference_mode():
-        for start in range(0, config.dataset, 256):
-            scenes = [make_scene(config.seed * 10**7 + i) for i in range(start, min(start + 256, config.dataset))]
-            x = to_pixels(np.stack([s.image for s in scenes]))
-            latents.append(vae.encode(x).latent_dist.mode() * scale)
-            captions += [s.caption for s in scenes]
-            tick("encode", min(start + 256, config.dataset), config.dataset, 0.0)
-    latents = torch.cat(latents)
+    latents, captions = _encode_scenes(vae, scale, lambda a, b: [make_scene(config.seed * 10**7 + i) for i in range(a, b)],
+                                       config.dataset, tick)
     _checkpoint(cache, latents=latents, captions=captions, scale=scale)
     return latents, captions
 
@@ -272,10 +280,15 @@ class TextConditioned(torch.nn.Module):
         self.text_encoder = toy.trainable_text_encoder(toy.make_text_encoder(tokenizer, word_local))
 
 
-def _embed(net, tokenizer, texts) -> torch.Tensor:
+def _embed(text_encoder, tokenizer, texts) -> torch.Tensor:
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    return net.text_encoder(ids)[0]
+    return text_encoder(ids)[0]
+
+
+def _mix(ab, z0, eps):
+    """x_t at level abar_t: the clean latents and the noise in DDPM's proportions."""
+    return ab.sqrt() * z0 + (1 - ab).sqrt() * eps
 
 
 def _noised(abar, gen, z0):
@@ -283,7 +296,7 @@ def _noised(abar, gen, z0):
     t = torch.randint(0, 1000, (len(z0),), generator=gen)
     eps = torch.randn(z0.shape, generator=gen)
     ab = abar[t].view(-1, 1, 1, 1)
-    return t, eps, ab, ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+    return t, eps, ab, _mix(ab, z0, eps)
 
 
 def _min_snr_loss(pred, eps, ab):
@@ -294,7 +307,7 @@ def _min_snr_loss(pred, eps, ab):
 
 def _denoising_loss(net, tokenizer, abar, gen, z0, texts):
     t, eps, ab, x = _noised(abar, gen, z0)
-    return _min_snr_loss(net.unet(x, t, encoder_hidden_states=_embed(net, tokenizer, texts)).sample, eps, ab)
+    return _min_snr_loss(net.unet(x, t, encoder_hidden_states=_embed(net.text_encoder, tokenizer, texts)).sample, eps, ab)
 
 
 def _sd_alphas_cumprod() -> torch.Tensor:
@@ -351,15 +364,9 @@ def colour_swaps(config: TrainConfig, vae, scale: float, work: Path, tick) -> di
         return state
     pairs = colour_swap_scenes(config)
     state = {"scale": scale}
-    with torch.inference_mode():
-        for side, name in enumerate(("sources", "targets")):
-            chunks = []
-            for start in range(0, len(pairs), 256):
-                x = to_pixels(np.stack([pair[side].image for pair in pairs[start : start + 256]]))
-                chunks.append(vae.encode(x).latent_dist.mode() * scale)
-                tick(f"encode {name}", min(start + 256, len(pairs)), len(pairs), 0.0)
-            state[name] = torch.cat(chunks)
-            state[f"{name[:-1]}_captions"] = [pair[side].caption for pair in pairs]
+    for side, name in enumerate(("sources", "targets")):
+        state[name], state[f"{name[:-1]}_captions"] = _encode_scenes(
+            vae, scale, lambda a, b: [pair[side] for pair in pairs[a:b]], len(pairs), tick, f"encode {name}")
     _checkpoint(cache, **state)
     return state
 
@@ -394,8 +401,8 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
         # still share their latents) or, half the time, from its own scene under the same noise (later
         # steps, where the target has become its own): the source's maps either way.
         own = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
-        x_target = torch.where(own, ab.sqrt() * zt + (1 - ab).sqrt() * eps, x)
-        emb = _embed(net, tokenizer, source_texts + target_texts)
+        x_target = torch.where(own, _mix(ab, zt, eps), x)
+        emb = _embed(net.text_encoder, tokenizer, source_texts + target_texts)
         with AttentionControl(net.unet, PairedMaps()):
             pred = net.unet(torch.cat([x, x_target]), t.repeat(2), encoder_hidden_states=emb).sample
         eps_target = (x_target - ab.sqrt() * zt) / (1 - ab).sqrt()  # what takes x_target to the recoloured scene
@@ -452,13 +459,7 @@ def finetune(source: str | Path, out: Path, *, steps: int = 300, seed: int = 1, 
     vae, unet, tokenizer, text_encoder = pipe.vae, pipe.unet, pipe.tokenizer, pipe.text_encoder
     scale = vae.config.scaling_factor
     base = 10**9 + seed * 10**6  # scenes the original training never drew
-    with torch.inference_mode():
-        latents, captions = [], []
-        for start in range(0, scenes, 256):
-            chunk = [make_scene(base + i) for i in range(start, min(start + 256, scenes))]
-            latents.append(vae.encode(to_pixels(np.stack([s.image for s in chunk]))).latent_dist.mode() * scale)
-            captions += [s.caption for s in chunk]
-        latents = torch.cat(latents).clone()
+    latents, captions = _encode_scenes(vae, scale, lambda a, b: [make_scene(base + i) for i in range(a, b)], scenes)
     abar = _sd_alphas_cumprod()
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
@@ -467,9 +468,7 @@ def finetune(source: str | Path, out: Path, *, steps: int = 300, seed: int = 1, 
         idx = torch.randint(0, len(captions), (batch,), generator=gen)
         texts = [captions[i] if torch.rand(1, generator=gen) >= 0.1 else "" for i in idx.tolist()]
         with torch.no_grad():
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-            emb = text_encoder(ids)[0]
+            emb = _embed(text_encoder, tokenizer, texts)
         t, eps, ab, x = _noised(abar, gen, latents[idx])
         loss = _min_snr_loss(unet(x, t, encoder_hidden_states=emb).sample, eps, ab)
         opt.zero_grad(set_to_none=True)
