@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    DDPMScheduler,
     LatentConsistencyModelPipeline,
     LCMScheduler,
     StableDiffusionPipeline,
@@ -33,7 +32,7 @@ from diffusers import (
 from diffedit import lora
 from diffedit.families import guidance_embedding
 from lab.testing import SD_SCHEDULE
-from lab.toy.train import _checkpoint, _load, encode_dataset
+from lab.toy.train import _checkpoint, _embed, _load, _sd_alphas_cumprod, encode_dataset
 
 GRID = 50  # DDIM steps of the distillation grid (LCMScheduler's original_inference_steps)
 # The layers LCM-LoRA adapts: attention projections, feed-forwards, convolutions of the resnets and
@@ -107,11 +106,10 @@ def distill(teacher_path: str | Path, out: Path, work: Path, config: DistillConf
         student.load_state_dict(state["student"]), target.load_state_dict(state["target"])
         opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         start = state["step"]
-    abar = DDPMScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k != "set_alpha_to_one"}).alphas_cumprod
+    abar = _sd_alphas_cumprod()
     skip = 1000 // GRID
     with torch.no_grad():
-        empty = text_encoder(tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                                       return_tensors="pt").input_ids)[0]
+        empty = _embed(text_encoder, tokenizer, [""])
     student.train()
     for step in range(start, config.steps):
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 11 * step + 3)
@@ -126,9 +124,7 @@ def distill(teacher_path: str | Path, out: Path, work: Path, config: DistillConf
         a_prev, s_prev = ab_prev.sqrt().view(-1, 1, 1, 1), (1 - ab_prev).sqrt().view(-1, 1, 1, 1)
         x_t = a * z0 + s * eps
         with torch.no_grad():
-            ids = tokenizer([captions[i] for i in idx.tolist()], padding="max_length",
-                            max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-            text = text_encoder(ids)[0]
+            text = _embed(text_encoder, tokenizer, [captions[i] for i in idx.tolist()])
             both = teacher(x_t.repeat(2, 1, 1, 1), t.repeat(2),
                            encoder_hidden_states=torch.cat([text, empty.expand_as(text)])).sample
             cond, uncond = both.chunk(2)
