@@ -33,7 +33,7 @@ def train(
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
     unet_steps: Annotated[int, typer.Option(help="UNet and text encoder training steps (batch 48).")] = 4000,
     decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1000,
-    decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on plain MSE, encoder frozen (as `toy tune-decoder`).")] = 300,
+    decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on MSE, encoder frozen (as `toy tune-decoder`).")] = 1300,
     layout_steps: Annotated[int, typer.Option(min=0, help="Phase 3b: steps that train the UNet's layout to follow its attention maps (colour swaps with the source's maps); 0 skips it.")] = 600,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     word_local: Annotated[bool, typer.Option("--word-local/--contextual", help="Text encoder whose tokens see only their own word (v2, shipped) or CLIP's causal mixing (v1's kind; see samples/toy-sd/README.md).")] = True,
@@ -83,13 +83,14 @@ def train(
 def tune_decoder(
     model: Annotated[Path, typer.Option("--model", "-m", help="Saved toy SD model whose VAE decoder is tuned in place.")] = Path("samples/toy-sd"),
     work: Annotated[Path, typer.Option("--work", help="Checkpoints, resumable, kept out of git.")] = Path("runs/toy-sd"),
-    steps: Annotated[int, typer.Option(min=1, help="Decoder steps on plain MSE (batch 16).")] = 300,
+    steps: Annotated[int, typer.Option(min=1, help="Decoder steps on MSE (batch 16).")] = 1300,
     seed: Annotated[int, typer.Option(help="Seed of the batches.")] = 0,
 ):
-    """Tune a saved toy model's VAE decoder for PSNR (plain MSE, encoder frozen, so the latents and
-    every model trained on them stay valid): the last phase of `toy train`, on its own.
+    """Tune a saved toy model's VAE decoder for PSNR and exact white and black (MSE on the clamped
+    image, a third of the scenes on plain colours; encoder frozen, so the latents and every model
+    trained on them stay valid): the last phase of `toy train`, on its own.
 
-    Example: diffedit toy tune-decoder -m samples/toy-sd --steps 300
+    Example: diffedit toy tune-decoder -m samples/toy-sd --steps 1300
     """
     from diffedit.errors import DiffeditError
     from diffedit.models import _quiet_libraries

@@ -119,6 +119,10 @@ def test_tune_decoder_keeps_the_latents(tmp_path):
     assert not (tmp_path / "model" / "vae.tmp").exists()
     tune_decoder(tmp_path / "model", tmp_path / "work", config, lambda *_: None)  # other start: a new run
     assert len(list((tmp_path / "work").glob("decoder_mse-*.ckpt"))) == 2
+    shutil.copytree(DEFAULT_MODEL / "vae", tmp_path / "again" / "vae")  # the first start, another recipe
+    other = TrainConfig(decoder_mse_steps=2, decoder_plain_fraction=1.0, vae_batch=2, checkpoint_every=1)
+    tune_decoder(tmp_path / "again", tmp_path / "work", other, lambda *_: None)
+    assert len(list((tmp_path / "work").glob("decoder_mse-*.ckpt"))) == 3
 
 
 def test_tune_decoder_cli_names_a_folder_without_a_vae(tmp_path, cli):

@@ -7,7 +7,7 @@ import torch
 
 from diffedit.editing.attention import AttentionControl
 from lab.toy import model as toy
-from lab.toy.train import PairedMaps, TrainConfig, colour_swap_scenes, tune_layout
+from lab.toy.train import PairedMaps, TrainConfig, _vae_batch, colour_swap_scenes, photo_sources, tune_layout
 
 
 def test_colour_swaps_change_one_objects_colour_and_nothing_else():
@@ -23,6 +23,25 @@ def test_colour_swaps_change_one_objects_colour_and_nothing_else():
         words = [(x, y) for x, y in zip(source.caption.split(), target.caption.split()) if x != y]
         assert len(source.caption.split()) == len(target.caption.split())
         assert set(words) <= {(a.colour, b.colour), ("a", "an"), ("an", "a")} and (a.colour, b.colour) in words
+
+
+def test_vae_batches_draw_the_asked_share_of_plain_backgrounds():
+    """The VAE phases put `plain_fraction` of the scenes on one plain colour (the last phase more than
+    the first); with none, the world's own backgrounds stay."""
+    config = TrainConfig(vae_batch=8, photo_fraction=0.0)
+    photos = photo_sources()[:1]
+
+    def plain_backgrounds(fraction):
+        count = 0
+        for step in range(4):
+            images, weights = _vae_batch(config, photos, 1, step, fraction)
+            for image, weight in zip(images, weights[:, 0]):
+                background = image[:, weight == 1.0]  # objects weigh 10
+                count += bool((background == background[:, :1]).all())
+        return count
+
+    assert plain_backgrounds(1.0) == 32
+    assert plain_backgrounds(0.0) < 32  # two-tone backgrounds among the world's own
 
 
 def _attention_params(unet, kind):

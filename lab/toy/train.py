@@ -31,7 +31,8 @@ class TrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     decoder_steps: int = 1000
-    decoder_mse_steps: int = 300
+    decoder_mse_steps: int = 1300
+    decoder_plain_fraction: float = 0.5  # the last phase's share of plain-colour scenes
     photo_fraction: float = 0.3
     plain_fraction: float = 0.2  # of the scenes: on a random plain colour, pure white and black included
     dataset: int = 20_000
@@ -96,7 +97,7 @@ def _load(path: Path):
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def _vae_batch(config: TrainConfig, photos, phase: int, step: int):
+def _vae_batch(config: TrainConfig, photos, phase: int, step: int, plain_fraction: float):
     """A seeded batch of scenes and photo crops, with per-pixel loss weights (objects x10)."""
     rng = np.random.default_rng([config.seed, phase, step])
     images, weights = [], []
@@ -108,7 +109,7 @@ def _vae_batch(config: TrainConfig, photos, phase: int, step: int):
             scene = make_scene(int(rng.integers(2**31)))
             objects = np.any(scene.masks, 0) if scene.masks else np.zeros((64, 64), bool)
             image = scene.image
-            if rng.random() < config.plain_fraction:  # users' scenes come on any plain colour
+            if rng.random() < plain_fraction:  # users' scenes come on any plain colour
                 image = image.copy()
                 image[~objects] = plain_colour(rng)
             images.append(image)
@@ -119,7 +120,8 @@ def _vae_batch(config: TrainConfig, photos, phase: int, step: int):
 def _fit_vae(config: TrainConfig, vae, params, steps: int, lr: float, checkpoint: Path, phase: int, tick,
              mse_only: bool = False):
     """Train `params` of the VAE for `steps` steps, resumably (from `checkpoint`); `mse_only` drops the
-    object weights, the L1 term and the KL (which is constant when the encoder is frozen)."""
+    object weights, the L1 term and the KL (which is constant when the encoder is frozen), measures the
+    error on the clamped image and draws `config.decoder_plain_fraction` of the scenes on plain colours."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     cosine = lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
@@ -129,15 +131,19 @@ def _fit_vae(config: TrainConfig, vae, params, steps: int, lr: float, checkpoint
         vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         start = state["step"]
     photos = photo_sources()
+    plain_fraction = config.decoder_plain_fraction if mse_only else config.plain_fraction
     for step in range(start, steps):
-        x, w = _vae_batch(config, photos, phase, step)
+        x, w = _vae_batch(config, photos, phase, step, plain_fraction)
         # Trained on the posterior mode: sampling with the initial unit std drowns the small latents
         # and stalls reconstruction; a tiny KL still keeps the latent scale in check.
         posterior = vae.encode(x).latent_dist
-        err = vae.decode(posterior.mode()).sample - x
+        decoded = vae.decode(posterior.mode()).sample
         if mse_only:
-            loss = err.pow(2).mean()
+            # On the image users get (clamped to [-1, 1]): pure white and black are then reached by
+            # overshooting, where plain MSE pulls them towards the middle (255 came back as 252).
+            loss = (decoded.clamp(-1, 1) - x).pow(2).mean()
         else:
+            err = decoded - x
             loss = (w * (err.abs() + err.pow(2))).mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,12 +171,13 @@ def finetune_decoder(config: TrainConfig, vae, work: Path, tick):
 
 
 def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict:
-    """The last phase: train a saved toy model's decoder on plain MSE (encoder frozen), VAE saved in place.
+    """The last phase: train a saved toy model's decoder on MSE (encoder frozen), VAE saved in place.
 
     The earlier phases' loss (L1 plus object weights) learns objects fast and draws crisp edges, but
     where a sub-pixel edge is uncertain a crisp edge in the wrong place costs more squared error than
     the blend MSE settles on (most of the shapes' error sits on the 1-px band around edges): this
-    phase is worth about 4 dB. The latents do not change, so the UNet and every model sharing its latents
+    phase is worth about 4 dB. Measured on the clamped image and with more scenes on plain colours, it
+    also brings pure white and black backgrounds back within 2 levels. The latents do not change, so the UNet and every model sharing its latents
     (toy LCM, LCM-LoRA, SPM adapters, toy flow) stay valid. It starts from the saved (fp16) weights,
     so `diffedit toy tune-decoder` on a saved model is the same computation as this phase of `train`.
     """
@@ -178,7 +185,9 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
 
     work.mkdir(parents=True, exist_ok=True)
     weights = model_dir / "vae" / "diffusion_pytorch_model.safetensors"
-    start = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]  # resume only a tuning of these weights
+    # Resume only a tuning of these weights with this recipe (steps, plain share, seed, clamped loss).
+    recipe = f"{config.decoder_mse_steps}/{config.decoder_plain_fraction}/{config.seed}/clamped".encode()
+    start = hashlib.sha256(weights.read_bytes() + recipe).hexdigest()[:12]
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32)
     _fit_vae(config, vae, _decoder_only(vae), config.decoder_mse_steps, config.vae_lr * 0.3, work / f"decoder_mse-{start}.ckpt",
              3, tick, mse_only=True)
