@@ -97,3 +97,18 @@ def test_task_file_versions_are_checked(tmp_path):
     with pytest.raises(DiffeditError, match="newer diffedit"):
         load_tasks(path)
     assert TASKS.name == "shapesbench.jsonl"
+
+
+def test_bench_shapes_rows_name_the_settings_they_ran_with(cli, tmp_path):
+    """`diffedit bench shapes`: one row per task, saved as they come; a run given its own guidance or
+    engine parameters is its own row group, so tables that merge runs keep them apart."""
+    code, out, err = cli("bench", "shapes", "-e", "copy-paste", "--kinds", "move", "--limit", "2", "--save", tmp_path / "a")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "a" / "rows.jsonl").read_text().splitlines()]
+    assert [r["engine"] for r in rows] == ["copy-paste"] * 2 and not any(r["success"] for r in rows)  # the object stays behind
+    code, out, err = cli("bench", "shapes", "-e", "copy-paste", "--kinds", "move", "--limit", "1", "-g", "3",
+                         "--param", "seed=4", "--save", tmp_path / "b")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [s["engine"] for s in summary] == ["copy-paste (CFG 3, seed 4)"]
+    assert "| copy-paste (CFG 3, seed 4) | move | 1 |" in (tmp_path / "b" / "results.md").read_text()

@@ -267,7 +267,8 @@ MOVE_METHODS = ("pixelman", "copy-paste", "ddim")
 
 
 def object_move(model: Family, task: dict, source: Image.Image, options: dict) -> tuple[Image.Image, dict] | None:
-    """A move task with PixelMan (`diffedit move`; `params` may set energy_scale, prompt, seed) or a
+    """A move task with PixelMan (`diffedit move`; `params` may set prompt, seed and energy_scale, which
+    defaults as in `diffedit move`: the model folder's recommendation, else the paper's 0.5) or a
     baseline: `copy-paste` (the object's pixels pasted at the new place, no diffusion) or `ddim`
     (DDIM-invert the source without a prompt, paste the object's inverted latents at the new place,
     regenerate: the inversion-based route PixelMan avoids)."""
@@ -283,7 +284,8 @@ def object_move(model: Family, task: dict, source: Image.Image, options: dict) -
         from diffedit.jobs import move_image
 
         params = dict(options.get("params") or {})
-        energy = EnergyWeights.at_scale(params.pop("energy_scale", 0.5))
+        recommended = model.recommended.get("move", {}).get("energy_scale", 0.5)  # as `diffedit move` does
+        energy = EnergyWeights.at_scale(params.pop("energy_scale", recommended))
         return move_image(model, source, Image.fromarray(mask.astype(np.uint8) * 255), move,
                           steps=options.get("steps") or 16, guidance_scale=options.get("guidance_scale"),
                           energy=energy, **params)
@@ -347,10 +349,15 @@ def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: in
                 kept.append(task)
         tasks = kept
     rows = []
-    label = engine  # a masked run is its own row group in the tables
-    if (options or {}).get("mask"):
-        dilate = f", dilated {options['mask_dilate']} px" if options.get("mask_dilate") else ""
-        label += f" (mask: {options['mask']}{dilate}{'' if options.get('paste_back', True) else ', no paste-back'})"
+    # A run with settings of its own (guidance, engine parameters, a mask) is its own row group in the tables.
+    options = options or {}
+    settings = [] if options.get("guidance_scale") is None else [f"CFG {options['guidance_scale']:g}"]
+    settings += [f"{key} {value}" for key, value in sorted((options.get("params") or {}).items())]
+    if options.get("mask"):
+        settings.append(f"mask: {options['mask']}")
+        settings += [f"dilated {options['mask_dilate']} px"] if options.get("mask_dilate") else []
+        settings += [] if options.get("paste_back", True) else ["no paste-back"]
+    label = f"{engine} ({', '.join(settings)})" if settings else engine
     for task in tasks:
         runner = RUNNERS.get(task["kind"])
         if runner is None:
@@ -358,7 +365,7 @@ def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: in
             continue
         source = Image.fromarray(source_scene(task).image)
         started = time.perf_counter()
-        done = runner(model, task, source, {"engine": engine, **(options or {})})
+        done = runner(model, task, source, {"engine": engine, **options})
         if done is None:  # this engine does not do this kind of task
             rows.append({"id": task["id"], "kind": task["kind"], "engine": label, "status": "skipped"})
             continue
