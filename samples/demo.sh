@@ -16,7 +16,7 @@ diffedit edit samples/scene.png -e ddpm-ef -g 5 \
   -t "a yellow star and a green triangle on a black background" \
   -o "$out/scene.yellow.png" --overwrite
 echo "== move the star to the right (PixelMan, 16 steps, no inversion)" >&2
-diffedit move samples/scene.png --mask samples/scene.star-mask.png --to 46,44 --energy-scale 2 \
+diffedit move samples/scene.png --mask samples/scene.star-mask.png --to 46,44 \
   -o "$out/scene.moved.png" --overwrite
 echo "== generate" >&2
 diffedit generate "a red circle on a white background" --seed 1 -o "$out/red-circle.png" --overwrite

@@ -1,6 +1,6 @@
 """The toy flow model: an SD3-style (MMDiT) `StableDiffusion3Pipeline` trained with flow matching.
 
-It shares the toy SD model's VAE (trained once, reused: 64x64 images <-> 16x16x4 latents, shift 0)
+It takes a toy SD model's VAE as it is (`--vae-from`: 64x64 images <-> 16x16x4 latents, shift 0)
 and has two frozen, randomly initialised CLIP text encoders with projections (SD3's CLIP-L/CLIP-G
 pair, width 64 each: joint text width 128, pooled 128) and no T5. Without T5, diffusers' pipeline
 feeds `max_sequence_length` (256) zero vectors in its place; they stay identical through every
