@@ -36,7 +36,7 @@ def train(
     decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on MSE, encoder frozen (as `toy tune-decoder`).")] = 1300,
     layout_steps: Annotated[int, typer.Option(min=0, help="Phase 3b: steps that train the UNet's layout to follow its attention maps (colour swaps with the source's maps); 0 skips it.")] = 600,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
-    word_local: Annotated[bool, typer.Option("--word-local/--contextual", help="Text encoder whose tokens see only their own word (v2, shipped) or CLIP's causal mixing (v1's kind; see samples/toy-sd/README.md).")] = True,
+    word_local: Annotated[bool, typer.Option("--word-local/--contextual", help="Text encoder whose tokens see only their own word (v2 and v3, shipped) or CLIP's causal mixing (v1's kind; see samples/toy-sd/README.md).")] = True,
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
     flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 12_000,
@@ -87,7 +87,7 @@ def tune_decoder(
     seed: Annotated[int, typer.Option(help="Seed of the batches.")] = 0,
 ):
     """Tune a saved toy model's VAE decoder for PSNR and exact white and black (MSE on the clamped
-    image, a third of the scenes on plain colours; encoder frozen, so the latents and every model
+    image, half the scenes on plain colours; encoder frozen, so the latents and every model
     trained on them stay valid): the last phase of `toy train`, on its own.
 
     Example: diffedit toy tune-decoder -m samples/toy-sd --steps 1300

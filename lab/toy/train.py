@@ -176,10 +176,11 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
     The earlier phases' loss (L1 plus object weights) learns objects fast and draws crisp edges, but
     where a sub-pixel edge is uncertain a crisp edge in the wrong place costs more squared error than
     the blend MSE settles on (most of the shapes' error sits on the 1-px band around edges): this
-    phase is worth about 4 dB. Measured on the clamped image and with more scenes on plain colours, it
-    also brings pure white and black backgrounds back within 2 levels. The latents do not change, so the UNet and every model sharing its latents
-    (toy LCM, LCM-LoRA, SPM adapters, toy flow) stay valid. It starts from the saved (fp16) weights,
-    so `diffedit toy tune-decoder` on a saved model is the same computation as this phase of `train`.
+    phase is worth about 4 dB. Measured on the clamped image, with half the scenes on plain colours,
+    it also brings pure white and black backgrounds back within 2 levels. The latents do not change,
+    so the UNet and every model sharing its latents (LCM-LoRA, SPM adapters) stay valid. It starts
+    from the saved (fp16) weights, so `diffedit toy tune-decoder` on a saved model is the same
+    computation as this phase of `train`.
     """
     from diffusers import AutoencoderKL
 
