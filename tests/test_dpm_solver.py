@@ -132,13 +132,15 @@ def test_inversion_climbs_the_samplers_levels_whatever_the_spacing(tiny_spaced):
 
 def test_round_trip_on_the_toy_model_is_closer_than_ddims():
     """On the shipped toy model (a trained one: on the tiny random eps models both round trips diverge)
-    the dpmpp-2m round trip at 20 steps returns closer to the input latent than DDIM's, on every scene.
-    (At 5 steps the 2M inversion overshoots and DDIM is closer; at 10 it is about even.)"""
+    the dpmpp-2m round trip at 20 steps returns closer to the input latent than DDIM's, on every scene
+    (on v3 by 18-43 %, a third less error in all). (At 5 steps the 2M inversion overshoots and DDIM is
+    closer; at 10 it is about even.)"""
     model = load_model(DEFAULT_MODEL, device="cpu")
     ddim, _ = toy_round_trips(model, 20)
     dpm, _ = toy_round_trips(model, 20, solver="dpmpp-2m")
     for ours, theirs in zip(dpm, ddim):
-        assert ours < 0.8 * theirs, (dpm, ddim)
+        assert ours < 0.85 * theirs, (dpm, ddim)
+    assert sum(dpm) < 0.75 * sum(ddim), (dpm, ddim)
 
 
 def test_consistency_models_refuse_dpm():
