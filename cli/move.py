@@ -77,6 +77,7 @@ def move_many(jobs: list[dict]) -> list[dict]:
     from diffedit.errors import UsageError
     from diffedit.images import made_from, save_image
     from diffedit.jobs import ImageInput, MoveInput, image_params, move_images
+    from diffedit.plan import move_energy_scale
 
     first = jobs[0]
     for job in jobs:  # before the model loads: a usage error is answered at once
@@ -94,10 +95,7 @@ def move_many(jobs: list[dict]) -> list[dict]:
                        job["seed"], job["mask_from_prompt"]) for job in jobs]
     m = ModelChoice.of(first).load(quiet=first["quiet"])
     warn_prompts(m, [first["prompt"]], first["quiet"])
-    defaults = "paper"
-    if energy_scale is None:  # the model folder's recommendation where the paper's 0.5 fails on it
-        recommended = m.recommended.get("move", {}).get("energy_scale")
-        energy_scale, defaults = (0.5, "paper") if recommended is None else (float(recommended), m.recommended["file"])
+    energy_scale, defaults = move_energy_scale(m, energy_scale)
     with progress(first["steps"], "move (pixelman)", first["quiet"]) as callback:
         outs = move_images(m, moves, prompt=first["prompt"], steps=first["steps"],
                            guidance_scale=first["guidance_scale"], negative_prompt=first["negative_prompt"],

@@ -79,6 +79,15 @@ def plan_job(model: Family, *, engine: str = "ddim", steps: int | None = None, p
                 negative_prompt, seed, model.recommended["file"] if applied else "paper")
 
 
+def move_energy_scale(model: Family, energy_scale: float | None) -> tuple[float, str]:
+    """PixelMan's energy scale for a move, and where the default came from: the user's value, else the
+    model folder's recommendation where the paper's 0.5 fails on it, else the paper's."""
+    recommended = model.recommended.get("move", {}).get("energy_scale")
+    if energy_scale is not None or recommended is None:
+        return (0.5 if energy_scale is None else energy_scale), "paper"
+    return float(recommended), model.recommended["file"]
+
+
 def plan_of_record(model: Family, meta: dict, *, edit: bool = False, guidance_scale: float | None = None,
                    params: dict | None = None) -> Plan:
     """The plan a record was made with. For a reconstruction the target scale is the inversion's; for

@@ -282,10 +282,10 @@ def object_move(model: Family, task: dict, source: Image.Image, options: dict) -
     move = MoveSpec(task["dx"], task["dy"])
     if method == "pixelman":
         from diffedit.jobs import move_image
+        from diffedit.plan import move_energy_scale
 
         params = dict(options.get("params") or {})
-        recommended = model.recommended.get("move", {}).get("energy_scale", 0.5)  # as `diffedit move` does
-        energy = EnergyWeights.at_scale(params.pop("energy_scale", recommended))
+        energy = EnergyWeights.at_scale(move_energy_scale(model, params.pop("energy_scale", None))[0])
         return move_image(model, source, Image.fromarray(mask.astype(np.uint8) * 255), move,
                           steps=options.get("steps") or 16, guidance_scale=options.get("guidance_scale"),
                           energy=energy, **params)
