@@ -82,6 +82,7 @@ def edit(
     stop: StopOpt = None, n_max: NMaxOpt = None, n_min: NMinOpt = None, n_avg: NAvgOpt = None, solver: SolverOpt = None, fixed_point: FixedPointOpt = None,
     share_steps: ShareStepsOpt = None, share_from: ShareFromOpt = None,
     cross_replace: Annotated[float | None, typer.Option("--cross-replace", help="direct/ddim-p2p/infedit: fraction of steps the target borrows the source's cross-attention.", rich_help_panel=ENGINE_PANEL)] = None,
+    cross_replace_edited: Annotated[float | None, typer.Option("--cross-replace-edited", help="direct/ddim-p2p word swaps: fraction of steps the swapped words borrow the source word's map (default: --cross-replace); lower lets a new shape form.", rich_help_panel=ENGINE_PANEL)] = None,
     self_replace: Annotated[float | None, typer.Option("--self-replace", help="direct/ddim-p2p/infedit: fraction of steps with self-attention control.", rich_help_panel=ENGINE_PANEL)] = None,
     p2p_mode: Annotated[str | None, typer.Option("--p2p-mode", help="direct/ddim-p2p: replace (word swap), refine (added words) or auto.", rich_help_panel=ENGINE_PANEL)] = None,
     reweight: Annotated[list[str] | None, typer.Option("--reweight", help="direct/ddim-p2p: WORD=FACTOR, scale a target word's attention (repeatable).", rich_help_panel=ENGINE_PANEL)] = None,
@@ -175,7 +176,7 @@ def _engine_params(job: dict) -> dict:
 
 
 ENGINE_OPTIONS = ("skip", "eta", "gamma", "strength", "start", "stop", "n_max", "n_min", "n_avg", "solver", "fixed_point", "share_steps",
-                  "share_from", "cross_replace", "self_replace", "p2p_mode", "blend_threshold", "inject_features")
+                  "share_from", "cross_replace", "cross_replace_edited", "self_replace", "p2p_mode", "blend_threshold", "inject_features")
 
 
 def _made_with(model, job: dict, plan, source: str, engine: str, edit_mask) -> dict:

@@ -3,7 +3,9 @@
 A source and a target image run side by side in one batch; on the conditional rows the target's
 cross-attention maps are taken from the source for the first `cross` fraction of steps (word swap:
 position by position; refine: tokens aligned by the model's own tokenizer, new tokens keep their
-own maps), optionally re-weighted per word, and its self-attention maps are taken from the source
+own maps), the swapped words' for their own `cross_edited` fraction (the paper's per-word schedule,
+e.g. 1.0 for the prompt and 0.4 for "lion": the new word starts where the old one was, then
+draws its own shape), optionally re-weighted per word, and its self-attention maps are taken from the source
 for the first `self_` fraction of steps in layers of at most `self_max_tokens` queries. A local
 blend keeps the target equal to the source outside the region the blend words attend to.
 """
@@ -27,6 +29,7 @@ from diffedit.sampling import step
 class P2PConfig:
     cross: float = 0.4  # fraction of steps with cross-attention replacement (PnP Inversion's default)
     self_: float = 0.6  # fraction of steps with self-attention replacement
+    cross_edited: float | None = None  # fraction for the swapped words (None: `cross`)
     mode: str = "auto"  # replace (word swap, equal token counts), refine, or auto
     reweight: dict[str, float] = field(default_factory=dict)  # target word -> factor
     blend: list[str] = field(default_factory=list)  # words whose attention marks the editable region
@@ -36,7 +39,10 @@ class P2PConfig:
 
     def check(self) -> None:
         for name, v in (("--cross-replace", self.cross), ("--self-replace", self.self_),
+                        ("--cross-replace-edited", self.cross_edited),
                         ("--blend-threshold", self.blend_threshold), ("--blend-start", self.blend_start)):
+            if v is None:
+                continue
             if not 0 <= v <= 1:
                 raise UsageError(f"{name} {v} must be in [0, 1]")
         if self.mode not in ("auto", "replace", "refine"):
@@ -63,16 +69,18 @@ def find_word(tokenizer, prompt_ids: list[int], word: str, what: str) -> list[in
     raise UsageError(f"word {word!r} is not in the {what} prompt")
 
 
-def align(tokenizer, source: str, target: str, mode: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each target token position: the source position whose map it takes, and whether it takes it."""
+def align(tokenizer, source: str, target: str, mode: str, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each target token position: the source position whose map it takes, whether it takes it,
+    and whether it is a swapped word (a word swap's token that differs from the source's)."""
     src, tgt = word_tokens(tokenizer, source), word_tokens(tokenizer, target)
     if mode == "auto":
         mode = "replace" if len(src) == len(tgt) else "refine"
-    mapper, alphas = torch.arange(length), torch.ones(length)
+    mapper, alphas, swapped = torch.arange(length), torch.ones(length), torch.zeros(length, dtype=torch.bool)
     if mode == "replace":
         if len(src) != len(tgt):
             raise UsageError(f"word swap needs prompts of equal token counts ({len(src)} vs {len(tgt)}); use refine")
-        return mapper, alphas
+        swapped[1 : 1 + len(tgt)] = torch.tensor(src) != torch.tensor(tgt)
+        return mapper, alphas, swapped
     alphas[1 : 1 + len(tgt)] = 0.0
     for block in difflib.SequenceMatcher(a=src, b=tgt, autojunk=False).get_matching_blocks():
         for j in range(block.size):
@@ -80,24 +88,27 @@ def align(tokenizer, source: str, target: str, mode: str, length: int) -> tuple[
     shift = len(tgt) - len(src)  # the end token and padding follow the prompt
     tail = torch.arange(1 + len(tgt), length)
     mapper[tail] = (tail - shift).clamp(0, length - 1)
-    return mapper, alphas
+    return mapper, alphas, swapped  # refine: unmatched (new or changed) tokens keep their own maps
 
 
 class PromptToPrompt(Controller):
     """Edits the target rows from the source rows: each branch chunk holds one source row per image,
     then one target row per image, and target k follows source k with its pair's token alignment."""
 
-    def __init__(self, config: P2PConfig, steps: int, grid: tuple[int, int], mapper, alphas,
+    def __init__(self, config: P2PConfig, steps: int, grid: tuple[int, int], mapper, alphas, swapped,
                  equalizer=None, blend=None, store: bool = False):
         super().__init__()
         self.config, self.steps, self.grid = config, steps, grid
         self.mapper, self.alphas, self.equalizer = mapper, alphas, equalizer  # [images, tokens] each
+        # the step at which each target token stops borrowing the source's map
+        edited = config.cross if config.cross_edited is None else config.cross_edited
+        self.until = torch.where(swapped, round(edited * steps), round(config.cross * steps))
         self.blend, self.store = blend, store
         self.stored: torch.Tensor | None = None  # summed cross-attention maps of the cond rows
         self.stored_count = 0
 
     def _cross_active(self, step: int) -> bool:
-        return step < round(self.config.cross * self.steps)
+        return step < int(self.until.max())
 
     def _self_active(self, call: AttnCall) -> bool:
         return call.step < round(self.config.self_ * self.steps) and call.image_tokens <= self.config.self_max_tokens
@@ -125,7 +136,8 @@ class PromptToPrompt(Controller):
             self._record(call, chunk)
         if self._cross_active(call.step):
             for k in range(images):  # each pair its own alignment (a loop over rows, not forwards)
-                mapper, alphas = self.mapper[k].to(probs.device), self.alphas[k].to(probs.device, probs.dtype)
+                alphas = self.alphas[k] * (call.step < self.until[k])
+                mapper, alphas = self.mapper[k].to(probs.device), alphas.to(probs.device, probs.dtype)
                 edited = source[k][..., mapper] * alphas + target[k] * (1 - alphas)
                 if self.equalizer is not None:
                     edited = edited * self.equalizer[k].to(probs.device, probs.dtype)
@@ -216,13 +228,14 @@ def build_p2p(tokenizer, pairs: list[tuple[str, str]], config: P2PConfig, steps:
     """Controller for (source, target) prompt pairs, one per image, with checks on words and lengths."""
     config.check()
     length = tokenizer.model_max_length
-    mappers, alphas, equalizers, blends = [], [], [], []
+    mappers, alphas, swaps, equalizers, blends = [], [], [], [], []
     for source, target in pairs:
         check_length(tokenizer, source, "source")
         check_length(tokenizer, target, "target")
-        mapper, alpha = align(tokenizer, source, target, config.mode, length)
+        mapper, alpha, swapped = align(tokenizer, source, target, config.mode, length)
         mappers.append(mapper)
         alphas.append(alpha)
+        swaps.append(swapped)
         tgt_ids = word_tokens(tokenizer, target)
         equalizer = torch.ones(length)
         for word, factor in config.reweight.items():
@@ -235,12 +248,14 @@ def build_p2p(tokenizer, pairs: list[tuple[str, str]], config: P2PConfig, steps:
         positions = [b[0] for b in blends] + [b[1] for b in blends]
         blend = LocalBlend(positions, grid, config.blend_threshold, images=len(pairs))
     equalizer = torch.stack(equalizers) if config.reweight else None
-    return PromptToPrompt(config, steps, grid, torch.stack(mappers), torch.stack(alphas), equalizer, blend, store)
+    return PromptToPrompt(config, steps, grid, torch.stack(mappers), torch.stack(alphas), torch.stack(swaps),
+                          equalizer, blend, store)
 
 
 def p2p_config(params) -> P2PConfig:
     """The controller settings of an engine's prompt-to-prompt parameters."""
-    return P2PConfig(cross=params.cross_replace, self_=params.self_replace, mode=params.p2p_mode,
+    return P2PConfig(cross=params.cross_replace, self_=params.self_replace, cross_edited=params.cross_replace_edited,
+                     mode=params.p2p_mode,
                      reweight=dict(params.reweight), blend=list(params.blend), blend_threshold=params.blend_threshold)
 
 

@@ -29,6 +29,7 @@ class P2PParams(FeatureParams):
 
     cross_replace: float = 0.4
     self_replace: float = 0.6
+    cross_replace_edited: float | None = None
     p2p_mode: str = "auto"
     reweight: dict[str, float] = field(default_factory=dict)
     blend: list[str] = field(default_factory=list)

@@ -69,7 +69,7 @@ class InfEdit(Engine):
         for source, target in zip(run.sources, run.targets):
             check_length(tokenizer, source, "source")
             check_length(tokenizer, target, "target")
-            mapper, alpha = align(tokenizer, source, target, "refine", tokenizer.model_max_length)
+            mapper, alpha, _ = align(tokenizer, source, target, "refine", tokenizer.model_max_length)
             mappers.append(mapper)
             alphas.append(alpha)
             if p.blend:  # the region the target's blend words attend to

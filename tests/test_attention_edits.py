@@ -12,7 +12,7 @@ from PIL import Image
 
 from diffedit.denoiser import prompt_denoiser
 from diffedit.editing.attention import AttnCall, _attend, attention_maps
-from diffedit.editing.p2p import LocalBlend, P2PConfig, PromptToPrompt, align
+from diffedit.editing.p2p import LocalBlend, P2PConfig, PromptToPrompt, align, build_p2p
 from diffedit.errors import UsageError
 from diffedit.guidance.cfg import CFG
 from diffedit.jobs import edit_record, invert_image
@@ -23,11 +23,13 @@ from diffedit.sampling import initial_noise, sample
 def test_alignment_word_swap_and_refine(tiny):
     pipe, _ = tiny("sd1")
     tok = pipe.tokenizer
-    mapper, alphas = align(tok, "a red square", "a blue square", "auto", 77)  # equal counts: word swap
+    mapper, alphas, swapped = align(tok, "a red square", "a blue square", "auto", 77)  # equal counts: word swap
     assert torch.equal(mapper, torch.arange(77)) and alphas.min() == 1
-    mapper, alphas = align(tok, "a red square", "a big red square", "auto", 77)  # refine
+    assert swapped.nonzero().flatten().tolist() == [2]  # "blue", after the start token and "a"
+    mapper, alphas, swapped = align(tok, "a red square", "a big red square", "auto", 77)  # refine
     # "a"->1, "big" is new, "red"->2, "square"->3, end token 5 -> 4
     assert mapper[1] == 1 and alphas[2] == 0 and mapper[3] == 2 and mapper[4] == 3 and mapper[5] == 4
+    assert not swapped.any()  # a new word keeps its own map on every step
     with pytest.raises(UsageError, match="equal token counts"):
         align(tok, "a red square", "a big red square", "replace", 77)
 
@@ -38,7 +40,7 @@ def test_self_attention_replacement_takes_the_source_maps_over_the_targets_value
     layers keep their own."""
     images, tokens = 2, 16
     control = PromptToPrompt(P2PConfig(self_=0.5, self_max_tokens=tokens), 10, (4, 4), torch.stack([torch.arange(5)] * 2),
-                             torch.ones(images, 5))
+                             torch.ones(images, 5), torch.zeros(images, 5, dtype=torch.bool))
     q, k, v = (torch.randn(2 * 2 * images, 2, tokens, 8) for _ in range(3))  # uncond, cond: [sources, targets]
     own = F.scaled_dot_product_attention(q, k, v)
 
@@ -56,6 +58,27 @@ def test_self_attention_replacement_takes_the_source_maps_over_the_targets_value
     assert torch.allclose(out[: 2 * images], own[: 2 * images], atol=1e-6)  # the unconditional chunk
     assert torch.allclose(attend(step=5), own, atol=1e-6)  # past the self_ fraction of 10 steps
     assert torch.allclose(attend(step=0, image_tokens=4 * tokens), own, atol=1e-6)  # a larger layer
+
+
+def test_swapped_words_borrow_the_source_map_for_their_own_fraction_of_steps(tiny):
+    """A word swap with cross 0.8 and cross_edited 0.3 over 10 steps: the target's swapped token takes
+    the source's map on steps 0-2 only, every other token on steps 0-7, none from step 8."""
+    pipe, _ = tiny("sd1")
+    control = build_p2p(pipe.tokenizer, [("a red square", "a blue square")], P2PConfig(cross=0.8, cross_edited=0.3),
+                        10, (4, 4))
+    probs = torch.rand(4, 2, 16, 77).softmax(-1)  # uncond [source, target], cond [source, target]
+
+    def borrowed(step):
+        control.begin(step, ("uncond", "cond"))
+        call = AttnCall("down_blocks.0.attentions.0.transformer_blocks.0.attn2", True, 16, False, step, ("uncond", "cond"))
+        assert control.wants_maps(call) == (step < 8)
+        out = control.maps(call, probs.clone()) if control.wants_maps(call) else probs
+        return [bool(torch.equal(out[3, :, :, t], probs[2, :, :, t])) for t in range(4)]  # start, a, blue, square
+
+    assert borrowed(2) == [True, True, True, True]
+    assert borrowed(3) == [True, True, False, True]
+    assert borrowed(7) == [True, True, False, True]
+    assert borrowed(8) == [False, False, False, False]
 
 
 def test_local_blend_keeps_the_source_outside_the_mask():
