@@ -239,8 +239,11 @@ def test_every_guidance_in_per_row_engines(tiny, square, kind):
 
 def test_feature_injection_keeps_the_toy_lcms_scenes_when_recolouring():
     """InfEdit on the shipped toy LCM, first six ShapesBench recolour tasks: the source's decoder
-    features for the first 40 % of the steps keep every background better and succeed more often
-    (docs/engines.md, the 40-task table: 20 → 35 % success, 21.2 → 32.0 dB)."""
+    features for the first 40 % of the steps recolour more of them and keep more background on
+    average (all 40, docs/benchmarks.md: 37.5 → 57.5 % success, 25.0 → 28.3 dB). On v1's LCM, whose
+    layout lived in the convolutions, it kept every background better (20 → 35 %, 21.2 → 32.0 dB);
+    the LCM of v3, whose layout follows the attention maps, is kept by InfEdit's attention control
+    on some tasks already, where injection changes little either way."""
     from pathlib import Path
 
     from diffedit.jobs import edit_image
@@ -257,6 +260,5 @@ def test_feature_injection_keeps_the_toy_lcms_scenes_when_recolouring():
             image, _, _ = edit_image(model, source, plan_job(model, engine="infedit", params={"inject_features": fraction}), source_prompt=task["source_prompt"], target_prompt=task["target_prompt"])
             runs[fraction].append(bench.judge(task, np.asarray(image)))
     plain, injected = runs[0.0], runs[0.4]
-    assert all(b["bg_psnr"] > a["bg_psnr"] for a, b in zip(plain, injected))
-    assert np.mean([b["bg_psnr"] - a["bg_psnr"] for a, b in zip(plain, injected)]) >= 5.0
-    assert sum(b["success"] for b in injected) > sum(a["success"] for a in plain)
+    assert np.mean([b["bg_psnr"] - a["bg_psnr"] for a, b in zip(plain, injected)]) >= 1.5  # 2.9 dB here
+    assert sum(b["success"] for b in injected) > sum(a["success"] for a in plain)  # 4 against 2

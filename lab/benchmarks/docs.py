@@ -27,6 +27,16 @@ swapped word held as long as the rest, 67.5 % of reshapes). InfEdit at its paper
 80 % at 30.3 dB but recolours 52.5 %; BDIA recolours 17.5 %, edit-friendly DDPM keeps 21-22 dB.""",
      ["v3-shapes40-direct", "v3-shapes40-direct-papers", "v3-shapes40-ddim-p2p", "v3-shapes40-ddim",
       "v3-shapes40-infedit", "v3-shapes40-bdia", "v3-shapes40-ddpm-ef"]),
+    ("Toy model v3: latent-consistency models", """
+`diffedit bench lcm --lcm-lora samples/toy-lcm-lora/pytorch_lora_weights.safetensors`: the toy LCM
+and the toy LCM-LoRA, both distilled from v3 on 2026-12-04, against their teacher v3 (100 seeded
+single-object prompts; guidance input / CFG 5, the LCM-LoRA without CFG; one run).""", ["v3-lcm"]),
+    ("Toy model v3: InfEdit on the toy LCM", """
+All 40 recolour and reshape tasks and the 10 reconstructions, InfEdit at the paper's 15 steps on the toy
+LCM distilled from v3, its defaults (guidance input 1 / 2); without and with plug-and-play feature
+injection on the first 40 % of the steps (`--inject-features 0.4`), which on v3's LCM helps recolours
+(37.5 → 57.5 %, 25.0 → 28.3 dB) and costs reshapes two tasks (47.5 → 42.5 %, at 30.2 dB). On v1's LCM
+it had helped both (docs/engines.md).""", ["v3-shapes40-lcm-infedit", "v3-shapes40-lcm-infedit-pnp"]),
     ("Toy model v3: moves", """
 PixelMan on all 32 move tasks (20 among several objects, 12 single objects on the world's white moved
 by (±18, ±14) px), 16 steps: at the model folder's energy scale, 2.5, and at the paper's 0.5.""",
