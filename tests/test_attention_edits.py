@@ -150,6 +150,8 @@ def test_reweight_and_blend_change_the_edit(tiny, square):
     ("direct", "a blue square", {"reweight": {"green": 2.0}}, "word 'green' is not in the target prompt"),
     ("infedit", "a blue square", {"blend": ["zebra"]}, "blend word 'zebra' is in neither"),
     ("direct", "a blue square", {"cross_replace": 1.5}, "--cross-replace 1.5"),
+    ("ddim-p2p", "a blue square", {"cross_replace_edited": -0.1}, "--cross-replace-edited -0.1 must be in"),
+    ("infedit", "a blue square", {"cross_replace_edited": 0.5}, "--cross-replace-edited does not apply to engine infedit"),
     ("ddim-p2p", "a blue square", {"inject_features": 1.5}, "--inject-features 1.5"),
     ("infedit", "a blue square", {"inject_features": 0.5, "feature_layers": ["up_blocks.9"]},
      "feature layer 'up_blocks.9' is not a module of this network"),

@@ -125,6 +125,18 @@ is left over in a one-step job; diffusers' pipeline on the same weights is at 1.
 first run of the same jobs put every ratio 0.06-0.3 higher (`generate` 1.34, diffusers' 1.35): single
 runs of these 100-200 s jobs move that much on this machine. RF-Solver shares attention values on its
 one step (its 5 of 30 do not fit in one).""", ["scale-sd3"]),
+    ("Costs at full size: Flux's width", """
+`diffedit bench scale --family flux`: Flux's transformer at full width (24 heads of 128, 3072 wide)
+cut to 1 of its 19 double-stream and 2 of its 38 single-stream blocks, with its guidance embedding; CLIP
+ViT-L at full size, T5-XXL at full width cut to 2 of its 24 layers, a 16-channel VAE of SD's shape;
+1024² (4096 image tokens), one step per job, each job in a fresh process on this 2-core CPU, one run
+(2026-12-04). Flux is guidance-distilled: `generate` makes one network row per step, the inversions two
+calls of one row (inversion, then sampling), FlowEdit one call of two rows (source and target
+velocities). Every engine peaks within 1.03× `generate`'s memory; ours ÷ diffusers' FluxPipeline on
+the same weights: 1.007 in time, 0.978 in memory. The ÷ (forwards + VAE) column leaves the text
+encoders out, most of what is left over in a one-step job (1.07-1.09 for every job but FlowEdit's,
+1.17, not broken down further). Single runs of these 100-280 s jobs move by up to ±15 % on this
+machine.""", ["scale-flux"]),
     ("Micro-batching: inversions and edits", """
 `diffedit bench batch`: per engine, 8 inversions and 8 edits of ShapesBench scenes with `--batch-size
 4` against one by one on the toy model, side by side (docs/testing-and-benchmarks.md discusses the
