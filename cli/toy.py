@@ -86,9 +86,9 @@ def tune_decoder(
     steps: Annotated[int, typer.Option(min=1, help="Decoder steps on MSE (batch 16).")] = 1300,
     seed: Annotated[int, typer.Option(help="Seed of the batches.")] = 0,
 ):
-    """Tune a saved toy model's VAE decoder for PSNR and exact white and black (MSE on the clamped
-    image, half the scenes on plain colours; encoder frozen, so the latents and every model
-    trained on them stay valid): the last phase of `toy train`, on its own.
+    """Tune a saved toy model's VAE decoder for PSNR and exact plain colours (MSE on the clamped
+    image, half the scenes on plain colours, half of those saturated; encoder frozen, so the latents
+    and every model trained on them stay valid): the last phase of `toy train`, on its own.
 
     Example: diffedit toy tune-decoder -m samples/toy-sd --steps 1300
     """

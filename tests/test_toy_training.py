@@ -7,7 +7,8 @@ import torch
 
 from diffedit.editing.attention import AttentionControl
 from lab.toy import model as toy
-from lab.toy.train import PairedMaps, TrainConfig, _vae_batch, colour_swap_scenes, photo_sources, tune_layout
+from lab.toy.train import (PairedMaps, TrainConfig, _vae_batch, colour_swap_scenes, photo_sources, plain_colour,
+                           tune_layout)
 
 
 def test_colour_swaps_change_one_objects_colour_and_nothing_else():
@@ -42,6 +43,24 @@ def test_vae_batches_draw_the_asked_share_of_plain_backgrounds():
 
     assert plain_backgrounds(1.0) == 32
     assert plain_backgrounds(0.0) < 32  # two-tone backgrounds among the world's own
+
+
+def test_saturated_plain_colours_reach_the_cube_surface():
+    """A uniform draw almost never puts a channel at 0 or 255 except on pure white and black; the
+    saturated share does, and reaches the cube's other corners (pure red, blue, yellow...)."""
+    def draw(saturated):
+        rng = np.random.default_rng(0)
+        colours = np.array([plain_colour(rng, saturated) for _ in range(2000)]).astype(int)
+        grey_ends = np.all(colours == 0, 1) | np.all(colours == 255, 1)
+        ends = (colours == 0) | (colours == 255)
+        return colours[~grey_ends], ends[~grey_ends]
+
+    colours, ends = draw(0.0)
+    assert ends.any(1).mean() < 0.05
+    colours, ends = draw(1.0)
+    assert ends.any(1).all()  # every colour on the surface
+    corners = {tuple(c) for c, e in zip(colours, ends) if e.all()}
+    assert {(255, 0, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)} <= corners
 
 
 def _attention_params(unet, kind):

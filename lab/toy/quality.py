@@ -91,8 +91,15 @@ def vae_psnr(model: Family, images: list[np.ndarray]) -> float:
     return float(np.mean([psnr(to_pil(b), img) for b, img in zip(back, images)]))
 
 
+# Plain backgrounds a user may put a scene on: the extremes, the world's white, greys, the RGB cube's
+# other corners and a few colours between.
+PLAIN_PANEL = ((255, 255, 255), (0, 0, 0), (245, 245, 245), (64, 64, 64), (128, 128, 128), (192, 192, 192),
+               (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
+               (200, 60, 90), (0, 160, 0), (30, 200, 220), (250, 150, 40))
+
+
 @torch.inference_mode()
-def plain_background_error(model: Family, colours=((255, 255, 255), (0, 0, 0), (245, 245, 245), (200, 60, 90))) -> dict:
+def plain_background_error(model: Family, colours=PLAIN_PANEL) -> dict:
     """Largest error, in levels, of the VAE round trip's background (mean over the background pixels, per
     channel) for scenes put on each plain colour; by colour."""
     out = {}

@@ -33,6 +33,7 @@ class TrainConfig:
     decoder_steps: int = 1000
     decoder_mse_steps: int = 1300
     decoder_plain_fraction: float = 0.5  # the last phase's share of plain-colour scenes
+    decoder_saturated_fraction: float = 0.5  # of its plain colours: on the RGB cube's surface (a channel at 0 or 255)
     photo_fraction: float = 0.3
     plain_fraction: float = 0.2  # of the scenes: on a random plain colour, pure white and black included
     dataset: int = 20_000
@@ -73,14 +74,23 @@ def photo_crop(photos: list[np.ndarray], rng: np.random.Generator, size: int = 6
     return cv2.resize(img[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA)
 
 
-def plain_colour(rng: np.random.Generator) -> np.ndarray:
-    """Pure white, pure black or any RGB colour: the backgrounds the world's palette does not have."""
+def plain_colour(rng: np.random.Generator, saturated: float = 0.0) -> np.ndarray:
+    """Pure white, pure black or any RGB colour: the backgrounds the world's palette does not have.
+
+    A `saturated` share of the colours lies on the RGB cube's surface (each channel at 0 or 255 with
+    even odds, at least one): pure red, blue, yellow and their edges, which a uniform draw all but
+    never reaches (a channel within 2 levels of an end: 2 % of draws)."""
     kind = rng.random()
     if kind < 0.25:
         return np.array([255, 255, 255], np.uint8)
     if kind < 0.5:
         return np.array([0, 0, 0], np.uint8)
-    return rng.integers(0, 256, 3).astype(np.uint8)
+    colour = rng.integers(0, 256, 3)
+    if rng.random() < saturated:
+        ends = rng.random(3) < 0.5
+        ends[rng.integers(3)] = True
+        colour[ends] = 255 * rng.integers(0, 2, int(ends.sum()))
+    return colour.astype(np.uint8)
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -97,7 +107,7 @@ def _load(path: Path):
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def _vae_batch(config: TrainConfig, photos, phase: int, step: int, plain_fraction: float):
+def _vae_batch(config: TrainConfig, photos, phase: int, step: int, plain_fraction: float, saturated: float = 0.0):
     """A seeded batch of scenes and photo crops, with per-pixel loss weights (objects x10)."""
     rng = np.random.default_rng([config.seed, phase, step])
     images, weights = [], []
@@ -111,7 +121,7 @@ def _vae_batch(config: TrainConfig, photos, phase: int, step: int, plain_fractio
             image = scene.image
             if rng.random() < plain_fraction:  # users' scenes come on any plain colour
                 image = image.copy()
-                image[~objects] = plain_colour(rng)
+                image[~objects] = plain_colour(rng, saturated)
             images.append(image)
             weights.append(1.0 + 9.0 * objects.astype(np.float32))
     return to_pixels(np.stack(images)), torch.from_numpy(np.stack(weights))[:, None]
@@ -121,7 +131,8 @@ def _fit_vae(config: TrainConfig, vae, params, steps: int, lr: float, checkpoint
              mse_only: bool = False):
     """Train `params` of the VAE for `steps` steps, resumably (from `checkpoint`); `mse_only` drops the
     object weights, the L1 term and the KL (which is constant when the encoder is frozen), measures the
-    error on the clamped image and draws `config.decoder_plain_fraction` of the scenes on plain colours."""
+    error on the clamped image and draws `config.decoder_plain_fraction` of the scenes on plain colours,
+    `config.decoder_saturated_fraction` of those on the RGB cube's surface."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     cosine = lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
@@ -132,8 +143,9 @@ def _fit_vae(config: TrainConfig, vae, params, steps: int, lr: float, checkpoint
         start = state["step"]
     photos = photo_sources()
     plain_fraction = config.decoder_plain_fraction if mse_only else config.plain_fraction
+    saturated = config.decoder_saturated_fraction if mse_only else 0.0
     for step in range(start, steps):
-        x, w = _vae_batch(config, photos, phase, step, plain_fraction)
+        x, w = _vae_batch(config, photos, phase, step, plain_fraction, saturated)
         # Trained on the posterior mode: sampling with the initial unit std drowns the small latents
         # and stalls reconstruction; a tiny KL still keeps the latent scale in check.
         posterior = vae.encode(x).latent_dist
@@ -186,8 +198,10 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
 
     work.mkdir(parents=True, exist_ok=True)
     weights = model_dir / "vae" / "diffusion_pytorch_model.safetensors"
-    # Resume only a tuning of these weights with this recipe (steps, plain share, seed, clamped loss).
-    recipe = f"{config.decoder_mse_steps}/{config.decoder_plain_fraction}/{config.seed}/clamped".encode()
+    # Resume only a tuning of these weights with this recipe (steps, plain and saturated shares, seed,
+    # clamped loss).
+    recipe = (f"{config.decoder_mse_steps}/{config.decoder_plain_fraction}/{config.decoder_saturated_fraction}/"
+              f"{config.seed}/clamped").encode()
     start = hashlib.sha256(weights.read_bytes() + recipe).hexdigest()[:12]
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32)
     _fit_vae(config, vae, _decoder_only(vae), config.decoder_mse_steps, config.vae_lr * 0.3, work / f"decoder_mse-{start}.ckpt",
