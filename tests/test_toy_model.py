@@ -53,6 +53,9 @@ def test_vae_round_trips(toy):
     assert vae_psnr(toy, photos_64()) >= 27.0
     errors = plain_background_error(toy, colours=((255, 255, 255), (0, 0, 0)))
     assert max(errors.values()) <= 2.0, errors
+    # the RGB cube's other corners: 25-34 levels off before phase 5 drew them (samples/toy-sd/README.md)
+    errors = plain_background_error(toy, colours=((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)))
+    assert max(errors.values()) <= 20.0 and sorted(errors.values())[-2] <= 8.0, errors
 
 
 def test_ddim_round_trip_reaches_28_db(toy):
@@ -175,7 +178,7 @@ def test_layout_follows_the_attention_maps(toy):
     """The layout-in-attention diagnostic (`diffedit toy layout`) on the first recolour tasks: with
     every attention map of the target taken from the source, the objects stay where they were. The
     toy model v1 kept 5 % of the tasks within 2 px (median shift 7.8 px), v2 60 % of all 40; v3
-    keeps 92.5 % (issue 28's bar: 90 %), all 6 here (samples/toy-sd/README.md)."""
+    keeps 90 % (issue 28's bar: 90 %), all 6 here (samples/toy-sd/README.md)."""
     from lab.toy.bench import load_tasks
     from lab.toy.quality import layout_in_attention
 
@@ -191,7 +194,7 @@ def test_releasing_the_swapped_word_early_lets_the_new_shape_form(toy):
     """Two ShapesBench reshapes with Direct Inversion at the folder's settings: with the swapped shape
     word borrowing the source word's map on as many steps as the rest of the prompt (80 %), the old
     shape stays; released after 60 % of the steps, the new one forms, the rest kept as well (all 40
-    reshape tasks: 67.5 % -> 77.5 %, no task lost; samples/toy-sd/README.md)."""
+    reshape tasks on v3 as first shipped: 67.5 % -> 77.5 %, no task lost; samples/toy-sd/README.md)."""
     from PIL import Image
 
     from lab.toy import bench

@@ -7,8 +7,15 @@ import torch
 
 from diffedit.editing.attention import AttentionControl
 from lab.toy import model as toy
-from lab.toy.train import (PairedMaps, TrainConfig, _vae_batch, colour_swap_scenes, photo_sources, plain_colour,
-                           tune_layout)
+from lab.toy.train import (
+    PairedMaps,
+    TrainConfig,
+    _vae_batch,
+    colour_swap_scenes,
+    photo_sources,
+    plain_colour,
+    tune_layout,
+)
 
 
 def test_colour_swaps_change_one_objects_colour_and_nothing_else():
