@@ -79,7 +79,7 @@ def plain_colour(rng: np.random.Generator, saturated: float = 0.0) -> np.ndarray
 
     A `saturated` share of the colours lies on the RGB cube's surface (each channel at 0 or 255 with
     even odds, at least one): pure red, blue, yellow and their edges, which a uniform draw all but
-    never reaches (a channel within 2 levels of an end: 2 % of draws)."""
+    never reaches (every channel within 2 levels of 0 or 255: one draw in 78 000)."""
     kind = rng.random()
     if kind < 0.25:
         return np.array([255, 255, 255], np.uint8)
