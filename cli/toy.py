@@ -40,6 +40,10 @@ def train(
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
     flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 12_000,
+    flow_lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate with --flow (AdamW, cosine to a tenth).")] = 8e-4,
+    init_from: Annotated[Optional[Path], typer.Option(help="With --flow: a saved toy flow model to fine-tune onto the "
+                                                      "latents of --vae-from (its text encoders kept, its transformer "
+                                                      "the start) instead of training from scratch.")] = None,
     vae_from: Annotated[Optional[Path], typer.Option(help="Saved toy SD model whose VAE is used as it is (only the "
                                                      "denoiser and text encoder are trained) [default with --flow: "
                                                      "samples/toy-sd].")] = None,
@@ -64,11 +68,16 @@ def train(
     out, work = out or Path("samples", name), work or Path("runs", name)
     if out.exists() and not overwrite:
         raise DiffeditError(f"{out}: already exists; pass --overwrite to replace it")
+    if init_from is not None and not flow:
+        raise DiffeditError("--init-from fine-tunes a toy flow model: it needs --flow")
+    if init_from is not None and not (init_from / "transformer" / "config.json").exists():
+        raise DiffeditError(f"{init_from}: no toy flow model (transformer/config.json) to start from")
     if not resume and work.exists():
         shutil.rmtree(work)
     if flow:
-        config = toy_flow.FlowTrainConfig(seed=seed, steps=flow_steps, dataset=dataset)
-        train_model = lambda *args: toy_flow.train(*args, vae_from=vae_from or Path("samples/toy-sd"))  # noqa: E731
+        config = toy_flow.FlowTrainConfig(seed=seed, steps=flow_steps, lr=flow_lr, dataset=dataset)
+        train_model = lambda *args: toy_flow.train(*args, vae_from=vae_from or Path("samples/toy-sd"),  # noqa: E731
+                                                   init_from=init_from)
     else:
         config = TrainConfig(seed=seed, vae_width=vae_width, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
                              decoder_mse_steps=decoder_mse_steps, dataset=dataset, word_local=word_local,

@@ -114,3 +114,18 @@ def test_exact_engines_on_the_toy_flow_model(flow, engine):
     _, result = invert_image(flow, Image.fromarray(scene.image), plan_job(flow, engine=engine, steps=20, params=params), prompt=scene.caption)
     assert result["latent_max_abs"] <= 1e-4
     assert result["psnr"] == pytest.approx(result["vae_psnr"], abs=0.01)
+
+
+def test_fine_tuning_starts_from_the_given_model(tmp_path):
+    """`toy train --flow --init-from`: the transformer starts from the saved model's weights and its
+    frozen text encoders are kept (at learning rate 0 one step changes nothing)."""
+    from lab.toy.flow import FlowTrainConfig, train
+
+    out = tmp_path / "tuned"
+    train(out, tmp_path / "work", FlowTrainConfig(dataset=8, steps=1, lr=0.0), lambda *a: None,
+          vae_from=TOY_FLOW, init_from=TOY_FLOW)
+    tuned = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
+    shipped = StableDiffusion3Pipeline.from_pretrained(TOY_FLOW, text_encoder_3=None, tokenizer_3=None)
+    for part in ("transformer", "text_encoder", "text_encoder_2"):
+        for (name, a), b in zip(getattr(tuned, part).state_dict().items(), getattr(shipped, part).state_dict().values()):
+            assert torch.equal(a, b), f"{part}.{name}"

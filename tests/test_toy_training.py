@@ -62,7 +62,7 @@ def test_saturated_plain_colours_reach_the_cube_surface():
         ends = (colours == 0) | (colours == 255)
         return colours[~grey_ends], ends[~grey_ends]
 
-    colours, ends = draw(0.0)
+    _, ends = draw(0.0)
     assert ends.any(1).mean() < 0.05
     colours, ends = draw(1.0)
     assert ends.any(1).all()  # every colour on the surface
@@ -136,3 +136,12 @@ def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights
     for part in ("unet", "text_encoder", "vae"):
         old, new = getattr(pipe, part).state_dict(), getattr(again, part).state_dict()
         assert all(torch.equal(old[k], new[k]) for k in old), part
+
+
+def test_train_cli_refuses_a_start_that_is_no_flow_model(tmp_path, cli):
+    args = ("--out", tmp_path / "model", "--work", tmp_path / "work")
+    code, _, err = cli("toy", "train", "--init-from", "samples/toy-flow", *args)
+    assert code != 0 and "needs --flow" in err
+    code, _, err = cli("toy", "train", "--flow", "--init-from", tmp_path / "nowhere", *args)
+    assert code != 0 and "nowhere: no toy flow model" in err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
