@@ -33,7 +33,9 @@ class Denoiser:
         # conditioning of branches that need no text of their own (PAG's perturbed) is the cond's
         self._conds = {b: conds.get(b) or conds["cond"] for b in self.branches}
         self.cond = Cond.cat([self._conds[b] for b in self.branches])
-        self._cond_of = {self.branches: self.cond}  # by active branches (adaptive guidance drops some)
+        self.prompts = len(self._conds["cond"])
+        # by active branches (adaptive guidance drops some) and the prompt rows each holds
+        self._cond_of = {(self.branches, (None,) * len(self.branches)): self.cond}
         self.dtype = model.dtype  # read once: diffusers' `.dtype` walks every module
         own = guidance.controller(model.network)
         if controller is not None and own is not None:
@@ -49,11 +51,17 @@ class Denoiser:
         """Guided `(x0_hat, eps_hat)` of `x` at level `level` (default i), network at time `i`."""
         level = i if level is None else level
         branches = self.guidance.active_branches()
-        cond = self._cond_of.get(branches)
+        layout = tuple(self._rows(i, b) for b in branches)
+        cond = self._cond_of.get((branches, layout))
         if cond is None:
-            cond = self._cond_of[branches] = Cond.cat([self._conds[b] for b in branches])
+            cond = self._cond_of[branches, layout] = Cond.cat([
+                self._conds[b] if rows is None else Cond({k: v[list(rows)] for k, v in self._conds[b].tensors.items()})
+                for b, rows in zip(branches, layout)])
         n = len(branches)
-        x_in = x.repeat(n, 1, 1, 1) if n > 1 else x
+        if all(rows is None for rows in layout):
+            x_in = x.repeat(n, 1, 1, 1) if n > 1 else x
+        else:
+            x_in = torch.cat([x if rows is None else x[list(rows)] for rows in layout])
         t = schedule.times[i]
         membranes = self.model.membranes  # SPM adapters: each batch row's multipliers travel in the cond
         rows = membranes.rows(cond.tensors.get("spm")) if membranes is not None else nullcontext()
@@ -61,7 +69,7 @@ class Denoiser:
             if self.control is None:
                 out = self.model.forward(x_in.to(self.dtype), t, cond)
             else:
-                self.control.controller.begin(i, branches)
+                self.control.controller.begin(i, branches, layout)
                 with self.control:
                     out = self.model.forward(x_in.to(self.dtype), t, cond)
         self.calls += 1
@@ -76,9 +84,22 @@ class Denoiser:
             raise DiffeditError(f"step {i + 1} of {len(schedule)}: the network returned NaN/Inf in {self.dtype} "
                                 f"({cause})")
         x0, eps = self.model.to_x0_eps(out.float(), x_in, schedule.a[level], schedule.s[level])
-        preds = dict(zip(branches, zip(x0.chunk(n), eps.chunk(n))))
+        sizes = [len(x) if rows is None else len(rows) for rows in layout]
+        preds = dict(zip(branches, zip(x0.split(sizes), eps.split(sizes))))
+        for b, rows in zip(branches, layout):
+            if rows is not None:  # the rows left out read as the cond prediction (see `Guidance.rows`)
+                preds[b] = tuple(full.clone().index_copy_(0, torch.tensor(rows, device=x.device), part)
+                                 for full, part in zip(preds["cond"], preds[b]))
         combine = self.guidance.combine_inverse if inverse else self.guidance.combine
         return combine(preds, schedule.t[i])
+
+    def _rows(self, i: int, branch: str) -> tuple[int, ...] | None:
+        """The prompt rows `branch` holds at step `i`: those the guidance reads and the attention
+        controller needs (None: all of them)."""
+        rows = None if branch == "cond" else self.guidance.rows(branch)
+        if rows is not None and self.control is not None:
+            rows = self.control.controller.needed_rows(i, branch, rows)
+        return None if rows is None or len(rows) == self.prompts else tuple(sorted(rows))
 
 
 def prompt_denoiser(

@@ -49,12 +49,25 @@ class AttnCall:
     step: int
     branches: tuple[str, ...]
     text_first: bool = False  # Flux: the text tokens come first (single-stream blocks: `image_tokens` 0, unknown)
+    # Prompt rows each branch's chunk holds (None: every prompt, the usual equal chunks); only a
+    # controller that accepts partial chunks (`Controller.needed_rows`) sees one.
+    layout: tuple[tuple[int, ...] | None, ...] | None = None
 
     def rows(self, batch: int, branch: str) -> slice:
-        """Rows of the batch that hold `branch` (branches are stacked in equal chunks)."""
-        per = batch // len(self.branches)
+        """Rows of the batch that hold `branch` (branches are stacked in order, full chunks equal)."""
         i = self.branches.index(branch)
-        return slice(i * per, (i + 1) * per)
+        if self.layout is None or all(r is None for r in self.layout):
+            per = batch // len(self.branches)
+            return slice(i * per, (i + 1) * per)
+        partial = [len(r) for r in self.layout if r is not None]
+        full = (batch - sum(partial)) // (len(self.layout) - len(partial))
+        sizes = [full if r is None else len(r) for r in self.layout]
+        start = sum(sizes[:i])
+        return slice(start, start + sizes[i])
+
+    def members(self, branch: str) -> tuple[int, ...] | None:
+        """The prompt rows `branch`'s chunk holds, in order (None: all of them)."""
+        return None if self.layout is None else self.layout[self.branches.index(branch)]
 
 
 class Controller:
@@ -63,10 +76,17 @@ class Controller:
     feature_layers: tuple[str, ...] = ()  # modules whose outputs `features` sees
 
     def __init__(self):
-        self.step, self.branches = 0, ("cond",)
+        self.step, self.branches, self.layout = 0, ("cond",), None
 
-    def begin(self, step: int, branches: tuple[str, ...]) -> None:
-        self.step, self.branches = step, branches
+    def begin(self, step: int, branches: tuple[str, ...], layout=None) -> None:
+        """The next forward: its step, its branches and the prompt rows of each (`AttnCall.layout`)."""
+        self.step, self.branches, self.layout = step, branches, layout
+
+    def needed_rows(self, step: int, branch: str, wanted: frozenset[int]) -> frozenset[int] | None:
+        """The prompt rows `branch` must hold at `step` when the guidance reads only `wanted` of them:
+        `wanted` and whatever rows this controller's work reads; None for every row. The default,
+        None, is for controllers that index each chunk as full stacks of rows."""
+        return None
 
     def wants_maps(self, call: AttnCall) -> bool:
         return False
@@ -129,7 +149,7 @@ class _Processor:
 
     def call(self, image_tokens: int, joint: bool, text_first: bool = False) -> AttnCall:
         c = self.controller
-        return AttnCall(self.layer, self.cross, image_tokens, joint, c.step, c.branches, text_first)
+        return AttnCall(self.layer, self.cross, image_tokens, joint, c.step, c.branches, text_first, c.layout)
 
 
 class UNetProcessor(_Processor):
@@ -296,10 +316,17 @@ class Chain(Controller):
         self.controllers = controllers
         self.feature_layers = tuple(dict.fromkeys(n for c in controllers for n in c.feature_layers))
 
-    def begin(self, step, branches):
-        super().begin(step, branches)
+    def begin(self, step, branches, layout=None):
+        super().begin(step, branches, layout)
         for c in self.controllers:
-            c.begin(step, branches)
+            c.begin(step, branches, layout)
+
+    def needed_rows(self, step, branch, wanted):
+        for c in self.controllers:
+            wanted = c.needed_rows(step, branch, wanted)
+            if wanted is None:
+                return None
+        return wanted
 
     def wants_maps(self, call):
         return any(c.wants_maps(call) for c in self.controllers)

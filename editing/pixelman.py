@@ -159,8 +159,8 @@ class PixelManControl(Controller):
         self._finest = 0  # token count of the finest up-block self-attention seen
         self.leak_proof = bool(masks.ipt.any())
 
-    def begin(self, step, branches):
-        super().begin(step, branches)
+    def begin(self, step, branches, layout=None):
+        super().begin(step, branches, layout)
         self._cache = {}  # the blocked keys change with m_sim, once per step
 
     def _grid(self, tokens: int) -> tuple[int, int]:

@@ -29,21 +29,40 @@ class UnifiedAttentionControl(Controller):
         self.mapper, self.alphas, self.blend = mapper, alphas, blend  # mapper, alphas: [images, tokens]
         self.images = len(mapper)
 
-    def _role(self, rows: slice, role: int) -> slice:
+    def _role(self, rows: slice, role: int, members: tuple[int, ...] | None = None) -> slice | None:
+        """The rows of `role` in a branch chunk (None where the chunk does not hold that role)."""
+        if members is not None:  # a partial chunk holds whole roles, in order
+            roles = sorted({m // self.images for m in members})
+            if role not in roles:
+                return None
+            role = roles.index(role)
         start = rows.start + role * self.images
         return slice(start, start + self.images)
+
+    def needed_rows(self, step, branch, wanted):
+        # A branch may leave out the rows no guidance reads (InfEdit's source and layout uncond rows
+        # at source scale 1), but the rows a kept row copies from stay: the layout reads the source
+        # (and, from `self_end` on, the target's queries); the target reads the source before `self_end`.
+        roles = {r // self.images for r in wanted}
+        if LAYOUT in roles:
+            roles |= {SOURCE, TARGET}
+        elif TARGET in roles and step < self.self_end:
+            roles.add(SOURCE)
+        return frozenset(r * self.images + i for r in roles for i in range(self.images))
 
     def qkv(self, call, q, k, v):
         if call.cross or call.joint:
             return q, k, v
         q, k, v = q.clone(), k.clone(), v.clone()
         for branch in call.branches:
-            rows = call.rows(q.shape[0], branch)
-            src, tgt, lay = (self._role(rows, r) for r in (SOURCE, TARGET, LAYOUT))
+            rows, members = call.rows(q.shape[0], branch), call.members(branch)
+            src, tgt, lay = (self._role(rows, r, members) for r in (SOURCE, TARGET, LAYOUT))
             if call.step < self.self_end:
-                q[tgt], k[tgt] = q[src], k[src]
-                q[lay], k[lay], v[lay] = q[src], k[src], v[src]
-            else:
+                if tgt is not None:
+                    q[tgt], k[tgt] = q[src], k[src]
+                if lay is not None:
+                    q[lay], k[lay], v[lay] = q[src], k[src], v[src]
+            elif lay is not None:
                 q[lay], k[lay], v[lay] = q[tgt], k[src], v[src]
         return q, k, v
 

@@ -41,6 +41,11 @@ class Guidance:
         """The branches the next forward needs (all of them, except after adaptive guidance converged)."""
         return self.branches
 
+    def rows(self, branch: str) -> frozenset[int] | None:
+        """The prompt rows whose combination reads `branch` (None: every row). A row left out gets the
+        cond branch's prediction in its place, so leave out only rows that combine it to nothing."""
+        return None
+
     def combine(self, preds: dict[str, Prediction], t: float) -> Prediction:
         return preds["cond"]
 
@@ -66,6 +71,13 @@ class CFG(Guidance):
         """`scale` may be a list: one scale per prompt of the batch (InfEdit's source and target)."""
         self.scale, self.weight = scales(scale)
         self.branches = ("cond",) if set(_as_list(self.scale)) == {1.0} else ("uncond", "cond")
+
+    def rows(self, branch):
+        # A row at scale 1 is its cond prediction, u + 1 (c - u) = c: its uncond row is never read
+        # (InfEdit's source and layout rows at the paper's source scale 1).
+        if branch != "uncond" or not isinstance(self.scale, list) or 1.0 not in self.scale:
+            return None
+        return frozenset(i for i, w in enumerate(self.scale) if w != 1.0)
 
     def combine(self, preds, t):
         if self.branches == ("cond",):

@@ -264,3 +264,31 @@ def test_feature_injection_keeps_the_toy_lcms_scenes_when_recolouring():
     plain, injected = runs[0.0], runs[0.4]
     assert np.mean([b["bg_psnr"] - a["bg_psnr"] for a, b in zip(plain, injected)]) >= 1.5  # 2.9 dB here
     assert sum(b["success"] for b in injected) > sum(a["success"] for a in plain)  # 4 against 2
+
+
+def test_infedit_runs_only_the_uncond_rows_something_reads(tiny):
+    """At source scale 1 (InfEdit's default) no guidance reads the source's and layout's uncond rows;
+    the denoiser keeps the target's, and the source's while the target copies its queries and keys,
+    and predicts the same as with every row, in smaller forwards."""
+    from diffedit.editing.attention import Chain, Controller
+    from diffedit.editing.uac import UnifiedAttentionControl
+
+    _, model = tiny("sd1")
+    tokenizer = model.pipe.tokenizer
+    mapper, alpha, _ = align(tokenizer, "a red square", "a blue square", "refine", tokenizer.model_max_length)
+    steps, schedule = 4, model.schedule(4, 32, 32)
+
+    def denoiser(every_row: bool):
+        control = UnifiedAttentionControl(steps, 0.5, 0.7, mapper[None], alpha[None], None)
+        # a controller that reads chunks as full stacks makes the denoiser keep every row
+        control = Chain(control, Controller()) if every_row else control
+        return prompt_denoiser(model, ["a red square", "a blue square", "a red square"], CFG([1.0, 2.0, 1.0]),
+                               32, 32, controller=control)
+
+    trimmed, full = denoiser(False), denoiser(True)
+    x = initial_noise(model.latent_shape(3, 32, 32), [0, 0, 0], model.device)
+    for i in range(steps):
+        for ours, theirs in zip(trimmed(x, schedule, i), full(x, schedule, i)):
+            assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    # uncond rows: target and source for the 2 steps of self-attention replacement, then the target alone
+    assert trimmed.forwards == {3 + 2: 2, 3 + 1: 2} and full.forwards == {6: 4}
