@@ -52,6 +52,18 @@ def test_vae_batches_draw_the_asked_share_of_plain_backgrounds():
     assert plain_backgrounds(0.0) < 32  # two-tone backgrounds among the world's own
 
 
+def test_whole_plain_images_only_when_asked():
+    """`--whole-plain`: that share of the plain scenes is one colour throughout (no object weights);
+    at 0 the batches are the shipped recipe's, draw for draw."""
+    config = TrainConfig(vae_batch=8, photo_fraction=0.0)
+    photos = photo_sources()[:1]
+    default = _vae_batch(config, photos, 3, 0, 1.0, 0.5)
+    torch.testing.assert_close(_vae_batch(config, photos, 3, 0, 1.0, 0.5, whole=0.0), default, rtol=0, atol=0)
+    images, weights = _vae_batch(config, photos, 3, 0, 1.0, 0.5, whole=1.0)
+    assert (weights == 1.0).all()
+    assert all((image == image[:, :1, :1]).all() for image in images)
+
+
 def test_saturated_plain_colours_reach_the_cube_surface():
     """A uniform draw almost never puts a channel at 0 or 255 except on pure white and black; the
     saturated share does, and reaches the cube's other corners (pure red, blue, yellow...)."""

@@ -34,6 +34,7 @@ class TrainConfig:
     decoder_mse_steps: int = 1300
     decoder_plain_fraction: float = 0.5  # the last phase's share of plain-colour scenes
     decoder_saturated_fraction: float = 0.5  # of its plain colours: on the RGB cube's surface (a channel at 0 or 255)
+    decoder_whole_plain_fraction: float = 0.0  # of its plain scenes: the whole image that colour, no objects
     photo_fraction: float = 0.3
     plain_fraction: float = 0.2  # of the scenes: on a random plain colour, pure white and black included
     dataset: int = 20_000
@@ -107,8 +108,10 @@ def _load(path: Path):
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def _vae_batch(config: TrainConfig, photos, phase: int, step: int, plain_fraction: float, saturated: float = 0.0):
-    """A seeded batch of scenes and photo crops, with per-pixel loss weights (objects x10)."""
+def _vae_batch(config: TrainConfig, photos, phase: int, step: int, plain_fraction: float, saturated: float = 0.0,
+               whole: float = 0.0):
+    """A seeded batch of scenes and photo crops, with per-pixel loss weights (objects x10); a `whole`
+    share of the plain scenes is one colour throughout."""
     rng = np.random.default_rng([config.seed, phase, step])
     images, weights = [], []
     for _ in range(config.vae_batch):
@@ -121,7 +124,10 @@ def _vae_batch(config: TrainConfig, photos, phase: int, step: int, plain_fractio
             image = scene.image
             if rng.random() < plain_fraction:  # users' scenes come on any plain colour
                 image = image.copy()
-                image[~objects] = plain_colour(rng, saturated)
+                colour = plain_colour(rng, saturated)
+                if whole and rng.random() < whole:  # drawn only when asked: the shipped batches stay as they were
+                    objects = np.zeros_like(objects)
+                image[~objects] = colour
             images.append(image)
             weights.append(1.0 + 9.0 * objects.astype(np.float32))
     return to_pixels(np.stack(images)), torch.from_numpy(np.stack(weights))[:, None]
@@ -144,8 +150,9 @@ def _fit_vae(config: TrainConfig, vae, params, steps: int, lr: float, checkpoint
     photos = photo_sources()
     plain_fraction = config.decoder_plain_fraction if mse_only else config.plain_fraction
     saturated = config.decoder_saturated_fraction if mse_only else 0.0
+    whole = config.decoder_whole_plain_fraction if mse_only else 0.0
     for step in range(start, steps):
-        x, w = _vae_batch(config, photos, phase, step, plain_fraction, saturated)
+        x, w = _vae_batch(config, photos, phase, step, plain_fraction, saturated, whole)
         # Trained on the posterior mode: sampling with the initial unit std drowns the small latents
         # and stalls reconstruction; a tiny KL still keeps the latent scale in check.
         posterior = vae.encode(x).latent_dist
@@ -201,7 +208,8 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
     # Resume only a tuning of these weights with this recipe (steps, plain and saturated shares, seed,
     # clamped loss).
     recipe = (f"{config.decoder_mse_steps}/{config.decoder_plain_fraction}/{config.decoder_saturated_fraction}/"
-              f"{config.seed}/clamped").encode()
+              f"{config.seed}/clamped" + (f"/whole{config.decoder_whole_plain_fraction}"
+                                          if config.decoder_whole_plain_fraction else "")).encode()
     start = hashlib.sha256(weights.read_bytes() + recipe).hexdigest()[:12]
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32)
     _fit_vae(config, vae, _decoder_only(vae), config.decoder_mse_steps, config.vae_lr * 0.3, work / f"decoder_mse-{start}.ckpt",
