@@ -205,8 +205,8 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
 
     work.mkdir(parents=True, exist_ok=True)
     weights = model_dir / "vae" / "diffusion_pytorch_model.safetensors"
-    # Resume only a tuning of these weights with this recipe (steps, plain and saturated shares, seed,
-    # clamped loss).
+    # Resume only a tuning of these weights with this recipe (steps, plain, saturated and whole-plain
+    # shares, seed, clamped loss).
     recipe = (f"{config.decoder_mse_steps}/{config.decoder_plain_fraction}/{config.decoder_saturated_fraction}/"
               f"{config.seed}/clamped" + (f"/whole{config.decoder_whole_plain_fraction}"
                                           if config.decoder_whole_plain_fraction else "")).encode()
