@@ -41,6 +41,9 @@ def train(
                                        "on the VAE of --vae-from instead.")] = False,
     flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 12_000,
     flow_lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate with --flow (AdamW, cosine to a tenth).")] = 8e-4,
+    user_captions: Annotated[bool, typer.Option("--user-captions/--template-captions", help="With --flow: train on the "
+                                                "captions as people type them (any order, article or none, background "
+                                                "phrase or none; the shipped model) or on the world's template only.")] = True,
     init_from: Annotated[Optional[Path], typer.Option(help="With --flow: a saved toy flow model to fine-tune onto the "
                                                       "latents of --vae-from (its text encoders kept, its transformer "
                                                       "the start) instead of training from scratch.")] = None,
@@ -76,7 +79,8 @@ def train(
     if not resume and work.exists():
         shutil.rmtree(work)
     if flow:
-        config = toy_flow.FlowTrainConfig(seed=seed, steps=flow_steps, lr=flow_lr, dataset=dataset)
+        config = toy_flow.FlowTrainConfig(seed=seed, steps=flow_steps, lr=flow_lr, dataset=dataset,
+                                           user_captions=user_captions)
         train_model = lambda *args: toy_flow.train(*args, vae_from=vae_from or Path("samples/toy-sd"),  # noqa: E731
                                                    init_from=init_from)
     else:

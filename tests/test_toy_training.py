@@ -6,12 +6,14 @@ import numpy as np
 import torch
 
 from diffedit.editing.attention import AttentionControl
+from diffedit.toy.shapes import make_scene, user_caption
 from lab.toy import model as toy
 from lab.toy.train import (
     PairedMaps,
     TrainConfig,
     _vae_batch,
     colour_swap_scenes,
+    fit_denoiser,
     photo_sources,
     plain_colour,
     tune_layout,
@@ -157,3 +159,35 @@ def test_train_cli_refuses_a_start_that_is_no_flow_model(tmp_path, cli):
     code, _, err = cli("toy", "train", "--flow", "--init-from", tmp_path / "nowhere", *args)
     assert code != 0 and "nowhere: no toy flow model" in err
     assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
+
+
+def test_denoiser_training_reads_the_captions_as_people_type_them(tmp_path):
+    """With `rewrite` (the toy SD model's UNet phase; the flow model's `--user-captions`) the drawn
+    captions are trained in other forms of themselves, short ones included; without it, as written.
+    Dropped captions stay empty either way."""
+    captions = [make_scene(i).caption for i in range(32)]
+
+    def texts_trained(rewrite, name):
+        seen = []
+
+        def loss_of(net, gen, z0, texts):
+            seen.extend(texts)
+            return net(z0).pow(2).mean()
+
+        fit_denoiser(TrainConfig(warmup=1), lambda: torch.nn.Linear(4, 4), lambda net: None, loss_of,
+                     torch.ones(32, 4), captions, 6, 16, 1e-3, tmp_path / f"{name}.ckpt", name, lambda *a: None,
+                     rewrite=rewrite)
+        return seen
+
+    assert set(texts_trained(None, "template")) <= set(captions) | {""}
+    seen = texts_trained(user_caption, "user")
+    forms = [text for text in seen if text]
+    assert "" in seen and len(forms) >= 80
+    assert sum(text not in captions for text in forms) >= len(forms) // 2
+    assert any(" on a " not in text for text in forms) and any(" on a " in text for text in forms)
+
+    def objects(text):  # the "colour shape" pairs a caption names, in any of its forms
+        return sorted(" ".join(p.split()[-2:]) for p in text.partition(" on a ")[0].split(" and "))
+
+    scenes = [objects(c) for c in captions]
+    assert all(objects(text) in scenes for text in forms)

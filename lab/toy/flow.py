@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from diffedit.tokenizers import clip_word_tokenizer
-from diffedit.toy.shapes import VOCAB
+from diffedit.toy.shapes import VOCAB, user_caption
 from lab.toy import model as toy
 from lab.toy.train import encode_dataset, fit_denoiser
 
@@ -41,6 +41,7 @@ class FlowTrainConfig:
     warmup: int = 200
     ema: float = 0.999
     caption_dropout: float = 0.1
+    user_captions: bool = True  # captions rewritten as people type them (`user_caption`), as the toy SD model learns
     checkpoint_every: int = 200
 
 
@@ -136,19 +137,22 @@ def text_conditioning(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tenso
 
 
 class CaptionCache:
-    """`text_conditioning` of every caption (and of "", for caption dropout), computed once: the text
-    encoders are frozen, and encoding each batch anew cost a tenth of a training step."""
+    """`text_conditioning` of each caption, computed the first time a batch asks for it: the text
+    encoders are frozen, and encoding every batch anew cost a tenth of a training step. Lazily, because
+    the forms people type (`user_caption`) give 59 000 texts for 7 500 captions; each is encoded
+    once, as it first comes up."""
 
-    def __init__(self, pipe, captions: list[str], chunk: int = 256):
-        unique = sorted(set(captions) | {""})
-        self.index = {text: i for i, text in enumerate(unique)}
-        with torch.no_grad():
-            parts = [text_conditioning(pipe, unique[i : i + chunk]) for i in range(0, len(unique), chunk)]
-        self.text, self.pooled = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.tensor([self.index[text] for text in texts])
-        return self.text[rows], self.pooled[rows]
+        new = sorted(set(texts) - self.rows.keys())
+        if new:
+            with torch.no_grad():
+                text, pooled = text_conditioning(self.pipe, new)
+            self.rows.update({t: (text[i], pooled[i]) for i, t in enumerate(new)})
+        return (torch.stack([self.rows[t][0] for t in texts]), torch.stack([self.rows[t][1] for t in texts]))
 
 
 def train(out: Path, work: Path, config: FlowTrainConfig, tick, vae_from: str | Path = "samples/toy-sd",
@@ -180,7 +184,7 @@ def train(out: Path, work: Path, config: FlowTrainConfig, tick, vae_from: str | 
 
     pipe = assemble(vae, make_transformer(), text_encoder, text_encoder_2, tokenizer)
     latents, captions = encode_dataset(config, vae, vae.config.scaling_factor, work, tick)
-    conditioning = CaptionCache(pipe, captions)
+    conditioning = CaptionCache(pipe)
 
     def loss(net, gen, z0, texts):
         text, pooled = conditioning(texts)
@@ -195,7 +199,7 @@ def train(out: Path, work: Path, config: FlowTrainConfig, tick, vae_from: str | 
     sink = SinkAttention(ZERO_TOKENS)
     transformer = fit_denoiser(config, make_net, lambda net: net.set_attn_processor(sink), loss, latents,
                                captions, config.steps, config.batch, config.lr, work / "transformer.ckpt",
-                               "transformer", tick)
+                               "transformer", tick, rewrite=user_caption if config.user_captions else None)
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     transformer.set_attn_processor(JointAttnProcessor2_0())
