@@ -70,8 +70,8 @@ recolour, direct reshape). The same two on all 40 tasks of their kind, with and 
 the mask is ahead in both, so the five-task gaps were one task's luck.""", ["shapes40-mask-words-check"]),
     ("Local edits: ShapesBench with edit masks (toy flow model)", """
 The same tasks on the toy flow model with the flow engines (masks from words need UNet
-cross-attention, so flow models take mask files). Measured on 2026-12-04 on the model fine-tuned onto
-v3's VAE; tests ran beside the no-mask run, so its seconds per edit are not comparable.""",
+cross-attention, so flow models take mask files). Measured on 2026-12-05 on the model that learned
+the captions people type, alone on the CPU.""",
      ["shapes-flow-mask-none", "shapes-flow-mask-object", "shapes-flow-mask-object-nopaste"]),
     ("Local edits: what a mask costs", """
 The same edit with and without `--mask`, side by side in one run, medians (`diffedit bench masks`):
@@ -84,12 +84,13 @@ PSNR against the input, and the VAE's own round trip (the ceiling; the gap is wh
 DDIM, Euler and DPM-Solver++ (2M) make one network evaluation per step each way, RF-Solver two,
 FireFlow one plus one; a fixed-point inversion (`--fixed-point 2`) three per step while its sampling
 stays at one. On the flow model the second-order steps at 10 steps come closer to the ceiling
-(RF-Solver 0.32 dB with 20 evaluations each way, FireFlow 0.43 dB with 11) than Euler at 20 steps (1.68
+(RF-Solver 0.39 dB with 20 evaluations each way, FireFlow 0.49 dB with 11) than Euler at 20 steps (1.57
 dB). On the toy SD model DPM-Solver++ (2M) is ahead of DDIM only from 20 steps on: below that its
 inversion (diffusers' plain one) overshoots. What closes the round trip at few steps there is the
 first-order fixed point: DDIM at 10 steps with 2 updates (30 + 10 evaluations) comes back closer than
 plain DDIM at 50 steps, and at 50 steps it reaches the ceiling. These are toy model v3's numbers and
-the flow model's fine-tuned onto v3's latents (2026-12-04; ceiling 35.01 dB). On v2 (ceiling 31.98 dB)
+the flow model's on v3's latents (2026-12-05, the model that learned the captions people type; ceiling
+35.01 dB). On v2 (ceiling 31.98 dB)
 plain DDIM stopped 2.0-3.7 dB short, on v3 2.9-8.0 dB (its 5-step round trip loses most); the
 ordering of the solvers is the same on both.
 
