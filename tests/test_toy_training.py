@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from diffedit.editing.attention import AttentionControl
-from diffedit.toy.shapes import make_scene, user_caption
+from diffedit.toy.shapes import make_scene, named_objects, user_caption
 from lab.toy import model as toy
 from lab.toy.train import (
     PairedMaps,
@@ -185,9 +185,5 @@ def test_denoiser_training_reads_the_captions_as_people_type_them(tmp_path):
     assert "" in seen and len(forms) >= 80
     assert sum(text not in captions for text in forms) >= len(forms) // 2
     assert any(" on a " not in text for text in forms) and any(" on a " in text for text in forms)
-
-    def objects(text):  # the "colour shape" pairs a caption names, in any of its forms
-        return sorted(" ".join(p.split()[-2:]) for p in text.partition(" on a ")[0].split(" and "))
-
-    scenes = [objects(c) for c in captions]
-    assert all(objects(text) in scenes for text in forms)
+    scenes = [named_objects(c) for c in captions]
+    assert all(named_objects(text) in scenes for text in forms)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffedit.toy.checker import check, shows
-from diffedit.toy.shapes import COLOURS, SHAPES, VOCAB, Obj, make_scene, render, user_caption
+from diffedit.toy.shapes import COLOURS, SHAPES, VOCAB, Obj, make_scene, named_objects, render, user_caption
 from lab.toy.bench import TASKS, expected_scene, judge, load_tasks, make_tasks, source_scene
 from lab.toy.model import make_tokenizer
 
@@ -116,12 +116,6 @@ def test_bench_shapes_rows_name_the_settings_they_ran_with(cli, tmp_path):
     assert "| copy-paste (CFG 3, seed 4) | move | 1 |" in (tmp_path / "b" / "results.md").read_text()
 
 
-def objects_named(text: str) -> list[str]:
-    """The "colour shape" phrases of a caption in any of its forms, sorted."""
-    things = text.partition(" on a ")[0]
-    return sorted(" ".join(phrase.split()[-2:]) for phrase in things.split(" and "))
-
-
 @settings(max_examples=200, deadline=None)
 @given(scene_seed=st.integers(0, 2**31 - 1), form_seed=st.integers(0, 2**31 - 1))
 def test_user_captions_name_the_same_scene(scene_seed, form_seed):
@@ -129,7 +123,7 @@ def test_user_captions_name_the_same_scene(scene_seed, form_seed):
     none, and the scene's own background phrase or none; every word is in the vocabulary."""
     scene = make_scene(scene_seed)
     text = user_caption(scene.caption, np.random.default_rng(form_seed))
-    assert objects_named(text) == objects_named(scene.caption)
+    assert named_objects(text) == named_objects(scene.caption)
     things, on, background = text.partition(" on a ")
     assert not on or background == scene.caption.partition(" on a ")[2]
     for phrase in things.split(" and "):

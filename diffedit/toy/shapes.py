@@ -68,6 +68,12 @@ def user_caption(caption: str, rng: np.random.Generator) -> str:
     return f"{text} on a {background}" if rng.random() < 0.5 else text
 
 
+def named_objects(caption: str) -> list[str]:
+    """The objects a caption names ("red circle", ...) in any of its forms (`user_caption`), sorted."""
+    things = caption.partition(" on a ")[0]
+    return sorted(" ".join(phrase.split()[-2:]) for phrase in things.split(" and "))
+
+
 def polygon(shape: str, center: tuple[float, float], size: float) -> np.ndarray | None:
     """Vertices of a shape (None for circles), upright, inscribed in a circle of radius `size`."""
     cx, cy = center
