@@ -122,6 +122,16 @@ layers hold 16384 tokens (4096 at 512²), for the engines that keep attention st
 peak within 1.03× of `generate`, PixelMan at 1.14× (the activations its energy guidance keeps for a
 backward pass).""",
      ["scale-sd1-1024"]),
+    ("Costs at full size: SDXL's width", """
+`diffedit bench scale --family sdxl`: SDXL's UNet at full size (2.6 B parameters, 10 transformer blocks
+at its lowest level), CLIP ViT-L- and OpenCLIP bigG-sized text encoders, SD's VAE; 1024² (4096 tokens
+in its finest attention layers), one step per job, each job in a fresh process on this 2-core CPU, one
+run per table (2026-12-05): `generate`, diffusers' StableDiffusionXLPipeline, `ddim` and `direct`
+(`--jobs generate,diffusers-generate,ddim,direct`), then `generate` again beside the engines that keep
+attention state (`--jobs generate,ddim-p2p,infedit`). A forward of one row takes 45 s here, each job
+3-7 minutes with the model's construction; edit-friendly DDPM, BDIA, PAG and PixelMan are not measured
+at this size yet. Ours ÷ diffusers' pipeline on the same weights: 1.018 in time (single runs move
+±15 %), 0.994 in memory.""", ["scale-sdxl", "scale-sdxl-attention"]),
     ("Costs at full size: SD3-medium's width", """
 `diffedit bench scale --family sd3`: SD3-medium's transformer at full width (24 heads of 64) cut to 2
 of its 24 joint blocks, its two CLIP text encoders at full size, T5-XXL at full width cut to 2 of its 24
