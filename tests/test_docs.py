@@ -54,3 +54,16 @@ def test_benchmark_tables_quoted_in_the_docs_match_the_results():
                 stale = [r for r in rows if _measured(r) not in results[header]]
                 assert not stale, f"{page.name}: rows not in benchmarks/results: {stale[:2]}"
     assert quoted >= 10  # the check reads the pages' tables at all
+
+
+def test_every_results_row_sits_in_a_table_of_the_docs():
+    """Sections merge the tables of several result folders; a folder's notes below its table (the costs
+    line of `bench scale`) must not cut the merged table, or the rows after them render as loose text."""
+    from lab.benchmarks import docs
+
+    in_tables = {row for _, rows in _tables((ROOT / "docs" / "benchmarks.md").read_text()) for row in rows}
+    for _, _, folders in docs.SECTIONS:
+        for folder in folders:
+            path = ROOT / docs.RESULTS / folder / "results.md"
+            rows = {row for _, rows in _tables(path.read_text()) for row in rows} if path.exists() else set()
+            assert rows <= in_tables, f"{folder}: rows outside any table of docs/benchmarks.md"

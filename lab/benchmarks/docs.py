@@ -209,7 +209,11 @@ def render() -> str:
             lines = _table(Path(folder))
             if len(lines) >= 2 and lines[0].startswith("|") and (header is None or lines[:2] == header):
                 header = header or lines[:2]
-                rows += lines[2:]
+                body = lines[2:]
+                end = next((i for i, line in enumerate(body) if not line.startswith("|")), len(body))
+                rows += body[:end]
+                notes = [line for line in body[end:] if line.strip()]
+                loose += notes + [""] if notes else []  # a table's notes go below the merged table
             else:
                 loose += lines + [""]
         if header:
