@@ -128,7 +128,7 @@ at its lowest level), CLIP ViT-L- and OpenCLIP bigG-sized text encoders, SD's VA
 in its finest attention layers), one step per job, each job in a fresh process on this 2-core CPU, one
 run per table (2026-12-05): `generate`, diffusers' StableDiffusionXLPipeline, `ddim` and `direct`
 (`--jobs generate,diffusers-generate,ddim,direct`), then `generate` again beside the engines that keep
-attention state (`--jobs generate,ddim-p2p,infedit`). A forward of one row takes 45 s here, each job
+attention state (`--jobs generate,ddim-p2p,infedit`). A forward of one row takes 42-45 s here, each job
 3-7 minutes with the model's construction; edit-friendly DDPM, BDIA, PAG and PixelMan are not measured
 at this size yet. Ours ÷ diffusers' pipeline on the same weights: 1.018 in time (single runs move
 ±15 %), 0.994 in memory.""", ["scale-sdxl", "scale-sdxl-attention"]),
