@@ -129,9 +129,11 @@ in its finest attention layers), one step per job, each job in a fresh process o
 run per table (2026-12-05): `generate`, diffusers' StableDiffusionXLPipeline, `ddim` and `direct`
 (`--jobs generate,diffusers-generate,ddim,direct`), then `generate` again beside the engines that keep
 attention state (`--jobs generate,ddim-p2p,infedit`). A forward of one row takes 42-45 s here, each job
-3-7 minutes with the model's construction; edit-friendly DDPM, BDIA, PAG and PixelMan are not measured
-at this size yet. Ours ÷ diffusers' pipeline on the same weights: 1.018 in time (single runs move
-±15 %), 0.994 in memory.""", ["scale-sdxl", "scale-sdxl-attention"]),
+3-7 minutes with the model's construction. A third run (`scale-sdxl-inversion`, 2026-12-05) adds
+edit-friendly DDPM, its LEDITS++-style regeneration, BDIA (3 steps), PAG and PixelMan's move (2 steps,
+with its energy gradients through the UNet): all within 1.06× `generate`'s peak (move 1.054, the
+backward pass), seconds ÷ (forwards + VAE) 0.99-1.06 except move's 1.27 (its gradient steps). Ours ÷ diffusers' pipeline on the same weights: 1.018 in time (single runs move
+±15 %), 0.994 in memory.""", ["scale-sdxl", "scale-sdxl-attention", "scale-sdxl-inversion"]),
     ("Costs at full size: SD3-medium's width", """
 `diffedit bench scale --family sd3`: SD3-medium's transformer at full width (24 heads of 64) cut to 2
 of its 24 joint blocks, its two CLIP text encoders at full size, T5-XXL at full width cut to 2 of its 24
