@@ -128,7 +128,7 @@ at its lowest level), CLIP ViT-L- and OpenCLIP bigG-sized text encoders, SD's VA
 in its finest attention layers), one step per job, each job in a fresh process on this 2-core CPU, one
 run per table (2026-12-05): `generate`, diffusers' StableDiffusionXLPipeline, `ddim` and `direct`
 (`--jobs generate,diffusers-generate,ddim,direct`), then `generate` again beside the engines that keep
-attention state (`--jobs generate,ddim-p2p,infedit`). A forward of one row takes 42-45 s here, each job
+attention state (`--jobs generate,ddim-p2p,infedit`). A forward of one row takes 41-45 s here, each job
 3-7 minutes with the model's construction. A third run (`scale-sdxl-inversion`, 2026-12-05) adds
 edit-friendly DDPM, its LEDITS++-style regeneration, BDIA (3 steps), PAG and PixelMan's move (2 steps,
 with its energy gradients through the UNet): all within 1.06× `generate`'s peak (move 1.054, the
