@@ -125,15 +125,16 @@ backward pass).""",
     ("Costs at full size: SDXL's width", """
 `diffedit bench scale --family sdxl`: SDXL's UNet at full size (2.6 B parameters, 10 transformer blocks
 at its lowest level), CLIP ViT-L- and OpenCLIP bigG-sized text encoders, SD's VAE; 1024² (4096 tokens
-in its finest attention layers), one step per job, each job in a fresh process on this 2-core CPU, one
-run per table (2026-12-05): `generate`, diffusers' StableDiffusionXLPipeline, `ddim` and `direct`
+in its finest attention layers), one step per job, each job in a fresh process on this 2-core CPU, three
+runs (2026-12-05): `generate`, diffusers' StableDiffusionXLPipeline, `ddim` and `direct`
 (`--jobs generate,diffusers-generate,ddim,direct`), then `generate` again beside the engines that keep
-attention state (`--jobs generate,ddim-p2p,infedit`). A forward of one row takes 41-45 s here, each job
-3-7 minutes with the model's construction. A third run (`scale-sdxl-inversion`, 2026-12-05) adds
-edit-friendly DDPM, its LEDITS++-style regeneration, BDIA (3 steps), PAG and PixelMan's move (2 steps,
-with its energy gradients through the UNet): all within 1.06× `generate`'s peak (move 1.054, the
-backward pass), seconds ÷ (forwards + VAE) 0.99-1.06 except move's 1.27 (its gradient steps). Ours ÷ diffusers' pipeline on the same weights: 1.018 in time (single runs move
-±15 %), 0.994 in memory.""", ["scale-sdxl", "scale-sdxl-attention", "scale-sdxl-inversion"]),
+attention state (`--jobs generate,ddim-p2p,infedit`), then `generate` beside edit-friendly DDPM, its
+LEDITS++-style regeneration, BDIA (3 steps), PAG and PixelMan's move (2 steps, with its energy
+gradients through the UNet; `--jobs generate,ddpm-ef,ddpm-ef-regenerate,bdia,pag,move`). Every engine
+peaks within 1.06× `generate`'s memory (move 1.054, its backward pass); seconds ÷ (forwards + VAE) stay
+at 0.97-1.19 except move's 1.27 (its gradient steps). A forward of one row takes 41-45 s here, each
+job 3-8 minutes with the model's construction. Ours ÷ diffusers' pipeline on the same weights: 1.018
+in time (single runs move ±15 %), 0.994 in memory.""", ["scale-sdxl", "scale-sdxl-attention", "scale-sdxl-inversion"]),
     ("Costs at full size: SD3-medium's width", """
 `diffedit bench scale --family sd3`: SD3-medium's transformer at full width (24 heads of 64) cut to 2
 of its 24 joint blocks, its two CLIP text encoders at full size, T5-XXL at full width cut to 2 of its 24
