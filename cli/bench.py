@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from diffedit.cli.common import JsonOpt, LcmLoraOpt, LoraOpt, stderr
+from diffedit.cli.common import DecoderInversionOpt, JsonOpt, LcmLoraOpt, LoraOpt, stderr
 from diffedit.cli.main import app
 
 bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one run.", no_args_is_help=True)
@@ -55,7 +55,7 @@ def overhead(
 def shapes(
     engine: Annotated[list[str], typer.Option("--engine", "-e", help="Engine(s) to run (repeatable).")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Default: the shipped toy model.")] = None,
-    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None,
+    lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None, decoder_inversion: DecoderInversionOpt = None,
     kinds: Annotated[str | None, typer.Option(help="Comma-separated task kinds (recolour,reshape,move,reconstruct).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks of each chosen kind.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", "-n")] = None,
@@ -85,7 +85,7 @@ def shapes(
             params[key.strip().replace("-", "_")] = jsonlib.loads(value)
         except ValueError:
             raise UsageError(f"--param {item!r}: expected KEY=JSON_VALUE, e.g. skip=10") from None
-    m = load(model, "auto", "auto", False, None, loras=lora, lcm_lora=lcm_lora)
+    m = load(model, "auto", "auto", False, None, loras=lora, lcm_lora=lcm_lora, decoder_inversion=decoder_inversion)
     options = {"steps": steps, "guidance_scale": guidance_scale, "inversion_guidance_scale": inversion_guidance_scale,
                "params": params}
     if mask not in (None, "object", "words"):
@@ -109,6 +109,31 @@ def shapes(
                               progress=progress)
     summary = bench.summarize(rows)
     _report(summary, bench.markdown(summary), save, json, printed=rows)  # --json: the raw rows
+
+
+@bench_app.command("vae")
+def vae(
+    model: Annotated[str, typer.Option("--model", "-m")] = "samples/toy-sd",
+    decoder_inversion: Annotated[list[int] | None, typer.Option("--decoder-inversion", min=0, max=1000, help="Decoder-inversion steps per encoded image; repeatable, one row each (default: 0 and 50).")] = None,
+    quick: Annotated[bool, typer.Option(help="10 scenes and 1 per plain colour instead of 100 and 8: a look, not the measure.")] = False,
+    save: SaveOpt = None,
+    json: JsonOpt = False,
+):
+    """The VAE's round trip per decoder-inversion setting: PSNR on 100 world scenes and 8 photos, the
+    background error of scenes put on 16 plain colours, and the encode's time against the plain encoder's.
+
+    Example: diffedit bench vae --decoder-inversion 0 --decoder-inversion 50 --save benchmarks/results/v3-vae
+    """
+    from diffedit.models import load_model
+    from lab.toy.quality import vae_markdown, vae_report
+
+    m = load_model(model, device="cpu")
+    rows = []
+    with stderr.status("measuring"):
+        for steps in decoder_inversion or [0, 50]:
+            m.decoder_inversion = steps
+            rows.append({"model": model, **vae_report(m, quick), **({"quick": True} if quick else {})})
+    _report(rows, vae_markdown(rows), save, json)
 
 
 @bench_app.command("toy-quality")

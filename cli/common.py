@@ -42,6 +42,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.", rich_hel
 DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (the integrator stays fp32).", rich_help_panel=MODEL_PANEL)]
 OffloadOpt = Annotated[str | None, typer.Option("--offload", help="Keep the weights in CPU memory, on the device only while they run: model (one model at a time) or sequential (one layer at a time: least memory, slowest).", rich_help_panel=MODEL_PANEL)]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights in a model folder, which can run code (single files must be .safetensors).", rich_help_panel=MODEL_PANEL)]
+DecoderInversionOpt = Annotated[int | None, typer.Option("--decoder-inversion", min=0, max=1000, help="Refine each encoded image's latent by this many gradient steps until it decodes to the image (sharper round trips, exact plain colours; each step costs a decoder forward and backward). Default: the model folder's setting, else 0.", rich_help_panel=MODEL_PANEL)]
 VaeTilingOpt = Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode large images in overlapping tiles (bounded VAE memory; tiles blend, so results differ slightly).", rich_help_panel=MODEL_PANEL)]
 ConfigOpt = Annotated[str | None, typer.Option("--model-config", help="Diffusers folder or hub id with the configs of a single-file checkpoint.", rich_help_panel=MODEL_PANEL)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")]
@@ -134,7 +135,7 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
          vae_tiling: bool = False, compile: bool = False, adapters: list[str] | None = None,
          transport: str = "calibrated", lcm_original_steps: int | None = None,
          loras: list[str] | None = None, lcm_lora: str | None = None, quiet: bool = False,
-         offload: str | None = None):
+         offload: str | None = None, decoder_inversion: int | None = None):
     """The model of a command, with its LoRAs fused and SPM adapters attached (or none: a reused
     model keeps none)."""
     from diffedit import lora
@@ -150,7 +151,8 @@ def load(model: str | None, device: str, dtype: str, allow_pickle: bool, config:
                            loras=fused, lcm_lora=lcm_lora, offload=offload)
         if _loaded is not None:
             _loaded[key] = m
-    # set on every call: a model reused by a batch keeps no tiling choice from an earlier job
+    # set on every call: a model reused by a batch keeps no tiling or decoder-inversion choice from an earlier job
+    m.decoder_inversion = m.folder_decoder_inversion if decoder_inversion is None else decoder_inversion
     if vae_tiling:
         m.pipe.vae.enable_tiling()
     else:
@@ -181,6 +183,7 @@ class ModelChoice:
     lora: list[str] | None = None
     lcm_lora: str | None = None
     offload: str | None = None
+    decoder_inversion: int | None = None
 
     @classmethod
     def of(cls, params: dict) -> ModelChoice:
@@ -201,7 +204,8 @@ class ModelChoice:
             source = source or made_with["source"]
             loras, lcm_lora = record_loras(record, loras, lcm_lora)
         return load(source, self.device, self.dtype, self.allow_pickle, self.model_config, self.vae_tiling, compile,
-                    self.adapter, self.transport, self.lcm_original_steps, loras, lcm_lora, quiet, self.offload)
+                    self.adapter, self.transport, self.lcm_original_steps, loras, lcm_lora, quiet, self.offload,
+                    self.decoder_inversion)
 
 
 MODEL_OPTIONS = {  # name: (option, default): the fields of ModelChoice as command parameters
@@ -209,7 +213,7 @@ MODEL_OPTIONS = {  # name: (option, default): the fields of ModelChoice as comma
     "allow_pickle": (PickleOpt, False), "model_config": (ConfigOpt, None), "vae_tiling": (VaeTilingOpt, False),
     "adapter": (AdapterOpt, None), "transport": (TransportOpt, "calibrated"),
     "lcm_original_steps": (LcmStepsOpt, None), "lora": (LoraOpt, None), "lcm_lora": (LcmLoraOpt, None),
-    "offload": (OffloadOpt, None),
+    "offload": (OffloadOpt, None), "decoder_inversion": (DecoderInversionOpt, None),
 }
 
 

@@ -163,13 +163,54 @@ class Family:
         return torch.float32 if vae.config.get("force_upcast") and vae.dtype == torch.float16 else vae.dtype
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1], [B, 3, H, W] -> normalised latents (posterior mode), float32."""
+        """Pixels in [-1, 1], [B, 3, H, W] -> normalised latents (posterior mode), float32; with
+        `decoder_inversion` steps, refined until they decode to the pixels (`invert_decoder`)."""
         vae = self.pipe.vae
         dtype = self._vae_dtype()
         with torch.inference_mode(), _vae_in(vae, dtype):
             latent = vae.encode(pixels.to(self.device, dtype)).latent_dist.mode()
         _check_finite(latent, "encoding", dtype)
-        return ((latent.float() - self._vae_shift) * vae.config.scaling_factor)
+        latents = (latent.float() - self._vae_shift) * vae.config.scaling_factor
+        if self.decoder_inversion:
+            latents = self.invert_decoder(latents, pixels, self.decoder_inversion)
+        return latents
+
+    # Gradient steps of decoder inversion per encoded image (0: the encoder's latent as it is). The
+    # encoder only approximates the decoder's inverse; on the toy VAE its latents decode plain
+    # backgrounds up to 16 levels off, 3.5 after 50 steps (samples/toy-sd/README.md). Set by
+    # `--decoder-inversion` or the model folder's diffedit.json.
+    decoder_inversion: int = 0
+    folder_decoder_inversion: int = 0  # what the model folder recommends (the default of `decoder_inversion`)
+    DECODER_INVERSION_LR = 0.05  # Adam's step, in normalised-latent units (latents of unit scale)
+
+    def invert_decoder(self, latents: torch.Tensor, pixels: torch.Tensor, steps: int) -> torch.Tensor:
+        """Latents moved by `steps` Adam steps on the squared error between their decoding (clamped to
+        [-1, 1], as `decode` returns it) and `pixels`, each image's error on its own (Hong et al. 2024,
+        "On Exact Inversion of DPM-Solvers": gradient-based decoder inversion)."""
+        vae = self.pipe.vae
+        dtype = self._vae_dtype()
+        frozen = [p for p in vae.parameters() if p.requires_grad]
+        # callers may hold inference tensors: clones made outside inference mode can carry gradients
+        with torch.inference_mode(False), torch.enable_grad(), _vae_in(vae, dtype):
+            target = pixels.clone().to(self.device, torch.float32)
+            z = latents.clone().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=self.DECODER_INVERSION_LR)
+            try:
+                for p in frozen:
+                    p.requires_grad_(False)
+                for _ in range(steps):
+                    raw = (z / vae.config.scaling_factor + self._vae_shift).to(dtype)
+                    out = vae.decode(raw).sample.float().clamp(-1, 1)
+                    # a sum over images of each one's mean: every image's steps are its own in a batch
+                    loss = (out - target).pow(2).flatten(1).mean(1).sum()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+        _check_finite(z, "inverting the decoder", dtype)
+        return z.detach()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> pixels in [-1, 1], float32."""

@@ -239,7 +239,10 @@ def load_model(
     model.source, model.loras = spec, fused
     model.fingerprint = fingerprint(files) if not fused else _with_loras(fingerprint(files), fused)
     if not path.is_file():  # a folder (local or downloaded) may recommend settings
-        model.recommended = recommended_settings(folder) if not fused else {}
+        settings = recommended_settings(folder)
+        model.recommended = settings if not fused else {}
+        # the VAE's setting holds with LoRAs too: they change the network only
+        model.decoder_inversion = model.folder_decoder_inversion = settings.get("vae", {}).get("decoder_inversion", 0)
     return model
 
 
@@ -249,16 +252,23 @@ SETTINGS_FILE = "diffedit.json"
 
 def recommended_settings(folder: Path) -> dict:
     """The settings a model folder recommends (`diffedit.json`), checked for shape: {"engines": {name:
-    {option: value}}, "move": {option: value}}; {} when the folder has none."""
+    {option: value}}, "move": {option: value}, "vae": {"decoder_inversion": steps}}; {} when the folder
+    has none."""
     path = Path(folder) / SETTINGS_FILE
     if not path.is_file():
         return {}
     settings = _read_json(path)
     engines = settings.get("engines", {}) if isinstance(settings, dict) else None
     move = settings.get("move", {}) if isinstance(settings, dict) else None
-    if not isinstance(engines, dict) or not isinstance(move, dict) or not all(isinstance(v, dict) for v in engines.values()):
-        raise DiffeditError(f"{path}: expected {{\"engines\": {{NAME: {{OPTION: VALUE}}}}, \"move\": {{OPTION: VALUE}}}}")
-    return {"engines": engines, "move": move, "file": str(path)}
+    vae = settings.get("vae", {}) if isinstance(settings, dict) else None
+    if (not isinstance(engines, dict) or not isinstance(move, dict) or not isinstance(vae, dict)
+            or not all(isinstance(v, dict) for v in engines.values())):
+        raise DiffeditError(f"{path}: expected {{\"engines\": {{NAME: {{OPTION: VALUE}}}}, \"move\": {{OPTION: VALUE}}, "
+                            "\"vae\": {\"decoder_inversion\": STEPS}}")
+    steps = vae.get("decoder_inversion", 0)
+    if set(vae) - {"decoder_inversion"} or isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise DiffeditError(f"{path}: \"vae\" takes only \"decoder_inversion\", a whole number of steps >= 0")
+    return {"engines": engines, "move": move, **({"vae": vae} if vae else {}), "file": str(path)}
 
 
 def _fuse_loras(pipe, family: str, spec: str, loras: list[tuple[str, float]], lcm_lora: str | None) -> list[dict]:

@@ -73,6 +73,8 @@ def model_meta(model) -> dict:
     }
     if adapters_meta(model):
         meta["adapters"] = adapters_meta(model)
+    if model.decoder_inversion:  # the latent was refined after encoding (`Family.invert_decoder`)
+        meta["decoder_inversion"] = model.decoder_inversion
     if model.loras:
         meta["loras"] = [{**entry, "path": str(Path(entry["path"]).expanduser().resolve())} for entry in model.loras]
     return meta

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -99,13 +101,13 @@ PLAIN_PANEL = ((255, 255, 255), (0, 0, 0), (245, 245, 245), (64, 64, 64), (128, 
 
 
 @torch.inference_mode()
-def plain_background_error(model: Family, colours=PLAIN_PANEL) -> dict:
+def plain_background_error(model: Family, colours=PLAIN_PANEL, scenes: int = 8) -> dict:
     """Largest error, in levels, of the VAE round trip's background (mean over the background pixels, per
     channel) for scenes put on each plain colour; by colour."""
     out = {}
     for colour in colours:
         errors = []
-        for i in range(8):
+        for i in range(scenes):
             scene = make_scene(10**8 + i)
             background = ~np.any(scene.masks, 0)
             image = scene.image.copy()
@@ -146,11 +148,52 @@ def report(model_path: str, n: int = 200, steps: int = 50, guidance_scale: float
     result.update(prompt_following(model, n, steps, guidance_scale))
     user = prompt_following(model, n, steps, guidance_scale, forms="user")
     result.update({f"user_{k}": v for k, v in user.items()})
-    result["vae_psnr_shapes"] = vae_psnr(model, [make_scene(10**8 + i).image for i in range(100)])
-    result["vae_psnr_photos"] = vae_psnr(model, photos_64())
+    vae = vae_report(model)
+    result.update(vae_psnr_shapes=vae["shapes_psnr"], vae_psnr_photos=vae["photos_psnr"])
     result["ddim_round_trip_psnr"] = ddim_round_trip_psnr(model)
-    result["plain_background_error_levels"] = plain_background_error(model)
+    result["plain_background_error_levels"] = vae["plain_background_error_levels"]
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def vae_report(model: Family, quick: bool = False) -> dict:
+    """The VAE's bars (the model's round trip: its `decoder_inversion` steps included): PSNR on 100
+    world scenes and on the photos, the plain-background panel (worst, mean, colours within 2 levels),
+    and the time of one 64x64 encode against the encoder's alone (median of 5, side by side). `quick`:
+    10 scenes and 1 per plain colour instead of 100 and 8 (a look, not the measure)."""
+    panel = plain_background_error(model, scenes=1 if quick else 8)
+    errors = list(panel.values())
+    x = to_pixels(make_scene(10**8).image[None]).to(model.device)
+    steps, seconds = model.decoder_inversion, {}
+    for label, n in (("encoder", 0), ("encode", steps)):
+        model.decoder_inversion, times = n, []
+        for _ in range(5):
+            started = time.perf_counter()
+            model.encode_image(x)
+            times.append(time.perf_counter() - started)
+        seconds[label] = statistics.median(times)
+    model.decoder_inversion = steps
+    return {"decoder_inversion": steps,
+            "shapes_psnr": round(vae_psnr(model, [make_scene(10**8 + i).image for i in range(10 if quick else 100)]), 2),
+            "photos_psnr": round(vae_psnr(model, photos_64()), 2),
+            "plain_worst": max(errors), "plain_mean": round(float(np.mean(errors)), 2),
+            "plain_within_2": sum(e <= 2 for e in errors), "plain_colours": len(errors),
+            "encode_seconds": round(seconds["encode"], 4),
+            "encode_vs_encoder": round(seconds["encode"] / seconds["encoder"], 1),
+            "plain_background_error_levels": panel}
+
+
+def vae_markdown(rows: list[dict]) -> str:
+    head = ["| model | decoder inversion (steps) | shapes (100, dB) | photos (8, dB) | plain colours within 2 levels "
+            "| plain worst / mean (levels) | s / 64-px encode | × the encoder alone |",
+            "|---|---|---|---|---|---|---|---|"]
+    body = [f"| {r['model']} | {r['decoder_inversion']} | {r['shapes_psnr']:.2f} | {r['photos_psnr']:.2f} | "
+            f"{r['plain_within_2']} of {r['plain_colours']} | {r['plain_worst']:.2f} / {r['plain_mean']:.2f} | "
+            f"{r['encode_seconds']:.3f} | {r['encode_vs_encoder']:.1f} |" for r in rows]
+    colours = list(rows[0]["plain_background_error_levels"])
+    panel = ["", "| decoder inversion | " + " | ".join(colours) + " |", "|---" * (len(colours) + 1) + "|"]
+    panel += [f"| {r['decoder_inversion']} | " + " | ".join(f"{v:.2f}" for v in r["plain_background_error_levels"].values())
+              + " |" for r in rows]
+    return "\n".join(head + body + panel)
 
 
 def fk_success(model: Family, n: int = 50, particles: int = 4, steps: int = 50, guidance_scale: float = 5.0,
