@@ -178,7 +178,8 @@ class Family:
     # Gradient steps of decoder inversion per encoded image (0: the encoder's latent as it is). The
     # encoder only approximates the decoder's inverse; on the toy VAE its latents decode plain
     # backgrounds up to 16 levels off, 3.5 after 50 steps (samples/toy-sd/README.md). Set by
-    # `--decoder-inversion` or the model folder's diffedit.json.
+    # `--decoder-inversion` or the model folder's diffedit.json (a UNet trained on the encoder's
+    # latents may edit worse from refined ones: the toy model does).
     decoder_inversion: int = 0
     folder_decoder_inversion: int = 0  # what the model folder recommends (the default of `decoder_inversion`)
     DECODER_INVERSION_LR = 0.05  # Adam's step, in normalised-latent units (latents of unit scale)
