@@ -186,7 +186,8 @@ def vae_markdown(rows: list[dict]) -> str:
     head = ["| model | decoder inversion (steps) | shapes (100, dB) | photos (8, dB) | plain colours within 2 levels "
             "| plain worst / mean (levels) | s / 64-px encode | × the encoder alone |",
             "|---|---|---|---|---|---|---|---|"]
-    body = [f"| {r['model']} | {r['decoder_inversion']} | {r['shapes_psnr']:.2f} | {r['photos_psnr']:.2f} | "
+    # a --quick row counts 10 scenes and 1 per colour: its model cell says so
+    body = [f"| {r['model']}{' (quick)' if r.get('quick') else ''} | {r['decoder_inversion']} | {r['shapes_psnr']:.2f} | {r['photos_psnr']:.2f} | "
             f"{r['plain_within_2']} of {r['plain_colours']} | {r['plain_worst']:.2f} / {r['plain_mean']:.2f} | "
             f"{r['encode_seconds']:.3f} | {r['encode_vs_encoder']:.1f} |" for r in rows]
     colours = list(rows[0]["plain_background_error_levels"])
