@@ -99,6 +99,7 @@ def tune_decoder(
     work: Annotated[Path, typer.Option("--work", help="Checkpoints, resumable, kept out of git.")] = Path("runs/toy-sd"),
     steps: Annotated[int, typer.Option(min=1, help="Decoder steps on MSE (batch 16).")] = 1300,
     seed: Annotated[int, typer.Option(help="Seed of the batches.")] = 0,
+    plain: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of the scenes put on a plain colour (the shipped recipe: 0.5).")] = 0.5,
     whole_plain: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of the plain scenes drawn as one colour throughout, no objects (the shipped recipe: 0).")] = 0.0,
 ):
     """Tune a saved toy model's VAE decoder for PSNR and exact plain colours (MSE on the clamped
@@ -116,7 +117,8 @@ def tune_decoder(
     if not (model / "vae" / "config.json").exists():
         raise DiffeditError(f"{model}: no VAE folder (vae/config.json) to tune")
     with training_progress() as tick:
-        summary = run_tuning(model, work, TrainConfig(seed=seed, decoder_mse_steps=steps, decoder_whole_plain_fraction=whole_plain), tick)
+        summary = run_tuning(model, work, TrainConfig(seed=seed, decoder_mse_steps=steps, decoder_plain_fraction=plain,
+                                                     decoder_whole_plain_fraction=whole_plain), tick)
     emit({"output": str(model), **summary}, False)
 
 
