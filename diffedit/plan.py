@@ -43,6 +43,9 @@ class Plan:
 
 
 SCALES_AND_STEPS = ("steps", "guidance_scale", "inversion_guidance_scale")
+# Options whose default is another option's value: a folder's setting of one was chosen with its base,
+# so it does not apply when the user sets the base (their --cross-replace then holds for swapped words too).
+FOLLOWS = {"cross_replace_edited": "cross_replace"}
 
 
 def plan_job(model: Family, *, engine: str = "ddim", steps: int | None = None, params: dict | None = None,
@@ -56,7 +59,8 @@ def plan_job(model: Family, *, engine: str = "ddim", steps: int | None = None, p
     user = {"steps": steps, "guidance_scale": guidance_scale, "inversion_guidance_scale": inversion_guidance_scale,
             **given}
     recommended = model.recommended.get("engines", {}).get(engine, {})
-    applied = {k: v for k, v in recommended.items() if user.get(k) is None}  # where the user said nothing
+    applied = {k: v for k, v in recommended.items()  # where the user said nothing, nor set what it follows
+               if user.get(k) is None and user.get(FOLLOWS.get(k, "")) is None}
     steps = applied.get("steps", steps)
     guidance_scale = applied.get("guidance_scale", guidance_scale)
     inversion_guidance_scale = applied.get("inversion_guidance_scale", inversion_guidance_scale)

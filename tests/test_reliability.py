@@ -348,6 +348,25 @@ def test_a_model_folder_s_recommended_settings_are_the_defaults(cli, tmp_path, t
     assert code == 0 and json.loads(out)["defaults"] == "paper"  # nothing recommended for ddim
 
 
+def test_a_folder_setting_that_follows_another_option_yields_to_the_user_s_value_of_it(cli, tmp_path, tiny_folder, square):
+    """The toy folder pairs cross 0.8 with the swapped word's 0.6; a user's --cross-replace 0.4 then holds
+    for the swapped word too (the option's documented default), not the folder's 0.6 chosen for 0.8."""
+    import shutil
+
+    from diffedit.images import read_params
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder("sd1"), model)
+    (model / "diffedit.json").write_text(json.dumps({"engines": {"direct": {"cross_replace": 0.8, "cross_replace_edited": 0.6}}}))
+    edit = ("edit", square, "-s", "a red square", "-t", "a blue square", "-m", model, "-n", "2", "-e", "direct", "-q")
+    for n, (given, expected) in enumerate((((), (0.8, 0.6)), (("--cross-replace", "0.4"), (0.4, None)),
+                                           (("--cross-replace", "0.4", "--cross-replace-edited", "0.2"), (0.4, 0.2)))):
+        code, _, err = cli(*edit, *given, "-o", tmp_path / f"e{n}.png")
+        assert code == 0, err
+        engine = read_params(tmp_path / f"e{n}.png")["engine_params"]
+        assert (engine["cross_replace"], engine["cross_replace_edited"]) == expected, given
+
+
 def test_move_takes_the_recommended_energy_scale_and_models_info_lists_it(cli, tmp_path):
     code, out, err = cli("move", "samples/scene.png", "--mask", "samples/scene.star-mask.png", "--dx", "4",
                          "--dy", "0", "-n", "2", "-o", tmp_path / "m.png", "--json", "-q")

@@ -19,7 +19,8 @@ its decoder's second tuning, which drew saturated plain colours), no feature inj
 `direct` runs with its model folder's settings (`samples/toy-sd/diffedit.json`: self-attention maps
 replaced on every step, cross-attention maps on 80 % of them and the swapped word's on 60 %
 (`--cross-replace-edited`), CFG 5); the row with its settings named is Direct Inversion at the papers'
-defaults (50 steps, CFG 7.5, cross 0.4, self 0.6); every other engine runs at its papers' defaults
+defaults (50 steps, CFG 7.5, cross 0.4 for every word, self 0.6; measured again on 2026-12-05: its first
+run had taken the folder's 0.6 for the swapped word, 62.5 / 55 %); every other engine runs at its papers' defaults
 (no setting tried helped ddim-p2p; samples/toy-sd/README.md). With each engine at its
 folder's settings the papers' order holds on both kinds, each with more background than the next on
 recolours (on reshapes ddim-p2p and DDIM keep the same, 24.61 and 24.63 dB). Issue 28's bar (the best
