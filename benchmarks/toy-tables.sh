@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Every table measured on the shipped toy model's pixels, one command each, into
+# benchmarks/results/PREFIX-* (default prefix v3: the folders docs/benchmarks.md and the model READMEs
+# quote). Run it after anything that changes what the toy model draws or decodes (a new decoder, a new
+# UNet), alone on the CPU: about 80 minutes on 2 cores. Then `diffedit bench docs` regenerates the
+# tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
+# hand. `--list` prints the commands without running them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+prefix=v3
+list=0
+for arg in "$@"; do
+    case "$arg" in
+        --list) list=1 ;;
+        -*) echo "toy-tables.sh: unknown option $arg (usage: toy-tables.sh [--list] [PREFIX])" >&2; exit 2 ;;
+        *) prefix=$arg ;;
+    esac
+done
+out=benchmarks/results/$prefix
+lcm_lora=samples/toy-lcm-lora/pytorch_lora_weights.safetensors
+text_kinds=recolour,reshape
+
+commands=(
+    # Prompt following and the VAE / DDIM round trips (toy-sd README, "Quality").
+    "json_to $out-quality/results.json toy quality -g 7.5"
+    # Layout-in-attention diagnostic, at the edit's CFG and without guidance.
+    "json_to $out-layout/results.json toy layout"
+    "json_to $out-layout/results-g1.json toy layout -g 1"
+    # The VAE's round trip, from the encoder's latent and refined by decoder inversion.
+    "diffedit bench vae --save $out-vae"
+    # Every text-edit engine on all 40 recolour and 40 reshape tasks, no feature injection.
+    "diffedit bench shapes -e direct --kinds $text_kinds --save $out-shapes40-direct"
+    "diffedit bench shapes -e direct --kinds $text_kinds -g 7.5 --param cross_replace=0.4 --param cross_replace_edited=0.4 --param self_replace=0.6 --save $out-shapes40-direct-papers"
+    "diffedit bench shapes -e direct --kinds $text_kinds --decoder-inversion 50 --save $out-shapes40-direct-decinv50"
+    "diffedit bench shapes -e ddim-p2p --kinds $text_kinds --save $out-shapes40-ddim-p2p"
+    "diffedit bench shapes -e ddim --kinds $text_kinds --save $out-shapes40-ddim"
+    "diffedit bench shapes -e infedit --kinds $text_kinds --save $out-shapes40-infedit"
+    "diffedit bench shapes -e bdia --kinds $text_kinds --save $out-shapes40-bdia"
+    "diffedit bench shapes -e ddpm-ef --kinds $text_kinds --save $out-shapes40-ddpm-ef"
+    # InfEdit on the toy LCM (which carries its own copy of this VAE).
+    "diffedit bench shapes -e infedit -m samples/toy-lcm --kinds $text_kinds,reconstruct --save $out-shapes40-lcm-infedit"
+    "diffedit bench shapes -e infedit -m samples/toy-lcm --kinds $text_kinds --param inject_features=0.4 --save $out-shapes40-lcm-infedit-pnp"
+    # Moves: the folder's energy scale and the paper's.
+    "diffedit bench shapes -e pixelman --kinds move --save $out-shapes-move"
+    "diffedit bench shapes -e pixelman --kinds move --param energy_scale=0.5 --save $out-shapes-move-energy0.5"
+    # Concept erasure: ShapesBench's erase tasks and the adapters' own measure.
+    "diffedit bench shapes -e ddim --kinds erase --save $out-shapes-erase"
+    "diffedit bench erase --save $out-erase"
+    # Latent-consistency models against their teacher.
+    "diffedit bench lcm --lcm-lora $lcm_lora --save $out-lcm"
+    # Solvers' round trips (toy SD and the toy flow model).
+    "diffedit bench solvers --save benchmarks/results/solvers"
+)
+
+# `json_to FILE ARGS...`: diffedit ARGS --json into FILE, written only when the command succeeds.
+json_to() {
+    local file=$1
+    shift
+    mkdir -p "$(dirname "$file")"
+    diffedit "$@" --json > "$file.tmp"
+    mv "$file.tmp" "$file"
+}
+
+for command in "${commands[@]}"; do
+    if [ "$list" = 1 ]; then
+        echo "$command"
+        continue
+    fi
+    echo "== $(date +%H:%M:%S) $command" >&2
+    eval "$command"
+done
