@@ -20,6 +20,9 @@ done
 out=benchmarks/results/$prefix
 lcm_lora=samples/toy-lcm-lora/pytorch_lora_weights.safetensors
 text_kinds=recolour,reshape
+# The solvers' folder is named without a model version (it holds the flow model's rows too).
+solvers=benchmarks/results/solvers
+[ "$prefix" = v3 ] || solvers=$out-solvers
 
 commands=(
     # Prompt following and the VAE / DDIM round trips (toy-sd README, "Quality").
@@ -50,7 +53,7 @@ commands=(
     # Latent-consistency models against their teacher.
     "diffedit bench lcm --lcm-lora $lcm_lora --save $out-lcm"
     # Solvers' round trips (toy SD and the toy flow model).
-    "diffedit bench solvers --save benchmarks/results/solvers"
+    "diffedit bench solvers --save $solvers"
 )
 
 # `json_to FILE ARGS...`: diffedit ARGS --json into FILE, written only when the command succeeds.
