@@ -33,7 +33,8 @@ def train(
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 16).")] = 2000,
     unet_steps: Annotated[int, typer.Option(help="UNet and text encoder training steps (batch 48).")] = 4000,
     decoder_steps: Annotated[int, typer.Option(help="Decoder fine-tuning steps (encoder frozen).")] = 1000,
-    decoder_mse_steps: Annotated[int, typer.Option(help="Last phase: decoder steps on MSE, encoder frozen (as `toy tune-decoder`).")] = 1300,
+    decoder_mse_steps: Annotated[int, typer.Option(help="Phase 5: decoder steps on MSE, encoder frozen (as `toy tune-decoder`).")] = 1300,
+    plain_decoder_steps: Annotated[int, typer.Option(min=0, help="Phase 6: the same again with 85 % of the scenes on plain colours and the next seed (as `toy tune-decoder --plain 0.85 --seed SEED+1`); 0 skips it.")] = 3000,
     layout_steps: Annotated[int, typer.Option(min=0, help="Phase 3b: steps that train the UNet's layout to follow its attention maps (colour swaps with the source's maps); 0 skips it.")] = 600,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     word_local: Annotated[bool, typer.Option("--word-local/--contextual", help="Text encoder whose tokens see only their own word (v2 and v3, shipped) or CLIP's causal mixing (v1's kind; see samples/toy-sd/README.md).")] = True,
@@ -53,7 +54,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoints in --work.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ):
-    """Train the toy model from a seed and save it (the defaults are v3's recipe: over 2 hours on 2 CPU
+    """Train the toy model from a seed and save it (the defaults are v3's recipe: over 3 hours on 2 CPU
     cores, in phases of under an hour, each resumable; --flow about 57 minutes from scratch, 25 for
     6000 steps of fine-tuning with --init-from).
 
@@ -85,7 +86,8 @@ def train(
                                                    init_from=init_from)
     else:
         config = TrainConfig(seed=seed, vae_width=vae_width, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
-                             decoder_mse_steps=decoder_mse_steps, dataset=dataset, word_local=word_local,
+                             decoder_mse_steps=decoder_mse_steps, plain_decoder_steps=plain_decoder_steps, dataset=dataset,
+                             word_local=word_local,
                              layout_steps=layout_steps)
         train_model = lambda *args: run_training(*args, vae_from=vae_from)  # noqa: E731
     with training_progress() as tick:
@@ -104,7 +106,8 @@ def tune_decoder(
 ):
     """Tune a saved toy model's VAE decoder for PSNR and exact plain colours (MSE on the clamped
     image, half the scenes on plain colours, half of those saturated; encoder frozen, so the latents
-    and every model trained on them stay valid): the last phase of `toy train`, on its own.
+    and every model trained on them stay valid): phase 5 of `toy train` on its own (phase 6 with
+    --steps 3000 --plain 0.85 --seed 1).
 
     Example: diffedit toy tune-decoder -m samples/toy-sd --steps 1300
     """
@@ -119,6 +122,32 @@ def tune_decoder(
     with training_progress() as tick:
         summary = run_tuning(model, work, TrainConfig(seed=seed, decoder_mse_steps=steps, decoder_plain_fraction=plain,
                                                      decoder_whole_plain_fraction=whole_plain), tick)
+    emit({"output": str(model), **summary}, False)
+
+
+@toy_app.command("tune-layout")
+def tune_layout(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Saved toy SD model whose UNet and text encoder are tuned in place.")] = Path("samples/toy-sd"),
+    work: Annotated[Path, typer.Option("--work", help="Checkpoints and encoded scenes, resumable, kept out of git.")] = Path("runs/toy-sd"),
+    steps: Annotated[int, typer.Option(min=1, help="Layout steps (phase 3b's loss; the shipped recipe ran 600 from the UNet phase).")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the colour swaps and the batches (the shipped phase 3b: 0).")] = 1,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, warm-up, cosine to a tenth).")] = 2e-4,
+):
+    """Train a saved toy model's layout further (phase 3b of `toy train` again: every attention map of a
+    colour swap's row taken from its source's, the recoloured scene asked for), UNet and text encoder
+    saved in place; the VAE and its latents stay.
+
+    Example: diffedit toy tune-layout -m samples/toy-sd --steps 300 --seed 1
+    """
+    from diffedit.errors import DiffeditError
+    from diffedit.models import _quiet_libraries
+    from lab.toy.train import TrainConfig, tune_saved_layout
+
+    _quiet_libraries()
+    if not (model / "unet" / "config.json").exists():
+        raise DiffeditError(f"{model}: no toy SD model (unet/config.json) to tune")
+    with training_progress() as tick:
+        summary = tune_saved_layout(model, work, TrainConfig(seed=seed, layout_steps=steps, layout_lr=lr), tick)
     emit({"output": str(model), **summary}, False)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -35,6 +36,8 @@ class TrainConfig:
     decoder_plain_fraction: float = 0.5  # the last phase's share of plain-colour scenes
     decoder_saturated_fraction: float = 0.5  # of its plain colours: on the RGB cube's surface (a channel at 0 or 255)
     decoder_whole_plain_fraction: float = 0.0  # of its plain scenes: the whole image that colour, no objects
+    plain_decoder_steps: int = 3000  # phase 6: the same tuning again, longer, most scenes on plain colours; 0 skips it
+    plain_decoder_fraction: float = 0.85  # phase 6's share of plain-colour scenes
     photo_fraction: float = 0.3
     plain_fraction: float = 0.2  # of the scenes: on a random plain colour, pure white and black included
     dataset: int = 20_000
@@ -190,13 +193,15 @@ def finetune_decoder(config: TrainConfig, vae, work: Path, tick):
 
 
 def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict:
-    """The last phase: train a saved toy model's decoder on MSE (encoder frozen), VAE saved in place.
+    """Phases 5 and 6: train a saved toy model's decoder on MSE (encoder frozen), VAE saved in place.
 
     The earlier phases' loss (L1 plus object weights) learns objects fast and draws crisp edges, but
     where a sub-pixel edge is uncertain a crisp edge in the wrong place costs more squared error than
     the blend MSE settles on (most of the shapes' error sits on the 1-px band around edges): this
     phase is worth about 4 dB. Measured on the clamped image, with half the scenes on plain colours,
-    it also brings pure white and black backgrounds back within 2 levels. The latents do not change,
+    it also brings pure white and black backgrounds back within 2 levels; phase 6, longer and with most
+    scenes plain, brings every plain colour within 2 levels once the latent is refined by decoder
+    inversion (samples/toy-sd/README.md). The latents do not change,
     so the UNet and every model sharing its latents (LCM-LoRA, SPM adapters) stay valid. It starts
     from the saved (fp16) weights, so `diffedit toy tune-decoder` on a saved model is the same
     computation as this phase of `train`.
@@ -252,11 +257,12 @@ def _encode_scenes(vae, scale: float, scenes, count: int, tick=None, label: str 
 def encode_dataset(config: TrainConfig, vae, scale: float, work: Path, tick):
     cache = work / "latents.pt"
     state = _load(cache)
-    if state is not None and state["scale"] == scale and len(state["captions"]) == config.dataset:
+    if (state is not None and state["scale"] == scale and len(state["captions"]) == config.dataset
+            and state.get("seed", 0) == config.seed):
         return state["latents"], state["captions"]
     latents, captions = _encode_scenes(vae, scale, lambda a, b: [make_scene(config.seed * 10**7 + i) for i in range(a, b)],
                                        config.dataset, tick)
-    _checkpoint(cache, latents=latents, captions=captions, scale=scale)
+    _checkpoint(cache, latents=latents, captions=captions, scale=scale, seed=config.seed)
     return latents, captions
 
 
@@ -392,10 +398,11 @@ def colour_swaps(config: TrainConfig, vae, scale: float, work: Path, tick) -> di
     """`colour_swap_scenes` encoded once (cached in `work`), with their captions."""
     cache = work / "pairs.pt"
     state = _load(cache)
-    if state is not None and state["scale"] == scale and len(state["source_captions"]) == config.layout_pairs:
+    if (state is not None and state["scale"] == scale and len(state["source_captions"]) == config.layout_pairs
+            and state.get("seed", 0) == config.seed):
         return state
     pairs = colour_swap_scenes(config)
-    state = {"scale": scale}
+    state = {"scale": scale, "seed": config.seed}
     for side, name in enumerate(("sources", "targets")):
         state[name], state[f"{name[:-1]}_captions"] = _encode_scenes(
             vae, scale, lambda a, b: [pair[side] for pair in pairs[a:b]], len(pairs), tick, f"encode {name}")
@@ -403,7 +410,8 @@ def colour_swaps(config: TrainConfig, vae, scale: float, work: Path, tick) -> di
     return state
 
 
-def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, captions, pairs, work: Path, tick):
+def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, captions, pairs, work: Path, tick,
+                checkpoint: Path | None = None):
     """Phase 3b: the trained UNet and text encoder, further trained so that their layout follows the
     attention maps. Each step adds to the plain denoising batch `config.layout_batch` colour swaps:
     the source scene noised and denoised with its own caption, beside a row with the swapped colour
@@ -442,8 +450,39 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
         return plain + swapped
 
     net = fit_denoiser(config, make_net, lambda net: None, loss_of, latents, captions, config.layout_steps,
-                       config.unet_batch, config.layout_lr, work / "layout.ckpt", "layout", tick, rewrite=user_caption)
+                       config.unet_batch, config.layout_lr, checkpoint or work / "layout.ckpt", "layout", tick,
+                       rewrite=user_caption)
     return net.unet, net.text_encoder.eval()
+
+
+def tune_saved_layout(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict:
+    """Phase 3b again on a saved toy model: its UNet and text encoder trained `config.layout_steps` more
+    steps of the layout loss (`tune_layout`; colour swaps and batches drawn from `config.seed`), saved
+    in place. The VAE is untouched, so the latents stay; adapters trained on the UNet (LCM-LoRA, SPM)
+    attach to the result as to any fine-tune of it, but their measured numbers are the old UNet's."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(2)
+    work.mkdir(parents=True, exist_ok=True)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    scale = pipe.vae.config.scaling_factor
+    weights = [model_dir / part / name for part, name in (("unet", "diffusion_pytorch_model.safetensors"),
+                                                          ("text_encoder", "model.safetensors"))]
+    # Resume only a tuning of these weights with this recipe.
+    recipe = f"{config.layout_steps}/{config.layout_lr}/{config.layout_pairs}/{config.layout_batch}/{config.seed}".encode()
+    start = hashlib.sha256(b"".join(w.read_bytes() for w in weights) + recipe).hexdigest()[:12]
+    latents, captions = encode_dataset(config, pipe.vae, scale, work, tick)
+    pairs = colour_swaps(config, pipe.vae, scale, work, tick)
+    unet, text_encoder = tune_layout(config, pipe.unet, pipe.text_encoder, pipe.tokenizer, latents, captions, pairs,
+                                     work, tick, checkpoint=work / f"layout-{start}.ckpt")
+    staged = model_dir.with_name(model_dir.name + ".tmp")
+    toy.save(toy.assemble(pipe.vae, unet, text_encoder, pipe.tokenizer), staged)
+    for part in ("unet", "text_encoder"):  # replace file by file: never a half-written model folder
+        for f in (staged / part).iterdir():
+            f.replace(model_dir / part / f.name)
+    shutil.rmtree(staged)
+    return {"layout_steps": config.layout_steps, "seed": config.seed}
 
 
 def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | None = None) -> dict:
@@ -474,6 +513,10 @@ def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | Non
     toy.save(pipe, out)
     if config.decoder_mse_steps and vae_from is None:
         tune_decoder(out, work, config, tick)
+    if config.plain_decoder_steps and vae_from is None:
+        # Its own seed: phase 5's batches again would add nothing new.
+        tune_decoder(out, work, replace(config, decoder_mse_steps=config.plain_decoder_steps,
+                                        decoder_plain_fraction=config.plain_decoder_fraction, seed=config.seed + 1), tick)
     return {"config": asdict(config), "scaling_factor": scale, "vae_from": str(vae_from) if vae_from else None}
 
 
