@@ -2,7 +2,7 @@
 # Every table measured on the shipped toy model's pixels, one command each, into
 # benchmarks/results/PREFIX-* (default prefix v3: the folders docs/benchmarks.md and the model READMEs
 # quote). Run it after anything that changes what the toy model draws or decodes (a new decoder, a new
-# UNet), alone on the CPU: about 80 minutes on 2 cores. Then `diffedit bench docs` regenerates the
+# UNet), alone on the CPU: about 90 minutes on 2 cores. Then `diffedit bench docs` regenerates the
 # tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
 # hand. `--list` prints the commands without running them.
 set -euo pipefail
@@ -20,9 +20,11 @@ done
 out=benchmarks/results/$prefix
 lcm_lora=samples/toy-lcm-lora/pytorch_lora_weights.safetensors
 text_kinds=recolour,reshape
-# The solvers' folder is named without a model version (it holds the flow model's rows too).
-solvers=benchmarks/results/solvers
-[ "$prefix" = v3 ] || solvers=$out-solvers
+# The solvers' and the flow model's folders are named without a model version (the flow model has
+# its own history); another prefix puts them beside the others.
+unversioned=benchmarks/results/
+[ "$prefix" = v3 ] || unversioned=$out-
+flow_engines="-e rf-inversion -e rf-solver -e fireflow -e flowedit"
 
 commands=(
     # Prompt following and the VAE / DDIM round trips (toy-sd README, "Quality").
@@ -53,7 +55,23 @@ commands=(
     # Latent-consistency models against their teacher.
     "diffedit bench lcm --lcm-lora $lcm_lora --save $out-lcm"
     # Solvers' round trips (toy SD and the toy flow model).
-    "diffedit bench solvers --save $solvers"
+    "diffedit bench solvers --save ${unversioned}solvers"
+    # The toy flow model (which carries its own copy of this VAE): prompt following, every flow engine
+    # on all 40 + 40 tasks and the reconstructions, and five tasks of each kind with and without masks.
+    "json_to ${unversioned}flow-quality/results.json toy quality -m samples/toy-flow --n 200 --steps 28 -g 5"
+    "diffedit bench shapes -m samples/toy-flow $flow_engines --kinds $text_kinds,reconstruct --save ${unversioned}shapes40-flow"
+    "diffedit bench shapes -m samples/toy-flow $flow_engines --kinds $text_kinds --limit 5 --save ${unversioned}shapes-flow-mask-none"
+    "diffedit bench shapes -m samples/toy-flow $flow_engines --kinds $text_kinds --limit 5 --mask object --save ${unversioned}shapes-flow-mask-object"
+    "diffedit bench shapes -m samples/toy-flow $flow_engines --kinds $text_kinds --limit 5 --mask object --no-paste-back --save ${unversioned}shapes-flow-mask-object-nopaste"
+    # The first 10 tasks of each kind at CFG 5 (docs/toy-world.md), RF-Inversion at three stops.
+    "diffedit bench shapes -m samples/toy-flow -e ddim --kinds $text_kinds,reconstruct --limit 10 -g 5 --save ${unversioned}shapes-flow-ddim"
+    "diffedit bench shapes -m samples/toy-flow -e ddpm-ef --kinds $text_kinds,reconstruct --limit 10 -g 5 --save ${unversioned}shapes-flow-ddpm-ef"
+    "diffedit bench shapes -m samples/toy-flow -e bdia --kinds $text_kinds,reconstruct --limit 10 -g 5 --save ${unversioned}shapes-flow-bdia"
+    "diffedit bench shapes -m samples/toy-flow -e flowedit --kinds $text_kinds,reconstruct --limit 10 -g 5 --save ${unversioned}shapes-flow-flowedit"
+    "diffedit bench shapes -m samples/toy-flow -e rf-inversion --kinds $text_kinds,reconstruct --limit 10 -g 5 --param stop=0.25 --save ${unversioned}shapes-flow-rf-inversion"
+    "diffedit bench shapes -m samples/toy-flow -e rf-inversion --kinds $text_kinds,reconstruct --limit 10 -g 5 --param stop=0.7 --save ${unversioned}shapes-flow-rf-inversion-stop0.7"
+    "diffedit bench shapes -m samples/toy-flow -e rf-inversion --kinds $text_kinds,reconstruct --limit 10 -g 5 --param stop=0.8 --save ${unversioned}shapes-flow-rf-inversion-stop0.8"
+    "diffedit bench shapes -m samples/toy-flow -e rf-inversion --kinds $text_kinds,reconstruct --param stop=0.8 --save ${unversioned}shapes40-flow-rf-inversion-stop0.8"
 )
 
 # `json_to FILE ARGS...`: diffedit ARGS --json into FILE, written only when the command succeeds.

@@ -71,7 +71,7 @@ def test_vae_tiling_round_trips_large_images_like_untiled(tmp_path, cli):
         assert code == 0, err
         psnrs[bool(flag)] = json.loads(out)["vae_psnr"]
     # the toy VAE tiles at its 64-px training size (SD tiles at 512 px), so the blended seams are a
-    # large share of the image: 27 dB tiled against 34 dB whole on this scene
+    # large share of the image: 29 dB tiled against 37 dB whole on this scene
     assert 25.0 < psnrs[True] <= psnrs[False] + 0.5 and psnrs[False] > 30.0
     with reuse_models():  # a model reused across batch jobs takes each job's own choice
         assert load(None, "cpu", "auto", False, None, vae_tiling=True).pipe.vae.use_tiling

@@ -14,8 +14,8 @@ OUTPUT = Path("docs/benchmarks.md")
 
 SECTIONS = [
     ("Toy model v3: the papers' order and the bar, without feature injection", """
-All 40 recolour and 40 reshape tasks on the shipped toy model v3 (2026-12-04; measured again after
-its decoder's second tuning, which drew saturated plain colours), no feature injection.
+All 40 recolour and 40 reshape tasks on the shipped toy model v3 (2026-12-04; measured again on
+2026-12-05 with the decoder of phase 6, which drew most scenes on plain colours), no feature injection.
 `direct` runs with its model folder's settings (`samples/toy-sd/diffedit.json`: self-attention maps
 replaced on every step, cross-attention maps on 80 % of them and the swapped word's on 60 %
 (`--cross-replace-edited`), CFG 5); the row with its settings named is Direct Inversion at the papers'
@@ -23,11 +23,12 @@ defaults (50 steps, CFG 7.5, cross 0.4 for every word, self 0.6; measured again 
 run had taken the folder's 0.6 for the swapped word, 62.5 / 55 %); every other engine runs at its papers' defaults
 (no setting tried helped ddim-p2p; samples/toy-sd/README.md). With each engine at its
 folder's settings the papers' order holds on both kinds, each with more background than the next on
-recolours (on reshapes ddim-p2p and DDIM keep the same, 24.61 and 24.63 dB). Issue 28's bar (the best
-engine ≥ 70 % on both kinds at ≥ 30 dB) is met by Direct Inversion: 92.5 and 72.5 % at 30.7 / 30.9 dB
-(before the decoder's second tuning 92.5 and 77.5 % at 31 dB; with the swapped word held as long as
-the rest, 67.5 % of reshapes there). InfEdit at its papers' defaults reshapes 80 % at 30.3 dB but
-recolours 52.5 %; BDIA recolours 17.5 %, edit-friendly DDPM keeps 21-22 dB.""",
+recolours (on reshapes ddim-p2p and DDIM keep about the same, 24.49 and 24.55 dB). Issue 28's bar (the
+best engine ≥ 70 % on both kinds at ≥ 30 dB) is met by Direct Inversion: 92.5 and 75 % at 30.4 / 30.6 dB
+(with phase 5's decoder 92.5 and 72.5 % at 30.7 / 30.9 dB; before the decoder's second tuning 92.5 and
+77.5 % at 31 dB; with the swapped word held as long as the rest, 67.5 % of reshapes there). InfEdit at
+its papers' defaults reshapes 80 % at 30.2 dB but recolours 52.5 %; BDIA recolours 17.5 %, edit-friendly
+DDPM keeps 21-22 dB.""",
      ["v3-shapes40-direct", "v3-shapes40-direct-papers", "v3-shapes40-ddim-p2p", "v3-shapes40-ddim",
       "v3-shapes40-infedit", "v3-shapes40-bdia", "v3-shapes40-ddpm-ef"]),
     ("Toy model v3: decoder inversion", """
@@ -37,23 +38,27 @@ the encoder's latent as it is and refined by 50 Adam steps until it decodes to t
 put on each of 16 plain colours by its mean error (worst scene, worst channel, levels), and one 64-px
 encode's time against the encoder's alone, side by side in the run. Below it, Direct Inversion on all
 40 recolour and reshape tasks with `--decoder-inversion 50` (the folder's settings otherwise): compare
-the first row of "Toy model v3: the papers' order" above, same tasks without it. The refined latent
-raises the VAE's ceiling (scenes 34.6 → 37.4 dB, 11 of 16 plain colours within 2 levels against 3) but
-not the edits: recolours 92.5 → 82.5 % at 30.2 dB (30.7 without), reshapes 72.5 → 75 % at 30.7 dB (30.9),
-each edit twice as long on the CPU. The UNet learnt the encoder's latents, and the refined ones lie a
-little off them; so the toy model's folder does not turn it on (samples/toy-sd/README.md).""",
+the first row of "Toy model v3: the papers' order" above, same tasks without it. Measured on
+2026-12-05 with the decoder of phase 6 (samples/toy-sd/README.md). The refined latent raises the VAE's
+ceiling (scenes 35.3 → 38.8 dB, photos 29.2 → 31.2, every one of the 16 plain colours within 2 levels
+against 2) but not the edits: recolours 92.5 → 87.5 % at 30.4 dB (30.4 without), reshapes 75 → 67.5 % at
+30.6 dB (30.6), each edit twice as long on the CPU. The UNet learnt the encoder's latents, and the refined ones lie a
+little off them; so the toy model's folder does not turn it on. With phase 5's decoder (shipped until
+2026-12-05): scenes 34.6 → 37.4 dB, 11 of 16 plain colours within 2 against 3; recolours 92.5 → 82.5 %
+at 30.2 dB (30.7 without), reshapes 72.5 → 75 % at 30.7 dB (30.9).""",
      ["v3-vae", "v3-shapes40-direct-decinv50"]),
     ("Toy model v3: latent-consistency models", """
 `diffedit bench lcm --lcm-lora samples/toy-lcm-lora/pytorch_lora_weights.safetensors`: the toy LCM
 and the toy LCM-LoRA, both distilled from v3 on 2026-12-04, against their teacher v3 (100 seeded
-single-object prompts; guidance input / CFG 5, the LCM-LoRA without CFG; one run, after v3's decoder
-was tuned a second time).""", ["v3-lcm"]),
+single-object prompts; guidance input / CFG 5, the LCM-LoRA without CFG; one run, with the decoder
+of v3's phase 6, 2026-12-05).""", ["v3-lcm"]),
     ("Toy model v3: InfEdit on the toy LCM", """
 All 40 recolour and reshape tasks and the 10 reconstructions, InfEdit at the paper's 15 steps on the toy
 LCM distilled from v3, its defaults (guidance input 1 / 2); without and with plug-and-play feature
 injection on the first 40 % of the steps (`--inject-features 0.4`), which on v3's LCM helps recolours
-(37.5 → 62.5 %, 25.0 → 28.3 dB) and costs reshapes two tasks (50 → 45 %, at 30.2 dB). On v1's LCM
-it had helped both (docs/engines.md).""", ["v3-shapes40-lcm-infedit", "v3-shapes40-lcm-infedit-pnp"]),
+(37.5 → 60 %, 24.9 → 28.1 dB) and costs reshapes three tasks (50 → 42.5 %, at 30.2 dB); measured with
+the decoder of phase 6 (with phase 5's: 37.5 → 62.5 % and 50 → 45 %). On v1's LCM it had helped both
+(docs/engines.md).""", ["v3-shapes40-lcm-infedit", "v3-shapes40-lcm-infedit-pnp"]),
     ("Toy model v3: moves", """
 PixelMan on all 32 move tasks (20 among several objects, 12 single objects on the world's white moved
 by (±18, ±14) px), 16 steps: at the model folder's energy scale, 2.5, and at the paper's 0.5.""",
@@ -85,7 +90,7 @@ the mask is ahead in both, so the five-task gaps were one task's luck.""", ["sha
     ("Local edits: ShapesBench with edit masks (toy flow model)", """
 The same tasks on the toy flow model with the flow engines (masks from words need UNet
 cross-attention, so flow models take mask files). Measured on 2026-12-05 on the model that learned
-the captions people type, alone on the CPU.""",
+the captions people type, decoding with v3's phase-6 decoder, alone on the CPU.""",
      ["shapes-flow-mask-none", "shapes-flow-mask-object", "shapes-flow-mask-object-nopaste"]),
     ("Local edits: what a mask costs", """
 The same edit with and without `--mask`, side by side in one run, medians (`diffedit bench masks`):
@@ -98,21 +103,23 @@ PSNR against the input, and the VAE's own round trip (the ceiling; the gap is wh
 DDIM, Euler and DPM-Solver++ (2M) make one network evaluation per step each way, RF-Solver two,
 FireFlow one plus one; a fixed-point inversion (`--fixed-point 2`) three per step while its sampling
 stays at one. On the flow model the second-order steps at 10 steps come closer to the ceiling
-(RF-Solver 0.39 dB with 20 evaluations each way, FireFlow 0.49 dB with 11) than Euler at 20 steps (1.57
+(RF-Solver 0.60 dB with 20 evaluations each way, FireFlow 0.80 dB with 11) than Euler at 20 steps (2.38
 dB). On the toy SD model DPM-Solver++ (2M) is ahead of DDIM only from 20 steps on: below that its
 inversion (diffusers' plain one) overshoots. What closes the round trip at few steps there is the
 first-order fixed point: DDIM at 10 steps with 2 updates (30 + 10 evaluations) comes back closer than
 plain DDIM at 50 steps, and at 50 steps it reaches the ceiling. These are toy model v3's numbers and
-the flow model's on v3's latents (2026-12-05, the model that learned the captions people type; ceiling
-35.01 dB). On v2 (ceiling 31.98 dB)
-plain DDIM stopped 2.0-3.7 dB short, on v3 2.9-8.0 dB (its 5-step round trip loses most); the
-ordering of the solvers is the same on both.
+the flow model's on v3's latents (2026-12-05, the model that learned the captions people type), both
+decoding with v3's phase-6 decoder (ceiling 35.67 dB; with phase 5's 35.01 dB, and the gaps up to 1.3 dB
+smaller). On v2 (ceiling 31.98 dB) plain DDIM stopped 2.0-3.7 dB short, on v3 3.6-9.2 dB (its 5-step
+round trip loses most); the ordering of the solvers is the same on both.
 
 ![round-trip PSNR against network evaluations](../benchmarks/results/solvers/round-trip.png)""", ["solvers"]),
     ("Flow engines on ShapesBench (toy flow model)", """
 Every recolour, reshape and reconstruction task on the toy flow model, each engine at its defaults
 on that model (RF-Inversion with the model's `stop 0.7`; RF-Solver and FireFlow at their papers'
-steps, CFG 1 / 2 and value sharing). NFE counts the inversion and the edit together.""", ["shapes40-flow"]),
+steps, CFG 1 / 2 and value sharing). NFE counts the inversion and the edit together. Measured on
+2026-12-05 with v3's phase-6 decoder (with phase 5's every success rate was within two tasks, the
+backgrounds 0.1-0.5 dB higher and the exact round trips at its 35.0 dB ceiling).""", ["shapes40-flow"]),
     ("Costs at full size", """
 `diffedit bench scale --family sd1`: Stable Diffusion 1.5's architecture with random weights (860 M
 UNet, a CLIP ViT-L-sized text encoder, SD's VAE; built in code, nothing downloaded) at 512², one step
