@@ -176,6 +176,12 @@ def test_tune_decoder_cli_names_a_folder_without_a_vae(tmp_path, cli):
     assert not (tmp_path / "work").exists()
 
 
+def test_tune_layout_cli_names_a_folder_without_a_unet(tmp_path, cli):
+    code, _, err = cli("toy", "tune-layout", "-m", tmp_path, "--work", tmp_path / "work")
+    assert code == 1 and f"{tmp_path}: no toy SD model" in err
+    assert not (tmp_path / "work").exists()
+
+
 def _embeddings(tokenizer, encoder, prompts):
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     with torch.no_grad():

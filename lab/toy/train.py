@@ -33,7 +33,7 @@ class TrainConfig:
     vae_lr: float = 1e-3
     decoder_steps: int = 1000
     decoder_mse_steps: int = 1300
-    decoder_plain_fraction: float = 0.5  # the last phase's share of plain-colour scenes
+    decoder_plain_fraction: float = 0.5  # phase 5's share of plain-colour scenes
     decoder_saturated_fraction: float = 0.5  # of its plain colours: on the RGB cube's surface (a channel at 0 or 255)
     decoder_whole_plain_fraction: float = 0.0  # of its plain scenes: the whole image that colour, no objects
     plain_decoder_steps: int = 3000  # phase 6: the same tuning again, longer, most scenes on plain colours; 0 skips it
