@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -214,19 +213,31 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
     # shares, seed, clamped loss).
     recipe = (f"{config.decoder_mse_steps}/{config.decoder_plain_fraction}/{config.decoder_saturated_fraction}/"
               f"{config.seed}/clamped" + (f"/whole{config.decoder_whole_plain_fraction}"
-                                          if config.decoder_whole_plain_fraction else "")).encode()
-    start = hashlib.sha256(weights.read_bytes() + recipe).hexdigest()[:12]
+                                          if config.decoder_whole_plain_fraction else ""))
+    start = _start_key([weights], recipe)
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32)
     _fit_vae(config, vae, _decoder_only(vae), config.decoder_mse_steps, config.vae_lr * 0.3, work / f"decoder_mse-{start}.ckpt",
              3, tick, mse_only=True)
     tuned = AutoencoderKL.from_config({k: v for k, v in vae.config.items() if not k.startswith("_")})
     tuned.load_state_dict(vae.state_dict())  # a fresh module: its saved config names no local path
-    staged = model_dir / "vae.tmp"
-    tuned.to(torch.float16).save_pretrained(staged, safe_serialization=True)
-    for f in staged.iterdir():  # replace file by file: never a half-written VAE folder
-        f.replace(model_dir / "vae" / f.name)
-    staged.rmdir()
+    _save_in_place(model_dir, {"vae": tuned})
     return {"decoder_mse_steps": config.decoder_mse_steps}
+
+
+def _start_key(weights: list[Path], recipe: str) -> str:
+    """A tuning run's name from the weights it starts from and its recipe: only the same run resumes."""
+    return hashlib.sha256(b"".join(w.read_bytes() for w in weights) + recipe.encode()).hexdigest()[:12]
+
+
+def _save_in_place(model_dir: Path, parts: dict[str, torch.nn.Module]) -> None:
+    """Save modules into a saved model's folders (folder name -> module) as fp16 safetensors, each staged
+    in `NAME.tmp` and moved in file by file: never a half-written model folder."""
+    for name, module in parts.items():
+        staged = model_dir / f"{name}.tmp"
+        module.to(torch.float16).save_pretrained(staged, safe_serialization=True)
+        for f in staged.iterdir():
+            f.replace(model_dir / name / f.name)
+        staged.rmdir()
 
 
 def train_vae(config: TrainConfig, work: Path, tick) -> tuple[torch.nn.Module, float]:
@@ -469,19 +480,13 @@ def tune_saved_layout(model_dir: Path, work: Path, config: TrainConfig, tick) ->
     scale = pipe.vae.config.scaling_factor
     weights = [model_dir / part / name for part, name in (("unet", "diffusion_pytorch_model.safetensors"),
                                                           ("text_encoder", "model.safetensors"))]
-    # Resume only a tuning of these weights with this recipe.
-    recipe = f"{config.layout_steps}/{config.layout_lr}/{config.layout_pairs}/{config.layout_batch}/{config.seed}".encode()
-    start = hashlib.sha256(b"".join(w.read_bytes() for w in weights) + recipe).hexdigest()[:12]
+    start = _start_key(weights, f"{config.layout_steps}/{config.layout_lr}/{config.layout_pairs}/"
+                                f"{config.layout_batch}/{config.seed}")
     latents, captions = encode_dataset(config, pipe.vae, scale, work, tick)
     pairs = colour_swaps(config, pipe.vae, scale, work, tick)
     unet, text_encoder = tune_layout(config, pipe.unet, pipe.text_encoder, pipe.tokenizer, latents, captions, pairs,
                                      work, tick, checkpoint=work / f"layout-{start}.ckpt")
-    staged = model_dir.with_name(model_dir.name + ".tmp")
-    toy.save(toy.assemble(pipe.vae, unet, text_encoder, pipe.tokenizer), staged)
-    for part in ("unet", "text_encoder"):  # replace file by file: never a half-written model folder
-        for f in (staged / part).iterdir():
-            f.replace(model_dir / part / f.name)
-    shutil.rmtree(staged)
+    _save_in_place(model_dir, {"unet": unet, "text_encoder": text_encoder})
     return {"layout_steps": config.layout_steps, "seed": config.seed}
 
 
