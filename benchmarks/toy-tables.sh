@@ -4,18 +4,26 @@
 # quote). Run it after anything that changes what the toy model draws or decodes (a new decoder, a new
 # UNet), alone on the CPU: about 100 minutes on 2 cores (103 on 2026-12-05). Then `diffedit bench docs` regenerates the
 # tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
-# hand. `--list` prints the commands without running them.
+# hand. `--list` prints the commands without running them; `--skip REGEX` leaves out those it matches
+# (e.g. after a new UNet only: --skip 'toy-flow|bench vae', the tables of models and parts that did not change).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 prefix=v3
 list=0
-for arg in "$@"; do
-    case "$arg" in
+skip=
+usage="usage: toy-tables.sh [--list] [--skip REGEX] [PREFIX]"
+while [ $# -gt 0 ]; do
+    case "$1" in
         --list) list=1 ;;
-        -*) echo "toy-tables.sh: unknown option $arg (usage: toy-tables.sh [--list] [PREFIX])" >&2; exit 2 ;;
-        *) prefix=$arg ;;
+        --skip)
+            [ $# -ge 2 ] || { echo "toy-tables.sh: --skip needs a regular expression ($usage)" >&2; exit 2; }
+            skip=$2
+            shift ;;
+        -*) echo "toy-tables.sh: unknown option $1 ($usage)" >&2; exit 2 ;;
+        *) prefix=$1 ;;
     esac
+    shift
 done
 out=benchmarks/results/$prefix
 lcm_lora=samples/toy-lcm-lora/pytorch_lora_weights.safetensors
@@ -29,8 +37,9 @@ flow_engines="-e rf-inversion -e rf-solver -e fireflow -e flowedit"
 commands=(
     # Prompt following and the VAE / DDIM round trips (toy-sd README, "Quality").
     "json_to $out-quality/results.json toy quality -g 7.5"
-    # Layout-in-attention diagnostic, at the edit's CFG and without guidance.
+    # Layout-in-attention diagnostic, at the papers' edit CFG, the folder's (diffedit.json) and without guidance.
     "json_to $out-layout/results.json toy layout"
+    "json_to $out-layout/results-g5.json toy layout -g 5"
     "json_to $out-layout/results-g1.json toy layout -g 1"
     # The VAE's round trip, from the encoder's latent and refined by decoder inversion.
     "diffedit bench vae --save $out-vae"
@@ -84,6 +93,9 @@ json_to() {
 }
 
 for command in "${commands[@]}"; do
+    if [ -n "$skip" ] && [[ $command =~ $skip ]]; then
+        continue
+    fi
     if [ "$list" = 1 ]; then
         echo "$command"
         continue

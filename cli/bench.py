@@ -26,10 +26,19 @@ def _measured(bench, repeats: int, quick: bool, save: Path | None, json: bool) -
     _report(rows, bench.markdown(rows), save, json)
 
 
+def _results_folder(save: Path) -> None:
+    """Create a results folder and record in it the command that fills it (`command.json`), so a table
+    can be measured again as it was."""
+    from diffedit.cli import main
+
+    save.mkdir(parents=True, exist_ok=True)
+    (save / "command.json").write_text(jsonlib.dumps({"command": main.invoked}) + "\n")
+
+
 def _report(rows: list[dict], table: str, save: Path | None, json: bool, printed: list[dict] | None = None) -> None:
     """Save rows and table under `save`; print the table, or with --json the `printed` rows (default: rows)."""
     if save is not None:
-        save.mkdir(parents=True, exist_ok=True)
+        _results_folder(save)
         (save / "results.json").write_text(jsonlib.dumps(rows, indent=2) + "\n")
         (save / "results.md").write_text(table + "\n")
     typer.echo("\n".join(jsonlib.dumps(r) for r in (rows if printed is None else printed)) if json else table)
@@ -95,7 +104,7 @@ def shapes(
     options.update({k: v for k, v in accelerators.items() if v is not None})  # text edits take them
     rows = []
     if save is not None:
-        save.mkdir(parents=True, exist_ok=True)
+        _results_folder(save)
         (save / "rows.jsonl").write_text("")
 
     def progress(row):  # rows are kept as they come, so a long run that stops loses nothing

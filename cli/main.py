@@ -45,10 +45,15 @@ def commands() -> dict:
     return dict(typer.main.get_command(app).commands)
 
 
+invoked: list[str] = []  # the command line `run` was last given, for results folders that record it
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the app on `argv` and return the exit code (errors as one line on stderr)."""
+    global invoked
     _register()
     args = sys.argv[1:] if argv is None else argv
+    invoked = ["diffedit", *args]
     try:
         # not standalone: Click's errors come here, to be printed as one line like ours
         done = typer.main.get_command(app).main(args=args, prog_name="diffedit", standalone_mode=False)

@@ -67,3 +67,20 @@ def test_every_results_row_sits_in_a_table_of_the_docs():
             path = ROOT / docs.RESULTS / folder / "results.md"
             rows = {row for _, rows in _tables(path.read_text()) for row in rows} if path.exists() else set()
             assert rows <= in_tables, f"{folder}: rows outside any table of docs/benchmarks.md"
+
+
+def test_toy_tables_script_lists_every_table_and_skips_what_it_is_told():
+    """`benchmarks/toy-tables.sh --list` names the commands it would run; `--skip REGEX` leaves out the
+    matching ones (after a new UNet, the flow model's and the VAE's tables), and a bare --skip is refused."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy-tables.sh"
+    listed = lambda *args: subprocess.run(["bash", str(script), "--list", *args], capture_output=True,  # noqa: E731
+                                          text=True, check=True).stdout.splitlines()
+    every, unet_only = listed(), listed("--skip", "toy-flow|bench vae")
+    assert any("toy-flow" in line for line in every) and any("bench vae" in line for line in every)
+    assert unet_only and not any("toy-flow" in line or "bench vae" in line for line in unet_only)
+    assert set(unet_only) < set(every)
+    assert all("benchmarks/results/" in line for line in every)
+    refused = subprocess.run(["bash", str(script), "--skip"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--skip needs" in refused.stderr

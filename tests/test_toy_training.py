@@ -137,9 +137,11 @@ def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights
 
     config = TrainConfig(vae_width=16, vae_steps=2, vae_batch=2, decoder_steps=1, decoder_mse_steps=1,
                          plain_decoder_steps=1, dataset=6, unet_steps=2, unet_batch=2, warmup=1, layout_steps=2,
-                         layout_pairs=3, layout_batch=1, checkpoint_every=1)
+                         layout_pairs=3, layout_batch=1, relayout_steps=1, checkpoint_every=1)
     summary = train(tmp_path / "a", tmp_path / "work", config, lambda *_: None)
     assert len(list((tmp_path / "work").glob("decoder_mse-*.ckpt"))) == 2  # phases 5 and 6, each its own run
+    assert len(list((tmp_path / "work" / "phase7").glob("layout-*.ckpt"))) == 1  # phase 7, on the next seed's scenes
+    assert torch.load(tmp_path / "work" / "phase7" / "latents.pt")["seed"] == 1
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a")
     assert pipe.vae.config.block_out_channels == [16, 32, 32]
     assert pipe.vae.config.scaling_factor == summary["scaling_factor"] > 0

@@ -116,6 +116,27 @@ def test_bench_shapes_rows_name_the_settings_they_ran_with(cli, tmp_path):
     assert "| copy-paste (CFG 3, seed 4) | move | 1 |" in (tmp_path / "b" / "results.md").read_text()
 
 
+def test_bench_shapes_rows_say_when_the_model_folder_s_settings_applied(cli, tmp_path, tiny_folder):
+    """A row run with the model folder's diffedit.json filling in what the command left unset says so;
+    one whose command set everything the folder recommends does not. Each results folder records the
+    command and the options given."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder("sd1"), model)
+    (model / "diffedit.json").write_text(json.dumps({"engines": {"ddim": {"guidance_scale": 3.0}}}))
+    run = ("bench", "shapes", "-e", "ddim", "-m", model, "--kinds", "recolour", "--limit", "1", "-n", "2")
+    code, out, err = cli(*run, "--save", tmp_path / "a")
+    assert code == 0, err
+    assert [s["engine"] for s in json.loads((tmp_path / "a" / "results.json").read_text())] == ["ddim (folder settings)"]
+    command = json.loads((tmp_path / "a" / "command.json").read_text())["command"]
+    assert command == ["diffedit", *map(str, run), "--save", str(tmp_path / "a")]
+    code, out, err = cli(*run, "-g", "3", "--save", tmp_path / "b")
+    assert code == 0, err
+    assert [s["engine"] for s in json.loads((tmp_path / "b" / "results.json").read_text())] == ["ddim (CFG 3)"]
+    assert json.loads((tmp_path / "b" / "command.json").read_text())["command"][-4:-2] == ["-g", "3"]
+
+
 @settings(max_examples=200, deadline=None)
 @given(scene_seed=st.integers(0, 2**31 - 1), form_seed=st.integers(0, 2**31 - 1))
 def test_user_captions_name_the_same_scene(scene_seed, form_seed):

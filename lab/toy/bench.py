@@ -337,6 +337,19 @@ RUNNERS: dict[str, TaskRunner] = {"recolour": text_edit, "reshape": text_edit, "
                                   "move": object_move, "erase": concept_erase}
 
 
+def _defaults_from(model: Family, engine: str, options: dict) -> str:
+    """Where a run's unset options come from: "paper", or the model folder's settings file."""
+    if engine == "pixelman":
+        from diffedit.plan import move_energy_scale
+
+        return move_energy_scale(model, (options.get("params") or {}).get("energy_scale"))[1]
+    from diffedit.inversion import engine_names
+
+    if engine not in engine_names():  # copy-paste: no diffusion, no settings
+        return "paper"
+    return _plan(model, {**options, "engine": engine}).defaults
+
+
 def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: int | None = None,
         options: dict | None = None, tasks_path: Path = TASKS, progress=None) -> list[dict]:
     """Run the benchmark with one engine; one row per task."""
@@ -357,6 +370,8 @@ def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: in
         settings.append(f"mask: {options['mask']}")
         settings += [f"dilated {options['mask_dilate']} px"] if options.get("mask_dilate") else []
         settings += [] if options.get("paste_back", True) else ["no paste-back"]
+    if _defaults_from(model, engine, options) != "paper":
+        settings.append("folder settings")  # the model folder's diffedit.json filled in what the run left unset
     label = f"{engine} ({', '.join(settings)})" if settings else engine
     for task in tasks:
         runner = RUNNERS.get(task["kind"])

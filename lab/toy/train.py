@@ -48,6 +48,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     word_local: bool = True  # the text encoder's tokens see only their own word (`toy.make_text_encoder`)
     layout_steps: int = 600  # phase 3b (`tune_layout`); 0 skips it
+    relayout_steps: int = 300  # phase 7: phase 3b again on the saved model, next seed (`tune_saved_layout`); 0 skips it
     layout_pairs: int = 4000
     layout_batch: int = 16  # colour swaps per step, beside the plain batch
     layout_lr: float = 2e-4
@@ -522,6 +523,11 @@ def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | Non
         # Its own seed: phase 5's batches again would add nothing new.
         tune_decoder(out, work, replace(config, decoder_mse_steps=config.plain_decoder_steps,
                                         decoder_plain_fraction=config.plain_decoder_fraction, seed=config.seed + 1), tick)
+    if config.relayout_steps:
+        # Fresh scenes and swaps (the next seed; their own folder, so the earlier phases' caches stay):
+        # the layout diagnostic gained its margin here, not from a longer phase 3b (samples/toy-sd/README.md).
+        tune_saved_layout(out, work / "phase7", replace(config, layout_steps=config.relayout_steps, seed=config.seed + 1),
+                          tick)
     return {"config": asdict(config), "scaling_factor": scale, "vae_from": str(vae_from) if vae_from else None}
 
 
