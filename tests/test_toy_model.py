@@ -33,17 +33,23 @@ def test_is_the_default_model(toy):
 
 
 def test_draws_what_it_is_asked(toy):
+    """Issue 28's bar (90 % right shape and colour) on 80 seeded images: four prompts in the training
+    template and four as people type them, ten seeds each, the issue's named examples among them. A rate,
+    not every image: at the measured 95-97 % two misses among 12 fixed images happen about one time in
+    twelve, and did for one UNet of equal measured quality (samples/toy-sd/README.md)."""
     prompts = [("a red circle on a white background", "circle", "red"),
                ("a blue square on a white background", "square", "blue"),
                ("a green triangle on a grey background", "triangle", "green"),
-               ("a yellow star on a black background", "star", "yellow")]
-    seeds = [1, 2, 3]
+               ("a yellow star on a black background", "star", "yellow"),
+               ("a red circle", "circle", "red"), ("a blue square", "square", "blue"),
+               ("green triangle", "triangle", "green"), ("yellow star", "star", "yellow")]
+    seeds = range(1, 11)
     batch = [(p, s, c, seed) for p, s, c in prompts for seed in seeds]
     images = generate_batch(toy, [b[0] for b in batch], [b[3] for b in batch], steps=25, guidance_scale=GUIDANCE)
     right = [all(judge(image, shape, colour)) for image, (_, shape, colour, _) in zip(images, batch)]
-    assert sum(right) >= len(right) - 1, right  # one miss allowed among 12 (the measured rate is in docs/toy-world.md)
-    # the red circle and blue square, the issue's named examples, every seed
-    assert all(right[:6]), right[:6]
+    assert sum(right) >= 0.9 * len(right), sum(right)
+    per_prompt = [sum(right[k:k + len(seeds)]) for k in range(0, len(right), len(seeds))]
+    assert min(per_prompt) >= 8, dict(zip((p for p, _, _ in prompts), per_prompt))  # no prompt left behind
 
 
 def test_vae_round_trips(toy):

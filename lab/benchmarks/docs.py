@@ -15,20 +15,19 @@ OUTPUT = Path("docs/benchmarks.md")
 SECTIONS = [
     ("Toy model v3: the papers' order and the bar, without feature injection", """
 All 40 recolour and 40 reshape tasks on the shipped toy model v3 (2026-12-04; measured again on
-2026-12-05 with the decoder of phase 6, which drew most scenes on plain colours), no feature injection.
-`direct` runs with its model folder's settings (`samples/toy-sd/diffedit.json`: self-attention maps
-replaced on every step, cross-attention maps on 80 % of them and the swapped word's on 60 %
-(`--cross-replace-edited`), CFG 5); the row with its settings named is Direct Inversion at the papers'
-defaults (50 steps, CFG 7.5, cross 0.4 for every word, self 0.6; measured again on 2026-12-05: its first
-run had taken the folder's 0.6 for the swapped word, 62.5 / 55 %); every other engine runs at its papers' defaults
-(no setting tried helped ddim-p2p; samples/toy-sd/README.md). With each engine at its
-folder's settings the papers' order holds on both kinds, each with more background than the next on
-recolours (on reshapes ddim-p2p and DDIM keep about the same, 24.49 and 24.55 dB). Issue 28's bar (the
-best engine ≥ 70 % on both kinds at ≥ 30 dB) is met by Direct Inversion: 92.5 and 75 % at 30.4 / 30.6 dB
-(with phase 5's decoder 92.5 and 72.5 % at 30.7 / 30.9 dB; before the decoder's second tuning 92.5 and
-77.5 % at 31 dB; with the swapped word held as long as the rest, 67.5 % of reshapes there). InfEdit at
-its papers' defaults reshapes 80 % at 30.2 dB but recolours 52.5 %; BDIA recolours 17.5 %, edit-friendly
-DDPM keeps 21-22 dB.""",
+2026-12-05 with the decoder of phase 6 and the UNet of phase 7, 300 more steps of the layout loss), no
+feature injection. `direct (folder settings)` runs with its model folder's settings
+(`samples/toy-sd/diffedit.json`: self-attention maps replaced on every step, cross-attention maps on
+80 % of them and the swapped word's on 60 % (`--cross-replace-edited`), CFG 5); the row with its
+settings named is Direct Inversion at the papers' defaults (50 steps, CFG 7.5, cross 0.4 for every
+word, self 0.6); every other engine runs at its papers' defaults (no setting tried helped ddim-p2p;
+samples/toy-sd/README.md). With each engine at its folder's settings the papers' order holds on both
+kinds (on reshapes ddim-p2p and DDIM tie at 47.5 %, ddim-p2p with more background, 24.2 against 23.6
+dB). Issue 28's bar (the best engine ≥ 70 % on both kinds at ≥ 30 dB) is met by Direct Inversion: 92.5
+and 80 % at 30.0 / 30.7 dB (before phase 7 92.5 and 75 % at 30.4 / 30.6 dB; with phase 5's decoder
+92.5 and 72.5 % at 30.7 / 30.9 dB; with the swapped word held as long as the rest, 67.5 % of reshapes
+there). InfEdit at its papers' defaults reshapes 82.5 % at 30.4 dB but recolours 52.5 %; BDIA recolours
+17.5 %, edit-friendly DDPM keeps 21-23 dB.""",
      ["v3-shapes40-direct", "v3-shapes40-direct-papers", "v3-shapes40-ddim-p2p", "v3-shapes40-ddim",
       "v3-shapes40-infedit", "v3-shapes40-bdia", "v3-shapes40-ddpm-ef"]),
     ("Toy model v3: decoder inversion", """
@@ -38,14 +37,16 @@ the encoder's latent as it is and refined by 50 Adam steps until it decodes to t
 put on each of 16 plain colours by its mean error (worst scene, worst channel, levels), and one 64-px
 encode's time against the encoder's alone, side by side in the run. Below it, Direct Inversion on all
 40 recolour and reshape tasks with `--decoder-inversion 50` (the folder's settings otherwise): compare
-the first row of "Toy model v3: the papers' order" above, same tasks without it. Measured on
-2026-12-05 with the decoder of phase 6 (samples/toy-sd/README.md). The refined latent raises the VAE's
-ceiling (scenes 35.3 → 38.8 dB, photos 29.2 → 31.2, every one of the 16 plain colours within 2 levels
-against 2) but not the edits: recolours 92.5 → 87.5 % at 30.4 dB (30.4 without), reshapes 75 → 67.5 % at
-30.6 dB (30.6), each edit twice as long on the CPU. The UNet learnt the encoder's latents, and the refined ones lie a
-little off them; so the toy model's folder does not turn it on. With phase 5's decoder (shipped until
-2026-12-05): scenes 34.6 → 37.4 dB, 11 of 16 plain colours within 2 against 3; recolours 92.5 → 82.5 %
-at 30.2 dB (30.7 without), reshapes 72.5 → 75 % at 30.7 dB (30.9).""",
+the first row of "Toy model v3: the papers' order" above, same tasks without it. The VAE rows were
+measured on 2026-12-05 with the decoder of phase 6, the edits the same day on the UNet of phase 7
+(samples/toy-sd/README.md). The refined latent raises the VAE's ceiling (scenes 35.3 → 38.8 dB, photos
+29.2 → 31.2, every one of the 16 plain colours within 2 levels against 2) but not the edits: recolours
+92.5 → 85 % at 29.7 dB (30.0 without), reshapes 80 → 72.5 % at 31.2 dB (30.7), each edit twice as long
+on the CPU. The UNet learnt the encoder's latents, and the refined ones lie a little off them; so the
+toy model's folder does not turn it on. Before phase 7: recolours 92.5 → 87.5 % at 30.4 dB, reshapes
+75 → 67.5 % at 30.6 dB. With phase 5's decoder (shipped until 2026-12-05): scenes 34.6 → 37.4 dB, 11 of
+16 plain colours within 2 against 3; recolours 92.5 → 82.5 % at 30.2 dB (30.7 without), reshapes
+72.5 → 75 % at 30.7 dB (30.9).""",
      ["v3-vae", "v3-shapes40-direct-decinv50"]),
     ("Toy model v3: latent-consistency models", """
 `diffedit bench lcm --lcm-lora samples/toy-lcm-lora/pytorch_lora_weights.safetensors`: the toy LCM
