@@ -50,9 +50,9 @@ toy model's folder does not turn it on. Before phase 7: recolours 92.5 → 87.5 
      ["v3-vae", "v3-shapes40-direct-decinv50"]),
     ("Toy model v3: latent-consistency models", """
 `diffedit bench lcm --lcm-lora samples/toy-lcm-lora/pytorch_lora_weights.safetensors`: the toy LCM
-and the toy LCM-LoRA, both distilled from v3 on 2026-12-04, against their teacher v3 (100 seeded
-single-object prompts; guidance input / CFG 5, the LCM-LoRA without CFG; one run, with the decoder
-of v3's phase 6, 2026-12-05).""", ["v3-lcm"]),
+(distilled from v3 on 2026-12-04, before phase 7) and the toy LCM-LoRA (distilled again from v3 after
+phase 7 on 2026-12-05), against their teacher, v3 as shipped (100 seeded single-object prompts; guidance
+input / CFG 5, the LCM-LoRA without CFG; one run, with the decoder of v3's phase 6, 2026-12-05).""", ["v3-lcm"]),
     ("Toy model v3: InfEdit on the toy LCM", """
 All 40 recolour and reshape tasks and the 10 reconstructions, InfEdit at the paper's 15 steps on the toy
 LCM distilled from v3, its defaults (guidance input 1 / 2); without and with plug-and-play feature
@@ -62,7 +62,8 @@ the decoder of phase 6 (with phase 5's: 37.5 → 62.5 % and 50 → 45 %). On v1'
 (docs/engines.md).""", ["v3-shapes40-lcm-infedit", "v3-shapes40-lcm-infedit-pnp"]),
     ("Toy model v3: moves", """
 PixelMan on all 32 move tasks (20 among several objects, 12 single objects on the world's white moved
-by (±18, ±14) px), 16 steps: at the model folder's energy scale, 2.5, and at the paper's 0.5.""",
+by (±18, ±14) px), 16 steps: at the model folder's energy scale, 2.5, and at the paper's 0.5, on the UNet
+of phase 7 (2026-12-05; before it 93.8 and 75 %).""",
      ["v3-shapes-move", "v3-shapes-move-energy0.5"]),
     ("Toy model v2: the papers' order without feature injection", """
 All 40 recolour and 40 reshape tasks on the toy model v2 (word-local text encoder, 2026-12-02), each
