@@ -5,20 +5,26 @@
 # UNet), alone on the CPU: about 100 minutes on 2 cores (103 on 2026-12-05). Then `diffedit bench docs` regenerates the
 # tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
 # hand. `--list` prints the commands without running them; `--skip REGEX` leaves out those it matches
-# (e.g. after a new UNet only: --skip 'toy-flow|bench vae', the tables of models and parts that did not change).
+# (e.g. after a new UNet only: --skip 'toy-flow|bench vae|-m samples/toy-lcm ', the tables of models and
+# parts that did not change); `--only REGEX` runs only those it matches (e.g. --only 'heldout').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 prefix=v3
 list=0
 skip=
-usage="usage: toy-tables.sh [--list] [--skip REGEX] [PREFIX]"
+only=
+usage="usage: toy-tables.sh [--list] [--skip REGEX] [--only REGEX] [PREFIX]"
 while [ $# -gt 0 ]; do
     case "$1" in
         --list) list=1 ;;
         --skip)
             [ $# -ge 2 ] || { echo "toy-tables.sh: --skip needs a regular expression ($usage)" >&2; exit 2; }
             skip=$2
+            shift ;;
+        --only)
+            [ $# -ge 2 ] || { echo "toy-tables.sh: --only needs a regular expression ($usage)" >&2; exit 2; }
+            only=$2
             shift ;;
         -*) echo "toy-tables.sh: unknown option $1 ($usage)" >&2; exit 2 ;;
         *) prefix=$1 ;;
@@ -27,6 +33,7 @@ while [ $# -gt 0 ]; do
 done
 out=benchmarks/results/$prefix
 lcm_lora=samples/toy-lcm-lora/pytorch_lora_weights.safetensors
+held_out=samples/shapesbench-heldout.jsonl
 text_kinds=recolour,reshape
 # The solvers' and the flow model's folders are named without a model version (the flow model has
 # its own history); another prefix puts them beside the others.
@@ -58,6 +65,12 @@ commands=(
     # Moves: the folder's energy scale and the paper's.
     "diffedit bench shapes -e pixelman --kinds move --save $out-shapes-move"
     "diffedit bench shapes -e pixelman --kinds move --param energy_scale=0.5 --save $out-shapes-move-energy0.5"
+    # The held-out tasks: the folder's settings (chosen on the tasks above) and the papers' on scenes
+    # nothing was tuned on.
+    "diffedit bench shapes -e direct --kinds $text_kinds --tasks $held_out --save $out-heldout-direct"
+    "diffedit bench shapes -e direct --kinds $text_kinds --tasks $held_out -g 7.5 --param cross_replace=0.4 --param cross_replace_edited=0.4 --param self_replace=0.6 --save $out-heldout-direct-papers"
+    "diffedit bench shapes -e pixelman --kinds move --tasks $held_out --save $out-heldout-move"
+    "diffedit bench shapes -e pixelman --kinds move --tasks $held_out --param energy_scale=0.5 --save $out-heldout-move-energy0.5"
     # Concept erasure: ShapesBench's erase tasks and the adapters' own measure.
     "diffedit bench shapes -e ddim --kinds erase --save $out-shapes-erase"
     "diffedit bench erase --save $out-erase"
@@ -94,6 +107,9 @@ json_to() {
 
 for command in "${commands[@]}"; do
     if [ -n "$skip" ] && [[ $command =~ $skip ]]; then
+        continue
+    fi
+    if [ -n "$only" ] && ! [[ $command =~ $only ]]; then
         continue
     fi
     if [ "$list" = 1 ]; then

@@ -67,6 +67,7 @@ def shapes(
     lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None, decoder_inversion: DecoderInversionOpt = None,
     kinds: Annotated[str | None, typer.Option(help="Comma-separated task kinds (recolour,reshape,move,reconstruct).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks of each chosen kind.")] = None,
+    tasks: Annotated[Path | None, typer.Option("--tasks", help="Task file (default samples/shapesbench.jsonl; samples/shapesbench-heldout.jsonl checks settings on scenes nothing was tuned on).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", "-n")] = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
     inversion_guidance_scale: Annotated[float | None, typer.Option("--inversion-guidance-scale")] = None,
@@ -115,7 +116,7 @@ def shapes(
     with stderr.status("running ShapesBench"):
         for name in engine:
             rows += bench.run(m, name, kinds=kinds.split(",") if kinds else None, limit=limit, options=options,
-                              progress=progress)
+                              tasks_path=tasks or bench.TASKS, progress=progress)
     summary = bench.summarize(rows)
     _report(summary, bench.markdown(summary), save, json, printed=rows)  # --json: the raw rows
 

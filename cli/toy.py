@@ -278,7 +278,8 @@ def scene(
 
 @toy_app.command("make-bench")
 def make_bench(
-    output: Annotated[Path, typer.Option("--output", "-o")] = Path("samples/shapesbench.jsonl"),
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: samples/shapesbench.jsonl, or samples/shapesbench-heldout.jsonl with --held-out.")] = None,
+    held_out: Annotated[bool, typer.Option("--held-out", help="The held-out tasks: the same kinds on other scenes, to check settings chosen on ShapesBench.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ):
     """Write the ShapesBench task file (fixed: the same tasks every time).
@@ -286,9 +287,10 @@ def make_bench(
     Example: diffedit toy make-bench --overwrite
     """
     from diffedit.files import atomic_output
-    from lab.toy.bench import make_tasks
+    from lab.toy.bench import HELD_OUT, TASKS, make_held_out_tasks, make_tasks
 
-    tasks = make_tasks()
+    tasks = make_held_out_tasks() if held_out else make_tasks()
+    output = output or (HELD_OUT if held_out else TASKS)
     with atomic_output(output, overwrite) as tmp:
         tmp.write_text("".join(jsonlib.dumps(t) + "\n" for t in tasks))
     emit({"output": str(output), "tasks": len(tasks)}, False)

@@ -71,7 +71,8 @@ def test_every_results_row_sits_in_a_table_of_the_docs():
 
 def test_toy_tables_script_lists_every_table_and_skips_what_it_is_told():
     """`benchmarks/toy-tables.sh --list` names the commands it would run; `--skip REGEX` leaves out the
-    matching ones (after a new UNet, the flow model's and the VAE's tables), and a bare --skip is refused."""
+    matching ones (after a new UNet, the flow model's and the VAE's tables), `--only REGEX` keeps only
+    them, and a bare --skip or --only is refused."""
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy-tables.sh"
@@ -82,5 +83,9 @@ def test_toy_tables_script_lists_every_table_and_skips_what_it_is_told():
     assert unet_only and not any("toy-flow" in line or "bench vae" in line for line in unet_only)
     assert set(unet_only) < set(every)
     assert all("benchmarks/results/" in line for line in every)
-    refused = subprocess.run(["bash", str(script), "--skip"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "--skip needs" in refused.stderr
+    held_out = listed("--only", "heldout")
+    assert held_out and all("--tasks samples/shapesbench-heldout.jsonl" in line for line in held_out)
+    assert set(held_out) < set(every) and not set(held_out) & set(listed("--skip", "heldout"))
+    for option in ("--skip", "--only"):
+        refused = subprocess.run(["bash", str(script), option], capture_output=True, text=True)
+        assert refused.returncode == 2 and f"{option} needs" in refused.stderr

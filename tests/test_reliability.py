@@ -371,9 +371,9 @@ def test_move_takes_the_recommended_energy_scale_and_models_info_lists_it(cli, t
     code, out, err = cli("move", "samples/scene.png", "--mask", "samples/scene.star-mask.png", "--dx", "4",
                          "--dy", "0", "-n", "2", "-o", tmp_path / "m.png", "--json", "-q")
     assert code == 0, err
-    assert json.loads(out)["energy_scale"] == 2.5
+    assert json.loads(out)["energy_scale"] == 4.0
     code, out, err = cli("models", "info", "samples/toy-sd", "--json")
-    assert code == 0 and json.loads(out)["recommended"]["move"] == {"energy_scale": 2.5}
+    assert code == 0 and json.loads(out)["recommended"]["move"] == {"energy_scale": 4.0}
 
 
 def test_a_broken_settings_file_is_named(cli, tmp_path, tiny_folder):

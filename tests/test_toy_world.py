@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 
 from diffedit.toy.checker import check, shows
 from diffedit.toy.shapes import COLOURS, SHAPES, VOCAB, Obj, make_scene, named_objects, render, user_caption
-from lab.toy.bench import TASKS, expected_scene, judge, load_tasks, make_tasks, source_scene
+from lab.toy.bench import (
+    HELD_OUT,
+    TASKS,
+    expected_scene,
+    judge,
+    load_tasks,
+    make_held_out_tasks,
+    make_tasks,
+    source_scene,
+)
 from lab.toy.model import make_tokenizer
 
 
@@ -69,6 +78,17 @@ def test_shapesbench_file_is_the_fixed_task_list():
     assert len({t["id"] for t in tasks}) == len(tasks)
 
 
+def test_held_out_tasks_are_fixed_and_on_scenes_shapesbench_never_shows():
+    """Settings tuned on ShapesBench are checked on the held-out file: same kinds, other scenes."""
+    held_out, tasks = load_tasks(HELD_OUT), load_tasks()
+    assert held_out == make_held_out_tasks()
+    assert not {t["scene_seed"] for t in held_out} & {t["scene_seed"] for t in tasks}
+    counts = {kind: sum(t["kind"] == kind for t in held_out) for kind in ("recolour", "reshape", "move")}
+    assert counts == {"recolour": 40, "reshape": 40, "move": 32}
+    assert sum(t["id"].startswith("heldout-move-white-") for t in held_out) == 12
+    assert all(t["id"].startswith("heldout-") for t in held_out) and len({t["id"] for t in held_out}) == len(held_out)
+
+
 @pytest.mark.parametrize("index", [0, 45, 85, 105])
 def test_judging_tells_success_from_failure(index):
     task = load_tasks()[index]
@@ -114,12 +134,17 @@ def test_bench_shapes_rows_name_the_settings_they_ran_with(cli, tmp_path):
     summary = json.loads((tmp_path / "b" / "results.json").read_text())
     assert [s["engine"] for s in summary] == ["copy-paste (CFG 3, seed 4)"]
     assert "| copy-paste (CFG 3, seed 4) | move | 1 |" in (tmp_path / "b" / "results.md").read_text()
+    code, out, err = cli("bench", "shapes", "-e", "copy-paste", "--kinds", "move", "--limit", "1", "--tasks", HELD_OUT,
+                         "--save", tmp_path / "c")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "c" / "rows.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["engine"]) for r in rows] == [("heldout-move-000", "copy-paste (tasks: shapesbench-heldout.jsonl)")]
 
 
 def test_bench_shapes_rows_say_when_the_model_folder_s_settings_applied(cli, tmp_path, tiny_folder):
     """A row run with the model folder's diffedit.json filling in what the command left unset says so;
-    one whose command set everything the folder recommends does not. Each results folder records the
-    command and the options given."""
+    one whose command set everything the folder recommends does not, nor one of a kind the settings do
+    not reach. Each results folder records the command and the options given."""
     import shutil
 
     model = tmp_path / "model"
@@ -135,6 +160,12 @@ def test_bench_shapes_rows_say_when_the_model_folder_s_settings_applied(cli, tmp
     assert code == 0, err
     assert [s["engine"] for s in json.loads((tmp_path / "b" / "results.json").read_text())] == ["ddim (CFG 3)"]
     assert json.loads((tmp_path / "b" / "command.json").read_text())["command"][-4:-2] == ["-g", "3"]
+    # DDIM's move baseline takes nothing from the folder's ddim settings, so its row does not say so.
+    code, out, err = cli("bench", "shapes", "-e", "ddim", "-m", model, "--kinds", "recolour,move", "--limit", "1", "-n", "2",
+                         "--save", tmp_path / "c")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert {s["kind"]: s["engine"] for s in summary} == {"recolour": "ddim (folder settings)", "move": "ddim"}
 
 
 @settings(max_examples=200, deadline=None)

@@ -9,6 +9,10 @@ engine through `diffedit.jobs.edit_image`, so new engines need no change here. K
 yet, and engines that do not do a kind (a text-edit engine on a move task), are reported as skipped.
 Move tasks run PixelMan (`--engine pixelman`) and two baselines, `copy-paste` and `ddim`. Erase tasks
 (v2) regenerate the scene with an engine after attaching a shipped SPM adapter.
+
+A second file, `samples/shapesbench-heldout.jsonl`, holds tasks of the same kinds (no erase or
+reconstruction) on scenes the first never shows: a model folder's settings are chosen on the first and
+checked on it.
 """
 
 from __future__ import annotations
@@ -31,16 +35,20 @@ from diffedit.toy.shapes import COLOURS, SHAPES, make_scene, with_object
 
 VERSION = 3  # v2 added the erase tasks, v3 moves on the world's white
 TASKS = Path(__file__).resolve().parents[2] / "samples" / "shapesbench.jsonl"
+# Tasks of the same kinds on other scenes: settings chosen on TASKS (a model folder's diffedit.json) are
+# checked on these, which nothing was tuned on.
+HELD_OUT = TASKS.with_name("shapesbench-heldout.jsonl")
 
 
 # -- the task file -------------------------------------------------------------------------------------
 
 
 def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int = 20, reconstruct: int = 10,
-               erase: int = 10, white_move: int = 12) -> list[dict]:
-    """The fixed task list (written to samples/shapesbench.jsonl by `diffedit toy make-bench`)."""
+               erase: int = 10, white_move: int = 12, first_scene: int = 10**6) -> list[dict]:
+    """The fixed task list (written to samples/shapesbench.jsonl by `diffedit toy make-bench`); scenes are
+    drawn from seeds above `first_scene`."""
     rng = np.random.default_rng(seed)
-    tasks, scene_seed = [], 10**6
+    tasks, scene_seed = [], first_scene
 
     def next_scene(max_objects=2):
         nonlocal scene_seed
@@ -104,6 +112,14 @@ def make_tasks(seed: int = 0, recolour: int = 40, reshape: int = 40, move: int =
                       "object": 0, "source_prompt": scene.caption, "target_prompt": scene.caption, "dx": dx, "dy": dy,
                       "expect": {"center": [round(cx, 1), round(cy, 1)]}})
     return tasks
+
+
+def make_held_out_tasks() -> list[dict]:
+    """The held-out task list (samples/shapesbench-heldout.jsonl, `diffedit toy make-bench --held-out`):
+    40 recolours, 40 reshapes, 20 moves among objects and 12 on white, on scenes from seeds far above
+    those of TASKS (ids prefixed "heldout-")."""
+    tasks = make_tasks(seed=1, reconstruct=0, erase=0, first_scene=2 * 10**6)
+    return [{**task, "id": f"heldout-{task['id']}"} for task in tasks]
 
 
 def _fits(obj, cx: float, cy: float) -> bool:
@@ -337,15 +353,19 @@ RUNNERS: dict[str, TaskRunner] = {"recolour": text_edit, "reshape": text_edit, "
                                   "move": object_move, "erase": concept_erase}
 
 
-def _defaults_from(model: Family, engine: str, options: dict) -> str:
-    """Where a run's unset options come from: "paper", or the model folder's settings file."""
-    if engine == "pixelman":
+def _defaults_from(model: Family, engine: str, kind: str, options: dict) -> str:
+    """Where a run's unset options for one kind of task come from: "paper", or the model folder's
+    settings file (its engine settings for the text edits, its move settings for PixelMan's moves; the
+    move baselines take nothing from it)."""
+    if kind == "move":
+        if engine != "pixelman":
+            return "paper"
         from diffedit.plan import move_energy_scale
 
         return move_energy_scale(model, (options.get("params") or {}).get("energy_scale"))[1]
     from diffedit.inversion import engine_names
 
-    if engine not in engine_names():  # copy-paste: no diffusion, no settings
+    if engine not in engine_names():  # PixelMan and copy-paste do only moves
         return "paper"
     return _plan(model, {**options, "engine": engine}).defaults
 
@@ -370,10 +390,15 @@ def run(model: Family, engine: str, *, kinds: list[str] | None = None, limit: in
         settings.append(f"mask: {options['mask']}")
         settings += [f"dilated {options['mask_dilate']} px"] if options.get("mask_dilate") else []
         settings += [] if options.get("paste_back", True) else ["no paste-back"]
-    if _defaults_from(model, engine, options) != "paper":
-        settings.append("folder settings")  # the model folder's diffedit.json filled in what the run left unset
-    label = f"{engine} ({', '.join(settings)})" if settings else engine
+    tasks_named = [] if Path(tasks_path).resolve() == TASKS else [f"tasks: {Path(tasks_path).name}"]
+    labels = {}
+    for kind in {task["kind"] for task in tasks}:
+        # "folder settings": the model folder's diffedit.json filled in what the run left unset
+        folder = ["folder settings"] if _defaults_from(model, engine, kind, options) != "paper" else []
+        named = settings + folder + tasks_named
+        labels[kind] = f"{engine} ({', '.join(named)})" if named else engine
     for task in tasks:
+        label = labels[task["kind"]]
         runner = RUNNERS.get(task["kind"])
         if runner is None:
             rows.append({"id": task["id"], "kind": task["kind"], "engine": label, "status": "skipped"})
