@@ -48,6 +48,9 @@ commands=(
     "json_to $out-layout/results.json toy layout"
     "json_to $out-layout/results-g5.json toy layout -g 5"
     "json_to $out-layout/results-g1.json toy layout -g 1"
+    # ... and on the held-out recolour tasks, at the papers' edit CFG and the folder's.
+    "json_to $out-heldout-layout/results.json toy layout --tasks $held_out"
+    "json_to $out-heldout-layout/results-g5.json toy layout --tasks $held_out -g 5"
     # The VAE's round trip, from the encoder's latent and refined by decoder inversion.
     "diffedit bench vae --save $out-vae"
     # Every text-edit engine on all 40 recolour and 40 reshape tasks, no feature injection.
@@ -65,10 +68,13 @@ commands=(
     # Moves: the folder's energy scale and the paper's.
     "diffedit bench shapes -e pixelman --kinds move --save $out-shapes-move"
     "diffedit bench shapes -e pixelman --kinds move --param energy_scale=0.5 --save $out-shapes-move-energy0.5"
-    # The held-out tasks: the folder's settings (chosen on the tasks above) and the papers' on scenes
-    # nothing was tuned on.
+    # The held-out tasks: the folder's settings (chosen on the tasks above), the papers' and the other
+    # engines of the papers' order on scenes nothing was tuned on.
     "diffedit bench shapes -e direct --kinds $text_kinds --tasks $held_out --save $out-heldout-direct"
     "diffedit bench shapes -e direct --kinds $text_kinds --tasks $held_out -g 7.5 --param cross_replace=0.4 --param cross_replace_edited=0.4 --param self_replace=0.6 --save $out-heldout-direct-papers"
+    "diffedit bench shapes -e ddim-p2p --kinds $text_kinds --tasks $held_out --save $out-heldout-ddim-p2p"
+    "diffedit bench shapes -e ddim --kinds $text_kinds --tasks $held_out --save $out-heldout-ddim"
+    "diffedit bench shapes -e infedit --kinds $text_kinds --tasks $held_out --save $out-heldout-infedit"
     "diffedit bench shapes -e pixelman --kinds move --tasks $held_out --save $out-heldout-move"
     "diffedit bench shapes -e pixelman --kinds move --tasks $held_out --param energy_scale=0.5 --save $out-heldout-move-energy0.5"
     # Concept erasure: ShapesBench's erase tasks and the adapters' own measure.

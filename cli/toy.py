@@ -231,6 +231,7 @@ def quality(
 def layout(
     model: Annotated[Path, typer.Option("--model", "-m")] = Path("samples/toy-sd"),
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N recolour tasks (default: all 40).")] = None,
+    tasks: Annotated[Path | None, typer.Option("--tasks", help="Task file (default samples/shapesbench.jsonl; samples/shapesbench-heldout.jsonl: 40 recolours on other scenes).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 50,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 7.5,
     json: JsonOpt = False,
@@ -242,13 +243,14 @@ def layout(
     Example: diffedit toy layout -m samples/toy-sd --limit 10
     """
     from diffedit.models import load_model
-    from lab.toy.bench import load_tasks
+    from lab.toy.bench import TASKS, load_tasks
     from lab.toy.quality import layout_in_attention
 
-    tasks = [t for t in load_tasks() if t["kind"] == "recolour"][:limit]
+    tasks_file = tasks or TASKS
+    recolours = [t for t in load_tasks(tasks_file) if t["kind"] == "recolour"][:limit]
     with stderr.status("measuring"):
-        result = layout_in_attention(load_model(str(model), device="cpu"), tasks, steps, guidance_scale)
-    emit({"model": str(model), **result}, json)
+        result = layout_in_attention(load_model(str(model), device="cpu"), recolours, steps, guidance_scale)
+    emit({"model": str(model), "tasks_file": tasks_file.name, **result}, json)
 
 
 @toy_app.command("scene")

@@ -168,6 +168,14 @@ def test_bench_shapes_rows_say_when_the_model_folder_s_settings_applied(cli, tmp
     assert {s["kind"]: s["engine"] for s in summary} == {"recolour": "ddim (folder settings)", "move": "ddim"}
 
 
+def test_layout_diagnostic_runs_on_the_task_file_it_is_given(cli, tiny_folder):
+    """`diffedit toy layout --tasks`: the held-out recolours, named in the result."""
+    code, out, err = cli("toy", "layout", "-m", tiny_folder("sd1"), "--tasks", HELD_OUT, "--limit", "2", "--steps", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["tasks_file"] == HELD_OUT.name and result["tasks"] == 2 and len(result["shifts_px"]) == 2
+
+
 @settings(max_examples=200, deadline=None)
 @given(scene_seed=st.integers(0, 2**31 - 1), form_seed=st.integers(0, 2**31 - 1))
 def test_user_captions_name_the_same_scene(scene_seed, form_seed):
