@@ -2,7 +2,8 @@
 # Every table measured on the shipped toy model's pixels, one command each, into
 # benchmarks/results/PREFIX-* (default prefix v3: the folders docs/benchmarks.md and the model READMEs
 # quote). Run it after anything that changes what the toy model draws or decodes (a new decoder, a new
-# UNet), alone on the CPU: about 100 minutes on 2 cores (103 on 2026-12-05). Then `diffedit bench docs` regenerates the
+# UNet), alone on the CPU: about 125 minutes on 2 cores (103 on 2026-12-05, and the held-out rows added
+# since about 22). Then `diffedit bench docs` regenerates the
 # tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
 # hand. `--list` prints the commands without running them; `--skip REGEX` leaves out those it matches
 # (e.g. after a new UNet only: --skip 'toy-flow|bench vae|-m samples/toy-lcm ', the tables of models and
