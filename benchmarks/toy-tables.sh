@@ -76,6 +76,9 @@ commands=(
     "diffedit bench shapes -e ddim-p2p --kinds $text_kinds --tasks $held_out --save $out-heldout-ddim-p2p"
     "diffedit bench shapes -e ddim --kinds $text_kinds --tasks $held_out --save $out-heldout-ddim"
     "diffedit bench shapes -e infedit --kinds $text_kinds --tasks $held_out --save $out-heldout-infedit"
+    # Direct Inversion at the folder's settings with an edit mask from the edited object's words, on both task files.
+    "diffedit bench shapes -e direct --kinds $text_kinds --mask words --save $out-shapes40-direct-mask-words"
+    "diffedit bench shapes -e direct --kinds $text_kinds --mask words --tasks $held_out --save $out-heldout-direct-mask-words"
     "diffedit bench shapes -e pixelman --kinds move --tasks $held_out --save $out-heldout-move"
     "diffedit bench shapes -e pixelman --kinds move --tasks $held_out --param energy_scale=0.5 --save $out-heldout-move-energy0.5"
     # Concept erasure: ShapesBench's erase tasks and the adapters' own measure.

@@ -44,6 +44,19 @@ Inversion 42.5 against 57.5 %). With the folder's settings the losses are in two
 and 13 of the held-out reshapes ask for a triangle against 7 of ShapesBench's.""",
      ["v3-heldout-direct", "v3-heldout-direct-papers", "v3-heldout-ddim-p2p", "v3-heldout-ddim",
       "v3-heldout-infedit"]),
+    ("Toy model v3: Direct Inversion with word masks", """
+Direct Inversion at the folder's settings with an edit mask found from the edited object's words
+(`--mask words`: `--mask-from-prompt "COLOUR SHAPE"`, the input's pixels pasted back outside it), on
+all 40 + 40 ShapesBench tasks and the 40 + 40 held-out ones (2026-12-06). The background outside the
+object's region rises from 30-31 dB to 50-54 dB, but fewer edits succeed than without a mask: recolours
+92.5 → 92.5 % and 87.5 → 82.5 % (held out), reshapes 80 → 67.5 % and 60 → 50 %; on ShapesBench the
+mask gains no task and loses five reshapes. Looked at, those five were drawn without the mask as
+shapes the checker only just accepted; with it, where the new outline leaves the old object's region
+it is blended with the input across the mask's feathered seam (a star's points smeared, a square's
+corners softened) and the checker reads another shape. The mask is the old object's region; a mask
+drawn over the old and the new outline (`--mask object`) does not cut the new one ("Local edits"
+below, on v1).""",
+     ["v3-shapes40-direct-mask-words", "v3-heldout-direct-mask-words"]),
     ("Toy model v3: decoder inversion", """
 `diffedit bench vae --decoder-inversion 0 --decoder-inversion 50`: the shipped toy VAE's round trip with
 the encoder's latent as it is and refined by 50 Adam steps until it decodes to the image
