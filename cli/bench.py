@@ -17,6 +17,7 @@ app.add_typer(bench_app, name="bench")
 
 RepeatsOpt = Annotated[int, typer.Option(min=1, help="Interleaved repetitions; medians are reported.")]
 SaveOpt = Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")]
+TasksOpt = Annotated[Path | None, typer.Option("--tasks", help="ShapesBench task file (default samples/shapesbench.jsonl; samples/shapesbench-heldout.jsonl asks the same kinds of edit on scenes nothing was tuned on).")]
 
 
 def _measured(bench, repeats: int, quick: bool, save: Path | None, json: bool) -> None:
@@ -67,7 +68,7 @@ def shapes(
     lora: LoraOpt = None, lcm_lora: LcmLoraOpt = None, decoder_inversion: DecoderInversionOpt = None,
     kinds: Annotated[str | None, typer.Option(help="Comma-separated task kinds (recolour,reshape,move,reconstruct).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks of each chosen kind.")] = None,
-    tasks: Annotated[Path | None, typer.Option("--tasks", help="Task file (default samples/shapesbench.jsonl; samples/shapesbench-heldout.jsonl checks settings on scenes nothing was tuned on).")] = None,
+    tasks: TasksOpt = None,
     steps: Annotated[int | None, typer.Option("--steps", "-n")] = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
     inversion_guidance_scale: Annotated[float | None, typer.Option("--inversion-guidance-scale")] = None,

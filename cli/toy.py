@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from diffedit.cli.bench import TasksOpt
 from diffedit.cli.common import JsonOpt, ReportChoice, emit, stderr, with_report_options
 from diffedit.cli.main import app
 
@@ -37,6 +38,7 @@ def train(
     plain_decoder_steps: Annotated[int, typer.Option(min=0, help="Phase 6: the same again with 85 % of the scenes on plain colours and the next seed (as `toy tune-decoder --plain 0.85 --seed SEED+1`); 0 skips it.")] = 3000,
     layout_steps: Annotated[int, typer.Option(min=0, help="Phase 3b: steps that train the UNet's layout to follow its attention maps (colour swaps with the source's maps); 0 skips it.")] = 600,
     relayout_steps: Annotated[int, typer.Option(min=0, help="Phase 7: phase 3b's loss again on the saved model with the next seed's scenes and swaps (as `toy tune-layout --steps N --seed SEED+1`); 0 skips it.")] = 300,
+    reshape_layout_steps: Annotated[int, typer.Option(min=0, help="Phase 8: the layout loss with 16 shape swaps a step beside the colour swaps, on the seed after phase 7's (as `toy tune-layout --steps N --seed SEED+2 --reshapes 16`); 0 skips it.")] = 0,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     word_local: Annotated[bool, typer.Option("--word-local/--contextual", help="Text encoder whose tokens see only their own word (v2 and v3, shipped) or CLIP's causal mixing (v1's kind; see samples/toy-sd/README.md).")] = True,
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
@@ -89,7 +91,8 @@ def train(
         config = TrainConfig(seed=seed, vae_width=vae_width, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
                              decoder_mse_steps=decoder_mse_steps, plain_decoder_steps=plain_decoder_steps, dataset=dataset,
                              word_local=word_local,
-                             layout_steps=layout_steps, relayout_steps=relayout_steps)
+                             layout_steps=layout_steps, relayout_steps=relayout_steps,
+                             reshape_layout_steps=reshape_layout_steps)
         train_model = lambda *args: run_training(*args, vae_from=vae_from)  # noqa: E731
     with training_progress() as tick:
         summary = train_model(out, work, config, tick)
@@ -133,6 +136,7 @@ def tune_layout(
     steps: Annotated[int, typer.Option(min=1, help="Layout steps (phase 3b's loss; the shipped recipe ran 600 from the UNet phase, then 300 more as phase 7).")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the colour swaps and the batches (the shipped phase 3b: 0).")] = 1,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, warm-up, cosine to a tenth).")] = 2e-4,
+    reshapes: Annotated[int, typer.Option(min=0, help="Shape swaps per step beside the 16 colour swaps, under a reshape's schedule (phase 8); 0: colour swaps only.")] = 0,
 ):
     """Train a saved toy model's layout further (phase 3b of `toy train` again: every attention map of a
     colour swap's row taken from its source's, the recoloured scene asked for), UNet and text encoder
@@ -149,7 +153,8 @@ def tune_layout(
     if not (model / "unet" / "config.json").exists():
         raise DiffeditError(f"{model}: no toy SD model (unet/config.json) to tune")
     with training_progress() as tick:
-        summary = tune_saved_layout(model, work, TrainConfig(seed=seed, layout_steps=steps, layout_lr=lr), tick)
+        config = TrainConfig(seed=seed, layout_steps=steps, layout_lr=lr, reshape_batch=reshapes)
+        summary = tune_saved_layout(model, work, config, tick)
     emit({"output": str(model), **summary}, False)
 
 
@@ -231,7 +236,7 @@ def quality(
 def layout(
     model: Annotated[Path, typer.Option("--model", "-m")] = Path("samples/toy-sd"),
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N recolour tasks (default: all 40).")] = None,
-    tasks: Annotated[Path | None, typer.Option("--tasks", help="Task file (default samples/shapesbench.jsonl; samples/shapesbench-heldout.jsonl: 40 recolours on other scenes).")] = None,
+    tasks: TasksOpt = None,
     steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 50,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 7.5,
     json: JsonOpt = False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from diffedit.editing.attention import AttentionControl
@@ -12,27 +13,31 @@ from lab.toy.train import (
     PairedMaps,
     TrainConfig,
     _vae_batch,
-    colour_swap_scenes,
     fit_denoiser,
     photo_sources,
     plain_colour,
+    swap_scenes,
     tune_layout,
 )
 
 
-def test_colour_swaps_change_one_objects_colour_and_nothing_else():
-    pairs = colour_swap_scenes(TrainConfig(seed=3, layout_pairs=12))
+@pytest.mark.parametrize("attribute", ["colour", "shape"])
+def test_swaps_change_one_objects_attribute_and_nothing_else(attribute):
+    pairs = swap_scenes(TrainConfig(seed=3, layout_pairs=12), attribute)
     assert len(pairs) == 12
+    kept = {"colour": ("shape", "center", "size"), "shape": ("colour", "center", "size")}[attribute]
     for source, target in pairs:
         changed = [i for i, (a, b) in enumerate(zip(source.objects, target.objects)) if a != b]
         assert len(changed) == 1
         a, b = source.objects[changed[0]], target.objects[changed[0]]
-        assert (a.shape, a.center, a.size) == (b.shape, b.center, b.size) and a.colour != b.colour
+        assert all(getattr(a, k) == getattr(b, k) for k in kept) and getattr(a, attribute) != getattr(b, attribute)
         differs = np.any(source.image != target.image, -1)
-        assert differs.any() and not differs[~target.masks[changed[0]]].any()  # only inside that object
+        inside = source.masks[changed[0]] | target.masks[changed[0]]
+        assert differs.any() and not differs[~inside].any()  # only where that object was or now is
         words = [(x, y) for x, y in zip(source.caption.split(), target.caption.split()) if x != y]
         assert len(source.caption.split()) == len(target.caption.split())
-        assert set(words) <= {(a.colour, b.colour), ("a", "an"), ("an", "a")} and (a.colour, b.colour) in words
+        pair = (getattr(a, attribute), getattr(b, attribute))
+        assert set(words) <= {pair, ("a", "an"), ("an", "a")} and pair in words
 
 
 def test_vae_batches_draw_the_asked_share_of_plain_backgrounds():
@@ -110,12 +115,29 @@ def test_paired_maps_leave_the_target_only_its_values():
     torch.testing.assert_close(same[0], same[1])
 
 
+def test_paired_maps_release_only_the_marked_words_of_cross_attention():
+    """Phase 8's reshape rows keep their own map for the new shape word (once its held steps are past)
+    and take the source's for every other word and for self-attention."""
+    from diffedit.editing.attention import AttnCall
+
+    probs = torch.rand(4, 2, 6, 3)  # rows 0-1 the sources, 2-3 their targets; 3 text tokens
+    released = torch.tensor([[False, True, False], [False, False, False]])
+    call = dict(layer="x", image_tokens=6, joint=False, step=0, branches=("cond",))
+    cross = PairedMaps(released).maps(AttnCall(cross=True, **call), probs)
+    torch.testing.assert_close(cross[:2], probs[:2])
+    torch.testing.assert_close(cross[2, ..., 1], probs[2, ..., 1])  # the released word: the target's own
+    torch.testing.assert_close(cross[2, ..., [0, 2]], probs[0, ..., [0, 2]])
+    torch.testing.assert_close(cross[3], probs[1])
+    self_maps = PairedMaps(released).maps(AttnCall(cross=False, **call), probs)
+    torch.testing.assert_close(self_maps[2:], probs[:2])
+
+
 def test_layout_phase_trains_and_resumes(tmp_path):
     torch.manual_seed(0)
     tokenizer = toy.make_tokenizer()
     unet, encoder = toy.make_unet(), toy.make_text_encoder(tokenizer, word_local=True)
     config = TrainConfig(layout_steps=2, unet_batch=2, layout_batch=1, checkpoint_every=1, warmup=1)
-    latents, captions = torch.randn(4, 4, 16, 16), [s.caption for s, _ in colour_swap_scenes(TrainConfig(layout_pairs=4))]
+    latents, captions = torch.randn(4, 4, 16, 16), [s.caption for s, _ in swap_scenes(TrainConfig(layout_pairs=4), "colour")]
     pairs = {"sources": torch.randn(3, 4, 16, 16), "targets": torch.randn(3, 4, 16, 16),
              "source_captions": ["a red circle"] * 3, "target_captions": ["a blue circle"] * 3}
     tuned, _ = tune_layout(config, unet, encoder, tokenizer, latents, captions, pairs, tmp_path, lambda *a: None)
@@ -137,11 +159,15 @@ def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights
 
     config = TrainConfig(vae_width=16, vae_steps=2, vae_batch=2, decoder_steps=1, decoder_mse_steps=1,
                          plain_decoder_steps=1, dataset=6, unet_steps=2, unet_batch=2, warmup=1, layout_steps=2,
-                         layout_pairs=3, layout_batch=1, relayout_steps=1, checkpoint_every=1)
+                         layout_pairs=3, layout_batch=1, relayout_steps=1, reshape_layout_steps=1, reshape_batch=1,
+                         checkpoint_every=1)
     summary = train(tmp_path / "a", tmp_path / "work", config, lambda *_: None)
     assert len(list((tmp_path / "work").glob("decoder_mse-*.ckpt"))) == 2  # phases 5 and 6, each its own run
     assert len(list((tmp_path / "work" / "phase7").glob("layout-*.ckpt"))) == 1  # phase 7, on the next seed's scenes
     assert torch.load(tmp_path / "work" / "phase7" / "latents.pt")["seed"] == 1
+    assert not (tmp_path / "work" / "phase7" / "pairs-shape.pt").exists()  # phase 7: colour swaps only
+    assert len(list((tmp_path / "work" / "phase8").glob("layout-*.ckpt"))) == 1  # phase 8, shape swaps too
+    assert torch.load(tmp_path / "work" / "phase8" / "pairs-shape.pt")["seed"] == 2
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a")
     assert pipe.vae.config.block_out_channels == [16, 32, 32]
     assert pipe.vae.config.scaling_factor == summary["scaling_factor"] > 0

@@ -83,6 +83,8 @@ def test_held_out_tasks_are_fixed_and_on_scenes_shapesbench_never_shows():
     held_out, tasks = load_tasks(HELD_OUT), load_tasks()
     assert held_out == make_held_out_tasks()
     assert not {t["scene_seed"] for t in held_out} & {t["scene_seed"] for t in tasks}
+    images = [{source_scene(t).image.tobytes() for t in file} for file in (held_out, tasks)]
+    assert not images[0] & images[1]  # nor any scene drawn alike
     counts = {kind: sum(t["kind"] == kind for t in held_out) for kind in ("recolour", "reshape", "move")}
     assert counts == {"recolour": 40, "reshape": 40, "move": 32}
     assert sum(t["id"].startswith("heldout-move-white-") for t in held_out) == 12

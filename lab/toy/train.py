@@ -51,6 +51,9 @@ class TrainConfig:
     relayout_steps: int = 300  # phase 7: phase 3b again on the saved model, next seed (`tune_saved_layout`); 0 skips it
     layout_pairs: int = 4000
     layout_batch: int = 16  # colour swaps per step, beside the plain batch
+    reshape_layout_steps: int = 0  # phase 8: the layout loss with shape swaps too, the seed after phase 7's; 0 skips it
+    reshape_batch: int = 16  # phase 8's shape swaps per step, beside its colour swaps
+    reshape_held: float = 0.6  # of the steps, noisiest first: a shape swap's new word takes the old word's map
     layout_lr: float = 2e-4
     checkpoint_every: int = 200
 
@@ -379,85 +382,113 @@ def train_unet(config: TrainConfig, latents, captions, tokenizer, work: Path, ti
 class PairedMaps(Controller):
     """Training only: the second half of the batch attends with the first half's attention maps (every
     layer, self and cross), detached, so the maps are learned by plain denoising alone and the second
-    half keeps only its own values, text and convolutions: what prompt-to-prompt leaves to a target."""
+    half keeps only its own values, text and convolutions: what prompt-to-prompt leaves to a target.
+    `released` (second-half rows × text tokens) marks the tokens whose cross-attention maps a row keeps
+    as its own: a swapped word after prompt-to-prompt lets it go (`cross_replace_edited`)."""
+
+    def __init__(self, released: torch.Tensor | None = None):
+        super().__init__()
+        self.released = released
 
     def wants_maps(self, call):
         return True
 
     def maps(self, call, probs):
-        source = probs[: len(probs) // 2]
-        return torch.cat([source, source.detach()])
+        source, own = probs[: len(probs) // 2], probs[len(probs) // 2:]
+        target = source.detach()
+        if call.cross and self.released is not None:
+            target = torch.where(self.released[:, None, None, :], own, target)
+        return torch.cat([source, target])
 
 
-def colour_swap_scenes(config: TrainConfig) -> list[tuple]:
-    """`config.layout_pairs` (scene, the same scene with one object's colour changed, nothing else),
-    seeded, from scenes apart from the UNet's dataset."""
-    from diffedit.toy.shapes import COLOURS, with_object
+def swap_scenes(config: TrainConfig, attribute: str) -> list[tuple]:
+    """`config.layout_pairs` (scene, the same scene with one object's `attribute`, "colour" or "shape",
+    changed and nothing else), seeded, from scenes apart from the UNet's dataset."""
+    from diffedit.toy.shapes import COLOURS, SHAPES, with_object
 
-    rng = np.random.default_rng([config.seed, 5])
-    pairs, seed = [], config.seed * 10**7 + 5 * 10**6
+    values = {"colour": list(COLOURS), "shape": list(SHAPES)}[attribute]
+    stream = {"colour": 5, "shape": 6}[attribute]
+    rng = np.random.default_rng([config.seed, stream])
+    pairs, seed = [], config.seed * 10**7 + stream * 10**6
     while len(pairs) < config.layout_pairs:
         scene, seed = make_scene(seed), seed + 1
         if not scene.objects:
             continue
         index = int(rng.integers(len(scene.objects)))
-        colour = str(rng.choice([c for c in COLOURS if c != scene.objects[index].colour]))
-        pairs.append((scene, with_object(scene, index, colour=colour)))
+        value = str(rng.choice([v for v in values if v != getattr(scene.objects[index], attribute)]))
+        pairs.append((scene, with_object(scene, index, **{attribute: value})))
     return pairs
 
 
-def colour_swaps(config: TrainConfig, vae, scale: float, work: Path, tick) -> dict:
-    """`colour_swap_scenes` encoded once (cached in `work`), with their captions."""
-    cache = work / "pairs.pt"
+def swaps(config: TrainConfig, vae, scale: float, work: Path, tick, attribute: str = "colour") -> dict:
+    """`swap_scenes` encoded once (cached in `work`), with their captions."""
+    cache = work / ("pairs.pt" if attribute == "colour" else f"pairs-{attribute}.pt")
     state = _load(cache)
     if (state is not None and state["scale"] == scale and len(state["source_captions"]) == config.layout_pairs
             and state.get("seed", 0) == config.seed):
         return state
-    pairs = colour_swap_scenes(config)
+    pairs = swap_scenes(config, attribute)
     state = {"scale": scale, "seed": config.seed}
     for side, name in enumerate(("sources", "targets")):
         state[name], state[f"{name[:-1]}_captions"] = _encode_scenes(
-            vae, scale, lambda a, b: [pair[side] for pair in pairs[a:b]], len(pairs), tick, f"encode {name}")
+            vae, scale, lambda a, b: [pair[side] for pair in pairs[a:b]], len(pairs), tick, f"encode {attribute} {name}")
     _checkpoint(cache, **state)
     return state
 
 
 def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, captions, pairs, work: Path, tick,
-                checkpoint: Path | None = None):
+                checkpoint: Path | None = None, shape_pairs: dict | None = None):
     """Phase 3b: the trained UNet and text encoder, further trained so that their layout follows the
     attention maps. Each step adds to the plain denoising batch `config.layout_batch` colour swaps:
     the source scene noised and denoised with its own caption, beside a row with the swapped colour
     word (fed the same noisy source, or the recoloured scene under the same noise) that takes every
-    attention map from the source row (`PairedMaps`) and is asked for the recoloured scene. A one-word edit with the maps kept then changes the colour and nothing else,
-    which is what prompt-to-prompt assumes of Stable Diffusion (measured: samples/toy-sd/README.md)."""
+    attention map from the source row (`PairedMaps`) and is asked for the recoloured scene. A one-word
+    edit with the maps kept then changes the colour and nothing else, which is what prompt-to-prompt
+    assumes of Stable Diffusion (measured: samples/toy-sd/README.md).
+
+    With `shape_pairs` (phase 8), `config.reshape_batch` shape swaps join them, asked for the reshaped
+    scene under a reshape's schedule: every map from the source, except that the new shape word keeps
+    its own cross-attention map once the noisiest `config.reshape_held` of the steps are past."""
     abar = _sd_alphas_cumprod()
-    n = len(pairs["source_captions"])
+    released_below = round(1000 * (1 - config.reshape_held))  # timesteps under it: the new word's own map
+    sets = [(pairs, config.layout_batch, False)]
+    if shape_pairs is not None and config.reshape_batch:
+        sets.append((shape_pairs, config.reshape_batch, True))
 
     def make_net():
         net = TextConditioned(tokenizer, config.word_local)
         net.unet.load_state_dict(unet.state_dict()), net.text_encoder.load_state_dict(text_encoder.state_dict())
         return net
 
+    def ids(texts):
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+
     def loss_of(net, gen, z0, texts):
         plain = _denoising_loss(net, tokenizer, abar, gen, z0, texts)
-        idx = torch.randint(0, n, (config.layout_batch,), generator=gen).tolist()
         forms = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
-        source_texts, target_texts = [], []
-        for i in idx:  # the same form (order, articles, background phrase) for both captions of a pair
-            seed = int(forms.integers(2**31))
-            source_texts.append(user_caption(pairs["source_captions"][i], np.random.default_rng(seed)))
-            target_texts.append(user_caption(pairs["target_captions"][i], np.random.default_rng(seed)))
-        zs, zt = pairs["sources"][idx], pairs["targets"][idx]
+        source_texts, target_texts, zs, zt, releases = [], [], [], [], []
+        for swaps_, count, release in sets:
+            idx = torch.randint(0, len(swaps_["source_captions"]), (count,), generator=gen).tolist()
+            for i in idx:  # the same form (order, articles, background phrase) for both captions of a pair
+                seed = int(forms.integers(2**31))
+                source_texts.append(user_caption(swaps_["source_captions"][i], np.random.default_rng(seed)))
+                target_texts.append(user_caption(swaps_["target_captions"][i], np.random.default_rng(seed)))
+            zs.append(swaps_["sources"][idx]), zt.append(swaps_["targets"][idx])
+            releases += [release] * count
+        zs, zt = torch.cat(zs), torch.cat(zt)
         t, eps, ab, x = _noised(abar, gen, zs)
         # The swapped row starts from the source scene (an edit's first steps, where the two branches
         # still share their latents) or, half the time, from its own scene under the same noise (later
         # steps, where the target has become its own): the source's maps either way.
-        own = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
+        own = (torch.rand(len(zs), generator=gen) < 0.5).view(-1, 1, 1, 1)
         x_target = torch.where(own, _mix(ab, zt, eps), x)
+        late = torch.tensor(releases) & (t < released_below)
+        released = (ids(source_texts) != ids(target_texts)) & late[:, None]  # the swapped word's column, late
         emb = _embed(net.text_encoder, tokenizer, source_texts + target_texts)
-        with AttentionControl(net.unet, PairedMaps()):
+        with AttentionControl(net.unet, PairedMaps(released)):
             pred = net.unet(torch.cat([x, x_target]), t.repeat(2), encoder_hidden_states=emb).sample
-        eps_target = (x_target - ab.sqrt() * zt) / (1 - ab).sqrt()  # what takes x_target to the recoloured scene
+        eps_target = (x_target - ab.sqrt() * zt) / (1 - ab).sqrt()  # what takes x_target to the edited scene
         swapped = _min_snr_loss(pred, torch.cat([eps, eps_target]), ab.repeat(2, 1, 1, 1))
         return plain + swapped
 
@@ -481,14 +512,17 @@ def tune_saved_layout(model_dir: Path, work: Path, config: TrainConfig, tick) ->
     scale = pipe.vae.config.scaling_factor
     weights = [model_dir / part / name for part, name in (("unet", "diffusion_pytorch_model.safetensors"),
                                                           ("text_encoder", "model.safetensors"))]
-    start = _start_key(weights, f"{config.layout_steps}/{config.layout_lr}/{config.layout_pairs}/"
-                                f"{config.layout_batch}/{config.seed}")
+    recipe = f"{config.layout_steps}/{config.layout_lr}/{config.layout_pairs}/{config.layout_batch}/{config.seed}"
+    if config.reshape_batch:
+        recipe += f"/{config.reshape_batch}/{config.reshape_held}"
+    start = _start_key(weights, recipe)
     latents, captions = encode_dataset(config, pipe.vae, scale, work, tick)
-    pairs = colour_swaps(config, pipe.vae, scale, work, tick)
+    pairs = swaps(config, pipe.vae, scale, work, tick)
+    shape_pairs = swaps(config, pipe.vae, scale, work, tick, "shape") if config.reshape_batch else None
     unet, text_encoder = tune_layout(config, pipe.unet, pipe.text_encoder, pipe.tokenizer, latents, captions, pairs,
-                                     work, tick, checkpoint=work / f"layout-{start}.ckpt")
+                                     work, tick, checkpoint=work / f"layout-{start}.ckpt", shape_pairs=shape_pairs)
     _save_in_place(model_dir, {"unet": unet, "text_encoder": text_encoder})
-    return {"layout_steps": config.layout_steps, "seed": config.seed}
+    return {"layout_steps": config.layout_steps, "reshape_batch": config.reshape_batch, "seed": config.seed}
 
 
 def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | None = None) -> dict:
@@ -511,7 +545,7 @@ def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | Non
     latents, captions = encode_dataset(config, vae, scale, work, tick)
     unet, text_encoder = train_unet(config, latents, captions, tokenizer, work, tick)
     if config.layout_steps:
-        pairs = colour_swaps(config, vae, scale, work, tick)
+        pairs = swaps(config, vae, scale, work, tick)
         unet, text_encoder = tune_layout(config, unet, text_encoder, tokenizer, latents, captions, pairs, work, tick)
     if vae_from is None:
         vae = finetune_decoder(config, vae, work, tick)
@@ -526,8 +560,11 @@ def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | Non
     if config.relayout_steps:
         # Fresh scenes and swaps (the next seed; their own folder, so the earlier phases' caches stay):
         # the layout diagnostic gained its margin here, not from a longer phase 3b (samples/toy-sd/README.md).
-        tune_saved_layout(out, work / "phase7", replace(config, layout_steps=config.relayout_steps, seed=config.seed + 1),
-                          tick)
+        tune_saved_layout(out, work / "phase7", replace(config, layout_steps=config.relayout_steps, seed=config.seed + 1,
+                                                        reshape_batch=0), tick)
+    if config.reshape_layout_steps:
+        tune_saved_layout(out, work / "phase8", replace(config, layout_steps=config.reshape_layout_steps,
+                                                        seed=config.seed + 2), tick)
     return {"config": asdict(config), "scaling_factor": scale, "vae_from": str(vae_from) if vae_from else None}
 
 
