@@ -2,8 +2,8 @@
 # Every table measured on the shipped toy model's pixels, one command each, into
 # benchmarks/results/PREFIX-* (default prefix v3: the folders docs/benchmarks.md and the model READMEs
 # quote). Run it after anything that changes what the toy model draws or decodes (a new decoder, a new
-# UNet), alone on the CPU: about 125 minutes on 2 cores (103 on 2026-12-05, and the held-out rows added
-# since about 22). Then `diffedit bench docs` regenerates the
+# UNet), alone on the CPU: about 135 minutes on 2 cores (103 on 2026-12-05, the held-out rows added
+# since about 22, the dilated word masks about 8). Then `diffedit bench docs` regenerates the
 # tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
 # hand. `--list` prints the commands without running them; `--skip REGEX` leaves out those it matches
 # (e.g. after a new UNet only: --skip 'toy-flow|bench vae|-m samples/toy-lcm ', the tables of models and
@@ -79,6 +79,9 @@ commands=(
     # Direct Inversion at the folder's settings with an edit mask from the edited object's words, on both task files.
     "diffedit bench shapes -e direct --kinds $text_kinds --mask words --save $out-shapes40-direct-mask-words"
     "diffedit bench shapes -e direct --kinds $text_kinds --mask words --tasks $held_out --save $out-heldout-direct-mask-words"
+    # ... grown by 2 px, the room a reshape's new outline needs (chosen on ShapesBench: 1-6 px in docs/benchmarks.md).
+    "diffedit bench shapes -e direct --kinds $text_kinds --mask words --mask-dilate 2 --save $out-shapes40-direct-mask-words-dilate2"
+    "diffedit bench shapes -e direct --kinds $text_kinds --mask words --mask-dilate 2 --tasks $held_out --save $out-heldout-direct-mask-words-dilate2"
     "diffedit bench shapes -e pixelman --kinds move --tasks $held_out --save $out-heldout-move"
     "diffedit bench shapes -e pixelman --kinds move --tasks $held_out --param energy_scale=0.5 --save $out-heldout-move-energy0.5"
     # Concept erasure: ShapesBench's erase tasks and the adapters' own measure.

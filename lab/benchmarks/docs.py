@@ -48,15 +48,22 @@ and 13 of the held-out reshapes ask for a triangle against 7 of ShapesBench's.""
 Direct Inversion at the folder's settings with an edit mask found from the edited object's words
 (`--mask words`: `--mask-from-prompt "COLOUR SHAPE"`, the input's pixels pasted back outside it), on
 all 40 + 40 ShapesBench tasks and the 40 + 40 held-out ones (2026-12-06). The background outside the
-object's region rises from 30-31 dB to 50-54 dB, but fewer edits succeed than without a mask: recolours
-92.5 → 92.5 % and 87.5 → 82.5 % (held out), reshapes 80 → 67.5 % and 60 → 50 %; on ShapesBench the
-mask gains no task and loses five reshapes. Looked at, those five were drawn without the mask as
-shapes the checker only just accepted; with it, where the new outline leaves the old object's region
-it is blended with the input across the mask's feathered seam (a star's points smeared, a square's
-corners softened) and the checker reads another shape. The mask is the old object's region; a mask
-drawn over the old and the new outline (`--mask object`) does not cut the new one ("Local edits"
-below, on v1).""",
-     ["v3-shapes40-direct-mask-words", "v3-heldout-direct-mask-words"]),
+object's region rises from 30-31 dB to 50-54 dB, but the mask as found costs reshapes: recolours
+92.5 → 92.5 % and 87.5 → 82.5 % (held out), reshapes 80 → 67.5 % and 60 → 50 %. Looked at, the five
+ShapesBench reshapes it loses were drawn without the mask as shapes the checker only just accepted; with
+it, where the new outline leaves the old object's region it is blended with the input across the mask's
+feathered seam (a star's points smeared, a square's corners softened) and the checker reads another shape.
+The mask is the old object's outline, and a reshape needs room around it: grown by 1, 2, 3, 4 and 6 px
+(`--mask-dilate`, the 64-px images' pixels) the ShapesBench reshapes score 80, 82.5, 82.5, 80 and 80 %
+with the recolours at 92.5 % throughout and the background falling with the size (reshapes 49.9 → 39.9
+dB): from 2 px four of the five lost tasks are back (reshape-003 stays lost), two that fail without a mask
+are gained (reshape-002, -014), and from 4 px reshape-013 is lost. 2 px, the smallest of
+the best, checked on the held-out tasks: recolours 85 %, reshapes 62.5 % (60 % without a mask) at 44-46
+dB. What a reshape then lacks on the held-out scenes is the new shape itself, not the background.""",
+     ["v3-shapes40-direct-mask-words", "v3-shapes40-direct-mask-words-dilate1",
+      "v3-shapes40-direct-mask-words-dilate2", "v3-shapes40-direct-mask-words-dilate3",
+      "v3-shapes40-direct-mask-words-dilate4", "v3-shapes40-direct-mask-words-dilate6",
+      "v3-heldout-direct-mask-words", "v3-heldout-direct-mask-words-dilate2"]),
     ("Toy model v3: decoder inversion", """
 `diffedit bench vae --decoder-inversion 0 --decoder-inversion 50`: the shipped toy VAE's round trip with
 the encoder's latent as it is and refined by 50 Adam steps until it decodes to the image
