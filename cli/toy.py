@@ -216,12 +216,13 @@ def distill_lcm(
 @toy_app.command("quality")
 def quality(
     model: Annotated[Path, typer.Option("--model", "-m")] = Path("samples/toy-sd"),
-    n: Annotated[int, typer.Option(help="Number of seeded prompts.")] = 200,
+    n: Annotated[int, typer.Option(help="Number of seeded single-object prompts per form (half as many two-object ones).")] = 200,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
     json: JsonOpt = False,
 ):
-    """Checker scores of generated images, VAE and DDIM round-trip PSNR.
+    """Checker scores of generated images (single objects; two objects, colour bound to shape), VAE and
+    DDIM round-trip PSNR.
 
     Example: diffedit toy quality --n 200
     """

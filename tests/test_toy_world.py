@@ -192,3 +192,27 @@ def test_user_captions_name_the_same_scene(scene_seed, form_seed):
         words = phrase.split()
         assert len(words) == 2 or (len(words) == 3 and words[0] == ("an" if words[1][0] in "aeiou" else "a"))
     assert set(text.split()) <= set(VOCAB)
+
+
+def test_two_object_prompts_score_binding_not_only_presence():
+    """`toy quality`'s two-object rows: a scene drawn as asked scores both right; the same scene with
+    the two colours exchanged has every shape and colour but scores swapped, not right; one object
+    missing scores neither."""
+    from diffedit.toy.shapes import BACKGROUNDS
+    from lab.toy.quality import pair_prompt_set, pair_scores
+
+    prompts = pair_prompt_set(6, seed=1)
+    assert prompts == pair_prompt_set(6, seed=1) and len(prompts) == 6
+    for text, (a, b) in prompts:
+        assert a.colour != b.colour and a.shape != b.shape
+        assert {a.colour, a.shape, b.colour, b.shape} <= set(text.split())
+    typed = pair_prompt_set(6, seed=1, forms="user")
+    assert [objects for _, objects in typed] == [objects for _, objects in prompts]
+    background = (list(BACKGROUNDS)[0],)
+    for _, (a, b) in prompts:
+        right = render([a, b], background).image
+        exchanged = render([Obj(a.shape, b.colour, a.center, a.size), Obj(b.shape, a.colour, b.center, b.size)],
+                           background).image
+        assert pair_scores(right, [a, b]) == (True, False, True)
+        assert pair_scores(exchanged, [a, b]) == (False, True, True)
+        assert pair_scores(render([a], background).image, [a, b])[:2] == (False, False)

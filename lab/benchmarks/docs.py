@@ -59,7 +59,11 @@ with the recolours at 92.5 % throughout and the background falling with the size
 dB): from 2 px four of the five lost tasks are back (reshape-003 stays lost), two that fail without a mask
 are gained (reshape-002, -014), and from 4 px reshape-013 is lost. 2 px, the smallest of
 the best, checked on the held-out tasks: recolours 85 %, reshapes 62.5 % (60 % without a mask) at 44-46
-dB. What a reshape then lacks on the held-out scenes is the new shape itself, not the background.""",
+dB. What a reshape then lacks on the held-out scenes is the new shape itself, not the background.
+Tried and not kept: with the grown mask guarding the background, self-attention let go earlier
+(`--param self_replace=0.8 / 0.6 / 0.4`, the folder's 1.0 otherwise) reshapes 87.5 / 85 / 80 % of
+ShapesBench's 40 (recolours 90 % at 0.8), but only 60 % of the held-out ones at 0.8 (62.5 % at 1.0):
+ShapesBench's noise, not a setting.""",
      ["v3-shapes40-direct-mask-words", "v3-shapes40-direct-mask-words-dilate1",
       "v3-shapes40-direct-mask-words-dilate2", "v3-shapes40-direct-mask-words-dilate3",
       "v3-shapes40-direct-mask-words-dilate4", "v3-shapes40-direct-mask-words-dilate6",

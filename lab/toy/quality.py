@@ -86,6 +86,48 @@ def prompt_following(model: Family, n: int, steps: int, guidance_scale: float, b
             "palette_colour_pct": 100 * palette_ok / n}
 
 
+def pair_prompt_set(n: int, seed: int = 0, forms: str = "canonical") -> list[tuple[str, list[Obj]]]:
+    """n seeded two-object prompts with two colours and two shapes, so a colour drawn on the wrong
+    object shows: (prompt, objects), captions of the world's own scenes (seeds apart from ShapesBench's
+    and the held-out tasks'), `forms="user"` as people type them."""
+    forms_rng = np.random.default_rng([seed, 2])
+    out, scene_seed = [], 3 * 10**6 + seed * 10**5
+    while len(out) < n:
+        scene, scene_seed = make_scene(scene_seed, n_objects=2, two_tone=0.0), scene_seed + 1
+        a, b = scene.objects
+        if a.colour != b.colour and a.shape != b.shape:
+            out.append((user_caption(scene.caption, forms_rng) if forms == "user" else scene.caption, scene.objects))
+    return out
+
+
+def pair_scores(image: np.ndarray, objects: list[Obj]) -> tuple[bool, bool, bool]:
+    """(both objects drawn as asked, each shape drawn in the other's colour, both shapes and both
+    colours drawn) for an image of a two-object prompt, by the checker."""
+    a, b = objects
+    found = {(d.shape, d.colour) for d in check(image)}
+    parts = {a.shape, b.shape} <= {f[0] for f in found} and {a.colour, b.colour} <= {f[1] for f in found}
+    return ({(a.shape, a.colour), (b.shape, b.colour)} <= found,
+            {(a.shape, b.colour), (b.shape, a.colour)} <= found, parts)
+
+
+def pair_following(model: Family, n: int, steps: int, guidance_scale: float, batch: int = 50, seed: int = 0,
+                   forms: str = "canonical") -> dict:
+    """Attribute binding on `n` two-object prompts (`pair_prompt_set`), by the checker: % with both
+    asked objects (shape and colour) drawn; % with each shape drawn in the other's colour (swapped);
+    % with both colours and both shapes somewhere, whatever goes with what."""
+    prompts = pair_prompt_set(n, seed, forms)
+    both = swapped = parts = 0
+    for start in range(0, n, batch):
+        chunk = prompts[start : start + batch]
+        images = generate_batch(model, [p for p, _ in chunk], list(range(start, start + len(chunk))), steps,
+                                guidance_scale)
+        for image, (_, objects) in zip(images, chunk):
+            scores = pair_scores(image, objects)
+            both, swapped, parts = both + scores[0], swapped + scores[1], parts + scores[2]
+    return {"pair_both_pct": 100 * both / n, "pair_swapped_pct": 100 * swapped / n,
+            "pair_parts_pct": 100 * parts / n}
+
+
 @torch.inference_mode()
 def vae_psnr(model: Family, images: list[np.ndarray]) -> float:
     x = to_pixels(np.stack(images)).to(model.device)
@@ -148,6 +190,9 @@ def report(model_path: str, n: int = 200, steps: int = 50, guidance_scale: float
     result.update(prompt_following(model, n, steps, guidance_scale))
     user = prompt_following(model, n, steps, guidance_scale, forms="user")
     result.update({f"user_{k}": v for k, v in user.items()})
+    result.update(pair_following(model, n // 2, steps, guidance_scale))
+    pairs_typed = pair_following(model, n // 2, steps, guidance_scale, forms="user")
+    result.update({f"user_{k}": v for k, v in pairs_typed.items()})
     vae = vae_report(model)
     result.update(vae_psnr_shapes=vae["shapes_psnr"], vae_psnr_photos=vae["photos_psnr"])
     result["ddim_round_trip_psnr"] = ddim_round_trip_psnr(model)
