@@ -216,7 +216,7 @@ def distill_lcm(
 @toy_app.command("quality")
 def quality(
     model: Annotated[Path, typer.Option("--model", "-m")] = Path("samples/toy-sd"),
-    n: Annotated[int, typer.Option(help="Number of seeded single-object prompts per form (half as many two-object ones).")] = 200,
+    n: Annotated[int, typer.Option(min=2, help="Number of seeded single-object prompts per form (half as many two-object ones).")] = 200,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 5.0,
     json: JsonOpt = False,
