@@ -68,20 +68,26 @@ def generate_batch(model: Family, prompts: list[str], seeds: list[int], steps: i
     return [np.asarray(image) for image, _ in done]
 
 
+def seeded_images(model: Family, prompts: list[tuple], steps: int, guidance_scale: float, batch: int):
+    """(image, item) for each item of `prompts` (its prompt text first), the i-th drawn from seed i,
+    generated `batch` at a time."""
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        images = generate_batch(model, [item[0] for item in chunk], list(range(start, start + len(chunk))), steps,
+                                guidance_scale)
+        yield from zip(images, chunk)
+
+
 def prompt_following(model: Family, n: int, steps: int, guidance_scale: float, batch: int = 50,
                      seed: int = 0, forms: str = "canonical") -> dict:
     """Checker scores (% right shape, colour, both) of images of `n` seeded prompts (`prompt_set`),
     and the % whose palette colour (`palette_colour`, no checker) is the asked one."""
     prompts = prompt_set(n, seed, forms)
     shape_ok = colour_ok = both = palette_ok = 0
-    for start in range(0, n, batch):
-        chunk = prompts[start : start + batch]
-        images = generate_batch(model, [p for p, _, _ in chunk], list(range(start, start + len(chunk))),
-                                steps, guidance_scale)
-        for image, (_, shape, colour) in zip(images, chunk):
-            s, c = judge(image, shape, colour)
-            shape_ok, colour_ok, both = shape_ok + s, colour_ok + c, both + (s and c)
-            palette_ok += palette_colour(image) == colour
+    for image, (_, shape, colour) in seeded_images(model, prompts, steps, guidance_scale, batch):
+        s, c = judge(image, shape, colour)
+        shape_ok, colour_ok, both = shape_ok + s, colour_ok + c, both + (s and c)
+        palette_ok += palette_colour(image) == colour
     return {"shape_pct": 100 * shape_ok / n, "colour_pct": 100 * colour_ok / n, "both_pct": 100 * both / n,
             "palette_colour_pct": 100 * palette_ok / n}
 
@@ -117,13 +123,9 @@ def pair_following(model: Family, n: int, steps: int, guidance_scale: float, bat
     % with both colours and both shapes somewhere, whatever goes with what."""
     prompts = pair_prompt_set(n, seed, forms)
     both = swapped = parts = 0
-    for start in range(0, n, batch):
-        chunk = prompts[start : start + batch]
-        images = generate_batch(model, [p for p, _ in chunk], list(range(start, start + len(chunk))), steps,
-                                guidance_scale)
-        for image, (_, objects) in zip(images, chunk):
-            scores = pair_scores(image, objects)
-            both, swapped, parts = both + scores[0], swapped + scores[1], parts + scores[2]
+    for image, (_, objects) in seeded_images(model, prompts, steps, guidance_scale, batch):
+        scores = pair_scores(image, objects)
+        both, swapped, parts = both + scores[0], swapped + scores[1], parts + scores[2]
     return {"pair_both_pct": 100 * both / n, "pair_swapped_pct": 100 * swapped / n,
             "pair_parts_pct": 100 * parts / n}
 

@@ -333,10 +333,13 @@ class TextConditioned(torch.nn.Module):
         self.text_encoder = toy.trainable_text_encoder(toy.make_text_encoder(tokenizer, word_local))
 
 
+def _token_ids(tokenizer, texts) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def _embed(text_encoder, tokenizer, texts) -> torch.Tensor:
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    return text_encoder(_token_ids(tokenizer, texts))[0]
 
 
 def _mix(ab, z0, eps):
@@ -460,10 +463,6 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
         net.unet.load_state_dict(unet.state_dict()), net.text_encoder.load_state_dict(text_encoder.state_dict())
         return net
 
-    def ids(texts):
-        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-
     def loss_of(net, gen, z0, texts):
         plain = _denoising_loss(net, tokenizer, abar, gen, z0, texts)
         forms = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -483,9 +482,10 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
         # steps, where the target has become its own): the source's maps either way.
         own = (torch.rand(len(zs), generator=gen) < 0.5).view(-1, 1, 1, 1)
         x_target = torch.where(own, _mix(ab, zt, eps), x)
+        ids = _token_ids(tokenizer, source_texts + target_texts)
         late = torch.tensor(releases) & (t < released_below)
-        released = (ids(source_texts) != ids(target_texts)) & late[:, None]  # the swapped word's column, late
-        emb = _embed(net.text_encoder, tokenizer, source_texts + target_texts)
+        released = (ids[: len(zs)] != ids[len(zs):]) & late[:, None]  # the swapped word's column, late
+        emb = net.text_encoder(ids)[0]
         with AttentionControl(net.unet, PairedMaps(released)):
             pred = net.unet(torch.cat([x, x_target]), t.repeat(2), encoder_hidden_states=emb).sample
         eps_target = (x_target - ab.sqrt() * zt) / (1 - ab).sqrt()  # what takes x_target to the edited scene
