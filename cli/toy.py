@@ -5,7 +5,7 @@ from __future__ import annotations
 import json as jsonlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -40,7 +40,7 @@ def train(
     relayout_steps: Annotated[int, typer.Option(min=0, help="Phase 7: phase 3b's loss again on the saved model with the next seed's scenes and swaps (as `toy tune-layout --steps N --seed SEED+1`); 0 skips it.")] = 300,
     reshape_layout_steps: Annotated[int, typer.Option(min=0, help="Phase 8: the layout loss with 16 shape swaps a step beside the colour swaps, on the seed after phase 7's (as `toy tune-layout --steps N --seed SEED+2 --reshapes 16`); 0 skips it.")] = 0,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
-    word_local: Annotated[bool, typer.Option("--word-local/--contextual", help="Text encoder whose tokens see only their own word (v2 and v3, shipped) or CLIP's causal mixing (v1's kind; see samples/toy-sd/README.md).")] = True,
+    text_context: Annotated[Literal["word", "previous", "causal"], typer.Option(help="What each text token sees: its own word (v2 and v3, shipped), the word before it too (a shape's token carries its colour), or every earlier word (CLIP's causal mixing, v1's kind); see samples/toy-sd/README.md.")] = "word",
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
     flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 12_000,
@@ -90,7 +90,7 @@ def train(
     else:
         config = TrainConfig(seed=seed, vae_width=vae_width, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
                              decoder_mse_steps=decoder_mse_steps, plain_decoder_steps=plain_decoder_steps, dataset=dataset,
-                             word_local=word_local,
+                             text_context=text_context,
                              layout_steps=layout_steps, relayout_steps=relayout_steps,
                              reshape_layout_steps=reshape_layout_steps)
         train_model = lambda *args: run_training(*args, vae_from=vae_from)  # noqa: E731

@@ -204,25 +204,62 @@ def test_shipped_text_encoder_is_word_local():
     assert changed.nonzero().flatten().tolist() == [2]  # start token, "a", then the colour
 
 
-def test_word_local_encoder_stays_word_local_when_trained():
+def _trained_briefly(encoder, tokenizer):
+    """`encoder` made trainable and trained 3 steps (so a context that training could undo would show)."""
     from lab.toy import model as toy_model
 
-    tokenizer = toy_model.make_tokenizer()
-    encoder = toy_model.trainable_text_encoder(toy_model.make_text_encoder(tokenizer, word_local=True))
+    encoder = toy_model.trainable_text_encoder(encoder)
     before = encoder.get_input_embeddings().weight.detach().clone()
     opt = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-2)
-    ids = tokenizer(["a red circle on a grey background"], padding="max_length", return_tensors="pt").input_ids
+    ids = tokenizer(["a red circle and a blue square on a grey background"], padding="max_length",
+                    return_tensors="pt").input_ids
     for _ in range(3):
-        loss = encoder(ids)[0].pow(2).mean()
+        loss = (encoder(ids)[0] - torch.linspace(-1, 1, ids.shape[1])[:, None]).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert not torch.equal(before, encoder.get_input_embeddings().weight)  # it learns
-    emb = _embeddings(tokenizer, encoder, ["red circle", "blue circle"])
-    assert ((emb[0] - emb[1]).abs().amax(-1) > 0).nonzero().flatten().tolist() == [1]
-    contextual = toy_model.make_text_encoder(tokenizer)  # CLIP's causal mixing: every later token changes
-    emb = _embeddings(tokenizer, contextual, ["red circle", "blue circle"])
-    assert ((emb[0] - emb[1]).abs().amax(-1) > 0).sum() > 3
+    return encoder
+
+
+def _changed_tokens(tokenizer, encoder, prompts, tolerance=0.0):
+    emb = _embeddings(tokenizer, encoder, prompts)
+    return ((emb[0] - emb[1]).abs().amax(-1) > tolerance).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("context, changed", [("word", [1]), ("previous", [1, 2])])
+def test_local_encoders_keep_their_context_when_trained(context, changed):
+    """"red" -> "blue" in "red circle and blue square": the word-local encoder changes the colour's token
+    only; the previous-word one the colour's and its shape's (token 2, "circle"), nothing after it, so the
+    shape's token knows its colour and no other object's; CLIP's causal mixing changes every later token."""
+    from lab.toy import model as toy_model
+
+    tokenizer = toy_model.make_tokenizer()
+    encoder = _trained_briefly(toy_model.make_text_encoder(tokenizer, context), tokenizer)
+    assert toy_model.text_context(encoder) == context
+    prompts = ["red circle and blue square", "blue circle and blue square"]
+    assert _changed_tokens(tokenizer, encoder, prompts, tolerance=1e-4) == changed
+    assert _changed_tokens(tokenizer, encoder, prompts[::-1], tolerance=1e-4) == changed
+    causal = toy_model.make_text_encoder(tokenizer, "causal")
+    assert toy_model.text_context(causal) == "causal" and len(_changed_tokens(tokenizer, causal, prompts)) > 3
+
+
+def test_previous_word_encoder_keeps_its_position_code_out_of_the_words():
+    """The look-one-back attention reads a position code that training leaves alone: no word embedding
+    gains a component in its dims, and the queries and keys stay fixed."""
+    from lab.toy import model as toy_model
+
+    tokenizer = toy_model.make_tokenizer()
+    fresh = toy_model.make_text_encoder(tokenizer, "previous")
+    code = fresh.embeddings.position_embedding.weight[:, toy_model.POSITION_CODE].clone()
+    encoder = _trained_briefly(toy_model.make_text_encoder(tokenizer, "previous"), tokenizer)
+    assert not encoder.get_input_embeddings().weight[:, toy_model.POSITION_CODE].any()
+    torch.testing.assert_close(encoder.embeddings.position_embedding.weight[:, toy_model.POSITION_CODE], code,
+                               rtol=1e-3, atol=0)  # AdamW's decoupled weight decay only
+    for name in ("q_proj", "k_proj"):
+        assert torch.equal(getattr(encoder.encoder.layers[0].self_attn, name).weight,
+                           getattr(fresh.encoder.layers[0].self_attn, name).weight)
+    assert _changed_tokens(tokenizer, encoder, ["red circle", "blue circle"], tolerance=1e-4) == [1, 2]
 
 
 def test_layout_follows_the_attention_maps(toy):

@@ -135,7 +135,7 @@ def test_paired_maps_release_only_the_marked_words_of_cross_attention():
 def test_layout_phase_trains_and_resumes(tmp_path):
     torch.manual_seed(0)
     tokenizer = toy.make_tokenizer()
-    unet, encoder = toy.make_unet(), toy.make_text_encoder(tokenizer, word_local=True)
+    unet, encoder = toy.make_unet(), toy.make_text_encoder(tokenizer, "word")
     config = TrainConfig(layout_steps=2, unet_batch=2, layout_batch=1, checkpoint_every=1, warmup=1)
     latents, captions = torch.randn(4, 4, 16, 16), [s.caption for s, _ in swap_scenes(TrainConfig(layout_pairs=4), "colour")]
     pairs = {"sources": torch.randn(3, 4, 16, 16), "targets": torch.randn(3, 4, 16, 16),
@@ -152,12 +152,14 @@ def test_train_cli_refuses_a_vae_width_its_group_norms_cannot_split(tmp_path, cl
     assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
 
 
-def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("context", ["word", "previous"])
+def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights(tmp_path, context):
     from diffusers import StableDiffusionPipeline
 
+    from lab.toy import model as toy_model
     from lab.toy.train import train
 
-    config = TrainConfig(vae_width=16, vae_steps=2, vae_batch=2, decoder_steps=1, decoder_mse_steps=1,
+    config = TrainConfig(text_context=context, vae_width=16, vae_steps=2, vae_batch=2, decoder_steps=1, decoder_mse_steps=1,
                          plain_decoder_steps=1, dataset=6, unet_steps=2, unet_batch=2, warmup=1, layout_steps=2,
                          layout_pairs=3, layout_batch=1, relayout_steps=1, reshape_layout_steps=1, reshape_batch=1,
                          checkpoint_every=1)
@@ -169,6 +171,7 @@ def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights
     assert len(list((tmp_path / "work" / "phase8").glob("layout-*.ckpt"))) == 1  # phase 8, shape swaps too
     assert torch.load(tmp_path / "work" / "phase8" / "pairs-shape.pt")["seed"] == 2
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a")
+    assert toy_model.text_context(pipe.text_encoder) == context  # kept through phases 7 and 8 on the saved model
     assert pipe.vae.config.block_out_channels == [16, 32, 32]
     assert pipe.vae.config.scaling_factor == summary["scaling_factor"] > 0
     assert len(torch.load(tmp_path / "work" / "latents.pt")["captions"]) == 6

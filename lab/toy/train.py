@@ -46,7 +46,7 @@ class TrainConfig:
     warmup: int = 200
     ema: float = 0.999
     caption_dropout: float = 0.1
-    word_local: bool = True  # the text encoder's tokens see only their own word (`toy.make_text_encoder`)
+    text_context: str = "word"  # what each text token sees: its own word (v2, v3), the word before too, or CLIP's causal mix
     layout_steps: int = 600  # phase 3b (`tune_layout`); 0 skips it
     relayout_steps: int = 300  # phase 7: phase 3b again on the saved model, next seed (`tune_saved_layout`); 0 skips it
     layout_pairs: int = 4000
@@ -327,10 +327,10 @@ class TextConditioned(torch.nn.Module):
     """The UNet and its text encoder, trained (and averaged) together: word tokens learn embeddings
     that the UNet's cross-attention can find the objects by, as CLIP's do for Stable Diffusion."""
 
-    def __init__(self, tokenizer, word_local: bool):
+    def __init__(self, tokenizer, text_context: str):
         super().__init__()
         self.unet = toy.make_unet()
-        self.text_encoder = toy.trainable_text_encoder(toy.make_text_encoder(tokenizer, word_local))
+        self.text_encoder = toy.trainable_text_encoder(toy.make_text_encoder(tokenizer, text_context))
 
 
 def _token_ids(tokenizer, texts) -> torch.Tensor:
@@ -375,7 +375,7 @@ def _sd_alphas_cumprod() -> torch.Tensor:
 def train_unet(config: TrainConfig, latents, captions, tokenizer, work: Path, tick):
     """UNet and text encoder on the latents, with captions in the forms people write them."""
     abar = _sd_alphas_cumprod()
-    net = fit_denoiser(config, lambda: TextConditioned(tokenizer, config.word_local), lambda net: None,
+    net = fit_denoiser(config, lambda: TextConditioned(tokenizer, config.text_context), lambda net: None,
                        lambda net, gen, z0, texts: _denoising_loss(net, tokenizer, abar, gen, z0, texts),
                        latents, captions, config.unet_steps, config.unet_batch, config.unet_lr, work / "unet.ckpt",
                        "unet", tick, rewrite=user_caption)
@@ -459,7 +459,7 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
         sets.append((shape_pairs, config.reshape_batch, True))
 
     def make_net():
-        net = TextConditioned(tokenizer, config.word_local)
+        net = TextConditioned(tokenizer, config.text_context)
         net.unet.load_state_dict(unet.state_dict()), net.text_encoder.load_state_dict(text_encoder.state_dict())
         return net
 
@@ -510,6 +510,7 @@ def tune_saved_layout(model_dir: Path, work: Path, config: TrainConfig, tick) ->
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
     scale = pipe.vae.config.scaling_factor
+    config = replace(config, text_context=toy.text_context(pipe.text_encoder))  # the saved model's, whatever was asked
     weights = [model_dir / part / name for part, name in (("unet", "diffusion_pytorch_model.safetensors"),
                                                           ("text_encoder", "model.safetensors"))]
     recipe = f"{config.layout_steps}/{config.layout_lr}/{config.layout_pairs}/{config.layout_batch}/{config.seed}"
