@@ -40,7 +40,7 @@ def train(
     relayout_steps: Annotated[int, typer.Option(min=0, help="Phase 7: phase 3b's loss again on the saved model with the next seed's scenes and swaps (as `toy tune-layout --steps N --seed SEED+1`); 0 skips it.")] = 300,
     reshape_layout_steps: Annotated[int, typer.Option(min=0, help="Phase 8: the layout loss with 16 shape swaps a step beside the colour swaps, on the seed after phase 7's (as `toy tune-layout --steps N --seed SEED+2 --reshapes 16`); 0 skips it.")] = 0,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
-    text_context: Annotated[Literal["word", "previous", "causal"], typer.Option(help="What each text token sees: its own word (v2 and v3, shipped), the word before it too (a shape's token carries its colour), or every earlier word (CLIP's causal mixing, v1's kind); see samples/toy-sd/README.md.")] = "word",
+    text_context: Annotated[Literal["word", "previous", "causal"], typer.Option(help="What each text token sees: its own word (v2 and v3, shipped), the word before it too (the v4 candidate, samples/toy-sd-v4: a shape's token carries its colour), or every earlier word (CLIP's causal mixing, v1's kind); see samples/toy-sd/README.md.")] = "word",
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
     flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 12_000,

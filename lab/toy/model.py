@@ -2,8 +2,8 @@
 
 A VAE with three levels (64x64 images <-> 16x16x4 latents), a UNet with self- and cross-attention,
 and a two-layer CLIP text encoder over whole-word tokens of the shapes world (v1: frozen at its random
-initialisation; v2, v3: word-local, trained with the UNet; `make_text_encoder` says what else a token
-may see). Saved as an ordinary diffusers folder (safetensors, fp16) that `StableDiffusionPipeline` loads.
+initialisation; v2, v3: word-local, trained with the UNet; the v4 candidate: previous-word;
+`make_text_encoder` says what each means). Saved as an ordinary diffusers folder (safetensors, fp16) that `StableDiffusionPipeline` loads.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class TrainConfig:
     warmup: int = 200
     ema: float = 0.999
     caption_dropout: float = 0.1
-    text_context: str = "word"  # what each text token sees: its own word (v2, v3), the word before too, or CLIP's causal mix
+    text_context: str = "word"  # what each text token sees: its own word (v2, v3), the word before too (v4 candidate), or CLIP's causal mix
     layout_steps: int = 600  # phase 3b (`tune_layout`); 0 skips it
     relayout_steps: int = 300  # phase 7: phase 3b again on the saved model, next seed (`tune_saved_layout`); 0 skips it
     layout_pairs: int = 4000
