@@ -21,12 +21,13 @@ def toy():
     return load_model(DEFAULT_MODEL, device="cpu")
 
 
-def test_loads_with_diffusers_and_is_small():
-    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
+@pytest.mark.parametrize("folder", [DEFAULT_MODEL, V4_CANDIDATE], ids=["v3", "v4-candidate"])
+def test_loads_with_diffusers_and_is_small(folder):
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
-    size = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size <= 20 * 2**20
-    assert not list(DEFAULT_MODEL.rglob("*.bin"))  # safetensors only
+    assert not list(folder.rglob("*.bin"))  # safetensors only
 
 
 def test_is_the_default_model(toy):
@@ -218,8 +219,6 @@ def test_v4_candidate_binds_each_colour_to_its_shape(toy):
     assert _changed_tokens(pipe.tokenizer, pipe.text_encoder, ["a red circle and a blue square on a white background",
                                                                "a green circle and a blue square on a white background"],
                            tolerance=1e-4) == [2, 3]
-    size = sum(p.stat().st_size for p in V4_CANDIDATE.rglob("*") if p.is_file())
-    assert size <= 20 * 2**20 and not list(V4_CANDIDATE.rglob("*.bin"))
     bound = {name: pair_following(model, 20, steps=25, guidance_scale=7.5)["pair_both_pct"]
              for name, model in (("v4", load_model(V4_CANDIDATE, device="cpu")), ("v3", toy))}
     assert bound["v4"] >= 50 and bound["v4"] >= bound["v3"] + 25, bound
