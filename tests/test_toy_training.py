@@ -12,8 +12,10 @@ from lab.toy import model as toy
 from lab.toy.train import (
     PairedMaps,
     TrainConfig,
+    _grounding_loss,
     _vae_batch,
     fit_denoiser,
+    object_token_masks,
     photo_sources,
     plain_colour,
     swap_scenes,
@@ -132,11 +134,42 @@ def test_paired_maps_release_only_the_marked_words_of_cross_attention():
     torch.testing.assert_close(self_maps[2:], probs[:2])
 
 
+def test_object_token_masks_mark_each_objects_words_with_where_it_is():
+    from diffedit.toy.shapes import Obj, render
+
+    tokenizer = toy.make_tokenizer()
+    scene = render([Obj("circle", "red", (16.0, 16.0), 8.0), Obj("square", "blue", (46.0, 46.0), 10.0)], ("white",))
+    texts = ["a blue square and a red circle on a white background", "blue square"]
+    masks = object_token_masks(tokenizer, texts, [scene, scene])
+    words = tokenizer(texts[0]).input_ids
+    circle, square = (torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(m).float()[None], 16)[0] for m in scene.masks)
+    for word, where in (("blue", square), ("square", square), ("red", circle), ("circle", circle)):
+        torch.testing.assert_close(masks[0, words.index(tokenizer.get_vocab()[f"{word}</w>"])], where)
+    assert masks[0].flatten(1).amax(1).gt(0).sum() == 4  # no other word marked, the background's neither
+    assert masks[1].flatten(1).amax(1).gt(0).sum() == 2  # the circle is not named: its place marks nothing
+    assert not object_token_masks(tokenizer, texts[:1], [None]).any()
+
+
+def test_grounding_loss_is_zero_on_the_object_and_grows_with_what_leaks_out():
+    token_masks = torch.zeros(1, 3, 16, 16)
+    token_masks[0, 1, :8, :8] = 1  # word 1 names an object in the top-left quarter; words 0 and 2 none
+    inside = token_masks[0, 1].flatten() / token_masks[0, 1].sum()
+    for side in (16, 8, 4):  # every cross-attention level of the UNet sees the mask at its own size
+        pooled = torch.nn.functional.adaptive_avg_pool2d(token_masks[0, 1][None], side).flatten()
+        probs = torch.stack([torch.full((side * side,), 0.5), pooled / pooled.sum() * 0.5, torch.zeros(side * side)], -1)
+        assert _grounding_loss(probs[None, None], token_masks).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((1, 2, 256, 3), 1 / 3)
+    assert _grounding_loss(uniform, token_masks).item() == pytest.approx(0.75**2)  # a quarter of its mass inside
+    half = uniform.clone()
+    half[..., 1] = 0.5 * inside + 0.5 / 256  # half its mass on the object, half spread evenly (a quarter of it inside)
+    assert _grounding_loss(half, token_masks).item() == pytest.approx((1 - 0.5 - 0.5 * 0.25) ** 2)
+
+
 def test_layout_phase_trains_and_resumes(tmp_path):
     torch.manual_seed(0)
     tokenizer = toy.make_tokenizer()
     unet, encoder = toy.make_unet(), toy.make_text_encoder(tokenizer, "word")
-    config = TrainConfig(layout_steps=2, unet_batch=2, layout_batch=1, checkpoint_every=1, warmup=1)
+    config = TrainConfig(layout_steps=2, unet_batch=2, layout_batch=1, layout_pairs=3, checkpoint_every=1, warmup=1)
     latents, captions = torch.randn(4, 4, 16, 16), [s.caption for s, _ in swap_scenes(TrainConfig(layout_pairs=4), "colour")]
     pairs = {"sources": torch.randn(3, 4, 16, 16), "targets": torch.randn(3, 4, 16, 16),
              "source_captions": ["a red circle"] * 3, "target_captions": ["a blue circle"] * 3}
@@ -144,6 +177,8 @@ def test_layout_phase_trains_and_resumes(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(tuned.parameters(), unet.parameters()))
     again, _ = tune_layout(config, unet, encoder, tokenizer, latents, captions, pairs, tmp_path, lambda *a: None)
     assert all(torch.equal(p, q) for p, q in zip(tuned.parameters(), again.parameters()))  # resumed at its end
+    with pytest.raises(RuntimeError, match="pairs.pt"):  # grounding needs the swaps' scenes: these are not config's
+        tune_layout(config, unet, encoder, tokenizer, latents, captions, pairs, tmp_path / "g", lambda *a: None, grounding=1.0)
 
 
 def test_train_cli_refuses_a_vae_width_its_group_norms_cannot_split(tmp_path, cli):
@@ -152,8 +187,8 @@ def test_train_cli_refuses_a_vae_width_its_group_norms_cannot_split(tmp_path, cl
     assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
 
 
-@pytest.mark.parametrize("context", ["word", "previous"])
-def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights(tmp_path, context):
+@pytest.mark.parametrize("context, grounding", [("word", 0.0), ("previous", 0.1)])
+def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights(tmp_path, context, grounding):
     from diffusers import StableDiffusionPipeline
 
     from lab.toy import model as toy_model
@@ -162,7 +197,7 @@ def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights
     config = TrainConfig(text_context=context, vae_width=16, vae_steps=2, vae_batch=2, decoder_steps=1, decoder_mse_steps=1,
                          plain_decoder_steps=1, dataset=6, unet_steps=2, unet_batch=2, warmup=1, layout_steps=2,
                          layout_pairs=3, layout_batch=1, relayout_steps=1, reshape_layout_steps=1, reshape_batch=1,
-                         checkpoint_every=1)
+                         checkpoint_every=1, grounding=grounding)
     summary = train(tmp_path / "a", tmp_path / "work", config, lambda *_: None)
     assert len(list((tmp_path / "work").glob("decoder_mse-*.ckpt"))) == 2  # phases 5 and 6, each its own run
     assert len(list((tmp_path / "work" / "phase7").glob("layout-*.ckpt"))) == 1  # phase 7, on the next seed's scenes

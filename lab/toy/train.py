@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from diffedit.editing.attention import AttentionControl, Controller
 from diffedit.toy.shapes import make_scene, user_caption
@@ -55,6 +56,7 @@ class TrainConfig:
     reshape_batch: int = 16  # phase 8's shape swaps per step, beside its colour swaps
     reshape_held: float = 0.6  # of the steps, noisiest first: a shape swap's new word takes the old word's map
     layout_lr: float = 2e-4
+    grounding: float = 0.0  # weight of the token-grounding loss in the layout phases on a saved model (7, 8, `toy tune-layout`)
     checkpoint_every: int = 200
 
 
@@ -387,21 +389,53 @@ class PairedMaps(Controller):
     layer, self and cross), detached, so the maps are learned by plain denoising alone and the second
     half keeps only its own values, text and convolutions: what prompt-to-prompt leaves to a target.
     `released` (second-half rows × text tokens) marks the tokens whose cross-attention maps a row keeps
-    as its own: a swapped word after prompt-to-prompt lets it go (`cross_replace_edited`)."""
+    as its own: a swapped word after prompt-to-prompt lets it go (`cross_replace_edited`).
+    With `token_masks` it also scores how well the first half's cross-attention keeps each object word
+    on its object (`_grounding_loss`, one term per layer in `grounding`)."""
 
-    def __init__(self, released: torch.Tensor | None = None):
+    def __init__(self, released: torch.Tensor | None = None, token_masks: torch.Tensor | None = None):
         super().__init__()
-        self.released = released
+        self.released, self.token_masks, self.grounding = released, token_masks, []
 
     def wants_maps(self, call):
         return True
 
     def maps(self, call, probs):
         source, own = probs[: len(probs) // 2], probs[len(probs) // 2:]
+        if call.cross and self.token_masks is not None:
+            self.grounding.append(_grounding_loss(source, self.token_masks))
         target = source.detach()
         if call.cross and self.released is not None:
             target = torch.where(self.released[:, None, None, :], own, target)
         return torch.cat([source, target])
+
+
+def _grounding_loss(probs: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al., 2024) on one cross-attention layer: for each object word,
+    (1 - the share of its attention mass that falls inside its object)^2, averaged over the words.
+    `probs` [rows, heads, queries, tokens]; `token_masks` [rows, tokens, h, w] (0 for words of no object)."""
+    maps = probs.mean(1)  # [rows, queries, tokens]
+    side = math.isqrt(maps.shape[1])
+    masks = F.adaptive_avg_pool2d(token_masks, side).flatten(2)  # [rows, tokens, queries]
+    inside = torch.einsum("rqk,rkq->rk", maps, masks) / maps.sum(1).clamp_min(1e-8)
+    grounded = token_masks.flatten(2).amax(-1) > 0
+    return ((1 - inside) ** 2)[grounded].mean() if grounded.any() else probs.sum() * 0
+
+
+def object_token_masks(tokenizer, texts: list[str], scenes: list) -> torch.Tensor:
+    """[rows, tokens, 16, 16]: for each caption, each object's colour and shape words marked with where
+    that object is (area share per latent pixel); words of no object, and rows whose scene is None,
+    stay 0. Objects named alike share their words, so those words mark all of them."""
+    ids = _token_ids(tokenizer, texts)
+    vocab = tokenizer.get_vocab()
+    masks = torch.zeros(*ids.shape, 16, 16)
+    for row, scene in enumerate(scenes):
+        for obj, mask in zip(scene.objects, scene.masks) if scene is not None else ():
+            colour, shape = vocab[f"{obj.colour}</w>"], vocab[f"{obj.shape}</w>"]
+            area = F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None], 16)[0]
+            for p in ((ids[row, :-1] == colour) & (ids[row, 1:] == shape)).nonzero().flatten().tolist():
+                masks[row, p] = masks[row, p + 1] = torch.maximum(masks[row, p], area)
+    return masks
 
 
 def swap_scenes(config: TrainConfig, attribute: str) -> list[tuple]:
@@ -440,7 +474,7 @@ def swaps(config: TrainConfig, vae, scale: float, work: Path, tick, attribute: s
 
 
 def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, captions, pairs, work: Path, tick,
-                checkpoint: Path | None = None, shape_pairs: dict | None = None):
+                checkpoint: Path | None = None, shape_pairs: dict | None = None, grounding: float = 0.0):
     """Phase 3b: the trained UNet and text encoder, further trained so that their layout follows the
     attention maps. Each step adds to the plain denoising batch `config.layout_batch` colour swaps:
     the source scene noised and denoised with its own caption, beside a row with the swapped colour
@@ -451,8 +485,15 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
 
     With `shape_pairs` (phase 8), `config.reshape_batch` shape swaps join them, asked for the reshaped
     scene under a reshape's schedule: every map from the source, except that the new shape word keeps
-    its own cross-attention map once the noisiest `config.reshape_held` of the steps are past."""
+    its own cross-attention map once the noisiest `config.reshape_held` of the steps are past.
+
+    With `grounding` > 0 the colour swaps' source rows also pay `grounding` times the token-grounding
+    loss (`_grounding_loss`, averaged over the UNet's cross-attention layers): each object word's map
+    kept on its object, so that a word swapped by an edit reaches that object and not the rest."""
     abar = _sd_alphas_cumprod()
+    sources = [pair[0] for pair in swap_scenes(config, "colour")] if grounding else None
+    if sources is not None and [scene.caption for scene in sources] != pairs["source_captions"]:
+        raise RuntimeError("the cached colour swaps are not this config's; delete pairs.pt in the work folder")
     released_below = round(1000 * (1 - config.reshape_held))  # timesteps under it: the new word's own map
     sets = [(pairs, config.layout_batch, False)]
     if shape_pairs is not None and config.reshape_batch:
@@ -466,7 +507,7 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
     def loss_of(net, gen, z0, texts):
         plain = _denoising_loss(net, tokenizer, abar, gen, z0, texts)
         forms = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
-        source_texts, target_texts, zs, zt, releases = [], [], [], [], []
+        source_texts, target_texts, zs, zt, releases, scenes = [], [], [], [], [], []
         for swaps_, count, release in sets:
             idx = torch.randint(0, len(swaps_["source_captions"]), (count,), generator=gen).tolist()
             for i in idx:  # the same form (order, articles, background phrase) for both captions of a pair
@@ -475,6 +516,7 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
                 target_texts.append(user_caption(swaps_["target_captions"][i], np.random.default_rng(seed)))
             zs.append(swaps_["sources"][idx]), zt.append(swaps_["targets"][idx])
             releases += [release] * count
+            scenes += [sources[i] if sources is not None and swaps_ is pairs else None for i in idx]
         zs, zt = torch.cat(zs), torch.cat(zt)
         t, eps, ab, x = _noised(abar, gen, zs)
         # The swapped row starts from the source scene (an edit's first steps, where the two branches
@@ -486,10 +528,14 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
         late = torch.tensor(releases) & (t < released_below)
         released = (ids[: len(zs)] != ids[len(zs):]) & late[:, None]  # the swapped word's column, late
         emb = net.text_encoder(ids)[0]
-        with AttentionControl(net.unet, PairedMaps(released)):
+        token_masks = object_token_masks(tokenizer, source_texts, scenes) if sources is not None else None
+        control = PairedMaps(released, token_masks)
+        with AttentionControl(net.unet, control):
             pred = net.unet(torch.cat([x, x_target]), t.repeat(2), encoder_hidden_states=emb).sample
         eps_target = (x_target - ab.sqrt() * zt) / (1 - ab).sqrt()  # what takes x_target to the edited scene
         swapped = _min_snr_loss(pred, torch.cat([eps, eps_target]), ab.repeat(2, 1, 1, 1))
+        if control.grounding:
+            swapped = swapped + grounding * torch.stack(control.grounding).mean()
         return plain + swapped
 
     net = fit_denoiser(config, make_net, lambda net: None, loss_of, latents, captions, config.layout_steps,
@@ -516,14 +562,18 @@ def tune_saved_layout(model_dir: Path, work: Path, config: TrainConfig, tick) ->
     recipe = f"{config.layout_steps}/{config.layout_lr}/{config.layout_pairs}/{config.layout_batch}/{config.seed}"
     if config.reshape_batch:
         recipe += f"/{config.reshape_batch}/{config.reshape_held}"
+    if config.grounding:
+        recipe += f"/grounding {config.grounding}"
     start = _start_key(weights, recipe)
     latents, captions = encode_dataset(config, pipe.vae, scale, work, tick)
     pairs = swaps(config, pipe.vae, scale, work, tick)
     shape_pairs = swaps(config, pipe.vae, scale, work, tick, "shape") if config.reshape_batch else None
     unet, text_encoder = tune_layout(config, pipe.unet, pipe.text_encoder, pipe.tokenizer, latents, captions, pairs,
-                                     work, tick, checkpoint=work / f"layout-{start}.ckpt", shape_pairs=shape_pairs)
+                                     work, tick, checkpoint=work / f"layout-{start}.ckpt", shape_pairs=shape_pairs,
+                                     grounding=config.grounding)
     _save_in_place(model_dir, {"unet": unet, "text_encoder": text_encoder})
-    return {"layout_steps": config.layout_steps, "reshape_batch": config.reshape_batch, "seed": config.seed}
+    return {"layout_steps": config.layout_steps, "reshape_batch": config.reshape_batch, "seed": config.seed,
+            "grounding": config.grounding}
 
 
 def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | None = None) -> dict:
