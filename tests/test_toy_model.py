@@ -208,9 +208,10 @@ def test_shipped_text_encoder_is_word_local():
 
 def test_v4_candidate_binds_each_colour_to_its_shape(toy):
     """The v4 candidate (`samples/toy-sd-v4`, previous-word text encoder): a recolour changes the colour's
-    token and its shape's, nothing of the other object, and two-object prompts come out with each colour
-    on its own shape far more often than on the shipped v3 (same prompts and seeds; these 20 at 25 steps:
-    65 against 15 %; 100 at 50 steps: 67 against 12 %, samples/toy-sd-v4/README.md)."""
+    token and its shape's, nothing of the other object, and when a two-object prompt's shapes and colours
+    are all drawn, each colour is on its own shape, where the shipped v3 swaps them (same prompts and
+    seeds; these 20 at 25 steps: bound in 5 of 5 against 3 of 8, swapped 0 against 25 %; 100 at 50 steps:
+    0 against 25 % swapped, samples/toy-sd-v4/README.md)."""
     from lab.toy import model as toy_model
     from lab.toy.quality import pair_following
 
@@ -219,9 +220,22 @@ def test_v4_candidate_binds_each_colour_to_its_shape(toy):
     assert _changed_tokens(pipe.tokenizer, pipe.text_encoder, ["a red circle and a blue square on a white background",
                                                                "a green circle and a blue square on a white background"],
                            tolerance=1e-4) == [2, 3]
-    bound = {name: pair_following(model, 20, steps=25, guidance_scale=7.5)["pair_both_pct"]
+    pairs = {name: pair_following(model, 20, steps=25, guidance_scale=7.5)
              for name, model in (("v4", load_model(V4_CANDIDATE, device="cpu")), ("v3", toy))}
-    assert bound["v4"] >= 50 and bound["v4"] >= bound["v3"] + 25, bound
+    bound = {name: r["pair_both_pct"] / max(r["pair_parts_pct"], 1e-9) for name, r in pairs.items()}
+    assert pairs["v4"]["pair_parts_pct"] >= 15 and bound["v4"] >= 0.9 > bound["v3"], pairs
+    assert pairs["v4"]["pair_swapped_pct"] <= 5 and pairs["v3"]["pair_swapped_pct"] >= 15, pairs
+
+
+def test_v4_candidates_object_words_attend_to_their_objects(toy):
+    """Issue 28's first ask: word tokens whose cross-attention maps localise their objects. The v4
+    candidate's phase 7 trains it (the token-grounding loss); v3's maps of an object word are spread
+    over the image about as evenly as no grounding at all (measured 33.8 against 9.7 % of each object
+    word's mass inside its object; samples/toy-sd-v4/README.md)."""
+    from lab.toy.quality import word_grounding
+
+    inside = {"v4": word_grounding(load_model(V4_CANDIDATE, device="cpu"), scenes=32), "v3": word_grounding(toy, scenes=32)}
+    assert inside["v4"] >= 25 and inside["v4"] >= inside["v3"] + 15, inside
 
 
 def _trained_briefly(encoder, tokenizer):

@@ -410,16 +410,21 @@ class PairedMaps(Controller):
         return torch.cat([source, target])
 
 
+def inside_share(probs: torch.Tensor, token_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """On one cross-attention layer, the share of each word's attention mass that falls inside its
+    object, [rows, tokens], and which words name an object at all. `probs` [rows, heads, queries, tokens];
+    `token_masks` [rows, tokens, h, w] (`object_token_masks`; 0 for words of no object)."""
+    maps = probs.mean(1)  # [rows, queries, tokens]
+    masks = F.adaptive_avg_pool2d(token_masks, math.isqrt(maps.shape[1])).flatten(2)  # [rows, tokens, queries]
+    share = torch.einsum("rqk,rkq->rk", maps, masks) / maps.sum(1).clamp_min(1e-8)
+    return share, token_masks.flatten(2).amax(-1) > 0
+
+
 def _grounding_loss(probs: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
     """TokenCompose's token loss (Wang et al., 2024) on one cross-attention layer: for each object word,
-    (1 - the share of its attention mass that falls inside its object)^2, averaged over the words.
-    `probs` [rows, heads, queries, tokens]; `token_masks` [rows, tokens, h, w] (0 for words of no object)."""
-    maps = probs.mean(1)  # [rows, queries, tokens]
-    side = math.isqrt(maps.shape[1])
-    masks = F.adaptive_avg_pool2d(token_masks, side).flatten(2)  # [rows, tokens, queries]
-    inside = torch.einsum("rqk,rkq->rk", maps, masks) / maps.sum(1).clamp_min(1e-8)
-    grounded = token_masks.flatten(2).amax(-1) > 0
-    return ((1 - inside) ** 2)[grounded].mean() if grounded.any() else probs.sum() * 0
+    (1 - the share of its attention mass inside its object)^2, averaged over the words."""
+    share, grounded = inside_share(probs, token_masks)
+    return ((1 - share) ** 2)[grounded].mean() if grounded.any() else probs.sum() * 0
 
 
 def object_token_masks(tokenizer, texts: list[str], scenes: list) -> torch.Tensor:
