@@ -285,8 +285,8 @@ class CrossMaps(Controller):
 def word_grounding(model: Family, scenes: int = 64) -> float:
     """% of each object word's cross-attention mass that falls inside its object (its colour's and its
     shape's word; mean over the words, then over the UNet's cross-attention layers), on `scenes` seeded
-    scenes with their captions at seeded noise levels. Uniform maps score an object's area share (about
-    8 %); Stable Diffusion's object words are localised, which prompt-to-prompt relies on."""
+    scenes with their captions at seeded noise levels. Maps spread evenly score each object's share of
+    the image; Stable Diffusion's object words are localised, which prompt-to-prompt relies on."""
     drawn = [make_scene(3 * 10**8 + i) for i in range(scenes)]  # apart from every training and test scene
     z0 = model.encode_image(to_pixels(np.stack([s.image for s in drawn])).to(model.device))
     gen = torch.Generator().manual_seed(0)
