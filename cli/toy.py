@@ -40,6 +40,7 @@ def train(
     relayout_steps: Annotated[int, typer.Option(min=0, help="Phase 7: phase 3b's loss again on the saved model with the next seed's scenes and swaps (as `toy tune-layout --steps N --seed SEED+1`); 0 skips it.")] = 300,
     reshape_layout_steps: Annotated[int, typer.Option(min=0, help="Phase 8: the layout loss with 16 shape swaps a step beside the colour swaps, on the seed after phase 7's (as `toy tune-layout --steps N --seed SEED+2 --reshapes 16`); 0 skips it.")] = 0,
     grounding: Annotated[float, typer.Option(min=0.0, help="Phases 7 and 8: weight of a token-grounding loss on the colour swaps' source rows (each object word's cross-attention kept on its object; as `toy tune-layout --grounding W`); 0: none.")] = 0.0,
+    grounding_below: Annotated[int, typer.Option(min=0, max=1000, help="The grounding only on noise levels (DDPM timesteps) under this one; 1000: every level.")] = 1000,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
     text_context: Annotated[Literal["word", "previous", "causal"], typer.Option(help="What each text token sees: its own word (v2 and v3, shipped), the word before it too (the v4 candidate, samples/toy-sd-v4: a shape's token carries its colour), or every earlier word (CLIP's causal mixing, v1's kind); see samples/toy-sd/README.md.")] = "word",
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
@@ -93,7 +94,8 @@ def train(
                              decoder_mse_steps=decoder_mse_steps, plain_decoder_steps=plain_decoder_steps, dataset=dataset,
                              text_context=text_context,
                              layout_steps=layout_steps, relayout_steps=relayout_steps,
-                             reshape_layout_steps=reshape_layout_steps, grounding=grounding)
+                             reshape_layout_steps=reshape_layout_steps, grounding=grounding,
+                             grounding_below=grounding_below)
         train_model = lambda *args: run_training(*args, vae_from=vae_from)  # noqa: E731
     with training_progress() as tick:
         summary = train_model(out, work, config, tick)
@@ -139,6 +141,7 @@ def tune_layout(
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, warm-up, cosine to a tenth).")] = 2e-4,
     reshapes: Annotated[int, typer.Option(min=0, help="Shape swaps per step beside the 16 colour swaps, under a reshape's schedule (phase 8); 0: colour swaps only.")] = 0,
     grounding: Annotated[float, typer.Option(min=0.0, help="Weight of a token-grounding loss on the colour swaps' source rows: each object word's cross-attention kept on its object (TokenCompose's token loss); 0: none.")] = 0.0,
+    grounding_below: Annotated[int, typer.Option(min=0, max=1000, help="The grounding only on noise levels (DDPM timesteps) under this one; 1000: every level.")] = 1000,
 ):
     """Train a saved toy model's layout further (phase 3b of `toy train` again: every attention map of a
     colour swap's row taken from its source's, the recoloured scene asked for), UNet and text encoder
@@ -155,7 +158,8 @@ def tune_layout(
     if not (model / "unet" / "config.json").exists():
         raise DiffeditError(f"{model}: no toy SD model (unet/config.json) to tune")
     with training_progress() as tick:
-        config = TrainConfig(seed=seed, layout_steps=steps, layout_lr=lr, reshape_batch=reshapes, grounding=grounding)
+        config = TrainConfig(seed=seed, layout_steps=steps, layout_lr=lr, reshape_batch=reshapes, grounding=grounding,
+                             grounding_below=grounding_below)
         summary = tune_saved_layout(model, work, config, tick)
     emit({"output": str(model), **summary}, False)
 

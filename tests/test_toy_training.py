@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +181,28 @@ def test_layout_phase_trains_and_resumes(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(tuned.parameters(), again.parameters()))  # resumed at its end
     with pytest.raises(RuntimeError, match="pairs.pt"):  # grounding needs the swaps' scenes: these are not config's
         tune_layout(config, unet, encoder, tokenizer, latents, captions, pairs, tmp_path / "g", lambda *a: None, grounding=1.0)
+
+
+def test_grounding_trains_only_on_the_levels_it_is_given(tmp_path):
+    """The grounding changes what the layout phase learns; kept off every noise level (`grounding_below`
+    0) it changes nothing, so the gate really gates."""
+    tokenizer = toy.make_tokenizer()
+    config = TrainConfig(layout_steps=1, unet_batch=1, layout_batch=2, layout_pairs=3, checkpoint_every=1, warmup=1)
+    swapped = swap_scenes(config, "colour")
+    pairs = {"sources": torch.randn(3, 4, 16, 16), "targets": torch.randn(3, 4, 16, 16),
+             "source_captions": [a.caption for a, _ in swapped], "target_captions": [b.caption for _, b in swapped]}
+    latents, captions = torch.randn(4, 4, 16, 16), pairs["source_captions"] + ["a red circle"]
+
+    def tuned(name, grounding, below=1000):
+        torch.manual_seed(0)
+        unet, encoder = toy.make_unet(), toy.make_text_encoder(tokenizer, "previous")
+        (tmp_path / name).mkdir()
+        return tune_layout(replace(config, grounding_below=below), unet, encoder, tokenizer, latents, captions, pairs,
+                           tmp_path / name, lambda *a: None, grounding=grounding)[0].state_dict()
+
+    plain, grounded, gated = tuned("plain", 0.0), tuned("grounded", 1.0), tuned("gated", 1.0, below=0)
+    assert any(not torch.equal(plain[k], grounded[k]) for k in plain)
+    assert all(torch.equal(plain[k], gated[k]) for k in plain)
 
 
 def test_train_cli_refuses_a_vae_width_its_group_norms_cannot_split(tmp_path, cli):

@@ -57,6 +57,7 @@ class TrainConfig:
     reshape_held: float = 0.6  # of the steps, noisiest first: a shape swap's new word takes the old word's map
     layout_lr: float = 2e-4
     grounding: float = 0.0  # weight of the token-grounding loss in the layout phases on a saved model (7, 8, `toy tune-layout`)
+    grounding_below: int = 1000  # the grounding only on noise levels (DDPM timesteps) under this; 1000: all
     checkpoint_every: int = 200
 
 
@@ -534,6 +535,8 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
         released = (ids[: len(zs)] != ids[len(zs):]) & late[:, None]  # the swapped word's column, late
         emb = net.text_encoder(ids)[0]
         token_masks = object_token_masks(tokenizer, source_texts, scenes) if sources is not None else None
+        if token_masks is not None:
+            token_masks[t >= config.grounding_below] = 0  # no object drawn yet for a word to land on
         control = PairedMaps(released, token_masks)
         with AttentionControl(net.unet, control):
             pred = net.unet(torch.cat([x, x_target]), t.repeat(2), encoder_hidden_states=emb).sample
@@ -569,6 +572,8 @@ def tune_saved_layout(model_dir: Path, work: Path, config: TrainConfig, tick) ->
         recipe += f"/{config.reshape_batch}/{config.reshape_held}"
     if config.grounding:
         recipe += f"/grounding {config.grounding}"
+    if config.grounding and config.grounding_below < 1000:
+        recipe += f" below {config.grounding_below}"
     start = _start_key(weights, recipe)
     latents, captions = encode_dataset(config, pipe.vae, scale, work, tick)
     pairs = swaps(config, pipe.vae, scale, work, tick)
