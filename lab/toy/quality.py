@@ -20,7 +20,15 @@ from diffedit.plan import plan_job
 from diffedit.sampling import invert, step
 from diffedit.toy.checker import border_medians, check
 from diffedit.toy.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, caption, make_scene, user_caption
-from lab.toy.train import _sd_alphas_cumprod, inside_share, object_token_masks, photo_sources, to_pixels
+from lab.toy.train import (
+    _noised,
+    _sd_alphas_cumprod,
+    _token_ids,
+    inside_share,
+    object_token_masks,
+    photo_sources,
+    to_pixels,
+)
 
 
 def prompt_set(n: int, seed: int = 0, forms: str = "canonical") -> list[tuple[str, str, str]]:
@@ -289,16 +297,12 @@ def word_grounding(model: Family, scenes: int = 64) -> float:
     the image; Stable Diffusion's object words are localised, which prompt-to-prompt relies on."""
     drawn = [make_scene(3 * 10**8 + i) for i in range(scenes)]  # apart from every training and test scene
     z0 = model.encode_image(to_pixels(np.stack([s.image for s in drawn])).to(model.device))
-    gen = torch.Generator().manual_seed(0)
-    t = torch.randint(0, 1000, (scenes,), generator=gen)
-    ab = _sd_alphas_cumprod()[t].view(-1, 1, 1, 1).to(z0)
-    x = ab.sqrt() * z0 + (1 - ab).sqrt() * torch.randn(z0.shape, generator=gen).to(z0)
+    t, _, _, x = _noised(_sd_alphas_cumprod(), torch.Generator().manual_seed(0), z0.float().cpu())  # training's draw
     pipe, texts = model.pipe, [s.caption for s in drawn]
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(model.device)
+    ids = _token_ids(pipe.tokenizer, texts).to(model.device)
     maps = CrossMaps()
     with AttentionControl(pipe.unet, maps):
-        pipe.unet(x, t.to(model.device), encoder_hidden_states=pipe.text_encoder(ids)[0])
+        pipe.unet(x.to(z0), t.to(model.device), encoder_hidden_states=pipe.text_encoder(ids)[0])
     token_masks = object_token_masks(pipe.tokenizer, texts, drawn).to(z0)
     layers = [share[grounded].mean() for share, grounded in (inside_share(p.float(), token_masks.float()) for p in maps.seen)]
     return 100 * float(torch.stack(layers).mean())
