@@ -180,7 +180,8 @@ def test_layout_phase_trains_and_resumes(tmp_path):
     again, _ = tune_layout(config, unet, encoder, tokenizer, latents, captions, pairs, tmp_path, lambda *a: None)
     assert all(torch.equal(p, q) for p, q in zip(tuned.parameters(), again.parameters()))  # resumed at its end
     with pytest.raises(RuntimeError, match="pairs.pt"):  # grounding needs the swaps' scenes: these are not config's
-        tune_layout(config, unet, encoder, tokenizer, latents, captions, pairs, tmp_path / "g", lambda *a: None, grounding=1.0)
+        tune_layout(replace(config, grounding=1.0), unet, encoder, tokenizer, latents, captions, pairs, tmp_path / "g",
+                    lambda *a: None)
 
 
 def test_grounding_trains_only_on_the_levels_it_is_given(tmp_path):
@@ -197,8 +198,8 @@ def test_grounding_trains_only_on_the_levels_it_is_given(tmp_path):
         torch.manual_seed(0)
         unet, encoder = toy.make_unet(), toy.make_text_encoder(tokenizer, "previous")
         (tmp_path / name).mkdir()
-        return tune_layout(replace(config, grounding_below=below), unet, encoder, tokenizer, latents, captions, pairs,
-                           tmp_path / name, lambda *a: None, grounding=grounding)[0].state_dict()
+        return tune_layout(replace(config, grounding=grounding, grounding_below=below), unet, encoder, tokenizer,
+                           latents, captions, pairs, tmp_path / name, lambda *a: None)[0].state_dict()
 
     plain, grounded, gated = tuned("plain", 0.0), tuned("grounded", 1.0), tuned("gated", 1.0, below=0)
     assert any(not torch.equal(plain[k], grounded[k]) for k in plain)

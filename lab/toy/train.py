@@ -480,7 +480,7 @@ def swaps(config: TrainConfig, vae, scale: float, work: Path, tick, attribute: s
 
 
 def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, captions, pairs, work: Path, tick,
-                checkpoint: Path | None = None, shape_pairs: dict | None = None, grounding: float = 0.0):
+                checkpoint: Path | None = None, shape_pairs: dict | None = None):
     """Phase 3b: the trained UNet and text encoder, further trained so that their layout follows the
     attention maps. Each step adds to the plain denoising batch `config.layout_batch` colour swaps:
     the source scene noised and denoised with its own caption, beside a row with the swapped colour
@@ -493,11 +493,12 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
     scene under a reshape's schedule: every map from the source, except that the new shape word keeps
     its own cross-attention map once the noisiest `config.reshape_held` of the steps are past.
 
-    With `grounding` > 0 the colour swaps' source rows also pay `grounding` times the token-grounding
+    With `config.grounding` > 0 the colour swaps' source rows also pay that times the token-grounding
     loss (`_grounding_loss`, averaged over the UNet's cross-attention layers): each object word's map
-    kept on its object, so that a word swapped by an edit reaches that object and not the rest."""
+    kept on its object, so that a word swapped by an edit reaches that object and not the rest, on the
+    noise levels under `config.grounding_below`."""
     abar = _sd_alphas_cumprod()
-    sources = [pair[0] for pair in swap_scenes(config, "colour")] if grounding else None
+    sources = [pair[0] for pair in swap_scenes(config, "colour")] if config.grounding else None
     if sources is not None and [scene.caption for scene in sources] != pairs["source_captions"]:
         raise RuntimeError("the cached colour swaps are not this config's; delete pairs.pt in the work folder")
     released_below = round(1000 * (1 - config.reshape_held))  # timesteps under it: the new word's own map
@@ -543,7 +544,7 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
         eps_target = (x_target - ab.sqrt() * zt) / (1 - ab).sqrt()  # what takes x_target to the edited scene
         swapped = _min_snr_loss(pred, torch.cat([eps, eps_target]), ab.repeat(2, 1, 1, 1))
         if control.grounding:
-            swapped = swapped + grounding * torch.stack(control.grounding).mean()
+            swapped = swapped + config.grounding * torch.stack(control.grounding).mean()
         return plain + swapped
 
     net = fit_denoiser(config, make_net, lambda net: None, loss_of, latents, captions, config.layout_steps,
@@ -579,8 +580,7 @@ def tune_saved_layout(model_dir: Path, work: Path, config: TrainConfig, tick) ->
     pairs = swaps(config, pipe.vae, scale, work, tick)
     shape_pairs = swaps(config, pipe.vae, scale, work, tick, "shape") if config.reshape_batch else None
     unet, text_encoder = tune_layout(config, pipe.unet, pipe.text_encoder, pipe.tokenizer, latents, captions, pairs,
-                                     work, tick, checkpoint=work / f"layout-{start}.ckpt", shape_pairs=shape_pairs,
-                                     grounding=config.grounding)
+                                     work, tick, checkpoint=work / f"layout-{start}.ckpt", shape_pairs=shape_pairs)
     _save_in_place(model_dir, {"unet": unet, "text_encoder": text_encoder})
     return {"layout_steps": config.layout_steps, "reshape_batch": config.reshape_batch, "seed": config.seed,
             "grounding": config.grounding}
@@ -607,7 +607,9 @@ def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | Non
     unet, text_encoder = train_unet(config, latents, captions, tokenizer, work, tick)
     if config.layout_steps:
         pairs = swaps(config, vae, scale, work, tick)
-        unet, text_encoder = tune_layout(config, unet, text_encoder, tokenizer, latents, captions, pairs, work, tick)
+        # Phase 3b is never grounded: the grounding belongs to the layout phases on a saved model (7, 8).
+        unet, text_encoder = tune_layout(replace(config, grounding=0.0), unet, text_encoder, tokenizer, latents,
+                                         captions, pairs, work, tick)
     if vae_from is None:
         vae = finetune_decoder(config, vae, work, tick)
     pipe = toy.assemble(vae, unet, text_encoder, tokenizer)
