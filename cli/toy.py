@@ -23,6 +23,12 @@ def _multiple_of_16(width: int) -> int:
     return width
 
 
+def _chances(counts: tuple[float, float, float]) -> tuple[float, float, float]:
+    if min(counts) < 0 or abs(sum(counts) - 1) > 1e-6:
+        raise typer.BadParameter(f"{' '.join(map(str, counts))}: three chances of 1, 2 and 3 objects, none negative, summing to 1")
+    return counts
+
+
 @toy_app.command("train")
 def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the trained pipeline "
@@ -42,6 +48,7 @@ def train(
     grounding: Annotated[float, typer.Option(min=0.0, help="Phases 7 and 8: weight of a token-grounding loss on the colour swaps' source rows (each object word's cross-attention kept on its object; as `toy tune-layout --grounding W`); 0: none.")] = 0.0,
     grounding_below: Annotated[int, typer.Option(min=0, max=1000, help="The grounding only on noise levels (DDPM timesteps) under this one; 1000: every level.")] = 1000,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
+    object_counts: Annotated[tuple[float, float, float], typer.Option(callback=_chances, help="Chances of 1, 2 and 3 objects in the UNet's scenes (phases 3 and 7).")] = (0.5, 0.3, 0.2),
     text_context: Annotated[Literal["word", "previous", "causal"], typer.Option(help="What each text token sees: its own word (v2 and v3, shipped), the word before it too (the v4 candidate, samples/toy-sd-v4: a shape's token carries its colour), or every earlier word (CLIP's causal mixing, v1's kind); see samples/toy-sd/README.md.")] = "word",
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
@@ -92,6 +99,7 @@ def train(
     else:
         config = TrainConfig(seed=seed, vae_width=vae_width, vae_steps=vae_steps, unet_steps=unet_steps, decoder_steps=decoder_steps,
                              decoder_mse_steps=decoder_mse_steps, plain_decoder_steps=plain_decoder_steps, dataset=dataset,
+                             object_counts=tuple(object_counts),
                              text_context=text_context,
                              layout_steps=layout_steps, relayout_steps=relayout_steps,
                              reshape_layout_steps=reshape_layout_steps, grounding=grounding,

@@ -206,9 +206,12 @@ def test_grounding_trains_only_on_the_levels_it_is_given(tmp_path):
     assert all(torch.equal(plain[k], gated[k]) for k in plain)
 
 
-def test_train_cli_refuses_a_vae_width_its_group_norms_cannot_split(tmp_path, cli):
+def test_train_cli_refuses_a_vae_width_its_group_norms_cannot_split_and_chances_that_are_none(tmp_path, cli):
     code, _, err = cli("toy", "train", "--vae-width", 40, "--out", tmp_path / "model", "--work", tmp_path / "work")
     assert code == 2 and "40 is not a multiple of 16" in err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
+    code, _, err = cli("toy", "train", "--object-counts", 0.5, 0.5, 0.5, "--out", tmp_path / "model", "--work", tmp_path / "work")
+    assert code == 2 and "summing to 1" in err
     assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
 
 
@@ -222,9 +225,13 @@ def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights
     config = TrainConfig(text_context=context, vae_width=16, vae_steps=2, vae_batch=2, decoder_steps=1, decoder_mse_steps=1,
                          plain_decoder_steps=1, dataset=6, unet_steps=2, unet_batch=2, warmup=1, layout_steps=2,
                          layout_pairs=3, layout_batch=1, relayout_steps=1, reshape_layout_steps=1, reshape_batch=1,
-                         checkpoint_every=1, grounding=grounding)
+                         checkpoint_every=1, grounding=grounding, object_counts=(0.2, 0.5, 0.3) if grounding else (0.5, 0.3, 0.2))
     summary = train(tmp_path / "a", tmp_path / "work", config, lambda *_: None)
     assert len(list((tmp_path / "work").glob("decoder_mse-*.ckpt"))) == 2  # phases 5 and 6, each its own run
+    # The UNet's scenes with the asked chances of each object count, recorded with them (phases 3 and 7)
+    dataset = torch.load(tmp_path / "work" / "latents.pt")
+    assert dataset["object_counts"] == list(config.object_counts)
+    assert dataset["captions"] == [make_scene(i, object_counts=config.object_counts).caption for i in range(6)]
     assert len(list((tmp_path / "work" / "phase7").glob("layout-*.ckpt"))) == 1  # phase 7, on the next seed's scenes
     assert torch.load(tmp_path / "work" / "phase7" / "latents.pt")["seed"] == 1
     assert not (tmp_path / "work" / "phase7" / "pairs-shape.pt").exists()  # phase 7: colour swaps only

@@ -43,6 +43,20 @@ def test_generator_covers_the_world():
     assert seen_shapes == set(SHAPES) and seen_colours == set(COLOURS) and counts == {1, 2, 3}
 
 
+def test_object_counts_set_the_share_of_each_count_and_keep_scenes_of_a_kept_count():
+    def counts(chances):
+        return [len(make_scene(seed, object_counts=chances).objects) for seed in range(400)]
+
+    default, more_pairs = counts((0.5, 0.3, 0.2)), counts((0.2, 0.6, 0.2))
+    assert default == [len(make_scene(seed).objects) for seed in range(400)]
+    assert more_pairs.count(2) > 1.5 * default.count(2) and more_pairs.count(1) < 0.6 * default.count(1)
+    assert set(counts((0.0, 1.0, 0.0))) == {2}
+    # one draw of the count either way: a scene whose count did not change is the same scene
+    same = [seed for seed, (a, b) in enumerate(zip(default, more_pairs)) if a == b]
+    assert same and all(make_scene(seed).caption == make_scene(seed, object_counts=(0.2, 0.6, 0.2)).caption
+                        for seed in same[:50])
+
+
 def test_checker_reads_generated_scenes():
     right = total = 0
     for seed in range(300):

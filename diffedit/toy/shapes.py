@@ -124,10 +124,15 @@ def render(objects: list[Obj], background: tuple[str, ...], size: int = 64) -> S
     return Scene(image, list(objects), tuple(background), masks)
 
 
-def make_scene(seed: int, size: int = 64, n_objects: int | None = None, two_tone: float = 0.25) -> Scene:
-    """A random scene, the same for the same seed (and size)."""
+OBJECT_COUNTS = (0.5, 0.3, 0.2)  # a random scene's chances of 1, 2 and 3 objects
+
+
+def make_scene(seed: int, size: int = 64, n_objects: int | None = None, two_tone: float = 0.25,
+               object_counts: tuple[float, float, float] = OBJECT_COUNTS) -> Scene:
+    """A random scene, the same for the same seed (and size); `object_counts` the chances of 1, 2 and 3
+    objects where `n_objects` is not given (one draw whatever the chances: a scene whose count they keep stays the same)."""
     rng = np.random.default_rng(seed)
-    n = int(n_objects if n_objects is not None else rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
+    n = int(n_objects if n_objects is not None else rng.choice([1, 2, 3], p=object_counts))
     names = list(BACKGROUNDS)
     if rng.random() < two_tone:
         first, second = rng.choice(len(names), 2, replace=False)

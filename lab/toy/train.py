@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from diffedit.editing.attention import AttentionControl, Controller
-from diffedit.toy.shapes import make_scene, user_caption
+from diffedit.toy.shapes import OBJECT_COUNTS, make_scene, user_caption
 from lab.testing import SD_SCHEDULE
 from lab.toy import model as toy
 
@@ -41,6 +41,7 @@ class TrainConfig:
     photo_fraction: float = 0.3
     plain_fraction: float = 0.2  # of the scenes: on a random plain colour, pure white and black included
     dataset: int = 20_000
+    object_counts: tuple[float, float, float] = OBJECT_COUNTS  # the UNet's scenes (phases 3 and 7): chances of 1, 2, 3 objects
     unet_steps: int = 4000
     unet_batch: int = 48
     unet_lr: float = 1e-3
@@ -275,12 +276,14 @@ def _encode_scenes(vae, scale: float, scenes, count: int, tick=None, label: str 
 def encode_dataset(config: TrainConfig, vae, scale: float, work: Path, tick):
     cache = work / "latents.pt"
     state = _load(cache)
+    counts = list(config.object_counts)
     if (state is not None and state["scale"] == scale and len(state["captions"]) == config.dataset
-            and state.get("seed", 0) == config.seed):
+            and state.get("seed", 0) == config.seed and state.get("object_counts", list(OBJECT_COUNTS)) == counts):
         return state["latents"], state["captions"]
-    latents, captions = _encode_scenes(vae, scale, lambda a, b: [make_scene(config.seed * 10**7 + i) for i in range(a, b)],
-                                       config.dataset, tick)
-    _checkpoint(cache, latents=latents, captions=captions, scale=scale, seed=config.seed)
+    latents, captions = _encode_scenes(
+        vae, scale, lambda a, b: [make_scene(config.seed * 10**7 + i, object_counts=counts) for i in range(a, b)],
+        config.dataset, tick)
+    _checkpoint(cache, latents=latents, captions=captions, scale=scale, seed=config.seed, object_counts=counts)
     return latents, captions
 
 
