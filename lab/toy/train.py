@@ -273,10 +273,12 @@ def _encode_scenes(vae, scale: float, scenes, count: int, tick=None, label: str 
     return torch.cat(latents).clone(), captions  # clone: a plain tensor that training may use
 
 
-def encode_dataset(config: TrainConfig, vae, scale: float, work: Path, tick):
+def encode_dataset(config, vae, scale: float, work: Path, tick, object_counts=OBJECT_COUNTS):
+    """`config.dataset` scenes of `config.seed` (with `object_counts`' chances of 1, 2, 3 objects), encoded
+    once and cached in `work`."""
     cache = work / "latents.pt"
     state = _load(cache)
-    counts = list(config.object_counts)
+    counts = list(object_counts)
     if (state is not None and state["scale"] == scale and len(state["captions"]) == config.dataset
             and state.get("seed", 0) == config.seed and state.get("object_counts", list(OBJECT_COUNTS)) == counts):
         return state["latents"], state["captions"]
@@ -579,7 +581,7 @@ def tune_saved_layout(model_dir: Path, work: Path, config: TrainConfig, tick) ->
     if config.grounding and config.grounding_below < 1000:
         recipe += f" below {config.grounding_below}"
     start = _start_key(weights, recipe)
-    latents, captions = encode_dataset(config, pipe.vae, scale, work, tick)
+    latents, captions = encode_dataset(config, pipe.vae, scale, work, tick, config.object_counts)
     pairs = swaps(config, pipe.vae, scale, work, tick)
     shape_pairs = swaps(config, pipe.vae, scale, work, tick, "shape") if config.reshape_batch else None
     unet, text_encoder = tune_layout(config, pipe.unet, pipe.text_encoder, pipe.tokenizer, latents, captions, pairs,
@@ -606,7 +608,7 @@ def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | Non
     else:
         vae, scale = train_vae(config, work, tick)
         vae.register_to_config(scaling_factor=scale)
-    latents, captions = encode_dataset(config, vae, scale, work, tick)
+    latents, captions = encode_dataset(config, vae, scale, work, tick, config.object_counts)
     unet, text_encoder = train_unet(config, latents, captions, tokenizer, work, tick)
     if config.layout_steps:
         pairs = swaps(config, vae, scale, work, tick)
