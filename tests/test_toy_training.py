@@ -215,8 +215,8 @@ def test_train_cli_refuses_a_vae_width_its_group_norms_cannot_split_and_chances_
     assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
 
 
-@pytest.mark.parametrize("context, grounding", [("word", 0.0), ("previous", 0.1)])
-def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights(tmp_path, context, grounding):
+@pytest.mark.parametrize("context, grounding, relayout_seed", [("word", 0.0, None), ("previous", 0.1, 5)])
+def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights(tmp_path, context, grounding, relayout_seed):
     from diffusers import StableDiffusionPipeline
 
     from lab.toy import model as toy_model
@@ -225,7 +225,9 @@ def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights
     config = TrainConfig(text_context=context, vae_width=16, vae_steps=2, vae_batch=2, decoder_steps=1, decoder_mse_steps=1,
                          plain_decoder_steps=1, dataset=6, unet_steps=2, unet_batch=2, warmup=1, layout_steps=2,
                          layout_pairs=3, layout_batch=1, relayout_steps=1, reshape_layout_steps=1, reshape_batch=1,
-                         checkpoint_every=1, grounding=grounding, object_counts=(0.2, 0.5, 0.3) if grounding else (0.5, 0.3, 0.2))
+                         checkpoint_every=1, grounding=grounding, object_counts=(0.2, 0.5, 0.3) if grounding else (0.5, 0.3, 0.2),
+                         relayout_seed=relayout_seed)
+    phase7_seed = 1 if relayout_seed is None else relayout_seed  # by default the seed after the first phases' (0)
     summary = train(tmp_path / "a", tmp_path / "work", config, lambda *_: None)
     assert len(list((tmp_path / "work").glob("decoder_mse-*.ckpt"))) == 2  # phases 5 and 6, each its own run
     # The UNet's scenes with the asked chances of each object count, recorded with them (phases 3 and 7)
@@ -233,10 +235,10 @@ def test_train_runs_every_phase_saves_a_pipeline_and_resumes_to_the_same_weights
     assert dataset["object_counts"] == list(config.object_counts)
     assert dataset["captions"] == [make_scene(i, object_counts=config.object_counts).caption for i in range(6)]
     assert len(list((tmp_path / "work" / "phase7").glob("layout-*.ckpt"))) == 1  # phase 7, on the next seed's scenes
-    assert torch.load(tmp_path / "work" / "phase7" / "latents.pt")["seed"] == 1
+    assert torch.load(tmp_path / "work" / "phase7" / "latents.pt")["seed"] == phase7_seed
     assert not (tmp_path / "work" / "phase7" / "pairs-shape.pt").exists()  # phase 7: colour swaps only
     assert len(list((tmp_path / "work" / "phase8").glob("layout-*.ckpt"))) == 1  # phase 8, shape swaps too
-    assert torch.load(tmp_path / "work" / "phase8" / "pairs-shape.pt")["seed"] == 2
+    assert torch.load(tmp_path / "work" / "phase8" / "pairs-shape.pt")["seed"] == phase7_seed + 1
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a")
     assert toy_model.text_context(pipe.text_encoder) == context  # kept through phases 7 and 8 on the saved model
     assert pipe.vae.config.block_out_channels == [16, 32, 32]

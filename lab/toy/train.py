@@ -51,6 +51,7 @@ class TrainConfig:
     text_context: str = "word"  # what each text token sees: its own word (v2, v3), the word before too (v4 candidate), or CLIP's causal mix
     layout_steps: int = 600  # phase 3b (`tune_layout`); 0 skips it
     relayout_steps: int = 300  # phase 7: phase 3b again on the saved model, next seed (`tune_saved_layout`); 0 skips it
+    relayout_seed: int | None = None  # phase 7's scenes, swaps and batches; None: seed + 1
     layout_pairs: int = 4000
     layout_batch: int = 16  # colour swaps per step, beside the plain batch
     reshape_layout_steps: int = 0  # phase 8: the layout loss with shape swaps too, the seed after phase 7's; 0 skips it
@@ -625,14 +626,15 @@ def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | Non
         # Its own seed: phase 5's batches again would add nothing new.
         tune_decoder(out, work, replace(config, decoder_mse_steps=config.plain_decoder_steps,
                                         decoder_plain_fraction=config.plain_decoder_fraction, seed=config.seed + 1), tick)
+    relayout_seed = config.seed + 1 if config.relayout_seed is None else config.relayout_seed
     if config.relayout_steps:
         # Fresh scenes and swaps (the next seed; their own folder, so the earlier phases' caches stay):
         # the layout diagnostic gained its margin here, not from a longer phase 3b (samples/toy-sd/README.md).
-        tune_saved_layout(out, work / "phase7", replace(config, layout_steps=config.relayout_steps, seed=config.seed + 1,
+        tune_saved_layout(out, work / "phase7", replace(config, layout_steps=config.relayout_steps, seed=relayout_seed,
                                                         reshape_batch=0), tick)
     if config.reshape_layout_steps:
         tune_saved_layout(out, work / "phase8", replace(config, layout_steps=config.reshape_layout_steps,
-                                                        seed=config.seed + 2), tick)
+                                                        seed=relayout_seed + 1), tick)
     return {"config": asdict(config), "scaling_factor": scale, "vae_from": str(vae_from) if vae_from else None}
 
 
