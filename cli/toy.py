@@ -43,7 +43,7 @@ def train(
     decoder_mse_steps: Annotated[int, typer.Option(help="Phase 5: decoder steps on MSE, encoder frozen (as `toy tune-decoder`).")] = 1300,
     plain_decoder_steps: Annotated[int, typer.Option(min=0, help="Phase 6: the same again with 85 % of the scenes on plain colours and the next seed (as `toy tune-decoder --plain 0.85 --seed SEED+1`); 0 skips it.")] = 3000,
     layout_steps: Annotated[int, typer.Option(min=0, help="Phase 3b: steps that train the UNet's layout to follow its attention maps (colour swaps with the source's maps); 0 skips it.")] = 600,
-    relayout_steps: Annotated[int, typer.Option(min=0, help="Phase 7: phase 3b's loss again on the saved model with the next seed's scenes and swaps (as `toy tune-layout --steps N --seed SEED+1`); 0 skips it.")] = 300,
+    relayout_steps: Annotated[int, typer.Option(min=0, help="Phase 7: phase 3b's loss again on the saved model with fresh scenes and swaps, of --relayout-seed (as `toy tune-layout --steps N --seed SEED+1` by default); 0 skips it.")] = 300,
     relayout_seed: Annotated[Optional[int], typer.Option(help="Phase 7's seed (its scenes, swaps and batches; phase 8 takes the next) [default: SEED+1].")] = None,
     reshape_layout_steps: Annotated[int, typer.Option(min=0, help="Phase 8: the layout loss with 16 shape swaps a step beside the colour swaps, on the seed after phase 7's (as `toy tune-layout --steps N --seed SEED+2 --reshapes 16`); 0 skips it.")] = 0,
     grounding: Annotated[float, typer.Option(min=0.0, help="Phases 7 and 8: weight of a token-grounding loss on the colour swaps' source rows (each object word's cross-attention kept on its object; as `toy tune-layout --grounding W`); 0: none.")] = 0.0,
