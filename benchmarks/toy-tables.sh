@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every table measured on the shipped toy model's pixels, one command each, into
-# benchmarks/results/PREFIX-* (default prefix v3: the folders docs/benchmarks.md and the model READMEs
-# quote). Run it after anything that changes what the toy model draws or decodes (a new decoder, a new
+# benchmarks/results/PREFIX-* (default prefix v4, the shipped model's version: the folders
+# docs/benchmarks.md and the model READMEs quote). Run it after anything that changes what the toy model draws or decodes (a new decoder, a new
 # UNet), alone on the CPU: about 135 minutes on 2 cores (103 on 2026-12-05, the held-out rows added
 # since about 22, the dilated word masks about 8). Then `diffedit bench docs` regenerates the
 # tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-prefix=v3
+prefix=v4
 list=0
 skip=
 only=
@@ -39,7 +39,7 @@ text_kinds=recolour,reshape
 # The solvers' and the flow model's folders are named without a model version (the flow model has
 # its own history); another prefix puts them beside the others.
 unversioned=benchmarks/results/
-[ "$prefix" = v3 ] || unversioned=$out-
+[ "$prefix" = v4 ] || unversioned=$out-
 flow_engines="-e rf-inversion -e rf-solver -e fireflow -e flowedit"
 
 commands=(

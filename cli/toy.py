@@ -46,11 +46,11 @@ def train(
     relayout_steps: Annotated[int, typer.Option(min=0, help="Phase 7: phase 3b's loss again on the saved model with fresh scenes and swaps, of --relayout-seed (as `toy tune-layout --steps N --seed SEED+1` by default); 0 skips it.")] = 300,
     relayout_seed: Annotated[Optional[int], typer.Option(help="Phase 7's seed (its scenes, swaps and batches; phase 8 takes the next) [default: SEED+1].")] = None,
     reshape_layout_steps: Annotated[int, typer.Option(min=0, help="Phase 8: the layout loss with 16 shape swaps a step beside the colour swaps, on the seed after phase 7's (as `toy tune-layout --steps N --seed SEED+2 --reshapes 16`); 0 skips it.")] = 0,
-    grounding: Annotated[float, typer.Option(min=0.0, help="Phases 7 and 8: weight of a token-grounding loss on the colour swaps' source rows (each object word's cross-attention kept on its object; as `toy tune-layout --grounding W`); 0: none.")] = 0.0,
-    grounding_below: Annotated[int, typer.Option(min=0, max=1000, help="The grounding only on noise levels (DDPM timesteps) under this one; 1000: every level.")] = 1000,
+    grounding: Annotated[float, typer.Option(min=0.0, help="Phases 7 and 8: weight of a token-grounding loss on the colour swaps' source rows (each object word's cross-attention kept on its object; as `toy tune-layout --grounding W`); 0: none.")] = 0.05,
+    grounding_below: Annotated[int, typer.Option(min=0, max=1000, help="The grounding only on noise levels (DDPM timesteps) under this one; 1000: every level.")] = 500,
     dataset: Annotated[int, typer.Option(help="Scenes encoded once for UNet training.")] = 20_000,
-    object_counts: Annotated[tuple[float, float, float], typer.Option(callback=_chances, help="Chances of 1, 2 and 3 objects in the UNet's scenes (phases 3 and 7).")] = (0.5, 0.3, 0.2),
-    text_context: Annotated[Literal["word", "previous", "causal"], typer.Option(help="What each text token sees: its own word (v2 and v3, shipped), the word before it too (the v4 candidate, samples/toy-sd-v4: a shape's token carries its colour), or every earlier word (CLIP's causal mixing, v1's kind); see samples/toy-sd/README.md.")] = "word",
+    object_counts: Annotated[tuple[float, float, float], typer.Option(callback=_chances, help="Chances of 1, 2 and 3 objects in the UNet's scenes (phases 3 and 7; the world's random scenes: 0.5 0.3 0.2).")] = (0.35, 0.4, 0.25),
+    text_context: Annotated[Literal["word", "previous", "causal"], typer.Option(help="What each text token sees: its own word (v2 and v3), the word before it too (v4, shipped: a shape's token carries its colour), or every earlier word (CLIP's causal mixing, v1's kind); see samples/toy-sd/README.md.")] = "previous",
     flow: Annotated[bool, typer.Option("--flow", help="Train the toy flow model (SD3-style MMDiT, flow matching) "
                                        "on the VAE of --vae-from instead.")] = False,
     flow_steps: Annotated[int, typer.Option(help="Transformer training steps with --flow (batch 48).")] = 12_000,
@@ -67,11 +67,12 @@ def train(
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the checkpoints in --work.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ):
-    """Train the toy model from a seed and save it (the defaults are v3's recipe: over 3 hours on 2 CPU
-    cores, in phases of under an hour, each resumable; --flow about 57 minutes from scratch, 25 for
-    6000 steps of fine-tuning with --init-from).
+    """Train the toy model from a seed and save it (the defaults are the shipped model's recipe, v4, but
+    for phase 7's seed: it was drawn with --relayout-seed 3; over 3 hours on 2 CPU cores from scratch, 84
+    minutes with --vae-from, in phases of under an hour, each resumable; --flow about 57 minutes from
+    scratch, 25 for 6000 steps of fine-tuning with --init-from).
 
-    Example: diffedit toy train --out samples/toy-sd; diffedit toy train --flow
+    Example: diffedit toy train --out runs/my-toy-sd --vae-from samples/toy-sd --relayout-seed 3; diffedit toy train --flow
     """
     import shutil
 
@@ -146,16 +147,17 @@ def tune_layout(
     model: Annotated[Path, typer.Option("--model", "-m", help="Saved toy SD model whose UNet and text encoder are tuned in place.")] = Path("samples/toy-sd"),
     work: Annotated[Path, typer.Option("--work", help="Checkpoints and encoded scenes, resumable, kept out of git.")] = Path("runs/toy-sd"),
     steps: Annotated[int, typer.Option(min=1, help="Layout steps (phase 3b's loss; the shipped recipe ran 600 from the UNet phase, then 300 more as phase 7).")] = 300,
-    seed: Annotated[int, typer.Option(help="Seed of the colour swaps and the batches (the shipped phase 3b: 0).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the scenes, colour swaps and batches (the shipped model's phase 3b: 0, its phase 7: 3).")] = 1,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, warm-up, cosine to a tenth).")] = 2e-4,
     reshapes: Annotated[int, typer.Option(min=0, help="Shape swaps per step beside the 16 colour swaps, under a reshape's schedule (phase 8); 0: colour swaps only.")] = 0,
-    grounding: Annotated[float, typer.Option(min=0.0, help="Weight of a token-grounding loss on the colour swaps' source rows: each object word's cross-attention kept on its object (TokenCompose's token loss); 0: none.")] = 0.0,
-    grounding_below: Annotated[int, typer.Option(min=0, max=1000, help="The grounding only on noise levels (DDPM timesteps) under this one; 1000: every level.")] = 1000,
+    grounding: Annotated[float, typer.Option(min=0.0, help="Weight of a token-grounding loss on the colour swaps' source rows: each object word's cross-attention kept on its object (TokenCompose's token loss); 0: none.")] = 0.05,
+    grounding_below: Annotated[int, typer.Option(min=0, max=1000, help="The grounding only on noise levels (DDPM timesteps) under this one; 1000: every level.")] = 500,
 ):
     """Train a saved toy model's layout further (phase 3b of `toy train` again: every attention map of a
     colour swap's row taken from its source's, the recoloured scene asked for), UNet and text encoder
     saved in place; the VAE and its latents stay. Phase 7 of `toy train` is this command with its defaults
-    on the saved model (about 12 minutes on 2 CPU cores, the encoding of 20 000 scenes included).
+    on the saved model (with `toy train`'s default seed; about 12 minutes on 2 CPU cores, the encoding of
+    20 000 scenes included).
 
     Example: diffedit toy tune-layout -m samples/toy-sd --steps 300 --seed 1
     """

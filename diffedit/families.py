@@ -177,7 +177,7 @@ class Family:
 
     # Gradient steps of decoder inversion per encoded image (0: the encoder's latent as it is). The
     # encoder only approximates the decoder's inverse; on the toy VAE its latents decode plain
-    # backgrounds up to 16 levels off, 3.5 after 50 steps (samples/toy-sd/README.md). Set by
+    # backgrounds up to 16 levels off, 3.5 after 50 steps (samples/toy-sd/v3.md). Set by
     # `--decoder-inversion` or the model folder's diffedit.json (a UNet trained on the encoder's
     # latents may edit worse from refined ones: the toy model does).
     decoder_inversion: int = 0

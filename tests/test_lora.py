@@ -223,8 +223,10 @@ def test_lcm_lora_distillation_saves_a_file_diffusers_loads(tmp_path):
 
 
 def test_shipped_toy_lcm_lora_draws_in_four_steps():
-    """The toy LCM-LoRA fused into the toy model: 4 consistency steps without CFG draw what is asked
-    (by the checker) on fixed seeds; it is a small file that diffusers' own loader takes."""
+    """The toy LCM-LoRA fused into the toy model: 4 consistency steps without CFG draw what is asked (by
+    the checker) on fixed seeds, as a rate (it draws 94 % of `bench lcm`'s 100 prompts, as its teacher
+    does at 8 DDIM steps with CFG: samples/toy-lcm-lora/README.md); it is a small file that diffusers'
+    own loader takes."""
     from diffusers import StableDiffusionPipeline
 
     from diffedit.models import DEFAULT_MODEL, TOY_LCM_LORA
@@ -236,10 +238,13 @@ def test_shipped_toy_lcm_lora_draws_in_four_steps():
     model = load_model(DEFAULT_MODEL, device="cpu", lcm_lora=str(TOY_LCM_LORA))
     assert model.consistency and not model.guidance_embedded
     prompts = [("a red circle on a white background", "circle", "red"),
-               ("a blue square on a white background", "square", "blue")]
-    batch = [(p, s, c, seed) for p, s, c in prompts for seed in (1, 2, 3)]
+               ("a blue square on a white background", "square", "blue"),
+               ("a green triangle on a grey background", "triangle", "green"),
+               ("a yellow star on a black background", "star", "yellow")]
+    batch = [(p, s, c, seed) for p, s, c in prompts for seed in range(1, 6)]
     images = generate_batch(model, [b[0] for b in batch], [b[3] for b in batch], steps=4, guidance_scale=1.0)
-    assert all(all(judge(i, s, c)) for i, (_, s, c, _) in zip(images, batch))
+    right = [all(judge(i, s, c)) for i, (_, s, c, _) in zip(images, batch)]
+    assert sum(right) >= 17, right  # 85 % of 20
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl", "sd3", "flux"])

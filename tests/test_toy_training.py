@@ -171,7 +171,8 @@ def test_layout_phase_trains_and_resumes(tmp_path):
     torch.manual_seed(0)
     tokenizer = toy.make_tokenizer()
     unet, encoder = toy.make_unet(), toy.make_text_encoder(tokenizer, "word")
-    config = TrainConfig(layout_steps=2, unet_batch=2, layout_batch=1, layout_pairs=3, checkpoint_every=1, warmup=1)
+    config = TrainConfig(layout_steps=2, unet_batch=2, layout_batch=1, layout_pairs=3, checkpoint_every=1, warmup=1,
+                         grounding=0.0)  # phase 3b's: never grounded
     latents, captions = torch.randn(4, 4, 16, 16), [s.caption for s, _ in swap_scenes(TrainConfig(layout_pairs=4), "colour")]
     pairs = {"sources": torch.randn(3, 4, 16, 16), "targets": torch.randn(3, 4, 16, 16),
              "source_captions": ["a red circle"] * 3, "target_captions": ["a blue circle"] * 3}
@@ -213,6 +214,21 @@ def test_train_cli_refuses_a_vae_width_its_group_norms_cannot_split_and_chances_
     code, _, err = cli("toy", "train", "--object-counts", 0.5, 0.5, 0.5, "--out", tmp_path / "model", "--work", tmp_path / "work")
     assert code == 2 and "summing to 1" in err
     assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "tune-layout"])
+def test_toy_training_commands_default_to_the_training_config_s_recipe(command):
+    """The CLI states its defaults for --help; they must be TrainConfig's, the recipe the shipped model names."""
+    from diffedit.cli.main import commands
+
+    options = commands()["toy"].commands[command].params
+    config = TrainConfig()
+    # tune-layout's seed is phase 7's, TrainConfig's the whole run's (phase 7 takes seed + 1 by default)
+    shared = {p.name: p.default for p in options if hasattr(config, p.name) and (command, p.name) != ("tune-layout", "seed")}
+    assert {"grounding", "grounding_below"} <= shared.keys()
+    for name, default in shared.items():
+        expected = getattr(config, name)
+        assert (tuple(default) if isinstance(expected, tuple) else default) == expected, name
 
 
 @pytest.mark.parametrize("context, grounding, relayout_seed", [("word", 0.0, None), ("previous", 0.1, 5)])

@@ -25,7 +25,7 @@ TEXT_DIM = 64
 
 def make_vae(width: int = 48) -> AutoencoderKL:
     """Channels (width, 2 width, 2 width); v1/v2 shipped width 32, too small to hold the world's scenes,
-    plain colours and photos at once (samples/toy-sd/README.md)."""
+    plain colours and photos at once (samples/toy-sd/v3.md)."""
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
         block_out_channels=(width, 2 * width, 2 * width), down_block_types=("DownEncoderBlock2D",) * 3,
@@ -54,11 +54,11 @@ def make_text_encoder(tokenizer, context: str = "causal") -> CLIPTextModel:
     - "word" (v2, v3): only their own word and place: self-attention outputs are zero (out_proj zeroed).
       A causal encoder writes a changed word into every later token, and the toy UNet read the word
       there: a one-word prompt-to-prompt edit then changed the values of the whole prompt and the
-      layout with them (measured on the first v2, samples/toy-sd/README.md);
-    - "previous": their own word and the word before it, so a shape's token carries its colour ("a red
+      layout with them (measured on the first v2, samples/toy-sd/v3.md);
+    - "previous" (v4, shipped): their own word and the word before it, so a shape's token carries its colour ("a red
       circle": "circle" knows "red"), and a one-word edit changes two tokens of one object. The word
       alone leaves the UNet to bind colours to shapes by token position, which it does not learn
-      (two-object prompts, samples/toy-sd/README.md). The first layer's attention is fixed to look one
+      (two-object prompts, samples/toy-sd/v3.md). The first layer's attention is fixed to look one
       token back (`_look_one_back`), the second's output zeroed;
     - "causal": every earlier word (CLIP's causal mixing, v1's kind).
     Still a plain `CLIPTextModel`."""

@@ -2,7 +2,7 @@
 
 Reproducible (every batch is drawn from generators seeded by the seed and the step) and resumable
 (checkpoints every `checkpoint_every` steps in a work folder outside git). Facts behind the choices
-are in samples/toy-sd/README.md: object pixels weighted x10 in the VAE loss (else it learns the background),
+are in samples/toy-sd/v3.md (the VAE and phases 1-7) and README.md (v4): object pixels weighted x10 in the VAE loss (else it learns the background),
 photo crops mixed in so real photos round-trip, one process using both cores.
 """
 
@@ -41,14 +41,16 @@ class TrainConfig:
     photo_fraction: float = 0.3
     plain_fraction: float = 0.2  # of the scenes: on a random plain colour, pure white and black included
     dataset: int = 20_000
-    object_counts: tuple[float, float, float] = OBJECT_COUNTS  # the UNet's scenes (phases 3 and 7): chances of 1, 2, 3 objects
+    # The UNet's scenes (phases 3 and 7): chances of 1, 2, 3 objects; more pairs than the world's random
+    # scenes (OBJECT_COUNTS), which v4 needed to bind two-object prompts (samples/toy-sd/README.md).
+    object_counts: tuple[float, float, float] = (0.35, 0.4, 0.25)
     unet_steps: int = 4000
     unet_batch: int = 48
     unet_lr: float = 1e-3
     warmup: int = 200
     ema: float = 0.999
     caption_dropout: float = 0.1
-    text_context: str = "word"  # what each text token sees: its own word (v2, v3), the word before too (v4 candidate), or CLIP's causal mix
+    text_context: str = "previous"  # what each text token sees: its own word (v2, v3), the word before too (v4), or CLIP's causal mix
     layout_steps: int = 600  # phase 3b (`tune_layout`); 0 skips it
     relayout_steps: int = 300  # phase 7: phase 3b again on the saved model, next seed (`tune_saved_layout`); 0 skips it
     relayout_seed: int | None = None  # phase 7's scenes, swaps and batches; None: seed + 1
@@ -58,8 +60,8 @@ class TrainConfig:
     reshape_batch: int = 16  # phase 8's shape swaps per step, beside its colour swaps
     reshape_held: float = 0.6  # of the steps, noisiest first: a shape swap's new word takes the old word's map
     layout_lr: float = 2e-4
-    grounding: float = 0.0  # weight of the token-grounding loss in the layout phases on a saved model (7, 8, `toy tune-layout`)
-    grounding_below: int = 1000  # the grounding only on noise levels (DDPM timesteps) under this; 1000: all
+    grounding: float = 0.05  # weight of the token-grounding loss in the layout phases on a saved model (7, 8, `toy tune-layout`)
+    grounding_below: int = 500  # the grounding only on noise levels (DDPM timesteps) under this; 1000: all
     checkpoint_every: int = 200
 
 
@@ -209,7 +211,7 @@ def tune_decoder(model_dir: Path, work: Path, config: TrainConfig, tick) -> dict
     phase is worth about 4 dB. Measured on the clamped image, with half the scenes on plain colours,
     it also brings pure white and black backgrounds back within 2 levels; phase 6, longer and with most
     scenes plain, brings every plain colour within 2 levels once the latent is refined by decoder
-    inversion (samples/toy-sd/README.md). The latents do not change,
+    inversion (samples/toy-sd/v3.md). The latents do not change,
     so the UNet and every model sharing its latents (LCM-LoRA, SPM adapters) stay valid. It starts
     from the saved (fp16) weights, so `diffedit toy tune-decoder` on a saved model is the same
     computation as this phase of `train`.
@@ -493,7 +495,7 @@ def tune_layout(config: TrainConfig, unet, text_encoder, tokenizer, latents, cap
     word (fed the same noisy source, or the recoloured scene under the same noise) that takes every
     attention map from the source row (`PairedMaps`) and is asked for the recoloured scene. A one-word
     edit with the maps kept then changes the colour and nothing else, which is what prompt-to-prompt
-    assumes of Stable Diffusion (measured: samples/toy-sd/README.md).
+    assumes of Stable Diffusion (measured: samples/toy-sd/v3.md).
 
     With `shape_pairs` (phase 8), `config.reshape_batch` shape swaps join them, asked for the reshaped
     scene under a reshape's schedule: every map from the source, except that the new shape word keeps
@@ -629,7 +631,7 @@ def train(out: Path, work: Path, config: TrainConfig, tick, vae_from: Path | Non
     relayout_seed = config.seed + 1 if config.relayout_seed is None else config.relayout_seed
     if config.relayout_steps:
         # Fresh scenes and swaps (the next seed; their own folder, so the earlier phases' caches stay):
-        # the layout diagnostic gained its margin here, not from a longer phase 3b (samples/toy-sd/README.md).
+        # the layout diagnostic gained its margin here, not from a longer phase 3b (samples/toy-sd/v3.md).
         tune_saved_layout(out, work / "phase7", replace(config, layout_steps=config.relayout_steps, seed=relayout_seed,
                                                         reshape_batch=0), tick)
     if config.reshape_layout_steps:
