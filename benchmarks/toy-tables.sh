@@ -60,6 +60,9 @@ commands=(
     "diffedit bench shapes -e direct --kinds $text_kinds --decoder-inversion 50 --save $out-shapes40-direct-decinv50"
     "diffedit bench shapes -e ddim-p2p --kinds $text_kinds --save $out-shapes40-ddim-p2p"
     "diffedit bench shapes -e ddim --kinds $text_kinds --save $out-shapes40-ddim"
+    # ... and both DDIM engines at the folder's edit CFG for Direct Inversion (5): the papers' order at equal guidance.
+    "diffedit bench shapes -e ddim-p2p --kinds $text_kinds -g 5 --save $out-shapes40-ddim-p2p-g5"
+    "diffedit bench shapes -e ddim --kinds $text_kinds -g 5 --save $out-shapes40-ddim-g5"
     "diffedit bench shapes -e infedit --kinds $text_kinds --save $out-shapes40-infedit"
     "diffedit bench shapes -e bdia --kinds $text_kinds --save $out-shapes40-bdia"
     "diffedit bench shapes -e ddpm-ef --kinds $text_kinds --save $out-shapes40-ddpm-ef"

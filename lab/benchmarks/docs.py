@@ -34,8 +34,14 @@ recolours 20 % and reshapes 42.5 % at 30.1 dB, edit-friendly DDPM 27.5 / 32.5 % 
 The row with `cross_replace_edited 0.8` holds the swapped word's map as long as the rest's: on v3 the
 folder's earlier release (0.6) lifted reshapes from 67.5 to 77.5 %; on v4 the same 31 of the 40
 reshapes pass either way (77.5 % at 31.7 against 31.6 dB), so the setting stays, neither helping nor
-hurting here.""",
+hurting here. The CFG 5 rows of ddim-p2p and DDIM try to close the reshapes' 0.3 dB at the guidance the
+folder gives Direct Inversion: both engines gain (ddim-p2p 62.5 / 62.5 % at 26.5 / 26.2 dB, DDIM 17.5 /
+60 % at 21.9 / 26.6) and the gap stays, 0.4 dB on the reshapes, with ddim-p2p ahead on success; at
+equal guidance on either scale ddim-p2p edits more reshapes than DDIM and keeps a little less
+background, so the folder sets neither (a guidance for ddim-p2p alone would order the rows by their
+settings, not by the engines).""",
      ["v4-shapes40-direct", "v4-shapes40-direct-held", "v4-shapes40-direct-papers", "v4-shapes40-ddim-p2p", "v4-shapes40-ddim",
+      "v4-shapes40-ddim-p2p-g5", "v4-shapes40-ddim-g5",
       "v4-shapes40-infedit", "v4-shapes40-bdia", "v4-shapes40-ddpm-ef"]),
     ("Toy model v4: the same engines on the held-out tasks", """
 The rows above on ShapesBench's held-out twin (`--tasks samples/shapesbench-heldout.jsonl`: 40
