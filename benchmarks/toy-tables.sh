@@ -2,9 +2,9 @@
 # Every table measured on the shipped toy model's pixels, one command each, into
 # benchmarks/results/PREFIX-* (default prefix v4, the shipped model's version: the folders
 # docs/benchmarks.md and the model READMEs quote). Run it after anything that changes what the toy model draws or decodes (a new decoder, a new
-# UNet), alone on the CPU: about 135 minutes on 2 cores (103 on 2026-12-05, the held-out rows added
-# since about 22, the dilated word masks about 8). Then `diffedit bench docs` regenerates the
-# tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
+# UNet), alone on the CPU: about 145 minutes on 2 cores (103 on 2026-12-05, the held-out rows added
+# since about 22, the dilated word masks about 8, ddim-p2p with Direct Inversion's attention settings
+# about 8). Then `diffedit bench docs` regenerates the tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
 # hand. `--list` prints the commands without running them; `--skip REGEX` leaves out those it matches
 # (e.g. after a new UNet only: --skip 'toy-flow|bench vae|-m samples/toy-lcm ', the tables of models and
 # parts that did not change); `--only REGEX` runs only those it matches (e.g. --only 'heldout').
@@ -63,6 +63,8 @@ commands=(
     # ... and both DDIM engines at the folder's edit CFG for Direct Inversion (5): the papers' order at equal guidance.
     "diffedit bench shapes -e ddim-p2p --kinds $text_kinds -g 5 --save $out-shapes40-ddim-p2p-g5"
     "diffedit bench shapes -e ddim --kinds $text_kinds -g 5 --save $out-shapes40-ddim-g5"
+    # ... and ddim-p2p with the folder's attention settings for Direct Inversion (at its papers' CFG 7.5).
+    "diffedit bench shapes -e ddim-p2p --kinds $text_kinds --param self_replace=1.0 --param cross_replace=0.8 --param cross_replace_edited=0.6 --save $out-shapes40-ddim-p2p-direct-settings"
     "diffedit bench shapes -e infedit --kinds $text_kinds --save $out-shapes40-infedit"
     "diffedit bench shapes -e bdia --kinds $text_kinds --save $out-shapes40-bdia"
     "diffedit bench shapes -e ddpm-ef --kinds $text_kinds --save $out-shapes40-ddpm-ef"
@@ -78,7 +80,12 @@ commands=(
     "diffedit bench shapes -e direct --kinds $text_kinds --tasks $held_out -g 7.5 --param cross_replace=0.4 --param cross_replace_edited=0.4 --param self_replace=0.6 --save $out-heldout-direct-papers"
     "diffedit bench shapes -e ddim-p2p --kinds $text_kinds --tasks $held_out --save $out-heldout-ddim-p2p"
     "diffedit bench shapes -e ddim --kinds $text_kinds --tasks $held_out --save $out-heldout-ddim"
+    "diffedit bench shapes -e ddim-p2p --kinds $text_kinds --tasks $held_out --param self_replace=1.0 --param cross_replace=0.8 --param cross_replace_edited=0.6 --save $out-heldout-ddim-p2p-direct-settings"
     "diffedit bench shapes -e infedit --kinds $text_kinds --tasks $held_out --save $out-heldout-infedit"
+    # The papers' order task by task (each engine at its papers' defaults; paired 95 % intervals), from the runs above.
+    "diffedit bench compare $out-shapes40-direct-papers $out-shapes40-ddim-p2p $out-shapes40-ddim --save $out-order"
+    "diffedit bench compare $out-shapes40-ddim-p2p-g5 $out-shapes40-ddim-g5 --save $out-order-g5"
+    "diffedit bench compare $out-heldout-direct-papers $out-heldout-ddim-p2p $out-heldout-ddim --save $out-heldout-order"
     # Direct Inversion at the folder's settings with an edit mask from the edited object's words, on both task files.
     "diffedit bench shapes -e direct --kinds $text_kinds --mask words --save $out-shapes40-direct-mask-words"
     "diffedit bench shapes -e direct --kinds $text_kinds --mask words --tasks $held_out --save $out-heldout-direct-mask-words"

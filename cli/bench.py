@@ -122,6 +122,37 @@ def shapes(
     _report(summary, bench.markdown(summary), save, json, printed=rows)  # --json: the raw rows
 
 
+@bench_app.command("compare")
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Folders saved by `diffedit bench shapes --save` on the same tasks; each is compared with the next.")],
+    save: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    json: JsonOpt = False,
+):
+    """ShapesBench runs compared task by task: success and background PSNR differences with 95 %
+    intervals (paired bootstrap over the tasks); > or < where the interval excludes zero, ≈ where not.
+
+    Example: diffedit bench compare benchmarks/results/v4-shapes40-ddim-p2p benchmarks/results/v4-shapes40-ddim
+    """
+    from diffedit.errors import UsageError
+    from lab.toy import paired
+
+    if len(runs) < 2:
+        raise UsageError("bench compare: give at least two result folders")
+    loaded = []
+    for run in runs:
+        try:
+            loaded.append(paired.load_rows(run))
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from None
+    rows = []
+    for (a, rows_a), (b, rows_b) in zip(zip(runs, loaded), zip(runs[1:], loaded[1:])):
+        try:
+            rows += paired.compare(rows_a, rows_b)
+        except paired.RunMismatch as e:
+            raise UsageError(f"{a} and {b}: {e}") from None
+    _report(rows, paired.markdown(rows), save, json)
+
+
 @bench_app.command("vae")
 def vae(
     model: Annotated[str, typer.Option("--model", "-m")] = "samples/toy-sd",
