@@ -49,6 +49,9 @@ commands=(
     "json_to $out-layout/results.json toy layout"
     "json_to $out-layout/results-g5.json toy layout -g 5"
     "json_to $out-layout/results-g1.json toy layout -g 1"
+    # ... with the target's text the source's but at the swapped word's token (what the next token's change does).
+    "json_to $out-layout/results-g1-word-only.json toy layout -g 1 --word-only"
+    "json_to $out-layout/results-word-only.json toy layout --word-only"
     # ... and on the held-out recolour tasks, at the papers' edit CFG and the folder's.
     "json_to $out-heldout-layout/results.json toy layout --tasks $held_out"
     "json_to $out-heldout-layout/results-g5.json toy layout --tasks $held_out -g 5"

@@ -257,6 +257,7 @@ def layout(
     tasks: TasksOpt = None,
     steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 50,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 7.5,
+    word_only: Annotated[bool, typer.Option("--word-only", help="The target's text encoding is the source's but at the swapped word's token (on an encoder whose tokens see the word before them, a recolour changes the next token too).")] = False,
     json: JsonOpt = False,
 ):
     """The layout-in-attention diagnostic: ShapesBench recolour edits with every attention map of the
@@ -272,7 +273,8 @@ def layout(
     tasks_file = tasks or TASKS
     recolours = [t for t in load_tasks(tasks_file) if t["kind"] == "recolour"][:limit]
     with stderr.status("measuring"):
-        result = layout_in_attention(load_model(str(model), device="cpu"), recolours, steps, guidance_scale)
+        result = layout_in_attention(load_model(str(model), device="cpu"), recolours, steps, guidance_scale,
+                                     word_only=word_only)
     emit({"model": str(model), "tasks_file": tasks_file.name, **result}, json)
 
 

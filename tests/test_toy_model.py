@@ -297,3 +297,27 @@ def test_layout_follows_the_attention_maps(toy):
     # the no-edit control, regenerated beside the edit, tells the word's moves from the regeneration's
     assert result["kept_vs_control_pct"] >= 80, result  # 5 of the 6
     assert len(result["control_shifts_px"]) == len(result["shifts_vs_control_px"]) == 6
+
+
+def test_word_only_targets_differ_from_the_source_at_the_swapped_word_alone(toy):
+    """`toy layout --word-only`: v4's tokens see the word before them, so "a purple triangle" and "a red
+    triangle" are encoded differently at the colour and at the shape word; the word-only target keeps
+    the source's encoding everywhere but at the colour's token, in the guided branch only."""
+    from diffedit.denoiser import prompt_denoiser_for
+    from lab.toy.quality import SourceMaps, _source_tokens_but_the_word
+
+    rows = ["a purple triangle on a white background", "a red triangle on a white background",
+            "a purple triangle on a white background"]
+
+    def changed(batch):  # token positions where the target's encoding differs from the source's
+        cond, n = batch.cond.tensors["text"], len(rows)
+        start = batch.branches.index("cond") * n
+        return (cond[start + 1] - cond[start]).abs().amax(-1).gt(1e-6).nonzero().flatten().tolist()
+
+    with torch.inference_mode():
+        batch = prompt_denoiser_for(toy, rows, 7.5, 64, 64, controller=SourceMaps())
+        before, uncond = changed(batch), batch.cond.tensors["text"][:3].clone()
+        _source_tokens_but_the_word(toy, batch, rows)
+    assert before == [2, 3]  # the colour's token and the shape's, which sees it
+    assert changed(batch) == [2]
+    assert batch.branches.index("cond") != 0 and torch.equal(batch.cond.tensors["text"][:3], uncond)

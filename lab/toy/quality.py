@@ -321,9 +321,20 @@ class SourceMaps(Controller):
         return probs
 
 
+def _source_tokens_but_the_word(model: Family, batch, rows: list[str]) -> None:
+    """In place: the target row's encoding takes the source row's at every token but the ones whose
+    ids differ (the swapped word's own). A token that sees the words before it (v4's encoder) changes
+    when the word before it does; this leaves the word as the only change."""
+    ids = _token_ids(model.pipe.tokenizer, rows[:2])
+    same = (ids[0] == ids[1]).to(model.device)
+    text = batch.cond.tensors["text"]  # the branches' rows one after another (`Denoiser.cond`)
+    source = batch.branches.index("cond") * len(rows)
+    text[source + 1, same] = text[source, same]
+
+
 @torch.inference_mode()
 def layout_in_attention(model: Family, tasks: list[dict], steps: int = 50, guidance_scale: float = 7.5,
-                        tolerance: float = 2.0) -> dict:
+                        tolerance: float = 2.0, word_only: bool = False) -> dict:
     """The layout-in-attention diagnostic: each recolour task's source is DDIM-inverted and regenerated
     as source, target and no-edit control side by side, the source pinned to its inversion (Direct
     Inversion's exact branch), target and control taking every attention map from it (`SourceMaps`).
@@ -334,7 +345,8 @@ def layout_in_attention(model: Family, tasks: list[dict], steps: int = 50, guida
     separates what the word moves (`kept_vs_control_pct`: the target's objects against the control's)
     from what the regeneration moves without any edit (`control_kept_pct`: guidance on a trajectory
     inverted without it redraws objects too). `recoloured_pct`: % of edits that ShapesBench judges done
-    (the asked colour, every object in place within 4 px)."""
+    (the asked colour, every object in place within 4 px). `word_only`: the target's text differs from
+    the source's only at the swapped word's token (`_source_tokens_but_the_word`)."""
     from lab.toy.bench import judge, source_scene
 
     def nearest(found, point):  # the centre of the detection closest to point; None if nothing was found
@@ -352,6 +364,8 @@ def layout_in_attention(model: Family, tasks: list[dict], steps: int = 50, guida
         trajectory = invert(source, z0, schedule)[::-1]
         rows = [task["source_prompt"], task["target_prompt"], task["source_prompt"]]
         batch = prompt_denoiser_for(model, rows, guidance_scale, *scene.image.shape[:2], controller=SourceMaps())
+        if word_only:
+            _source_tokens_but_the_word(model, batch, rows)
         x = trajectory[0].repeat(3, 1, 1, 1)
         for i in range(steps):
             x0, eps = batch(x, schedule, i)
@@ -369,7 +383,7 @@ def layout_in_attention(model: Family, tasks: list[dict], steps: int = 50, guida
     def pct(shifts):
         return 100 * sum(m <= tolerance for m in shifts) / len(tasks)
 
-    return {"tasks": len(tasks), "steps": steps, "guidance_scale": guidance_scale, "kept_pct": pct(moved), "control_kept_pct": pct(control_moved),
+    return {"tasks": len(tasks), "steps": steps, "guidance_scale": guidance_scale, "word_only": word_only, "kept_pct": pct(moved), "control_kept_pct": pct(control_moved),
             "kept_vs_control_pct": pct(word_moved), "recoloured_pct": 100 * sum(recoloured) / len(tasks),
             "median_shift_px": float(np.median(moved)) if moved else None,
             "shifts_px": [round(float(m), 2) for m in moved],
