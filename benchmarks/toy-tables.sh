@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Every table measured on the shipped toy model's pixels, one command each, into
 # benchmarks/results/PREFIX-* (default prefix v4, the shipped model's version: the folders
-# docs/benchmarks.md and the model READMEs quote). Run it after anything that changes what the toy model draws or decodes (a new decoder, a new
-# UNet), alone on the CPU: about 145 minutes on 2 cores (103 on 2026-12-05, the held-out rows added
-# since about 22, the dilated word masks about 8, ddim-p2p with Direct Inversion's attention settings
-# about 8). Then `diffedit bench docs` regenerates the tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated by
-# hand. `--list` prints the commands without running them; `--skip REGEX` leaves out those it matches
-# (e.g. after a new UNet only: --skip 'toy-flow|bench vae|-m samples/toy-lcm ', the tables of models and
-# parts that did not change); `--only REGEX` runs only those it matches (e.g. --only 'heldout').
+# docs/benchmarks.md and the model READMEs quote). Run it after anything that changes what the toy
+# model draws or decodes (a new decoder, a new UNet), alone on the CPU: about 145 minutes on 2 cores
+# (103 on 2026-12-05, the held-out rows added since about 22, the dilated word masks about 8, ddim-p2p
+# with Direct Inversion's attention settings about 8). Then `diffedit bench docs` regenerates the
+# tables of docs/benchmarks.md; the numbers quoted in prose (samples/*/README.md, docs/) are updated
+# by hand. `--list` prints the commands without running them; `--skip REGEX` leaves out those it
+# matches (e.g. after a new UNet only: --skip 'toy-flow|bench vae|-m samples/toy-lcm ', the tables of
+# models and parts that did not change); `--only REGEX` runs only those it matches (e.g. --only
+# 'heldout').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

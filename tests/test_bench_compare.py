@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lab.toy.paired import RunMismatch, compare, load_rows, markdown
-
-KINDS = ("recolour", "reshape")
 
 
 def rows_of(engine: str, outcomes: list[tuple[bool, float]], kind: str = "reshape") -> list[dict]:
@@ -32,6 +31,8 @@ def test_swapping_the_runs_negates_every_difference(a, data):
     assert (ab["success_only_a"], ab["success_only_b"]) == (ba["success_only_b"], ba["success_only_a"])
     flip = {">": "<", "<": ">", "≈": "≈"}
     assert ab["success_verdict"] == flip[ba["success_verdict"]] and ab["bg_psnr_verdict"] == flip[ba["bg_psnr_verdict"]]
+    assert ab["success_ci_pct"] == pytest.approx([-v for v in reversed(ba["success_ci_pct"])], abs=0.11)
+    assert ab["bg_psnr_ci"] == pytest.approx([-v for v in reversed(ba["bg_psnr_ci"])], abs=0.011)
     for row in (ab, ba):  # each mean lies inside its own interval
         assert row["success_ci_pct"][0] <= row["success_diff_pct"] <= row["success_ci_pct"][1]
         assert row["bg_psnr_ci"][0] <= row["bg_psnr_diff"] <= row["bg_psnr_ci"][1]
@@ -102,6 +103,10 @@ def test_bench_compare_on_saved_runs(cli, tmp_path, tiny_folder):
     assert code == 2 and "missing/rows.jsonl" in err and len(err.strip().splitlines()) == 1
     code, out, err = cli("bench", "compare", tmp_path / "a")
     assert code == 2 and "at least two" in err
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "rows.jsonl").write_text('{"id": "recolour-000"}\n')
+    code, out, err = cli("bench", "compare", tmp_path / "a", tmp_path / "odd")
+    assert code == 2 and "line 1 is not a ShapesBench row" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_committed_order_tables_are_current_with_their_runs():

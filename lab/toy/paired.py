@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+ROW_KEYS = {"id", "kind", "engine", "status", "success", "bg_psnr"}
+
 
 class RunMismatch(ValueError):
     """The two runs did not edit the same tasks."""
@@ -32,9 +34,12 @@ def load_rows(folder: Path) -> list[dict]:
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 raise ValueError(f"{path}: line {number} is not JSON") from None
+            if not isinstance(row, dict) or not ROW_KEYS <= row.keys():
+                raise ValueError(f"{path}: line {number} is not a ShapesBench row (needs {', '.join(sorted(ROW_KEYS))})")
+            rows.append(row)
     return rows
 
 
