@@ -138,18 +138,10 @@ def compare(
 
     if len(runs) < 2:
         raise UsageError("bench compare: give at least two result folders")
-    loaded = []
-    for run in runs:
-        try:
-            loaded.append(paired.load_rows(run))
-        except (OSError, ValueError) as e:
-            raise UsageError(str(e)) from None
-    rows = []
-    for (a, rows_a), (b, rows_b) in zip(zip(runs, loaded), zip(runs[1:], loaded[1:])):
-        try:
-            rows += paired.compare(rows_a, rows_b)
-        except paired.RunMismatch as e:
-            raise UsageError(f"{a} and {b}: {e}") from None
+    try:
+        rows = paired.compare_folders(runs)
+    except (OSError, ValueError) as e:  # a folder that is no run, or runs of different tasks
+        raise UsageError(str(e)) from None
     _report(rows, paired.markdown(rows), save, json)
 
 

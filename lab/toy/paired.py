@@ -114,3 +114,16 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['a']} | {r['b']} | {r['kind']} | {r['tasks']} | {r['a_success_pct']} / {r['b_success_pct']} "
                      f"| {r['success_only_a']} / {r['success_only_b']} | {success} | {psnr} |")
     return "\n".join(lines)
+
+
+def compare_folders(folders: list[Path]) -> list[dict]:
+    """`compare` of each saved run with the next (`diffedit bench compare`); runs that did not edit the
+    same tasks raise RunMismatch naming both folders."""
+    runs = [load_rows(folder) for folder in folders]
+    rows = []
+    for (a, rows_a), (b, rows_b) in zip(zip(folders, runs), zip(folders[1:], runs[1:])):
+        try:
+            rows += compare(rows_a, rows_b)
+        except RunMismatch as e:
+            raise RunMismatch(f"{a} and {b}: {e}") from None
+    return rows
